@@ -1,0 +1,89 @@
+//! The error type of this crate.
+
+use std::error::Error as StdError;
+
+/// A boxed error cause.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Errors of lease storage and coordination.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseError {
+    /// The write's condition did not hold: the lease was lost, taken or changed since it was
+    /// last seen (or, for a create, it exists already).
+    #[error("lease {lease_key} was changed or lost (conditional write failed)")]
+    ConditionFailed {
+        /// The lease key.
+        lease_key: String,
+    },
+    /// The lease does not exist.
+    #[error("lease {lease_key} does not exist")]
+    NotFound {
+        /// The lease key.
+        lease_key: String,
+    },
+    /// The store throttled the call; retry later.
+    #[error("lease store throttled the request")]
+    Throttled {
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The lease table does not exist.
+    #[error("lease table {table} does not exist")]
+    TableMissing {
+        /// The table name.
+        table: String,
+    },
+    /// The store could not be reached (network, timeout).
+    #[error("lease store unreachable")]
+    Unreachable {
+        /// The transport error.
+        #[source]
+        source: BoxError,
+    },
+    /// The store answered with another error.
+    #[error("lease store error")]
+    Service {
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A row in the table could not be read as a lease.
+    #[error("malformed lease {lease_key}: {reason}")]
+    MalformedLease {
+        /// The lease key (or `?` when missing).
+        lease_key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The lease is not held by this worker.
+    #[error("lease {lease_key} is not held by this worker")]
+    NotHeld {
+        /// The lease key.
+        lease_key: String,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid configuration value for {option}: {reason}")]
+    InvalidConfig {
+        /// The option's name.
+        option: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+}
+
+impl LeaseError {
+    /// Whether the same call may succeed when retried later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            LeaseError::Throttled { .. } | LeaseError::Unreachable { .. } | LeaseError::Service { .. }
+        )
+    }
+
+    /// True for [`LeaseError::ConditionFailed`].
+    pub fn is_condition_failed(&self) -> bool {
+        matches!(self, LeaseError::ConditionFailed { .. })
+    }
+}

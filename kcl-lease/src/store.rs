@@ -1,0 +1,92 @@
+//! The lease store: where leases live (a DynamoDB table, or memory in tests).
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use kcl_kpl::ExtendedSequenceNumber;
+
+use crate::{Lease, LeaseError};
+
+/// Billing of a lease table created by the library.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub enum BillingMode {
+    /// On-demand capacity (the default).
+    #[default]
+    PayPerRequest,
+    /// Provisioned capacity.
+    Provisioned {
+        /// Read capacity units.
+        read_capacity_units: u64,
+        /// Write capacity units.
+        write_capacity_units: u64,
+    },
+}
+
+/// Storage of leases with conditional (fenced) writes.
+///
+/// Every write is conditional. The `lease` argument of a write is the caller's last view
+/// of the row: its `lease_counter` (and `lease_owner` where the condition names the owner)
+/// is what the store compares against. On success a write returns the row as it now is
+/// (counter incremented); when the condition does not hold it returns
+/// [`LeaseError::ConditionFailed`], meaning "lost or changed", never anything worse.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + Debug {
+    /// Creates the lease table if it does not exist and waits until it is usable.
+    /// Returns true when this call created it.
+    async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError>;
+
+    /// Whether the lease table exists.
+    async fn table_exists(&self) -> Result<bool, LeaseError>;
+
+    /// Writes `lease` if no lease with its key exists (`attribute_not_exists(leaseKey)`).
+    /// Returns false when one already existed (nothing written).
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError>;
+
+    /// Every lease in the table (all pages, consistent read).
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseError>;
+
+    /// One lease, if it exists (consistent read).
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError>;
+
+    /// Renews: `leaseCounter = lease.lease_counter AND leaseOwner = lease.lease_owner`,
+    /// then counter + 1.
+    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError>;
+
+    /// Takes for `new_owner`: `leaseCounter = lease.lease_counter` and the owner seen in
+    /// `lease` (or its absence); then owner = `new_owner`, counter + 1, and
+    /// `ownerSwitchesSinceCheckpoint` + 1 when the owner changes.
+    async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError>;
+
+    /// Releases (graceful shutdown): `leaseOwner = lease.lease_owner AND leaseCounter =
+    /// lease.lease_counter`, then removes the owner, counter + 1.
+    async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError>;
+
+    /// Writes a checkpoint: owner and counter as for renew; sets the checkpoint, removes any
+    /// pending checkpoint, resets `ownerSwitchesSinceCheckpoint` to 0, counter + 1.
+    async fn update_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError>;
+
+    /// Writes (`Some`) or removes (`None`) the pending checkpoint: owner and counter as for
+    /// renew, counter + 1.
+    async fn update_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&ExtendedSequenceNumber>,
+    ) -> Result<Lease, LeaseError>;
+
+    /// Records the child shard ids of a shard that ended: owner and counter as for renew,
+    /// counter + 1.
+    async fn update_child_shard_ids(
+        &self,
+        lease: &Lease,
+        child_shard_ids: &BTreeSet<String>,
+    ) -> Result<Lease, LeaseError>;
+
+    /// Deletes the lease if its counter is still `lease.lease_counter`.
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError>;
+}

@@ -1,0 +1,3 @@
+//! The worker of the Kinesis Client Library.
+
+pub mod stream;

@@ -1,0 +1,233 @@
+//! What the worker needs from Kinesis, as a trait with our own types.
+//!
+//! [`crate::aws::AwsStreamClient`] implements it on `aws-sdk-kinesis`;
+//! `kcl_testkit::InMemoryKinesis` implements it in memory.
+
+use std::fmt::Debug;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use kcl_kpl::{HashKeyRange, Record, SequenceNumber};
+use kcl_lease::BoxError;
+
+/// One shard as `ListShards` describes it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Shard {
+    /// The shard id.
+    pub shard_id: String,
+    /// The parent shard (the split parent, or the first parent of a merge).
+    pub parent_shard_id: Option<String>,
+    /// The second parent of a merge.
+    pub adjacent_parent_shard_id: Option<String>,
+    /// The hash keys this shard owns.
+    pub hash_key_range: HashKeyRange,
+    /// The first sequence number of the shard.
+    pub starting_sequence_number: SequenceNumber,
+    /// The last sequence number, once the shard is closed.
+    pub ending_sequence_number: Option<SequenceNumber>,
+}
+
+impl Shard {
+    /// Both parents, in order, without gaps.
+    pub fn parent_ids(&self) -> impl Iterator<Item = &str> {
+        self.parent_shard_id
+            .iter()
+            .chain(self.adjacent_parent_shard_id.iter())
+            .map(String::as_str)
+    }
+
+    /// True when the shard is closed (it has an ending sequence number).
+    pub fn is_closed(&self) -> bool {
+        self.ending_sequence_number.is_some()
+    }
+}
+
+/// Which shards `ListShards` returns.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum ShardFilter {
+    /// Shards after this shard id (in id order).
+    AfterShardId(String),
+    /// Shards open at the trim horizon.
+    AtTrimHorizon,
+    /// All shards from the trim horizon to the tip.
+    FromTrimHorizon,
+    /// Shards open now.
+    AtLatest,
+    /// Shards open at a timestamp.
+    AtTimestamp(SystemTime),
+    /// Shards open at or after a timestamp.
+    FromTimestamp(SystemTime),
+}
+
+/// One page of `ListShards`.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct ShardPage {
+    /// The shards in this page.
+    pub shards: Vec<Shard>,
+    /// The token for the next page, if any.
+    pub next_token: Option<String>,
+}
+
+/// What `DescribeStreamSummary` tells.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StreamSummary {
+    /// The stream name.
+    pub stream_name: String,
+    /// The stream ARN.
+    pub stream_arn: String,
+    /// `CREATING`, `ACTIVE`, `UPDATING` or `DELETING`.
+    pub status: String,
+    /// Number of open shards.
+    pub open_shard_count: u32,
+    /// Retention in hours.
+    pub retention_period_hours: u32,
+}
+
+/// Where a shard iterator starts.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum IteratorPosition {
+    /// The oldest record.
+    TrimHorizon,
+    /// After the newest record.
+    Latest,
+    /// The first record at or after a time.
+    AtTimestamp(SystemTime),
+    /// The record with this sequence number.
+    AtSequenceNumber(SequenceNumber),
+    /// The record after this sequence number.
+    AfterSequenceNumber(SequenceNumber),
+}
+
+/// A child shard announced at a closed parent's end.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ChildShard {
+    /// The child's shard id.
+    pub shard_id: String,
+    /// Its parents (two for a merge).
+    pub parent_shard_ids: Vec<String>,
+    /// Its hash key range.
+    pub hash_key_range: HashKeyRange,
+}
+
+/// What `GetRecords` returns.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct GetRecordsOutput {
+    /// Raw Kinesis records (not deaggregated; sub-sequence 0).
+    pub records: Vec<Record>,
+    /// The iterator for the next call; `None` once a closed shard is read to its end.
+    pub next_shard_iterator: Option<String>,
+    /// How far behind the tip of the shard this response is.
+    pub millis_behind_latest: Option<u64>,
+    /// The children, in the last response of a closed shard.
+    pub child_shards: Vec<ChildShard>,
+}
+
+/// Errors from stream access.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// `ProvisionedThroughputExceeded`, KMS throttling or `LimitExceeded`: back off and retry.
+    #[error("kinesis throttled the request")]
+    Throttled {
+        /// The service's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The shard iterator expired: get a new one.
+    #[error("shard iterator expired")]
+    ExpiredIterator,
+    /// The stream does not exist.
+    #[error("stream {stream} not found")]
+    StreamNotFound {
+        /// The stream name.
+        stream: String,
+    },
+    /// The shard (or another resource) does not exist.
+    #[error("resource not found: {message}")]
+    ResourceNotFound {
+        /// What the service said.
+        message: String,
+    },
+    /// The request was rejected as invalid.
+    #[error("invalid request: {message}")]
+    InvalidArgument {
+        /// What the service said.
+        message: String,
+    },
+    /// The service could not be reached (network, timeout).
+    #[error("kinesis unreachable")]
+    Unreachable {
+        /// The transport error.
+        #[source]
+        source: BoxError,
+    },
+    /// Another service error (5xx and the like).
+    #[error("kinesis service error")]
+    Service {
+        /// The service's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The service returned something this library cannot read.
+    #[error("malformed response: {message}")]
+    MalformedResponse {
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl StreamError {
+    /// Whether the same call may succeed when retried after a back-off.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StreamError::Throttled { .. } | StreamError::Unreachable { .. } | StreamError::Service { .. }
+        )
+    }
+}
+
+/// Stream access used by the worker.
+#[async_trait]
+pub trait StreamClient: Send + Sync + Debug {
+    /// One page of `ListShards`: the first page for `stream` (with an optional filter) when
+    /// `next_token` is `None`, else the page the token names.
+    async fn list_shards_page(
+        &self,
+        stream: &str,
+        next_token: Option<&str>,
+        filter: Option<&ShardFilter>,
+    ) -> Result<ShardPage, StreamError>;
+
+    /// `DescribeStreamSummary`.
+    async fn describe_stream_summary(&self, stream: &str) -> Result<StreamSummary, StreamError>;
+
+    /// `GetShardIterator`.
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<String, StreamError>;
+
+    /// `GetRecords` with at most `limit` records.
+    async fn get_records(&self, shard_iterator: &str, limit: u32) -> Result<GetRecordsOutput, StreamError>;
+
+    /// Every shard of the stream (follows `next_token` through all pages).
+    async fn list_all_shards(
+        &self,
+        stream: &str,
+        filter: Option<&ShardFilter>,
+    ) -> Result<Vec<Shard>, StreamError> {
+        let mut out = Vec::new();
+        let mut page = self.list_shards_page(stream, None, filter).await?;
+        loop {
+            out.append(&mut page.shards);
+            match page.next_token.take() {
+                Some(token) => page = self.list_shards_page(stream, Some(&token), None).await?,
+                None => return Ok(out),
+            }
+        }
+    }
+}
