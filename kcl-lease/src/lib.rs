@@ -2,6 +2,8 @@
 //! its DynamoDB implementation, and the lease coordinator.
 
 mod clock;
+pub mod coordinator;
+pub mod dynamo;
 mod error;
 mod lease;
 mod store;

@@ -1,3 +1,4 @@
 //! The worker of the Kinesis Client Library.
 
+pub mod aws;
 pub mod stream;
