@@ -291,7 +291,16 @@ mod tests {
 
     #[test]
     fn malformed_rejected() {
-        for bad in ["", "-1", "1a", " 1", "1.x", "1.-1", "LATESTX", &"9".repeat(129)] {
+        for bad in [
+            "",
+            "-1",
+            "1a",
+            " 1",
+            "1.x",
+            "1.-1",
+            "LATESTX",
+            &"9".repeat(129),
+        ] {
             assert!(bad.parse::<ExtendedSequenceNumber>().is_err(), "{bad:?}");
         }
     }

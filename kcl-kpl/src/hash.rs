@@ -31,7 +31,10 @@ pub fn partition_key_hash(partition_key: &str) -> u128 {
 
 /// The effective hash key of a record: its explicit hash key when set, else the hash of its
 /// partition key. A malformed explicit hash key is an error.
-pub fn effective_hash_key(partition_key: &str, explicit_hash_key: Option<&str>) -> Result<u128, Error> {
+pub fn effective_hash_key(
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+) -> Result<u128, Error> {
     match explicit_hash_key {
         Some(ehk) => parse_hash_key(ehk),
         None => Ok(partition_key_hash(partition_key)),
@@ -117,7 +120,10 @@ mod tests {
         assert!(r.contains(10) && r.contains(20) && !r.contains(21) && !r.contains(9));
         assert!(HashKeyRange::new(2, 1).is_err());
         assert!(parse_hash_key("340282366920938463463374607431768211456").is_err());
-        assert_eq!(parse_hash_key("340282366920938463463374607431768211455").unwrap(), u128::MAX);
+        assert_eq!(
+            parse_hash_key("340282366920938463463374607431768211455").unwrap(),
+            u128::MAX
+        );
         assert!(parse_hash_key("-1").is_err());
     }
 }

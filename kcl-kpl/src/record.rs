@@ -34,7 +34,11 @@ pub struct Record {
 
 impl Record {
     /// A plain (not aggregated) record with the given key, sequence number and data.
-    pub fn new(partition_key: impl Into<String>, sequence_number: SequenceNumber, data: Bytes) -> Self {
+    pub fn new(
+        partition_key: impl Into<String>,
+        sequence_number: SequenceNumber,
+        data: Bytes,
+    ) -> Self {
         Self {
             data,
             partition_key: partition_key.into(),

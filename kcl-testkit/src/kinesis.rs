@@ -1,1 +1,483 @@
-//! (being written)
+//! An in-memory Kinesis that behaves like the service: [`InMemoryKinesis`].
+//!
+//! It implements [`StreamClient`], so a worker runs against it unchanged, and it has the
+//! producer and administration calls a test needs (`put_record`, `split_shard`, ...). Time
+//! comes from an injected [`Clock`]: with a manual clock, retention, iterator expiry and
+//! `MillisBehindLatest` are driven by the test.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use kcl_testkit::kinesis::InMemoryKinesis;
+//! use kcl_worker::stream::{IteratorPosition, StreamClient};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let kinesis = InMemoryKinesis::new();
+//! kinesis.create_stream("orders", 2).unwrap();
+//! let put = kinesis
+//!     .put_record("orders", "customer-1", None, Bytes::from_static(b"hello"))
+//!     .unwrap();
+//!
+//! let iterator = kinesis
+//!     .get_shard_iterator("orders", &put.shard_id, &IteratorPosition::TrimHorizon)
+//!     .await
+//!     .unwrap();
+//! let output = kinesis.get_records(&iterator, 100).await.unwrap();
+//! assert_eq!(output.records[0].data, Bytes::from_static(b"hello"));
+//! assert_eq!(output.records[0].sequence_number, put.sequence_number);
+//! assert_eq!(output.millis_behind_latest, Some(0));
+//! # });
+//! ```
+//!
+//! # What it does like the service
+//!
+//! * **Shards.** `create_stream` splits the 2^128 hash key space evenly (the last shard ends
+//!   at 2^128 - 1), with ids `shardId-000000000000`, `shardId-000000000001`, ... Records are
+//!   routed by their effective hash key (the explicit hash key, else the MD5 of the
+//!   partition key) to the open shard owning it.
+//! * **Sequence numbers** are 56-digit decimals that grow with time, strictly increase within
+//!   a shard, and start above the parents' numbers in a child shard. A sequence number from
+//!   another shard, below the shard's first number, or not yet issued is an
+//!   `InvalidArgument` in `GetShardIterator`, as on the service. A valid number whose record
+//!   is gone (trimmed) starts at the first record after it.
+//! * **Resharding.** `split_shard` and `merge_shards` (the shards must be open and
+//!   adjacent) close the parents (they get an ending sequence number) and open children that
+//!   name their parents. Reading a closed parent returns its remaining records; the response
+//!   that reaches its end has no next iterator and lists the children in `child_shards`. A
+//!   fresh iterator at or after the end behaves the same. `update_shard_count` scales
+//!   uniformly like the service: the target must be between half and double the open
+//!   shards; it first splits every open shard at each boundary of the even layout, then
+//!   merges, in each even range, the shards it holds into one. The result is exactly the
+//!   even layout of `create_stream`, reached through real splits and merges (so
+//!   intermediate shards appear, closed and empty, as on the service). Resharding is
+//!   instant: the stream never shows `UPDATING`.
+//! * **Retention** (24 h by default, [`InMemoryKinesis::set_retention_period`]): records
+//!   whose arrival time is older than the retention period are trimmed on the clock;
+//!   `TRIM_HORIZON` starts at the oldest retained record; a closed shard disappears from
+//!   `ListShards` (and `GetShardIterator` says it does not exist) once the retention period
+//!   has passed since it closed.
+//! * **Iterators** expire five minutes (on the clock's monotonic time) after they were
+//!   issued: `ExpiredIterator`. An iterator that this fake did not issue (garbage, altered,
+//!   from another instance) is an `InvalidArgument`; one of a deleted stream or of a shard
+//!   that has left the stream is a `ResourceNotFound`.
+//! * **ListShards** pages (1000 shards by default, [`InMemoryKinesis::set_list_shards_page_size`])
+//!   in shard id order; the next token carries the stream and the filter, expires after five
+//!   minutes (`InvalidArgument`, the service's `ExpiredNextTokenException`), and a filter
+//!   given together with a token is ignored. Filters, with `TH` the trim horizon as a time
+//!   (retention before now, but not before the stream was created):
+//!   `AfterShardId(id)`: shards whose id sorts after `id`; `AtTrimHorizon`: shards open at
+//!   `TH`; `FromTrimHorizon`: every shard still listed; `AtLatest`: open shards;
+//!   `AtTimestamp(t)`: shards open at `max(t, TH)`; `FromTimestamp(t)`: open shards and the
+//!   closed ones that closed at or after `max(t, TH)`. "Open at `t`" means created at or
+//!   before `t` and not closed before `t`.
+//! * **GetRecords** returns at most `limit` records (a limit of 0 or above 10 000 is an
+//!   `InvalidArgument`) and at most 10 MiB of data and keys (always at least one record).
+//!   `MillisBehindLatest` is 0 when the response reaches the tip of the shard, else the age
+//!   (on the clock) of the last record returned. Records carry their arrival time and
+//!   `encryption_type` `NONE`; as on the service, the explicit hash key is not returned.
+//! * **Puts** check the partition key (1 to 256 characters), the record size (data and key
+//!   up to 1 MiB), the explicit hash key, and for `put_records` 1 to 500 entries and 5 MiB.
+//!
+//! # What it does not do
+//!
+//! * Write throughput limits are not enforced. The per-shard read limit is off by default;
+//!   [`InMemoryKinesis::set_get_records_rate_limit`] enforces a number of `GetRecords`
+//!   calls per second per shard (the service allows 5); the 2 MiB/s byte limit is not.
+//! * `put_records` is all or nothing: an invalid entry fails the whole call, there are no
+//!   partial failures.
+//! * `AT_TIMESTAMP` with a time in the future starts at the current tip; later records are
+//!   returned whatever their arrival time.
+//! * No enhanced fan-out, no encryption, no tags, no stream modes.
+//!
+//! # Faults and statistics
+//!
+//! [`InMemoryKinesis::fail_next`] makes the next N calls of an operation fail with a
+//! [`Fault`] (throttling, a service error, a connection failure, an expired iterator);
+//! [`InMemoryKinesis::fail_next_any`] does it for any operation and
+//! [`InMemoryKinesis::fail_next_on_shard`] for `GetRecords` and `GetShardIterator` on one
+//! shard. [`InMemoryKinesis::set_latency`] delays an operation on the clock;
+//! [`InMemoryKinesis::expire_iterators`] expires every outstanding iterator at once.
+//! [`InMemoryKinesis::stats`] counts the calls of each operation.
+
+mod faults;
+mod sequence;
+mod state;
+mod token;
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kcl_kpl::SequenceNumber;
+use kcl_lease::{Clock, SystemClock};
+use kcl_worker::stream::{
+    GetRecordsOutput, IteratorPosition, ShardFilter, ShardPage, StreamClient, StreamError,
+    StreamSummary,
+};
+
+pub use faults::{Fault, KinesisStats, Operation, SimulatedError};
+use state::{Now, State};
+
+/// Where a record went: what `PutRecord` answers.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PutResult {
+    /// The shard that stored the record.
+    pub shard_id: String,
+    /// The record's sequence number.
+    pub sequence_number: SequenceNumber,
+}
+
+/// One record of a `put_records` batch.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PutRecordsEntry {
+    /// The partition key.
+    pub partition_key: String,
+    /// The explicit hash key (decimal), overriding the partition key's hash for routing.
+    pub explicit_hash_key: Option<String>,
+    /// The payload.
+    pub data: Bytes,
+}
+
+impl PutRecordsEntry {
+    /// An entry routed by its partition key.
+    pub fn new(partition_key: impl Into<String>, data: impl Into<Bytes>) -> Self {
+        Self {
+            partition_key: partition_key.into(),
+            explicit_hash_key: None,
+            data: data.into(),
+        }
+    }
+
+    /// Routes the entry by this explicit hash key (decimal) instead.
+    pub fn with_explicit_hash_key(mut self, explicit_hash_key: impl Into<String>) -> Self {
+        self.explicit_hash_key = Some(explicit_hash_key.into());
+        self
+    }
+}
+
+struct Inner {
+    clock: Arc<dyn Clock>,
+    base: Instant,
+    state: Mutex<State>,
+}
+
+/// An in-memory Kinesis: see the [module documentation](self) for what it does like the
+/// service and what it does not.
+///
+/// Cloning is cheap and every clone sees the same streams.
+#[derive(Clone)]
+pub struct InMemoryKinesis {
+    inner: Arc<Inner>,
+}
+
+impl Default for InMemoryKinesis {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for InMemoryKinesis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state();
+        f.debug_struct("InMemoryKinesis")
+            .field("streams", &state.stream_count())
+            .field("clock", &self.inner.clock)
+            .field("stats", &state.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Distinguishes instances, so one fake refuses another's iterators.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+impl InMemoryKinesis {
+    /// An empty fake on the system clock (tokio's timer for sleeping).
+    pub fn new() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// An empty fake on `clock`: arrival timestamps and retention follow its wall time
+    /// ([`Clock::system_time`]); iterator and next-token expiry and injected latency its
+    /// monotonic time ([`Clock::now`], [`Clock::sleep`]).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
+        let key = instance.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66_D1CE_4E5B;
+        let base = clock.now();
+        Self {
+            inner: Arc::new(Inner {
+                clock,
+                base,
+                state: Mutex::new(State::new(key)),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written in a way that
+        // matters more than losing the fake: keep going.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> Now {
+        let mono = self
+            .inner
+            .clock
+            .now()
+            .saturating_duration_since(self.inner.base)
+            .as_nanos();
+        Now {
+            mono: u64::try_from(mono).unwrap_or(u64::MAX),
+            wall: self.inner.clock.system_time(),
+        }
+    }
+
+    /// Counts the call, applies its latency, and takes an injected fault if one is pending.
+    async fn begin(&self, operation: Operation) -> Result<(), StreamError> {
+        let latency = {
+            let mut state = self.state();
+            state.stats.count_call(operation);
+            state.faults.latency(operation)
+        };
+        if !latency.is_zero() {
+            self.inner.clock.sleep(latency).await;
+        }
+        match self.state().take_fault(operation) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn begin_sync(&self, state: &mut State, operation: Operation) -> Result<(), StreamError> {
+        state.stats.count_call(operation);
+        match state.take_fault(operation) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates a stream with `shard_count` shards covering the hash key space evenly. It is
+    /// `ACTIVE` at once. A name in use, an invalid name or a count outside `1..=10000` is an
+    /// `InvalidArgument`.
+    pub fn create_stream(&self, name: &str, shard_count: u32) -> Result<(), StreamError> {
+        let now = self.now();
+        self.state().create_stream(name, shard_count, now)
+    }
+
+    /// Deletes a stream at once. Its iterators and next tokens stop working.
+    pub fn delete_stream(&self, name: &str) -> Result<(), StreamError> {
+        self.state().delete_stream(name)
+    }
+
+    /// Sets how long records stay readable (24 hours by default). Unlike the service, any
+    /// non-zero duration is accepted, so tests can use seconds.
+    pub fn set_retention_period(&self, name: &str, retention: Duration) -> Result<(), StreamError> {
+        self.state().set_retention(name, retention)
+    }
+
+    /// Stores one record; `explicit_hash_key` (decimal) overrides the partition key's hash
+    /// for routing.
+    pub fn put_record(
+        &self,
+        stream: &str,
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data: Bytes,
+    ) -> Result<PutResult, StreamError> {
+        let now = self.now();
+        let mut state = self.state();
+        self.begin_sync(&mut state, Operation::PutRecord)?;
+        state.put(stream, partition_key, explicit_hash_key, data, now)
+    }
+
+    /// Stores a batch, in order, all or nothing (an invalid entry fails the call).
+    pub fn put_records(
+        &self,
+        stream: &str,
+        entries: impl IntoIterator<Item = PutRecordsEntry>,
+    ) -> Result<Vec<PutResult>, StreamError> {
+        let entries: Vec<PutRecordsEntry> = entries.into_iter().collect();
+        let now = self.now();
+        let mut state = self.state();
+        self.begin_sync(&mut state, Operation::PutRecords)?;
+        state.put_batch(stream, entries, now)
+    }
+
+    /// Splits an open shard: the first child owns `start..new_starting_hash_key`, the second
+    /// `new_starting_hash_key..=end`. Returns the children's ids.
+    pub fn split_shard(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        new_starting_hash_key: u128,
+    ) -> Result<[String; 2], StreamError> {
+        let now = self.now();
+        self.state()
+            .split(stream, shard_id, new_starting_hash_key, now)
+    }
+
+    /// Merges two open, adjacent shards; the child's parent is `shard_id` and its adjacent
+    /// parent `adjacent_shard_id`. Returns the child's id.
+    pub fn merge_shards(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        adjacent_shard_id: &str,
+    ) -> Result<String, StreamError> {
+        let now = self.now();
+        self.state().merge(stream, shard_id, adjacent_shard_id, now)
+    }
+
+    /// Uniform scaling to `target` open shards (see the module documentation).
+    pub fn update_shard_count(&self, stream: &str, target: u32) -> Result<(), StreamError> {
+        let now = self.now();
+        self.state().update_shard_count(stream, target, now)
+    }
+
+    /// Sets the most shards one `ListShards` page returns (1000 by default; at most 10 000).
+    pub fn set_list_shards_page_size(&self, page_size: NonZeroU32) {
+        self.state().page_size = page_size.get().min(10_000);
+    }
+
+    /// Enforces at most `calls_per_second` `GetRecords` calls per shard per second (on the
+    /// clock), answering the others with `Throttled`; `None` (the default) enforces nothing.
+    pub fn set_get_records_rate_limit(&self, calls_per_second: Option<NonZeroU32>) {
+        self.state().read_limit = calls_per_second.map(NonZeroU32::get);
+    }
+
+    /// Makes the next `count` calls of `operation` fail with `fault`.
+    pub fn fail_next(&self, operation: Operation, fault: Fault, count: u32) {
+        self.state().faults.add(Some(operation), None, fault, count);
+    }
+
+    /// Makes the next `count` calls, of any operation, fail with `fault`.
+    pub fn fail_next_any(&self, fault: Fault, count: u32) {
+        self.state().faults.add(None, None, fault, count);
+    }
+
+    /// Makes the next `count` `GetRecords` calls on one shard fail with `fault`; calls on
+    /// other shards are not affected.
+    pub fn fail_next_on_shard(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        fault: Fault,
+        count: u32,
+    ) -> Result<(), StreamError> {
+        let now = self.now();
+        let mut state = self.state();
+        let index = state.shard_index_of(stream, shard_id, now)?;
+        state.faults.add(
+            Some(Operation::GetRecords),
+            Some((stream.to_owned(), index)),
+            fault,
+            count,
+        );
+        Ok(())
+    }
+
+    /// Makes the next `count` `GetShardIterator` calls on one shard fail with `fault`.
+    pub fn fail_next_get_shard_iterator_on_shard(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        fault: Fault,
+        count: u32,
+    ) -> Result<(), StreamError> {
+        let now = self.now();
+        let mut state = self.state();
+        let index = state.shard_index_of(stream, shard_id, now)?;
+        state.faults.add(
+            Some(Operation::GetShardIterator),
+            Some((stream.to_owned(), index)),
+            fault,
+            count,
+        );
+        Ok(())
+    }
+
+    /// Faults injected but not yet returned.
+    pub fn pending_faults(&self) -> u64 {
+        self.state().faults.pending()
+    }
+
+    /// Drops every pending fault.
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// Delays every call of `operation` by `latency` on the clock (`Duration::ZERO` to stop).
+    /// Puts are synchronous and are not delayed.
+    pub fn set_latency(&self, operation: Operation, latency: Duration) {
+        self.state().faults.set_latency(operation, latency);
+    }
+
+    /// Expires every shard iterator issued so far.
+    pub fn expire_iterators(&self) {
+        let now = self.now();
+        // Cannot fail without a target.
+        let _ = self.state().expire_iterators(None, now);
+    }
+
+    /// Expires every shard iterator of one shard issued so far.
+    pub fn expire_shard_iterators(&self, stream: &str, shard_id: &str) -> Result<(), StreamError> {
+        let now = self.now();
+        self.state().expire_iterators(Some((stream, shard_id)), now)
+    }
+
+    /// The calls counted so far.
+    pub fn stats(&self) -> KinesisStats {
+        self.state().stats.clone()
+    }
+
+    /// Sets every counter back to zero.
+    pub fn reset_stats(&self) {
+        self.state().stats = KinesisStats::default();
+    }
+}
+
+#[async_trait]
+impl StreamClient for InMemoryKinesis {
+    async fn list_shards_page(
+        &self,
+        stream: &str,
+        next_token: Option<&str>,
+        filter: Option<&ShardFilter>,
+    ) -> Result<ShardPage, StreamError> {
+        self.begin(Operation::ListShards).await?;
+        let now = self.now();
+        self.state().list_shards(stream, next_token, filter, now)
+    }
+
+    async fn describe_stream_summary(&self, stream: &str) -> Result<StreamSummary, StreamError> {
+        self.begin(Operation::DescribeStreamSummary).await?;
+        self.state().describe(stream)
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<String, StreamError> {
+        self.begin(Operation::GetShardIterator).await?;
+        let now = self.now();
+        self.state()
+            .get_shard_iterator(stream, shard_id, position, now)
+    }
+
+    async fn get_records(
+        &self,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, StreamError> {
+        self.begin(Operation::GetRecords).await?;
+        let now = self.now();
+        self.state().get_records(shard_iterator, limit, now)
+    }
+}

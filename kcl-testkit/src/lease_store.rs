@@ -1,1 +1,964 @@
-//! (being written)
+//! An in-memory [`LeaseStore`] with the semantics of the DynamoDB lease table.
+//!
+//! [`InMemoryLeaseStore`] evaluates the same conditions as
+//! [`kcl_lease::dynamo::DynamoLeaseStore`] on every write, increments the same counters and
+//! starts with no table, so code that works against it works against DynamoDB. On top it
+//! offers what a test needs:
+//!
+//! - deterministic fault injection: throttle or fail the next N calls ([`Fault`]), optionally
+//!   only for one [`LeaseOperation`] or one lease key; make the store unreachable; add latency
+//!   to every call (slept on an injected [`Clock`]);
+//! - call, read and write counters per operation ([`InMemoryLeaseStore::stats`]), the way
+//!   DynamoDB would bill them: every `get_lease` and every page of `list_leases` is a read,
+//!   every attempted conditional write is a write (a failed condition consumes a write too),
+//!   an injected fault consumes nothing;
+//! - [`InMemoryLeaseStore::snapshot`] of every row and [`InMemoryLeaseStore::delete_table`].
+//!
+//! A `std::sync::Mutex` guards the rows; it is never held across an `await`, so the store is
+//! cheap enough for simulations with many workers sharing one `Arc<InMemoryLeaseStore>`.
+//!
+//! Faults are decided when a call starts, in call order: the first registered fault that
+//! matches the call and still has a count left fires and its count goes down by one. A call
+//! that is not matched by any fault (or the "unreachable" switch) runs normally.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use kcl_kpl::ExtendedSequenceNumber;
+//! use kcl_lease::{BillingMode, Lease, LeaseStore};
+//! use kcl_testkit::lease_store::InMemoryLeaseStore;
+//!
+//! let store = InMemoryLeaseStore::new();
+//! store.create_table_if_not_exists(BillingMode::PayPerRequest).await?;
+//! store
+//!     .create_lease_if_not_exists(&Lease::new("shardId-000000000000", ExtendedSequenceNumber::TRIM_HORIZON))
+//!     .await?;
+//! let free = store.get_lease("shardId-000000000000").await?.unwrap();
+//! let mine = store.take_lease(&free, "worker-1").await?;
+//! assert_eq!(mine.lease_counter, 1);
+//!
+//! store.throttle_next(1);
+//! assert!(store.renew_lease(&mine).await.unwrap_err().is_retryable());
+//! assert_eq!(store.renew_lease(&mine).await?.lease_counter, 2);
+//! # Ok::<(), kcl_lease::LeaseError>(())
+//! # }).unwrap();
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kcl_kpl::ExtendedSequenceNumber;
+use kcl_lease::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
+
+/// The default number of rows per internal `list_leases` page.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The default table name (only shown in errors).
+pub const DEFAULT_TABLE_NAME: &str = "in-memory-leases";
+
+/// The kinds of calls the store serves, for fault scoping and statistics.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[non_exhaustive]
+pub enum LeaseOperation {
+    /// [`LeaseStore::create_table_if_not_exists`].
+    CreateTable,
+    /// [`LeaseStore::table_exists`].
+    TableExists,
+    /// [`LeaseStore::create_lease_if_not_exists`].
+    CreateLease,
+    /// [`LeaseStore::list_leases`].
+    ListLeases,
+    /// [`LeaseStore::get_lease`].
+    GetLease,
+    /// [`LeaseStore::renew_lease`].
+    RenewLease,
+    /// [`LeaseStore::take_lease`].
+    TakeLease,
+    /// [`LeaseStore::release_lease`].
+    ReleaseLease,
+    /// [`LeaseStore::update_checkpoint`].
+    UpdateCheckpoint,
+    /// [`LeaseStore::update_pending_checkpoint`].
+    UpdatePendingCheckpoint,
+    /// [`LeaseStore::update_child_shard_ids`].
+    UpdateChildShardIds,
+    /// [`LeaseStore::delete_lease`].
+    DeleteLease,
+}
+
+impl LeaseOperation {
+    /// Every operation, in declaration order.
+    pub const ALL: [LeaseOperation; 12] = [
+        LeaseOperation::CreateTable,
+        LeaseOperation::TableExists,
+        LeaseOperation::CreateLease,
+        LeaseOperation::ListLeases,
+        LeaseOperation::GetLease,
+        LeaseOperation::RenewLease,
+        LeaseOperation::TakeLease,
+        LeaseOperation::ReleaseLease,
+        LeaseOperation::UpdateCheckpoint,
+        LeaseOperation::UpdatePendingCheckpoint,
+        LeaseOperation::UpdateChildShardIds,
+        LeaseOperation::DeleteLease,
+    ];
+
+    /// The trait method's name, e.g. `renew_lease`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseOperation::CreateTable => "create_table_if_not_exists",
+            LeaseOperation::TableExists => "table_exists",
+            LeaseOperation::CreateLease => "create_lease_if_not_exists",
+            LeaseOperation::ListLeases => "list_leases",
+            LeaseOperation::GetLease => "get_lease",
+            LeaseOperation::RenewLease => "renew_lease",
+            LeaseOperation::TakeLease => "take_lease",
+            LeaseOperation::ReleaseLease => "release_lease",
+            LeaseOperation::UpdateCheckpoint => "update_checkpoint",
+            LeaseOperation::UpdatePendingCheckpoint => "update_pending_checkpoint",
+            LeaseOperation::UpdateChildShardIds => "update_child_shard_ids",
+            LeaseOperation::DeleteLease => "delete_lease",
+        }
+    }
+
+    /// True for the conditional writes to a lease row.
+    pub fn is_lease_write(self) -> bool {
+        matches!(
+            self,
+            LeaseOperation::CreateLease
+                | LeaseOperation::RenewLease
+                | LeaseOperation::TakeLease
+                | LeaseOperation::ReleaseLease
+                | LeaseOperation::UpdateCheckpoint
+                | LeaseOperation::UpdatePendingCheckpoint
+                | LeaseOperation::UpdateChildShardIds
+                | LeaseOperation::DeleteLease
+        )
+    }
+}
+
+impl fmt::Display for LeaseOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What an injected fault makes a call return.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum FaultKind {
+    /// [`LeaseError::Throttled`].
+    Throttle,
+    /// [`LeaseError::Service`] (a 500 from the store).
+    ServiceError,
+    /// [`LeaseError::Unreachable`] (a network failure).
+    Unreachable,
+}
+
+/// A fault for the next `count` matching calls.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Fault {
+    kind: FaultKind,
+    remaining: u32,
+    operation: Option<LeaseOperation>,
+    lease_key: Option<String>,
+}
+
+impl Fault {
+    /// `kind` for the next `count` calls, whatever they are.
+    pub fn new(kind: FaultKind, count: u32) -> Self {
+        Self {
+            kind,
+            remaining: count,
+            operation: None,
+            lease_key: None,
+        }
+    }
+
+    /// Only calls of this operation match (and consume the count).
+    pub fn for_operation(mut self, operation: LeaseOperation) -> Self {
+        self.operation = Some(operation);
+        self
+    }
+
+    /// Only calls about this lease key match (so never `list_leases` or the table calls).
+    pub fn for_lease_key(mut self, lease_key: impl Into<String>) -> Self {
+        self.lease_key = Some(lease_key.into());
+        self
+    }
+
+    /// The kind of fault.
+    pub fn kind(&self) -> FaultKind {
+        self.kind
+    }
+
+    /// How many more calls it affects.
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+
+    fn matches(&self, operation: LeaseOperation, lease_key: Option<&str>) -> bool {
+        self.remaining > 0
+            && self.operation.is_none_or(|op| op == operation)
+            && self
+                .lease_key
+                .as_deref()
+                .is_none_or(|key| Some(key) == lease_key)
+    }
+}
+
+/// The cause attached to an injected [`LeaseError`].
+#[derive(Debug, thiserror::Error)]
+#[error("fault injected by the in-memory lease store: {kind:?} on {operation}")]
+pub struct InjectedFault {
+    /// The kind of fault.
+    pub kind: FaultKind,
+    /// The call it hit.
+    pub operation: LeaseOperation,
+}
+
+/// Counters of one operation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct OperationStats {
+    /// Calls made (including failed and faulted ones).
+    pub calls: u64,
+    /// Reads billed: one per `get_lease`, one per page of `list_leases`.
+    pub reads: u64,
+    /// Writes billed: one per conditional write that reached the table (failed conditions
+    /// included).
+    pub writes: u64,
+    /// Writes whose condition did not hold (and creates that found the row).
+    pub condition_failures: u64,
+    /// Calls answered by an injected fault (or the unreachable switch).
+    pub faults: u64,
+}
+
+/// Counters per operation, for the lease-cost benchmark.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct LeaseStoreStats {
+    /// Counters of every operation called at least once.
+    pub operations: BTreeMap<LeaseOperation, OperationStats>,
+}
+
+impl LeaseStoreStats {
+    /// The counters of one operation (zero when never called).
+    pub fn operation(&self, operation: LeaseOperation) -> OperationStats {
+        self.operations.get(&operation).copied().unwrap_or_default()
+    }
+
+    /// Calls of every operation.
+    pub fn total_calls(&self) -> u64 {
+        self.operations.values().map(|s| s.calls).sum()
+    }
+
+    /// Reads of every operation.
+    pub fn total_reads(&self) -> u64 {
+        self.operations.values().map(|s| s.reads).sum()
+    }
+
+    /// Writes of every operation.
+    pub fn total_writes(&self) -> u64 {
+        self.operations.values().map(|s| s.writes).sum()
+    }
+
+    /// Failed conditions of every operation.
+    pub fn total_condition_failures(&self) -> u64 {
+        self.operations.values().map(|s| s.condition_failures).sum()
+    }
+
+    /// Injected faults of every operation.
+    pub fn total_faults(&self) -> u64 {
+        self.operations.values().map(|s| s.faults).sum()
+    }
+}
+
+#[derive(Debug)]
+struct Table {
+    billing: BillingMode,
+    rows: BTreeMap<String, Lease>,
+}
+
+#[derive(Debug)]
+struct State {
+    table: Option<Table>,
+    page_size: usize,
+    latency: Duration,
+    unreachable: bool,
+    faults: Vec<Fault>,
+    stats: LeaseStoreStats,
+}
+
+/// The condition a write is guarded by, evaluated on the stored row.
+enum Condition<'a> {
+    /// `attribute_not_exists(leaseKey)`.
+    NotExists,
+    /// `leaseCounter = :seen`.
+    Counter(u64),
+    /// `leaseCounter = :seen AND leaseOwner = :owner` (owner absent when `None`).
+    CounterAndOwner(u64, Option<&'a str>),
+}
+
+impl Condition<'_> {
+    fn holds(&self, row: Option<&Lease>) -> bool {
+        match (self, row) {
+            (Condition::NotExists, row) => row.is_none(),
+            (_, None) => false,
+            (Condition::Counter(seen), Some(row)) => row.lease_counter == *seen,
+            (Condition::CounterAndOwner(seen, owner), Some(row)) => {
+                row.lease_counter == *seen && row.lease_owner.as_deref() == *owner
+            }
+        }
+    }
+}
+
+/// An in-memory lease table with DynamoDB's conditional-write semantics and injectable
+/// faults. See the [module documentation](self).
+pub struct InMemoryLeaseStore {
+    table_name: String,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for InMemoryLeaseStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("InMemoryLeaseStore")
+            .field("table_name", &self.table_name)
+            .field("table_exists", &state.table.is_some())
+            .field("rows", &state.table.as_ref().map_or(0, |t| t.rows.len()))
+            .field("page_size", &state.page_size)
+            .field("latency", &state.latency)
+            .field("unreachable", &state.unreachable)
+            .field("pending_faults", &state.faults.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for InMemoryLeaseStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryLeaseStore {
+    /// A store with no table yet (create it with
+    /// [`LeaseStore::create_table_if_not_exists`]), on the [`SystemClock`].
+    pub fn new() -> Self {
+        Self {
+            table_name: DEFAULT_TABLE_NAME.to_owned(),
+            clock: Arc::new(SystemClock),
+            state: Mutex::new(State {
+                table: None,
+                page_size: DEFAULT_PAGE_SIZE,
+                latency: Duration::ZERO,
+                unreachable: false,
+                faults: Vec::new(),
+                stats: LeaseStoreStats::default(),
+            }),
+        }
+    }
+
+    /// Starts with an empty pay-per-request table already created.
+    pub fn with_table(self) -> Self {
+        {
+            let mut state = self.lock();
+            if state.table.is_none() {
+                state.table = Some(Table {
+                    billing: BillingMode::PayPerRequest,
+                    rows: BTreeMap::new(),
+                });
+            }
+        }
+        self
+    }
+
+    /// The table name shown in [`LeaseError::TableMissing`].
+    pub fn with_table_name(mut self, table_name: impl Into<String>) -> Self {
+        self.table_name = table_name.into();
+        self
+    }
+
+    /// The clock latency is slept on.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Rows per internal `list_leases` page (at least 1).
+    pub fn with_page_size(self, page_size: usize) -> Self {
+        self.lock().page_size = page_size.max(1);
+        self
+    }
+
+    /// The table name.
+    pub fn table_name(&self) -> &str {
+        &self.table_name
+    }
+
+    /// Latency added to every call from now on (`Duration::ZERO` for none).
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// While `true`, every call fails with [`LeaseError::Unreachable`].
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.lock().unreachable = unreachable;
+    }
+
+    /// The next `count` calls fail with [`LeaseError::Throttled`].
+    pub fn throttle_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::Throttle, count));
+    }
+
+    /// The next `count` calls fail with [`LeaseError::Service`].
+    pub fn fail_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::ServiceError, count));
+    }
+
+    /// Registers a fault (after the ones already registered).
+    pub fn inject(&self, fault: Fault) {
+        if fault.remaining > 0 {
+            self.lock().faults.push(fault);
+        }
+    }
+
+    /// Removes every registered fault, turns the unreachable switch off and the latency to 0.
+    pub fn clear_faults(&self) {
+        let mut state = self.lock();
+        state.faults.clear();
+        state.unreachable = false;
+        state.latency = Duration::ZERO;
+    }
+
+    /// The faults still registered (with their remaining counts).
+    pub fn pending_faults(&self) -> Vec<Fault> {
+        self.lock().faults.clone()
+    }
+
+    /// The counters since creation or the last [`reset_stats`](Self::reset_stats).
+    pub fn stats(&self) -> LeaseStoreStats {
+        self.lock().stats.clone()
+    }
+
+    /// Sets every counter to zero.
+    pub fn reset_stats(&self) {
+        self.lock().stats = LeaseStoreStats::default();
+    }
+
+    /// Every row, in key order (no fault, latency or counting; empty when there is no
+    /// table).
+    pub fn snapshot(&self) -> Vec<Lease> {
+        self.lock()
+            .table
+            .as_ref()
+            .map(|t| t.rows.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The billing mode the table was created with, if it exists.
+    pub fn billing_mode(&self) -> Option<BillingMode> {
+        self.lock().table.as_ref().map(|t| t.billing)
+    }
+
+    /// Drops the table and every row, as if someone deleted it.
+    pub fn delete_table(&self) {
+        self.lock().table = None;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts the call, decides its fault, sleeps the latency. `Err` when a fault fires.
+    async fn begin(
+        &self,
+        operation: LeaseOperation,
+        lease_key: Option<&str>,
+    ) -> Result<(), LeaseError> {
+        let (fault, latency) = {
+            let mut state = self.lock();
+            let stats = state.stats.operations.entry(operation).or_default();
+            stats.calls += 1;
+            let fault = if state.unreachable {
+                Some(FaultKind::Unreachable)
+            } else if let Some(fault) = state
+                .faults
+                .iter_mut()
+                .find(|f| f.matches(operation, lease_key))
+            {
+                fault.remaining -= 1;
+                Some(fault.kind)
+            } else {
+                None
+            };
+            state.faults.retain(|f| f.remaining > 0);
+            if fault.is_some() {
+                state.stats.operations.entry(operation).or_default().faults += 1;
+            }
+            (fault, state.latency)
+        };
+        if !latency.is_zero() {
+            self.clock.sleep(latency).await;
+        }
+        match fault {
+            None => Ok(()),
+            Some(kind) => {
+                tracing::debug!(%operation, ?lease_key, ?kind, "injected lease store fault");
+                let source = Box::new(InjectedFault { kind, operation });
+                Err(match kind {
+                    FaultKind::Throttle => LeaseError::Throttled { source },
+                    FaultKind::ServiceError => LeaseError::Service { source },
+                    FaultKind::Unreachable => LeaseError::Unreachable { source },
+                })
+            }
+        }
+    }
+
+    fn table_missing(&self) -> LeaseError {
+        LeaseError::TableMissing {
+            table: self.table_name.clone(),
+        }
+    }
+
+    /// Evaluates `condition` on the row of `lease_key` and, when it holds, applies `update`
+    /// to it (a copy of the row, or of `seen` when the row is absent and the condition is
+    /// `NotExists`). Returns the new row.
+    fn conditional_update(
+        &self,
+        operation: LeaseOperation,
+        lease_key: &str,
+        condition: Condition<'_>,
+        update: impl FnOnce(&mut Lease),
+    ) -> Result<Lease, LeaseError> {
+        let mut state = self.lock();
+        let State { table, stats, .. } = &mut *state;
+        let table = table.as_mut().ok_or_else(|| self.table_missing())?;
+        let counters = stats.operations.entry(operation).or_default();
+        counters.writes += 1;
+        let row = table.rows.get(lease_key);
+        if !condition.holds(row) {
+            counters.condition_failures += 1;
+            tracing::debug!(%operation, lease_key, "in-memory conditional write failed");
+            return Err(LeaseError::ConditionFailed {
+                lease_key: lease_key.to_owned(),
+            });
+        }
+        let mut new_row = match row {
+            Some(row) => row.clone(),
+            None => Lease::new(lease_key, ExtendedSequenceNumber::TRIM_HORIZON),
+        };
+        update(&mut new_row);
+        table.rows.insert(lease_key.to_owned(), new_row.clone());
+        Ok(new_row)
+    }
+
+    /// The owner a renew-like write is fenced on; a lease seen without owner cannot be
+    /// renewed, released or checkpointed by anyone.
+    fn seen_owner(lease: &Lease) -> Result<&str, LeaseError> {
+        lease
+            .lease_owner
+            .as_deref()
+            .ok_or_else(|| LeaseError::NotHeld {
+                lease_key: lease.lease_key.clone(),
+            })
+    }
+
+    async fn owner_fenced_update(
+        &self,
+        operation: LeaseOperation,
+        lease: &Lease,
+        update: impl FnOnce(&mut Lease),
+    ) -> Result<Lease, LeaseError> {
+        let owner = Self::seen_owner(lease)?;
+        self.begin(operation, Some(&lease.lease_key)).await?;
+        self.conditional_update(
+            operation,
+            &lease.lease_key,
+            Condition::CounterAndOwner(lease.lease_counter, Some(owner)),
+            |row| {
+                update(row);
+                row.lease_counter = row.lease_counter.saturating_add(1);
+            },
+        )
+    }
+}
+
+#[async_trait]
+impl LeaseStore for InMemoryLeaseStore {
+    async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError> {
+        self.begin(LeaseOperation::CreateTable, None).await?;
+        let mut state = self.lock();
+        if state.table.is_some() {
+            return Ok(false);
+        }
+        state.table = Some(Table {
+            billing,
+            rows: BTreeMap::new(),
+        });
+        Ok(true)
+    }
+
+    async fn table_exists(&self) -> Result<bool, LeaseError> {
+        self.begin(LeaseOperation::TableExists, None).await?;
+        Ok(self.lock().table.is_some())
+    }
+
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        let operation = LeaseOperation::CreateLease;
+        self.begin(operation, Some(&lease.lease_key)).await?;
+        let result =
+            self.conditional_update(operation, &lease.lease_key, Condition::NotExists, |row| {
+                *row = lease.clone()
+            });
+        match result {
+            Ok(_) => Ok(true),
+            Err(LeaseError::ConditionFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseError> {
+        let operation = LeaseOperation::ListLeases;
+        self.begin(operation, None).await?;
+        let mut leases = Vec::new();
+        let mut last_key: Option<String> = None;
+        loop {
+            // One page per lock, like one Scan call: the table may change between pages.
+            let mut state = self.lock();
+            let page_size = state.page_size;
+            let State { table, stats, .. } = &mut *state;
+            let table = table.as_ref().ok_or_else(|| self.table_missing())?;
+            stats.operations.entry(operation).or_default().reads += 1;
+            let page: Vec<Lease> = match &last_key {
+                None => table.rows.values().take(page_size).cloned().collect(),
+                Some(after) => table
+                    .rows
+                    .range::<str, _>((
+                        std::ops::Bound::Excluded(after.as_str()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .map(|(_, lease)| lease)
+                    .take(page_size)
+                    .cloned()
+                    .collect(),
+            };
+            drop(state);
+            // As DynamoDB does, a full page carries a continuation even when nothing follows.
+            let full = page.len() == page_size;
+            last_key = page.last().map(|l| l.lease_key.clone());
+            leases.extend(page);
+            if !full {
+                return Ok(leases);
+            }
+        }
+    }
+
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError> {
+        let operation = LeaseOperation::GetLease;
+        self.begin(operation, Some(lease_key)).await?;
+        let mut state = self.lock();
+        let State { table, stats, .. } = &mut *state;
+        let table = table.as_ref().ok_or_else(|| self.table_missing())?;
+        stats.operations.entry(operation).or_default().reads += 1;
+        Ok(table.rows.get(lease_key).cloned())
+    }
+
+    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.owner_fenced_update(LeaseOperation::RenewLease, lease, |_| {})
+            .await
+    }
+
+    async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
+        let operation = LeaseOperation::TakeLease;
+        self.begin(operation, Some(&lease.lease_key)).await?;
+        let seen_owner = lease.lease_owner.as_deref();
+        self.conditional_update(
+            operation,
+            &lease.lease_key,
+            Condition::CounterAndOwner(lease.lease_counter, seen_owner),
+            |row| {
+                if seen_owner != Some(new_owner) {
+                    row.owner_switches_since_checkpoint =
+                        row.owner_switches_since_checkpoint.saturating_add(1);
+                }
+                row.lease_owner = Some(new_owner.to_owned());
+                row.lease_counter = row.lease_counter.saturating_add(1);
+            },
+        )
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.owner_fenced_update(LeaseOperation::ReleaseLease, lease, |row| {
+            row.lease_owner = None;
+        })
+        .await
+    }
+
+    async fn update_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        self.owner_fenced_update(LeaseOperation::UpdateCheckpoint, lease, |row| {
+            row.checkpoint = checkpoint.clone();
+            row.pending_checkpoint = None;
+            row.owner_switches_since_checkpoint = 0;
+        })
+        .await
+    }
+
+    async fn update_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&ExtendedSequenceNumber>,
+    ) -> Result<Lease, LeaseError> {
+        self.owner_fenced_update(LeaseOperation::UpdatePendingCheckpoint, lease, |row| {
+            row.pending_checkpoint = pending.cloned();
+        })
+        .await
+    }
+
+    async fn update_child_shard_ids(
+        &self,
+        lease: &Lease,
+        child_shard_ids: &BTreeSet<String>,
+    ) -> Result<Lease, LeaseError> {
+        self.owner_fenced_update(LeaseOperation::UpdateChildShardIds, lease, |row| {
+            row.child_shard_ids = child_shard_ids.clone();
+        })
+        .await
+    }
+
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+        let operation = LeaseOperation::DeleteLease;
+        self.begin(operation, Some(&lease.lease_key)).await?;
+        let mut state = self.lock();
+        let State { table, stats, .. } = &mut *state;
+        let table = table.as_mut().ok_or_else(|| self.table_missing())?;
+        let counters = stats.operations.entry(operation).or_default();
+        counters.writes += 1;
+        if !Condition::Counter(lease.lease_counter).holds(table.rows.get(&lease.lease_key)) {
+            counters.condition_failures += 1;
+            return Err(LeaseError::ConditionFailed {
+                lease_key: lease.lease_key.clone(),
+            });
+        }
+        table.rows.remove(&lease.lease_key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(key: &str) -> Lease {
+        Lease::new(key, ExtendedSequenceNumber::TRIM_HORIZON)
+    }
+
+    fn store() -> InMemoryLeaseStore {
+        InMemoryLeaseStore::new().with_table()
+    }
+
+    #[tokio::test]
+    async fn table_missing_until_created() {
+        let s = InMemoryLeaseStore::new().with_table_name("t1");
+        assert!(!s.table_exists().await.unwrap());
+        let err = s.create_lease_if_not_exists(&lease("a")).await.unwrap_err();
+        assert!(matches!(err, LeaseError::TableMissing { ref table } if table == "t1"));
+        assert!(matches!(
+            s.list_leases().await,
+            Err(LeaseError::TableMissing { .. })
+        ));
+        assert!(matches!(
+            s.get_lease("a").await,
+            Err(LeaseError::TableMissing { .. })
+        ));
+        let billing = BillingMode::Provisioned {
+            read_capacity_units: 5,
+            write_capacity_units: 7,
+        };
+        assert!(s.create_table_if_not_exists(billing).await.unwrap());
+        assert!(
+            !s.create_table_if_not_exists(BillingMode::PayPerRequest)
+                .await
+                .unwrap()
+        );
+        assert_eq!(s.billing_mode(), Some(billing));
+        assert!(s.table_exists().await.unwrap());
+        assert!(s.create_lease_if_not_exists(&lease("a")).await.unwrap());
+        s.delete_table();
+        assert!(!s.table_exists().await.unwrap());
+        assert!(s.snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn create_is_conditional() {
+        let s = store();
+        assert!(s.create_lease_if_not_exists(&lease("a")).await.unwrap());
+        let mut other = lease("a");
+        other.checkpoint = ExtendedSequenceNumber::LATEST;
+        assert!(!s.create_lease_if_not_exists(&other).await.unwrap());
+        assert_eq!(s.get_lease("a").await.unwrap().unwrap(), lease("a"));
+        let st = s.stats().operation(LeaseOperation::CreateLease);
+        assert_eq!((st.calls, st.writes, st.condition_failures), (2, 2, 1));
+    }
+
+    #[tokio::test]
+    async fn take_renew_checkpoint_release_delete() {
+        let s = store();
+        s.create_lease_if_not_exists(&lease("a")).await.unwrap();
+        let seen = s.get_lease("a").await.unwrap().unwrap();
+        let w1 = s.take_lease(&seen, "w1").await.unwrap();
+        assert_eq!(w1.lease_owner.as_deref(), Some("w1"));
+        assert_eq!(
+            (w1.lease_counter, w1.owner_switches_since_checkpoint),
+            (1, 1)
+        );
+        // Stale counter: the take fails and nothing changes.
+        assert!(
+            s.take_lease(&seen, "w2")
+                .await
+                .unwrap_err()
+                .is_condition_failed()
+        );
+        let w1 = s.renew_lease(&w1).await.unwrap();
+        assert_eq!(w1.lease_counter, 2);
+        let w2 = s.take_lease(&w1, "w2").await.unwrap();
+        assert_eq!(
+            (w2.lease_counter, w2.owner_switches_since_checkpoint),
+            (3, 2)
+        );
+        // w1 is now a zombie: every fenced write fails.
+        assert!(s.renew_lease(&w1).await.unwrap_err().is_condition_failed());
+        let esn: ExtendedSequenceNumber = "12345.3".parse().unwrap();
+        assert!(
+            s.update_checkpoint(&w1, &esn)
+                .await
+                .unwrap_err()
+                .is_condition_failed()
+        );
+        let pending: ExtendedSequenceNumber = "999".parse().unwrap();
+        let w2 = s
+            .update_pending_checkpoint(&w2, Some(&pending))
+            .await
+            .unwrap();
+        assert_eq!(w2.pending_checkpoint.as_ref(), Some(&pending));
+        let w2 = s.update_checkpoint(&w2, &esn).await.unwrap();
+        assert_eq!(w2.checkpoint, esn);
+        assert_eq!(w2.pending_checkpoint, None);
+        assert_eq!(
+            (w2.lease_counter, w2.owner_switches_since_checkpoint),
+            (5, 0)
+        );
+        let children: BTreeSet<String> = ["c1".to_owned(), "c2".to_owned()].into();
+        let w2 = s.update_child_shard_ids(&w2, &children).await.unwrap();
+        assert_eq!(w2.child_shard_ids, children);
+        let free = s.release_lease(&w2).await.unwrap();
+        assert_eq!((free.lease_owner.as_deref(), free.lease_counter), (None, 7));
+        assert!(matches!(
+            s.renew_lease(&free).await,
+            Err(LeaseError::NotHeld { .. })
+        ));
+        assert!(s.delete_lease(&w2).await.unwrap_err().is_condition_failed());
+        s.delete_lease(&free).await.unwrap();
+        assert_eq!(s.get_lease("a").await.unwrap(), None);
+        assert!(
+            s.delete_lease(&free)
+                .await
+                .unwrap_err()
+                .is_condition_failed()
+        );
+        assert_eq!(s.snapshot(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn list_pages_counted_as_reads() {
+        let s = store().with_page_size(10);
+        for i in 0..25 {
+            s.create_lease_if_not_exists(&lease(&format!("k{i:03}")))
+                .await
+                .unwrap();
+        }
+        let all = s.list_leases().await.unwrap();
+        let keys: Vec<_> = all.iter().map(|l| l.lease_key.clone()).collect();
+        let expected: Vec<_> = (0..25).map(|i| format!("k{i:03}")).collect();
+        assert_eq!(keys, expected);
+        assert_eq!(s.stats().operation(LeaseOperation::ListLeases).reads, 3);
+        // A full last page costs one more (empty) page, as on DynamoDB.
+        s.delete_lease(&all[24]).await.unwrap();
+        s.delete_lease(&all[23]).await.unwrap();
+        s.delete_lease(&all[22]).await.unwrap();
+        s.delete_lease(&all[21]).await.unwrap();
+        s.delete_lease(&all[20]).await.unwrap();
+        s.reset_stats();
+        assert_eq!(s.list_leases().await.unwrap().len(), 20);
+        assert_eq!(s.stats().operation(LeaseOperation::ListLeases).reads, 3);
+        assert_eq!(s.stats().total_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn faults_fire_in_order_and_scope() {
+        let s = store();
+        s.create_lease_if_not_exists(&lease("a")).await.unwrap();
+        s.create_lease_if_not_exists(&lease("b")).await.unwrap();
+        s.throttle_next(2);
+        assert!(matches!(
+            s.get_lease("a").await,
+            Err(LeaseError::Throttled { .. })
+        ));
+        assert!(matches!(
+            s.list_leases().await,
+            Err(LeaseError::Throttled { .. })
+        ));
+        assert!(s.get_lease("a").await.unwrap().is_some());
+        s.fail_next(1);
+        let err = s.get_lease("a").await.unwrap_err();
+        assert!(matches!(err, LeaseError::Service { .. }));
+        assert!(err.is_retryable());
+        s.inject(Fault::new(FaultKind::Throttle, 1).for_lease_key("b"));
+        s.inject(Fault::new(FaultKind::ServiceError, 1).for_operation(LeaseOperation::RenewLease));
+        assert!(s.get_lease("a").await.is_ok());
+        assert!(s.list_leases().await.is_ok());
+        let a = s.take_lease(&lease("a"), "w").await.unwrap();
+        assert!(matches!(
+            s.get_lease("b").await,
+            Err(LeaseError::Throttled { .. })
+        ));
+        assert!(matches!(
+            s.renew_lease(&a).await,
+            Err(LeaseError::Service { .. })
+        ));
+        assert!(s.pending_faults().is_empty());
+        let a = s.renew_lease(&a).await.unwrap();
+        assert_eq!(a.lease_counter, 2);
+        s.set_unreachable(true);
+        assert!(matches!(
+            s.renew_lease(&a).await,
+            Err(LeaseError::Unreachable { .. })
+        ));
+        assert!(matches!(
+            s.table_exists().await,
+            Err(LeaseError::Unreachable { .. })
+        ));
+        s.set_unreachable(false);
+        assert_eq!(s.renew_lease(&a).await.unwrap().lease_counter, 3);
+        let stats = s.stats();
+        assert_eq!(stats.total_faults(), 7);
+        // Faulted calls are not billed.
+        assert_eq!(stats.operation(LeaseOperation::RenewLease).writes, 2);
+        assert_eq!(stats.operation(LeaseOperation::RenewLease).faults, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_sleeps_on_the_clock() {
+        let s = store();
+        s.set_latency(Duration::from_millis(250));
+        let start = tokio::time::Instant::now();
+        s.create_lease_if_not_exists(&lease("a")).await.unwrap();
+        s.get_lease("a").await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+}

@@ -5,5 +5,6 @@
 pub mod clock;
 pub mod conformance;
 pub mod emulators;
+pub mod harness;
 pub mod kinesis;
 pub mod lease_store;

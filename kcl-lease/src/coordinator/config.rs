@@ -1,0 +1,170 @@
+//! Configuration of the lease coordinator.
+
+use std::time::Duration;
+
+use crate::LeaseError;
+
+/// The shortest accepted `failover_time`.
+pub const MIN_FAILOVER_TIME: Duration = Duration::from_millis(100);
+
+/// The default `failover_time` (10 s, as in the Java KCL).
+pub const DEFAULT_FAILOVER_TIME: Duration = Duration::from_secs(10);
+
+/// Settings of a [`LeaseCoordinator`](super::LeaseCoordinator).
+///
+/// Names follow the Java KCL (SPEC section 9). Build with [`LeaseCoordinatorConfig::new`]
+/// and the `with_*` methods; [`LeaseCoordinatorConfig::validate`] (also called by
+/// [`LeaseCoordinator::new`](super::LeaseCoordinator::new)) rejects bad values with
+/// [`LeaseError::InvalidConfig`] naming the option.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct LeaseCoordinatorConfig {
+    /// This worker's id, written as `leaseOwner`. Must not be empty.
+    pub worker_id: String,
+    /// How long a lease whose counter does not change is considered still held by its
+    /// owner (default 10 s, at least [`MIN_FAILOVER_TIME`]). Renewals run every third of
+    /// it, the taker about every half of it.
+    pub failover_time: Duration,
+    /// The most leases this worker takes (default unlimited). At least 1.
+    pub max_leases_for_worker: usize,
+    /// The most leases stolen from another worker in one taker pass (default 1). At least 1.
+    pub max_leases_to_steal_at_one_time: usize,
+}
+
+impl LeaseCoordinatorConfig {
+    /// Defaults for `worker_id`: failover 10 s, no lease limit, steal one at a time.
+    pub fn new(worker_id: impl Into<String>) -> Self {
+        Self {
+            worker_id: worker_id.into(),
+            failover_time: DEFAULT_FAILOVER_TIME,
+            max_leases_for_worker: usize::MAX,
+            max_leases_to_steal_at_one_time: 1,
+        }
+    }
+
+    /// Sets `failover_time`.
+    pub fn with_failover_time(mut self, failover_time: Duration) -> Self {
+        self.failover_time = failover_time;
+        self
+    }
+
+    /// Sets `max_leases_for_worker`.
+    pub fn with_max_leases_for_worker(mut self, max: usize) -> Self {
+        self.max_leases_for_worker = max;
+        self
+    }
+
+    /// Sets `max_leases_to_steal_at_one_time`.
+    pub fn with_max_leases_to_steal_at_one_time(mut self, max: usize) -> Self {
+        self.max_leases_to_steal_at_one_time = max;
+        self
+    }
+
+    /// Checks every value; the error names the first bad option.
+    pub fn validate(&self) -> Result<(), LeaseError> {
+        if self.worker_id.trim().is_empty() {
+            return Err(LeaseError::InvalidConfig {
+                option: "worker_id",
+                reason: "must not be empty".to_owned(),
+            });
+        }
+        if self.failover_time < MIN_FAILOVER_TIME {
+            return Err(LeaseError::InvalidConfig {
+                option: "failover_time",
+                reason: format!(
+                    "{:?} is shorter than the minimum {:?}",
+                    self.failover_time, MIN_FAILOVER_TIME
+                ),
+            });
+        }
+        if self.max_leases_for_worker == 0 {
+            return Err(LeaseError::InvalidConfig {
+                option: "max_leases_for_worker",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        if self.max_leases_to_steal_at_one_time == 0 {
+            return Err(LeaseError::InvalidConfig {
+                option: "max_leases_to_steal_at_one_time",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Time between two renewal rounds: `failover_time / 3`.
+    pub fn renew_interval(&self) -> Duration {
+        self.failover_time / 3
+    }
+
+    /// The longest time between two taker passes: `failover_time / 2`. Each pass waits this
+    /// minus a random jitter of up to [`LeaseCoordinatorConfig::take_jitter`].
+    pub fn take_interval(&self) -> Duration {
+        self.failover_time / 2
+    }
+
+    /// The largest jitter subtracted from the taker interval: `failover_time / 10`.
+    pub fn take_jitter(&self) -> Duration {
+        self.failover_time / 10
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn option_of(config: &LeaseCoordinatorConfig) -> &'static str {
+        match config.validate() {
+            Err(LeaseError::InvalidConfig { option, .. }) => option,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = LeaseCoordinatorConfig::new("w1");
+        config.validate().unwrap();
+        assert_eq!(config.failover_time, Duration::from_secs(10));
+        assert_eq!(config.max_leases_for_worker, usize::MAX);
+        assert_eq!(config.max_leases_to_steal_at_one_time, 1);
+        assert_eq!(config.renew_interval(), Duration::from_secs(10) / 3);
+        assert_eq!(config.take_interval(), Duration::from_secs(5));
+        assert_eq!(config.take_jitter(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        assert_eq!(option_of(&LeaseCoordinatorConfig::new("")), "worker_id");
+        assert_eq!(option_of(&LeaseCoordinatorConfig::new("  ")), "worker_id");
+        let base = LeaseCoordinatorConfig::new("w");
+        assert_eq!(
+            option_of(&base.clone().with_failover_time(Duration::ZERO)),
+            "failover_time"
+        );
+        assert_eq!(
+            option_of(&base.clone().with_failover_time(Duration::from_millis(99))),
+            "failover_time"
+        );
+        base.clone()
+            .with_failover_time(MIN_FAILOVER_TIME)
+            .validate()
+            .unwrap();
+        assert_eq!(
+            option_of(&base.clone().with_max_leases_for_worker(0)),
+            "max_leases_for_worker"
+        );
+        assert_eq!(
+            option_of(&base.with_max_leases_to_steal_at_one_time(0)),
+            "max_leases_to_steal_at_one_time"
+        );
+    }
+
+    #[test]
+    fn error_message_names_option() {
+        let err = LeaseCoordinatorConfig::new("w")
+            .with_max_leases_for_worker(0)
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("max_leases_for_worker"), "{err}");
+        assert!(!err.is_retryable());
+    }
+}

@@ -1,0 +1,427 @@
+//! The taker's decisions, kept free of I/O so they can be tested on their own: local
+//! expiry bookkeeping ([`ExpiryTracker`]) and what to take or steal ([`plan_take`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::{Lease, RandomSource};
+
+/// What this worker last saw of one lease, and since when.
+#[derive(Clone, Debug)]
+struct Seen {
+    counter: u64,
+    owner: Option<String>,
+    finished: bool,
+    /// This worker's clock when it first saw `counter` (and `owner`).
+    since: Instant,
+}
+
+/// Local expiry bookkeeping: for every lease key, the counter and owner last seen and the
+/// local time when they were first seen. Timestamps written by other hosts are never used.
+#[derive(Debug, Default)]
+pub(crate) struct ExpiryTracker {
+    seen: HashMap<String, Seen>,
+}
+
+impl ExpiryTracker {
+    /// Records a listing of the whole table taken at `now`; forgets keys no longer listed.
+    pub(crate) fn observe(&mut self, leases: &[Lease], now: Instant) {
+        let mut next = HashMap::with_capacity(leases.len());
+        for lease in leases {
+            let since = match self.seen.get(&lease.lease_key) {
+                Some(seen)
+                    if seen.counter == lease.lease_counter && seen.owner == lease.lease_owner =>
+                {
+                    seen.since
+                }
+                _ => now,
+            };
+            next.insert(
+                lease.lease_key.clone(),
+                Seen {
+                    counter: lease.lease_counter,
+                    owner: lease.lease_owner.clone(),
+                    finished: lease.is_finished(),
+                    since,
+                },
+            );
+        }
+        self.seen = next;
+    }
+
+    /// How long the lease's counter has been unchanged on this worker's clock (zero for a
+    /// lease never observed, or observed with another counter).
+    pub(crate) fn unchanged_for(&self, lease: &Lease, now: Instant) -> Duration {
+        match self.seen.get(&lease.lease_key) {
+            Some(seen) if seen.counter == lease.lease_counter => {
+                now.saturating_duration_since(seen.since)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// When the lease was first seen at its current counter (`now` if never).
+    fn since(&self, lease: &Lease, now: Instant) -> Instant {
+        match self.seen.get(&lease.lease_key) {
+            Some(seen) if seen.counter == lease.lease_counter => seen.since,
+            _ => now,
+        }
+    }
+
+    /// The earliest future moment at which a lease owned by another worker (not finished,
+    /// not in `held`) becomes expired, if its counter stays as last seen.
+    pub(crate) fn next_expiry(
+        &self,
+        me: &str,
+        held: &HashSet<String>,
+        failover_time: Duration,
+        now: Instant,
+    ) -> Option<Instant> {
+        self.seen
+            .iter()
+            .filter(|(key, seen)| {
+                !seen.finished
+                    && !held.contains(*key)
+                    && seen.owner.as_deref().is_some_and(|owner| owner != me)
+            })
+            .map(|(_, seen)| seen.since + failover_time)
+            .filter(|at| *at > now)
+            .min()
+    }
+}
+
+/// The taker's decision for one pass.
+#[derive(Debug, Default)]
+pub(crate) struct TakePlan {
+    /// Distinct owners of live leases (other workers) plus this worker.
+    pub(crate) workers: usize,
+    /// Leases this worker should hold.
+    pub(crate) target: usize,
+    /// How many more it should take now.
+    pub(crate) needed: usize,
+    /// Free leases, best first. The caller takes `needed` of them, moving down the list
+    /// when a take fails.
+    pub(crate) candidates: Vec<Lease>,
+    /// Leases to steal (only when `candidates` is empty).
+    pub(crate) steal: Vec<Lease>,
+}
+
+/// Inputs of [`plan_take`] besides the table listing.
+pub(crate) struct PlanInput<'a> {
+    pub(crate) me: &'a str,
+    /// Keys held by this worker.
+    pub(crate) held: &'a HashSet<String>,
+    /// How many of them are not finished.
+    pub(crate) held_active: usize,
+    pub(crate) failover_time: Duration,
+    pub(crate) max_leases_for_worker: usize,
+    pub(crate) max_leases_to_steal: usize,
+    pub(crate) now: Instant,
+}
+
+/// Decides what to take (SPEC section 5, details in the module docs of the coordinator).
+pub(crate) fn plan_take(
+    leases: &[Lease],
+    tracker: &ExpiryTracker,
+    input: &PlanInput<'_>,
+    random: &dyn RandomSource,
+) -> TakePlan {
+    let active: Vec<&Lease> = leases.iter().filter(|l| !l.is_finished()).collect();
+    let expired = |lease: &Lease| tracker.unchanged_for(lease, input.now) >= input.failover_time;
+
+    // Live leases of other workers, by owner.
+    let mut by_owner: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
+    let mut candidates: Vec<(Instant, u64, &Lease)> = Vec::new();
+    for lease in &active {
+        if input.held.contains(&lease.lease_key) {
+            continue;
+        }
+        match lease.lease_owner.as_deref() {
+            Some(owner) if owner != input.me && !expired(lease) => {
+                by_owner.entry(owner).or_default().push(lease);
+            }
+            // Unowned, expired, or owned by this worker id but not held here (a previous
+            // incarnation of this worker): free.
+            _ => candidates.push((tracker.since(lease, input.now), random.next_u64(), lease)),
+        }
+    }
+
+    let workers = by_owner.len().saturating_add(1);
+    let target = active
+        .len()
+        .div_ceil(workers)
+        .min(input.max_leases_for_worker);
+    let needed = target.saturating_sub(input.held_active);
+
+    // Longest unchanged first; equal ages in random order so that workers starting together
+    // do not all race for the same leases.
+    candidates.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let candidates: Vec<Lease> = candidates.into_iter().map(|(_, _, l)| l.clone()).collect();
+
+    let mut plan = TakePlan {
+        workers,
+        target,
+        needed,
+        candidates,
+        steal: Vec::new(),
+    };
+    if needed == 0 || !plan.candidates.is_empty() {
+        return plan;
+    }
+
+    // Steal from the most loaded worker (ties broken at random).
+    let Some(max_load) = by_owner.values().map(Vec::len).max() else {
+        return plan;
+    };
+    let loaded: Vec<&Vec<&Lease>> = by_owner.values().filter(|v| v.len() == max_load).collect();
+    let pick = usize::try_from(random.below(loaded.len() as u64)).unwrap_or(0);
+    let Some(victim) = loaded.get(pick) else {
+        return plan;
+    };
+    let count = if max_load > target {
+        (max_load - target)
+            .min(needed)
+            .min(input.max_leases_to_steal)
+    } else if max_load == target && needed > 1 {
+        1
+    } else {
+        0
+    };
+    let mut pool: Vec<&Lease> = victim.to_vec();
+    for _ in 0..count {
+        if pool.is_empty() {
+            break;
+        }
+        let index = usize::try_from(random.below(pool.len() as u64)).unwrap_or(0);
+        plan.steal.push(pool.swap_remove(index).clone());
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use kcl_kpl::ExtendedSequenceNumber;
+
+    use super::*;
+    use crate::SeededRandom;
+
+    const F: Duration = Duration::from_secs(10);
+
+    fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
+        let mut l = Lease::new(key, ExtendedSequenceNumber::TRIM_HORIZON);
+        l.lease_owner = owner.map(str::to_owned);
+        l.lease_counter = counter;
+        l
+    }
+
+    fn plan(
+        leases: &[Lease],
+        tracker: &ExpiryTracker,
+        me: &str,
+        held: &[&str],
+        now: Instant,
+        max: usize,
+    ) -> TakePlan {
+        let held: HashSet<String> = held.iter().map(|s| (*s).to_owned()).collect();
+        let input = PlanInput {
+            me,
+            held: &held,
+            held_active: held.len(),
+            failover_time: F,
+            max_leases_for_worker: max,
+            max_leases_to_steal: 1,
+            now,
+        };
+        plan_take(leases, tracker, &input, &SeededRandom::new(7))
+    }
+
+    #[test]
+    fn lone_worker_takes_everything_free() {
+        let leases: Vec<Lease> = (0..64).map(|i| lease(&format!("s{i}"), None, 0)).collect();
+        let mut tracker = ExpiryTracker::default();
+        let now = Instant::now();
+        tracker.observe(&leases, now);
+        let p = plan(&leases, &tracker, "me", &[], now, usize::MAX);
+        assert_eq!((p.workers, p.target, p.needed), (1, 64, 64));
+        assert_eq!(p.candidates.len(), 64);
+        assert!(p.steal.is_empty());
+    }
+
+    #[test]
+    fn finished_leases_are_never_candidates_nor_counted() {
+        let mut leases = vec![lease("a", None, 0), lease("b", None, 0)];
+        leases[1].checkpoint = ExtendedSequenceNumber::SHARD_END;
+        let tracker = ExpiryTracker::default();
+        let p = plan(&leases, &tracker, "me", &[], Instant::now(), usize::MAX);
+        assert_eq!(p.target, 1);
+        assert_eq!(p.candidates.len(), 1);
+        assert_eq!(p.candidates[0].lease_key, "a");
+    }
+
+    #[test]
+    fn owned_leases_expire_only_after_failover_time_unchanged() {
+        let t0 = Instant::now();
+        let leases = vec![lease("a", Some("other"), 5)];
+        let mut tracker = ExpiryTracker::default();
+        tracker.observe(&leases, t0);
+        let p = plan(
+            &leases,
+            &tracker,
+            "me",
+            &[],
+            t0 + F - Duration::from_millis(1),
+            usize::MAX,
+        );
+        assert!(p.candidates.is_empty());
+        assert_eq!(p.workers, 2);
+        // The same counter seen again later: the timer keeps running from t0.
+        tracker.observe(&leases, t0 + F / 2);
+        let p = plan(&leases, &tracker, "me", &[], t0 + F, usize::MAX);
+        assert_eq!(p.candidates.len(), 1);
+        assert_eq!(p.workers, 1);
+        // A renewal resets it.
+        let renewed = vec![lease("a", Some("other"), 6)];
+        tracker.observe(&renewed, t0 + F);
+        assert_eq!(tracker.unchanged_for(&renewed[0], t0 + F), Duration::ZERO);
+        let p = plan(&renewed, &tracker, "me", &[], t0 + F + F / 2, usize::MAX);
+        assert!(p.candidates.is_empty());
+        assert_eq!(
+            tracker.next_expiry("me", &HashSet::new(), F, t0 + F),
+            Some(t0 + F + F)
+        );
+    }
+
+    #[test]
+    fn own_id_not_held_is_free_at_once() {
+        let leases = vec![lease("a", Some("me"), 3)];
+        let mut tracker = ExpiryTracker::default();
+        let now = Instant::now();
+        tracker.observe(&leases, now);
+        let p = plan(&leases, &tracker, "me", &[], now, usize::MAX);
+        assert_eq!(p.candidates.len(), 1);
+    }
+
+    #[test]
+    fn oldest_first() {
+        let t0 = Instant::now();
+        let mut tracker = ExpiryTracker::default();
+        tracker.observe(&[lease("old", Some("dead"), 1)], t0);
+        let leases = vec![lease("new", None, 0), lease("old", Some("dead"), 1)];
+        tracker.observe(&leases, t0 + F);
+        let p = plan(&leases, &tracker, "me", &[], t0 + F, usize::MAX);
+        let keys: Vec<&str> = p.candidates.iter().map(|l| l.lease_key.as_str()).collect();
+        assert_eq!(keys, vec!["old", "new"]);
+    }
+
+    fn counts_plan(other: &[(&str, usize)], mine: usize) -> TakePlan {
+        let mut leases = Vec::new();
+        let mut held = Vec::new();
+        for (owner, n) in other {
+            for i in 0..*n {
+                leases.push(lease(&format!("{owner}-{i}"), Some(owner), 1));
+            }
+        }
+        for i in 0..mine {
+            leases.push(lease(&format!("me-{i}"), Some("me"), 1));
+            held.push(format!("me-{i}"));
+        }
+        let held: Vec<&str> = held.iter().map(String::as_str).collect();
+        let mut tracker = ExpiryTracker::default();
+        let now = Instant::now();
+        tracker.observe(&leases, now);
+        plan(&leases, &tracker, "me", &held, now, usize::MAX)
+    }
+
+    #[test]
+    fn steals_from_overloaded_worker() {
+        let p = counts_plan(&[("a", 10)], 0);
+        assert_eq!((p.target, p.needed), (5, 5));
+        assert_eq!(p.steal.len(), 1);
+        assert_eq!(p.steal[0].lease_owner.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn steals_from_worker_at_target_only_when_two_short() {
+        // 4/4/2: the worker with 2 steals one; 4/3/3 is stable.
+        let p = counts_plan(&[("a", 4), ("b", 4)], 2);
+        assert_eq!((p.target, p.needed, p.steal.len()), (4, 2, 1));
+        let p = counts_plan(&[("a", 4), ("b", 3)], 3);
+        assert_eq!((p.target, p.needed, p.steal.len()), (4, 1, 0));
+        let p = counts_plan(&[("a", 3), ("b", 3)], 4);
+        assert_eq!((p.needed, p.steal.len()), (0, 0));
+    }
+
+    #[test]
+    fn steal_count_capped() {
+        let held: HashSet<String> = HashSet::new();
+        let leases: Vec<Lease> = (0..20)
+            .map(|i| lease(&format!("s{i}"), Some("a"), 1))
+            .collect();
+        let mut tracker = ExpiryTracker::default();
+        let now = Instant::now();
+        tracker.observe(&leases, now);
+        let input = PlanInput {
+            me: "me",
+            held: &held,
+            held_active: 0,
+            failover_time: F,
+            max_leases_for_worker: usize::MAX,
+            max_leases_to_steal: 4,
+            now,
+        };
+        let p = plan_take(&leases, &tracker, &input, &SeededRandom::new(1));
+        assert_eq!(p.steal.len(), 4);
+        let keys: HashSet<&str> = p.steal.iter().map(|l| l.lease_key.as_str()).collect();
+        assert_eq!(keys.len(), 4);
+    }
+
+    #[test]
+    fn stealing_converges_without_oscillation() {
+        // Simulate workers taking turns on a shared table view; the counts must settle and
+        // every later pass must change nothing.
+        for n_leases in 1..=30usize {
+            for n_workers in 1..=6usize {
+                let names: Vec<String> = (0..n_workers).map(|i| format!("w{i}")).collect();
+                let mut owner: Vec<usize> = vec![0; n_leases]; // w0 took everything first
+                let mut stable_rounds = 0;
+                let mut rounds = 0;
+                while stable_rounds < 2 {
+                    rounds += 1;
+                    assert!(rounds < 200, "no convergence for {n_leases}/{n_workers}");
+                    let mut changed = false;
+                    for (w, me) in names.iter().enumerate() {
+                        let leases: Vec<Lease> = owner
+                            .iter()
+                            .enumerate()
+                            .map(|(i, o)| lease(&format!("s{i}"), Some(&names[*o]), 1))
+                            .collect();
+                        let held: Vec<String> = owner
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, o)| **o == w)
+                            .map(|(i, _)| format!("s{i}"))
+                            .collect();
+                        let held_refs: Vec<&str> = held.iter().map(String::as_str).collect();
+                        let mut tracker = ExpiryTracker::default();
+                        let now = Instant::now();
+                        tracker.observe(&leases, now);
+                        let p = plan(&leases, &tracker, me, &held_refs, now, usize::MAX);
+                        for s in p.steal {
+                            let i: usize = s.lease_key[1..].parse().unwrap();
+                            owner[i] = w;
+                            changed = true;
+                        }
+                    }
+                    stable_rounds = if changed { 0 } else { stable_rounds + 1 };
+                }
+                let mut counts = vec![0usize; n_workers];
+                for o in &owner {
+                    counts[*o] += 1;
+                }
+                let max = *counts.iter().max().unwrap();
+                let min = *counts.iter().min().unwrap();
+                assert!(max - min <= 1, "{n_leases}/{n_workers}: {counts:?}");
+            }
+        }
+    }
+}

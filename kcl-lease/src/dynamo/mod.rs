@@ -1,0 +1,698 @@
+//! The lease table in DynamoDB: [`DynamoLeaseStore`].
+//!
+//! The table has the Java KCL 2.x layout (SPEC section 4; attribute names in [`attr`]), so a
+//! Rust worker and a Java worker can read each other's rows.
+//!
+//! Every write is one conditional call with a `ConditionExpression`, using expression
+//! attribute names and values:
+//!
+//! | call | request | condition |
+//! |---|---|---|
+//! | create | `UpdateItem` | `attribute_not_exists(leaseKey)` |
+//! | renew | `UpdateItem`, counter + 1 | `leaseCounter = :seen AND leaseOwner = :owner` |
+//! | take (owner seen) | `UpdateItem`, owner, counter + 1, switches + 1 if the owner changes | `leaseCounter = :seen AND leaseOwner = :seen_owner` |
+//! | take (seen free) | same | `leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, NULL))` |
+//! | release | `UpdateItem`, `REMOVE leaseOwner`, counter + 1 | as renew |
+//! | checkpoint | `UpdateItem`, checkpoint fields, switches = 0, `REMOVE` pending, counter + 1 | as renew |
+//! | pending checkpoint | `UpdateItem`, `SET` or `REMOVE` pending, counter + 1 | as renew |
+//! | child shard ids | `UpdateItem`, `SET` or `REMOVE childShardIds`, counter + 1 | as renew |
+//! | delete | `DeleteItem` | `leaseCounter = :seen` |
+//!
+//! No `PutItem` is ever sent. Updates ask for `ReturnValues::AllNew` and return the new row.
+//! Reads are consistent (`GetItem` and `Scan` with `ConsistentRead`); a list follows
+//! `LastEvaluatedKey` through every page.
+//!
+//! Renew, release and the checkpoint writes need to name the owner: given a lease seen
+//! without owner they fail with [`LeaseError::NotHeld`] without calling DynamoDB.
+//!
+//! # Reading rows written by others
+//!
+//! Unknown attributes are ignored; `leaseOwner` absent or NULL means free; missing
+//! sub-sequence numbers and owner switches read as 0. `leaseKey`, `leaseCounter` and
+//! `checkpoint` are required. A row that cannot be read is [`LeaseError::MalformedLease`]
+//! naming its key. In [`LeaseStore::list_leases`] such a row is, by default, skipped with a
+//! `warn` log and the `kcl_lease_malformed_rows_total` counter (one bad row must not stop
+//! every worker from taking the other leases); [`MalformedRowPolicy::Fail`] makes the whole
+//! list fail instead. [`LeaseStore::get_lease`] always fails on a malformed row.
+//!
+//! # Errors
+//!
+//! `ConditionalCheckFailedException` is [`LeaseError::ConditionFailed`];
+//! `ProvisionedThroughputExceededException`, `RequestLimitExceeded` and
+//! `ThrottlingException` are [`LeaseError::Throttled`]; `ResourceNotFoundException` is
+//! [`LeaseError::TableMissing`]; dispatch, timeout and response (I/O) failures are
+//! [`LeaseError::Unreachable`]; anything else is [`LeaseError::Service`]. Note that the SDK
+//! already retries throttling and transient errors a few times before any of them surfaces.
+
+mod item;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{BuildError, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode as DynamoBillingMode, KeySchemaElement,
+    KeyType, ProvisionedThroughput, ReturnValue, ScalarAttributeType, TableStatus,
+};
+use kcl_kpl::ExtendedSequenceNumber;
+
+pub use item::attr;
+use item::{lease_attributes, lease_from_item, n, s, ss};
+
+use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
+
+/// Default interval between `DescribeTable` polls while waiting for a table to be ACTIVE.
+pub const DEFAULT_TABLE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Default bound on the wait for a table to be ACTIVE.
+pub const DEFAULT_TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What [`LeaseStore::list_leases`] does with a row it cannot read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub enum MalformedRowPolicy {
+    /// Leave the row out of the list, log it at `warn` and count it in
+    /// `kcl_lease_malformed_rows_total` (the default).
+    #[default]
+    SkipAndWarn,
+    /// Fail the whole list with [`LeaseError::MalformedLease`].
+    Fail,
+}
+
+/// Errors of this store that are not DynamoDB's own; they are the `source` of a
+/// [`LeaseError::Service`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DynamoStoreError {
+    /// The table was not ACTIVE after the configured wait.
+    #[error("table {table} was not ACTIVE after {polls} polls (last status {last_status})")]
+    TableNotActive {
+        /// The table name.
+        table: String,
+        /// How many times `DescribeTable` was called.
+        polls: u32,
+        /// The last status seen (`missing` when the table was not found).
+        last_status: String,
+    },
+    /// A successful update returned no item although `ReturnValues` asked for it.
+    #[error("{operation} of lease {lease_key} returned no item")]
+    NoItemReturned {
+        /// The store call.
+        operation: &'static str,
+        /// The lease key.
+        lease_key: String,
+    },
+    /// A request could not be built.
+    #[error("could not build the {what} of a request")]
+    Build {
+        /// What was being built.
+        what: &'static str,
+        /// The builder's error.
+        #[source]
+        source: BuildError,
+    },
+}
+
+/// The lease table in DynamoDB. See the [module documentation](self).
+#[derive(Clone)]
+pub struct DynamoLeaseStore {
+    client: Client,
+    table_name: String,
+    clock: Arc<dyn Clock>,
+    scan_page_size: Option<i32>,
+    poll_interval: Duration,
+    active_timeout: Duration,
+    malformed_rows: MalformedRowPolicy,
+}
+
+impl fmt::Debug for DynamoLeaseStore {
+    /// Never prints the client (nor, so, any credential).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DynamoLeaseStore")
+            .field("table_name", &self.table_name)
+            .field("scan_page_size", &self.scan_page_size)
+            .field("poll_interval", &self.poll_interval)
+            .field("active_timeout", &self.active_timeout)
+            .field("malformed_rows", &self.malformed_rows)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One conditional `UpdateItem`.
+struct Update {
+    operation: &'static str,
+    lease_key: String,
+    update: String,
+    condition: String,
+    names: Vec<(&'static str, &'static str)>,
+    values: Vec<(&'static str, AttributeValue)>,
+}
+
+impl DynamoLeaseStore {
+    /// A store for `table_name` through `client`.
+    pub fn new(client: Client, table_name: impl Into<String>) -> Self {
+        Self {
+            client,
+            table_name: table_name.into(),
+            clock: Arc::new(SystemClock),
+            scan_page_size: None,
+            poll_interval: DEFAULT_TABLE_POLL_INTERVAL,
+            active_timeout: DEFAULT_TABLE_ACTIVE_TIMEOUT,
+            malformed_rows: MalformedRowPolicy::default(),
+        }
+    }
+
+    /// The clock the wait for an ACTIVE table sleeps on.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The `Limit` of each `Scan` page of [`LeaseStore::list_leases`] (DynamoDB's 1 MB pages
+    /// when not set). Values below 1 count as 1.
+    pub fn with_scan_page_size(mut self, page_size: u32) -> Self {
+        self.scan_page_size = Some(i32::try_from(page_size.max(1)).unwrap_or(i32::MAX));
+        self
+    }
+
+    /// How often and how long to poll `DescribeTable` while waiting for the table to be
+    /// ACTIVE. The wait is bounded by a number of polls (`timeout / poll_interval`, at least
+    /// one), slept on the injected clock.
+    pub fn with_table_wait(mut self, poll_interval: Duration, timeout: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self.active_timeout = timeout;
+        self
+    }
+
+    /// What to do with rows [`LeaseStore::list_leases`] cannot read.
+    pub fn with_malformed_rows(mut self, policy: MalformedRowPolicy) -> Self {
+        self.malformed_rows = policy;
+        self
+    }
+
+    /// The table name.
+    pub fn table_name(&self) -> &str {
+        &self.table_name
+    }
+
+    fn map_err<E, R>(&self, err: SdkError<E, R>, lease_key: Option<&str>) -> LeaseError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: fmt::Debug + Send + Sync + 'static,
+    {
+        let error = match &err {
+            SdkError::DispatchFailure(_)
+            | SdkError::TimeoutError(_)
+            | SdkError::ResponseError(_) => LeaseError::Unreachable {
+                source: Box::new(err),
+            },
+            SdkError::ServiceError(_) => match err.code() {
+                Some("ConditionalCheckFailedException") => LeaseError::ConditionFailed {
+                    lease_key: lease_key.unwrap_or("?").to_owned(),
+                },
+                Some(
+                    "ProvisionedThroughputExceededException"
+                    | "RequestLimitExceeded"
+                    | "ThrottlingException",
+                ) => LeaseError::Throttled {
+                    source: Box::new(err),
+                },
+                Some("ResourceNotFoundException") => LeaseError::TableMissing {
+                    table: self.table_name.clone(),
+                },
+                _ => LeaseError::Service {
+                    source: Box::new(err),
+                },
+            },
+            _ => LeaseError::Service {
+                source: Box::new(err),
+            },
+        };
+        tracing::debug!(table = %self.table_name, ?lease_key, error = %error, "lease table call failed");
+        error
+    }
+
+    fn build_error(what: &'static str, source: BuildError) -> LeaseError {
+        LeaseError::Service {
+            source: Box::new(DynamoStoreError::Build { what, source }),
+        }
+    }
+
+    fn key(lease_key: &str) -> (String, AttributeValue) {
+        (attr::LEASE_KEY.to_owned(), s(lease_key))
+    }
+
+    /// The status of the table, `None` when it does not exist.
+    async fn describe_status(&self) -> Result<Option<TableStatus>, LeaseError> {
+        match self
+            .client
+            .describe_table()
+            .table_name(&self.table_name)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(
+                out.table()
+                    .and_then(|t| t.table_status().cloned())
+                    .unwrap_or(TableStatus::Active),
+            )),
+            Err(err) => match self.map_err(err, None) {
+                LeaseError::TableMissing { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn wait_until_active(&self) -> Result<(), LeaseError> {
+        let max_polls = if self.poll_interval.is_zero() {
+            1
+        } else {
+            let polls = self.active_timeout.as_nanos() / self.poll_interval.as_nanos();
+            u32::try_from(polls).unwrap_or(u32::MAX).max(1)
+        };
+        let mut last_status = String::from("missing");
+        for poll in 1..=max_polls {
+            match self.describe_status().await? {
+                Some(TableStatus::Active) => {
+                    tracing::debug!(table = %self.table_name, polls = poll, "lease table is ACTIVE");
+                    return Ok(());
+                }
+                Some(TableStatus::Deleting) => {
+                    return Err(LeaseError::Service {
+                        source: Box::new(DynamoStoreError::TableNotActive {
+                            table: self.table_name.clone(),
+                            polls: poll,
+                            last_status: TableStatus::Deleting.as_str().to_owned(),
+                        }),
+                    });
+                }
+                Some(status) => last_status = status.as_str().to_owned(),
+                // Right after CreateTable, DescribeTable may not see the table yet.
+                None => last_status = String::from("missing"),
+            }
+            if poll < max_polls {
+                self.clock.sleep(self.poll_interval).await;
+            }
+        }
+        Err(LeaseError::Service {
+            source: Box::new(DynamoStoreError::TableNotActive {
+                table: self.table_name.clone(),
+                polls: max_polls,
+                last_status,
+            }),
+        })
+    }
+
+    async fn update(&self, update: Update) -> Result<Lease, LeaseError> {
+        let Update {
+            operation,
+            lease_key,
+            update,
+            condition,
+            names,
+            values,
+        } = update;
+        tracing::debug!(table = %self.table_name, lease_key, operation, "lease table update");
+        let (key_name, key_value) = Self::key(&lease_key);
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.table_name)
+            .key(key_name, key_value)
+            .update_expression(update)
+            .condition_expression(condition)
+            .return_values(ReturnValue::AllNew);
+        for (placeholder, name) in names {
+            request = request.expression_attribute_names(placeholder, name);
+        }
+        for (placeholder, value) in values {
+            request = request.expression_attribute_values(placeholder, value);
+        }
+        let out = request
+            .send()
+            .await
+            .map_err(|err| self.map_err(err, Some(&lease_key)))?;
+        match out.attributes() {
+            Some(item) => lease_from_item(item),
+            None => Err(LeaseError::Service {
+                source: Box::new(DynamoStoreError::NoItemReturned {
+                    operation,
+                    lease_key,
+                }),
+            }),
+        }
+    }
+
+    /// An update fenced on the owner and counter seen in `lease` (renew, release,
+    /// checkpoints, child shard ids). `set` and `remove` are the expression's clauses besides
+    /// the counter increment; `names`/`values` their placeholders.
+    async fn owner_fenced(
+        &self,
+        operation: &'static str,
+        lease: &Lease,
+        set: &[&str],
+        remove: &[&str],
+        mut names: Vec<(&'static str, &'static str)>,
+        mut values: Vec<(&'static str, AttributeValue)>,
+    ) -> Result<Lease, LeaseError> {
+        let owner = lease
+            .lease_owner
+            .as_deref()
+            .ok_or_else(|| LeaseError::NotHeld {
+                lease_key: lease.lease_key.clone(),
+            })?;
+        let mut set_clauses = vec!["#counter = #counter + :one"];
+        set_clauses.extend_from_slice(set);
+        let mut update = format!("SET {}", set_clauses.join(", "));
+        if !remove.is_empty() {
+            update.push_str(" REMOVE ");
+            update.push_str(&remove.join(", "));
+        }
+        names.push(("#counter", attr::LEASE_COUNTER));
+        names.push(("#owner", attr::LEASE_OWNER));
+        values.push((":one", n(1)));
+        values.push((":seen", n(lease.lease_counter)));
+        values.push((":owner", s(owner)));
+        self.update(Update {
+            operation,
+            lease_key: lease.lease_key.clone(),
+            update,
+            condition: "#counter = :seen AND #owner = :owner".to_owned(),
+            names,
+            values,
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl LeaseStore for DynamoLeaseStore {
+    async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError> {
+        if self.describe_status().await?.is_some() {
+            tracing::debug!(table = %self.table_name, "lease table exists");
+            self.wait_until_active().await?;
+            return Ok(false);
+        }
+        let attribute = AttributeDefinition::builder()
+            .attribute_name(attr::LEASE_KEY)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(|e| Self::build_error("attribute definition", e))?;
+        let key = KeySchemaElement::builder()
+            .attribute_name(attr::LEASE_KEY)
+            .key_type(KeyType::Hash)
+            .build()
+            .map_err(|e| Self::build_error("key schema", e))?;
+        let mut request = self
+            .client
+            .create_table()
+            .table_name(&self.table_name)
+            .attribute_definitions(attribute)
+            .key_schema(key);
+        request = match billing {
+            BillingMode::Provisioned {
+                read_capacity_units,
+                write_capacity_units,
+            } => {
+                let throughput = ProvisionedThroughput::builder()
+                    .read_capacity_units(i64::try_from(read_capacity_units).unwrap_or(i64::MAX))
+                    .write_capacity_units(i64::try_from(write_capacity_units).unwrap_or(i64::MAX))
+                    .build()
+                    .map_err(|e| Self::build_error("provisioned throughput", e))?;
+                request
+                    .billing_mode(DynamoBillingMode::Provisioned)
+                    .provisioned_throughput(throughput)
+            }
+            _ => request.billing_mode(DynamoBillingMode::PayPerRequest),
+        };
+        tracing::debug!(table = %self.table_name, ?billing, "creating lease table");
+        let created = match request.send().await {
+            Ok(_) => true,
+            Err(err) if err.code() == Some("ResourceInUseException") => {
+                tracing::debug!(table = %self.table_name, "lease table created concurrently");
+                false
+            }
+            Err(err) => return Err(self.map_err(err, None)),
+        };
+        self.wait_until_active().await?;
+        Ok(created)
+    }
+
+    async fn table_exists(&self) -> Result<bool, LeaseError> {
+        Ok(self.describe_status().await?.is_some())
+    }
+
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        const PLACEHOLDERS: [(&str, &str); 11] = [
+            ("#a0", ":a0"),
+            ("#a1", ":a1"),
+            ("#a2", ":a2"),
+            ("#a3", ":a3"),
+            ("#a4", ":a4"),
+            ("#a5", ":a5"),
+            ("#a6", ":a6"),
+            ("#a7", ":a7"),
+            ("#a8", ":a8"),
+            ("#a9", ":a9"),
+            ("#a10", ":a10"),
+        ];
+        let attributes = lease_attributes(lease);
+        let mut clauses = Vec::with_capacity(attributes.len());
+        let mut names = vec![("#key", attr::LEASE_KEY)];
+        let mut values = Vec::with_capacity(attributes.len());
+        for ((name, value), (name_ph, value_ph)) in attributes.into_iter().zip(PLACEHOLDERS) {
+            clauses.push(format!("{name_ph} = {value_ph}"));
+            names.push((name_ph, name));
+            values.push((value_ph, value));
+        }
+        let result = self
+            .update(Update {
+                operation: "create_lease_if_not_exists",
+                lease_key: lease.lease_key.clone(),
+                update: format!("SET {}", clauses.join(", ")),
+                condition: "attribute_not_exists(#key)".to_owned(),
+                names,
+                values,
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(LeaseError::ConditionFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseError> {
+        let mut leases = Vec::new();
+        let mut start_key: Option<HashMap<String, AttributeValue>> = None;
+        let mut pages = 0u32;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table_name)
+                .consistent_read(true)
+                .set_limit(self.scan_page_size)
+                .set_exclusive_start_key(start_key.take())
+                .send()
+                .await
+                .map_err(|err| self.map_err(err, None))?;
+            pages += 1;
+            for item in out.items() {
+                match lease_from_item(item) {
+                    Ok(lease) => leases.push(lease),
+                    Err(error) => match self.malformed_rows {
+                        MalformedRowPolicy::Fail => return Err(error),
+                        _ => {
+                            metrics::counter!("kcl_lease_malformed_rows_total").increment(1);
+                            tracing::warn!(table = %self.table_name, %error, "skipping a lease row that cannot be read");
+                        }
+                    },
+                }
+            }
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start_key = Some(key),
+                _ => break,
+            }
+        }
+        tracing::debug!(table = %self.table_name, leases = leases.len(), pages, "listed leases");
+        Ok(leases)
+    }
+
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError> {
+        let (key_name, key_value) = Self::key(lease_key);
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table_name)
+            .key(key_name, key_value)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|err| self.map_err(err, Some(lease_key)))?;
+        match out.item() {
+            Some(item) if !item.is_empty() => lease_from_item(item).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.owner_fenced("renew_lease", lease, &[], &[], vec![], vec![])
+            .await
+    }
+
+    async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
+        let mut update = String::from("SET #owner = :new_owner, #counter = #counter + :one");
+        let mut names = vec![
+            ("#owner", attr::LEASE_OWNER),
+            ("#counter", attr::LEASE_COUNTER),
+        ];
+        let mut values = vec![
+            (":new_owner", s(new_owner)),
+            (":one", n(1)),
+            (":seen", n(lease.lease_counter)),
+        ];
+        if lease.lease_owner.as_deref() != Some(new_owner) {
+            update.push_str(", #switches = if_not_exists(#switches, :zero) + :one");
+            names.push(("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT));
+            values.push((":zero", n(0)));
+        }
+        let condition = match &lease.lease_owner {
+            Some(seen_owner) => {
+                values.push((":seen_owner", s(seen_owner)));
+                "#counter = :seen AND #owner = :seen_owner"
+            }
+            None => {
+                values.push((":null_type", s("NULL")));
+                "#counter = :seen AND (attribute_not_exists(#owner) OR attribute_type(#owner, :null_type))"
+            }
+        };
+        self.update(Update {
+            operation: "take_lease",
+            lease_key: lease.lease_key.clone(),
+            update,
+            condition: condition.to_owned(),
+            names,
+            values,
+        })
+        .await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.owner_fenced("release_lease", lease, &[], &["#owner"], vec![], vec![])
+            .await
+    }
+
+    async fn update_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        self.owner_fenced(
+            "update_checkpoint",
+            lease,
+            &["#cp = :cp", "#cpsub = :cpsub", "#switches = :zero"],
+            &["#pcp", "#pcpsub"],
+            vec![
+                ("#cp", attr::CHECKPOINT),
+                ("#cpsub", attr::CHECKPOINT_SUB_SEQUENCE_NUMBER),
+                ("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT),
+                ("#pcp", attr::PENDING_CHECKPOINT),
+                ("#pcpsub", attr::PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER),
+            ],
+            vec![
+                (":cp", s(checkpoint.sequence_str())),
+                (":cpsub", n(checkpoint.sub_sequence_number())),
+                (":zero", n(0)),
+            ],
+        )
+        .await
+    }
+
+    async fn update_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&ExtendedSequenceNumber>,
+    ) -> Result<Lease, LeaseError> {
+        let names = vec![
+            ("#pcp", attr::PENDING_CHECKPOINT),
+            ("#pcpsub", attr::PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER),
+        ];
+        match pending {
+            Some(pending) => {
+                self.owner_fenced(
+                    "update_pending_checkpoint",
+                    lease,
+                    &["#pcp = :pcp", "#pcpsub = :pcpsub"],
+                    &[],
+                    names,
+                    vec![
+                        (":pcp", s(pending.sequence_str())),
+                        (":pcpsub", n(pending.sub_sequence_number())),
+                    ],
+                )
+                .await
+            }
+            None => {
+                self.owner_fenced(
+                    "update_pending_checkpoint",
+                    lease,
+                    &[],
+                    &["#pcp", "#pcpsub"],
+                    names,
+                    vec![],
+                )
+                .await
+            }
+        }
+    }
+
+    async fn update_child_shard_ids(
+        &self,
+        lease: &Lease,
+        child_shard_ids: &BTreeSet<String>,
+    ) -> Result<Lease, LeaseError> {
+        let names = vec![("#children", attr::CHILD_SHARD_IDS)];
+        if child_shard_ids.is_empty() {
+            self.owner_fenced(
+                "update_child_shard_ids",
+                lease,
+                &[],
+                &["#children"],
+                names,
+                vec![],
+            )
+            .await
+        } else {
+            self.owner_fenced(
+                "update_child_shard_ids",
+                lease,
+                &["#children = :children"],
+                &[],
+                names,
+                vec![(":children", ss(child_shard_ids))],
+            )
+            .await
+        }
+    }
+
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+        tracing::debug!(table = %self.table_name, lease_key = %lease.lease_key, "deleting lease");
+        let (key_name, key_value) = Self::key(&lease.lease_key);
+        self.client
+            .delete_item()
+            .table_name(&self.table_name)
+            .key(key_name, key_value)
+            .condition_expression("#counter = :seen")
+            .expression_attribute_names("#counter", attr::LEASE_COUNTER)
+            .expression_attribute_values(":seen", n(lease.lease_counter))
+            .send()
+            .await
+            .map_err(|err| self.map_err(err, Some(&lease.lease_key)))?;
+        Ok(())
+    }
+}

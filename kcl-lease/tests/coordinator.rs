@@ -1,0 +1,828 @@
+//! Scenario tests of the lease coordinator on the in-memory lease store and a manual clock.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kcl_kpl::ExtendedSequenceNumber;
+use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent, LostReason};
+use kcl_lease::{Lease, LeaseError, LeaseStore, SeededRandom};
+use kcl_testkit::clock::ManualClock;
+use kcl_testkit::lease_store::{Fault, FaultKind, InMemoryLeaseStore, LeaseOperation};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const F: Duration = Duration::from_secs(10);
+
+fn key(i: usize) -> String {
+    format!("shardId-{i:012}")
+}
+
+async fn seeded_store(clock: &ManualClock, n: usize) -> Arc<InMemoryLeaseStore> {
+    let store = Arc::new(
+        InMemoryLeaseStore::new()
+            .with_table()
+            .with_clock(Arc::new(clock.clone())),
+    );
+    for i in 0..n {
+        let lease = Lease::new(key(i), ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(store.create_lease_if_not_exists(&lease).await.unwrap());
+    }
+    store
+}
+
+fn coordinator_with(
+    store: &Arc<InMemoryLeaseStore>,
+    clock: &ManualClock,
+    config: LeaseCoordinatorConfig,
+    seed: u64,
+) -> Arc<LeaseCoordinator> {
+    LeaseCoordinator::new(
+        Arc::clone(store) as Arc<dyn LeaseStore>,
+        config.with_failover_time(F),
+        Arc::new(clock.clone()),
+        Arc::new(SeededRandom::new(seed)),
+    )
+    .unwrap()
+}
+
+fn coordinator(
+    store: &Arc<InMemoryLeaseStore>,
+    clock: &ManualClock,
+    id: &str,
+    seed: u64,
+) -> Arc<LeaseCoordinator> {
+    coordinator_with(store, clock, LeaseCoordinatorConfig::new(id), seed)
+}
+
+/// Leases per owner in the table (`None` = unowned), finished leases excluded.
+fn owners(store: &InMemoryLeaseStore) -> BTreeMap<Option<String>, usize> {
+    let mut map = BTreeMap::new();
+    for lease in store.snapshot() {
+        if !lease.is_finished() {
+            *map.entry(lease.lease_owner).or_default() += 1;
+        }
+    }
+    map
+}
+
+/// Lease counts of `coordinators` in the table, largest first.
+fn counts(store: &InMemoryLeaseStore, coordinators: &[Arc<LeaseCoordinator>]) -> Vec<usize> {
+    let owners = owners(store);
+    let mut counts: Vec<usize> = coordinators
+        .iter()
+        .map(|c| {
+            owners
+                .get(&Some(c.worker_id().to_owned()))
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    counts
+}
+
+/// Every coordinator's held set is exactly what the table says it owns, at the same counter.
+fn assert_views_match_table(store: &InMemoryLeaseStore, coordinators: &[Arc<LeaseCoordinator>]) {
+    let table: BTreeMap<String, Lease> = store
+        .snapshot()
+        .into_iter()
+        .map(|l| (l.lease_key.clone(), l))
+        .collect();
+    for c in coordinators {
+        let held = c.held_leases();
+        for lease in &held {
+            assert_eq!(
+                table[&lease.lease_key],
+                *lease,
+                "{} holds a stale view",
+                c.worker_id()
+            );
+        }
+        let owned: Vec<&String> = table
+            .values()
+            .filter(|l| l.is_owned_by(c.worker_id()))
+            .map(|l| &l.lease_key)
+            .collect();
+        let held_keys: Vec<&String> = held.iter().map(|l| &l.lease_key).collect();
+        assert_eq!(owned, held_keys, "{}", c.worker_id());
+    }
+}
+
+/// One directly driven round: time moves a renewal interval, everybody renews, then takes.
+async fn round(clock: &ManualClock, coordinators: &[Arc<LeaseCoordinator>]) {
+    clock.advance(F / 3);
+    for c in coordinators {
+        c.renew_once().await;
+    }
+    for c in coordinators {
+        c.take_once().await.unwrap();
+    }
+}
+
+fn drain(events: &mut UnboundedReceiver<LeaseEvent>) -> Vec<LeaseEvent> {
+    let mut out = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        out.push(event);
+    }
+    out
+}
+
+/// Moves the clock from one sleeper's deadline to the next (settling at each) until `done`
+/// holds; returns the elapsed clock time then, or `None` if `limit` passes first.
+async fn run_until(
+    clock: &ManualClock,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Option<Duration> {
+    clock.settle().await;
+    loop {
+        if done() {
+            return Some(clock.elapsed());
+        }
+        let next = clock.next_deadline()?;
+        if next > limit {
+            return None;
+        }
+        clock.set(next);
+        clock.settle().await;
+    }
+}
+
+#[tokio::test]
+async fn three_workers_converge_to_4_3_3() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 10).await;
+    let cs: Vec<_> = (0..3)
+        .map(|i| coordinator(&store, &clock, &format!("w{i}"), i))
+        .collect();
+    for _ in 0..30 {
+        round(&clock, &cs).await;
+    }
+    assert_eq!(counts(&store, &cs), vec![4, 3, 3]);
+    assert_eq!(owners(&store).get(&None), None);
+    assert_views_match_table(&store, &cs);
+    // Stable: more rounds change no owner.
+    let before: Vec<Option<String>> = store
+        .snapshot()
+        .into_iter()
+        .map(|l| l.lease_owner)
+        .collect();
+    for _ in 0..30 {
+        round(&clock, &cs).await;
+    }
+    let after: Vec<Option<String>> = store
+        .snapshot()
+        .into_iter()
+        .map(|l| l.lease_owner)
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn max_leases_for_worker_caps_until_a_fourth_worker_arrives() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 10).await;
+    let config = |id: &str| LeaseCoordinatorConfig::new(id).with_max_leases_for_worker(3);
+    let mut cs: Vec<_> = (0..3)
+        .map(|i| coordinator_with(&store, &clock, config(&format!("w{i}")), i))
+        .collect();
+    for _ in 0..30 {
+        round(&clock, &cs).await;
+    }
+    assert_eq!(counts(&store, &cs), vec![3, 3, 3]);
+    assert_eq!(owners(&store).get(&None), Some(&1));
+    assert_views_match_table(&store, &cs);
+
+    cs.push(coordinator_with(&store, &clock, config("w3"), 3));
+    for _ in 0..30 {
+        round(&clock, &cs).await;
+    }
+    assert_eq!(owners(&store).get(&None), None, "all 10 owned");
+    assert_eq!(counts(&store, &cs), vec![3, 3, 2, 2]);
+    assert_views_match_table(&store, &cs);
+}
+
+#[tokio::test]
+async fn lone_worker_takes_64_free_leases_in_its_first_pass() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 64).await;
+    let c = coordinator(&store, &clock, "solo", 1);
+    let mut events = c.events().unwrap();
+    let report = c.take_once().await.unwrap();
+    assert_eq!(report.taken.len(), 64);
+    assert_eq!((report.workers, report.target, report.held), (1, 64, 64));
+    assert_eq!(c.held_leases().len(), 64);
+    assert_eq!(owners(&store).get(&Some("solo".to_owned())), Some(&64));
+    let gained = drain(&mut events);
+    assert_eq!(gained.len(), 64);
+    assert!(gained.iter().all(
+        |e| matches!(e, LeaseEvent::Gained(l) if l.is_owned_by("solo") && l.lease_counter == 1)
+    ));
+    // One listing, 64 takes, nothing else.
+    let stats = store.stats();
+    assert_eq!(stats.operation(LeaseOperation::ListLeases).calls, 1);
+    assert_eq!(stats.operation(LeaseOperation::TakeLease).writes, 64);
+}
+
+#[tokio::test]
+async fn two_workers_starting_together_split_64_leases() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 64).await;
+    let cs: Vec<_> = (0..2)
+        .map(|i| coordinator(&store, &clock, &format!("w{i}"), 10 + i))
+        .collect();
+    // With slow calls both list before either takes, and both go for every lease.
+    store.set_latency(Duration::from_millis(10));
+    let passes: Vec<_> = cs
+        .iter()
+        .map(|c| {
+            let c = Arc::clone(c);
+            tokio::spawn(async move { c.take_once().await })
+        })
+        .collect();
+    clock.advance_and_settle(Duration::from_secs(1)).await;
+    let mut taken = 0;
+    for pass in passes {
+        taken += pass.await.unwrap().unwrap().taken.len();
+    }
+    assert_eq!(taken, 64);
+    assert_eq!(owners(&store).get(&None), None);
+    assert!(
+        store
+            .stats()
+            .operation(LeaseOperation::TakeLease)
+            .condition_failures
+            > 0
+    );
+    store.set_latency(Duration::ZERO);
+    for _ in 0..80 {
+        round(&clock, &cs).await;
+    }
+    assert_eq!(counts(&store, &cs), vec![32, 32]);
+    assert_views_match_table(&store, &cs);
+}
+
+#[tokio::test]
+async fn shard_end_leases_are_never_taken_nor_counted() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 4).await;
+    // Four finished leases: two free, two owned by a worker that is gone.
+    for i in 4..8 {
+        let mut lease = Lease::new(key(i), ExtendedSequenceNumber::SHARD_END);
+        if i >= 6 {
+            lease.lease_owner = Some("gone".to_owned());
+            lease.lease_counter = 9;
+        }
+        store.create_lease_if_not_exists(&lease).await.unwrap();
+    }
+    let cs: Vec<_> = (0..2)
+        .map(|i| coordinator(&store, &clock, &format!("w{i}"), i))
+        .collect();
+    for _ in 0..20 {
+        round(&clock, &cs).await;
+    }
+    for lease in store.snapshot() {
+        if lease.is_finished() {
+            assert!(
+                lease.lease_owner.is_none() || lease.is_owned_by("gone"),
+                "finished lease taken: {lease:?}"
+            );
+        }
+    }
+    // Only the 4 live leases count: 2 each.
+    assert_eq!(counts(&store, &cs), vec![2, 2]);
+    let report = cs[0].take_once().await.unwrap();
+    assert_eq!((report.workers, report.target), (2, 2));
+}
+
+#[tokio::test]
+async fn released_leases_are_taken_by_another_worker_at_its_next_taker_run() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 6).await;
+    let a = coordinator(&store, &clock, "a", 1);
+    let b = coordinator(&store, &clock, "b", 2);
+    let mut a_events = a.events().unwrap();
+    a.spawn();
+    b.spawn();
+    clock.advance_and_settle(Duration::from_secs(120)).await;
+    assert_eq!(counts(&store, &[a.clone(), b.clone()]), vec![3, 3]);
+    drain(&mut a_events);
+
+    // Graceful shutdown of a: stop the loops, release everything.
+    a.stop().await;
+    let released = a.held_keys();
+    let report = a.release_all().await;
+    assert!(report.is_complete());
+    assert_eq!(report.released, released);
+    assert!(a.held_leases().is_empty());
+    assert!(
+        drain(&mut a_events).is_empty(),
+        "release sends no Lost event"
+    );
+    for k in &released {
+        let lease = store.get_lease(k).await.unwrap().unwrap();
+        assert_eq!(lease.lease_owner, None);
+    }
+    let t0 = clock.elapsed();
+    let done = run_until(&clock, t0 + F, || {
+        owners(&store).get(&Some("b".to_owned())) == Some(&6)
+    })
+    .await
+    .expect("b never took the released leases");
+    let waited = done - t0;
+    assert!(
+        waited <= F / 2,
+        "released leases taken after {waited:?}, more than one taker interval"
+    );
+    println!("released leases taken after {waited:?} of clock time");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn released_lease_taken_by_next_take_once() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let a = coordinator(&store, &clock, "a", 1);
+    let b = coordinator(&store, &clock, "b", 2);
+    a.take_once().await.unwrap();
+    b.take_once().await.unwrap(); // both owned by a and live: b only steals one
+    assert_eq!(counts(&store, &[a.clone(), b.clone()]), vec![1, 1]);
+    let k = a.held_keys().pop().unwrap();
+    a.release(&k).await.unwrap();
+    assert!(matches!(
+        a.release(&k).await,
+        Err(LeaseError::NotHeld { .. })
+    ));
+    let report = b.take_once().await.unwrap();
+    assert_eq!(report.taken, vec![k.clone()]);
+    assert!(b.held_lease(&k).is_some());
+}
+
+#[tokio::test]
+async fn crashed_worker_leases_move_within_one_and_a_half_failover_times() {
+    let mut worst = Duration::ZERO;
+    for seed in 0..20u64 {
+        let clock = ManualClock::new();
+        let store = seeded_store(&clock, 10).await;
+        let mut cs: Vec<_> = (0..3)
+            .map(|i| coordinator(&store, &clock, &format!("w{i}"), seed * 10 + i))
+            .collect();
+        for c in &cs {
+            c.spawn();
+        }
+        // Let the loops settle into 4/3/3.
+        clock.advance_and_settle(Duration::from_secs(90)).await;
+        assert_eq!(counts(&store, &cs), vec![4, 3, 3], "seed {seed}");
+        // Some extra, seed-dependent time so the crash falls anywhere in the cycles.
+        clock
+            .advance_and_settle(Duration::from_millis(seed * 737 % 10_000))
+            .await;
+
+        // Crash the worker holding the most: stop its loops and drop it, no release.
+        let victim_index = (0..3)
+            .max_by_key(|i| (cs[*i].held_leases().len(), *i))
+            .unwrap();
+        let victim = cs.remove(victim_index);
+        let victim_id = victim.worker_id().to_owned();
+        let victim_keys = victim.held_keys();
+        victim.stop().await;
+        drop(victim);
+        let t0 = clock.elapsed();
+
+        let survivors: Vec<String> = cs.iter().map(|c| c.worker_id().to_owned()).collect();
+        let done = run_until(&clock, t0 + 3 * F, || {
+            store.snapshot().iter().all(|l| {
+                !victim_keys.contains(&l.lease_key)
+                    || l.lease_owner
+                        .as_ref()
+                        .is_some_and(|o| survivors.contains(o))
+            })
+        })
+        .await
+        .unwrap_or_else(|| panic!("seed {seed}: leases of {victim_id} never moved"));
+        let took = done - t0;
+        assert!(
+            took <= F * 3 / 2,
+            "seed {seed}: leases of a crashed worker moved after {took:?} > 1.5 x {F:?}"
+        );
+        worst = worst.max(took);
+
+        // And the survivors end balanced, with views matching the table.
+        clock.advance_and_settle(Duration::from_secs(60)).await;
+        assert_eq!(counts(&store, &cs), vec![5, 5], "seed {seed}");
+        for c in &cs {
+            c.stop().await;
+        }
+        assert_views_match_table(&store, &cs);
+    }
+    println!(
+        "worst crash failover over 20 seeds: {worst:?} (bound {:?})",
+        F * 3 / 2
+    );
+}
+
+#[tokio::test]
+async fn zombie_cannot_renew_or_checkpoint_after_its_lease_was_taken() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 1).await;
+    let zombie = coordinator(&store, &clock, "zombie", 1);
+    let other = coordinator(&store, &clock, "other", 2);
+    let mut events = zombie.events().unwrap();
+    zombie.take_once().await.unwrap();
+    let k = key(0);
+    let seq = |s: &str| ExtendedSequenceNumber::parse(s, 0).unwrap();
+    zombie.checkpoint(&k, &seq("100")).await.unwrap();
+    assert!(matches!(
+        drain(&mut events).as_slice(),
+        [LeaseEvent::Gained(_)]
+    ));
+
+    // The zombie pauses (GC, network partition); the other worker sees the lease unchanged
+    // for the failover time and takes it.
+    other.take_once().await.unwrap();
+    clock.advance(F - Duration::from_millis(1));
+    assert!(other.take_once().await.unwrap().taken.is_empty());
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(other.take_once().await.unwrap().taken, vec![k.clone()]);
+    other.checkpoint(&k, &seq("200")).await.unwrap();
+
+    // The zombie still believes it holds the lease; its checkpoint is fenced off.
+    assert!(zombie.held_lease(&k).is_some());
+    let err = zombie.checkpoint(&k, &seq("150")).await.unwrap_err();
+    assert!(err.is_condition_failed(), "{err:?}");
+    assert!(zombie.held_lease(&k).is_none());
+    assert_eq!(
+        drain(&mut events),
+        vec![LeaseEvent::Lost {
+            lease_key: k.clone(),
+            reason: LostReason::ConditionFailed
+        }]
+    );
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(row.checkpoint, seq("200"));
+    assert!(row.is_owned_by("other"));
+    // Once lost, further writes are refused locally.
+    assert!(matches!(
+        zombie.checkpoint(&k, &seq("160")).await,
+        Err(LeaseError::NotHeld { .. })
+    ));
+    assert!(zombie.renew_once().await.lost.is_empty());
+}
+
+#[tokio::test]
+async fn zombie_renewal_learns_the_lease_is_lost() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let a = coordinator(&store, &clock, "a", 1);
+    let b = coordinator(&store, &clock, "b", 2);
+    let mut events = a.events().unwrap();
+    a.take_once().await.unwrap();
+    drain(&mut events);
+    // b steals one of a's two leases.
+    let report = b.take_once().await.unwrap();
+    assert_eq!(report.stolen.len(), 1);
+    let stolen = &report.stolen[0];
+    clock.advance(F / 3);
+    let renew = a.renew_once().await;
+    assert_eq!(renew.renewed, 1);
+    assert_eq!(renew.lost, vec![stolen.clone()]);
+    assert_eq!(
+        drain(&mut events),
+        vec![LeaseEvent::Lost {
+            lease_key: stolen.clone(),
+            reason: LostReason::ConditionFailed
+        }]
+    );
+    assert_views_match_table(&store, &[a, b]);
+}
+
+#[tokio::test]
+async fn fenced_writes_update_the_held_view() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 1).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    c.take_once().await.unwrap();
+    let k = key(0);
+    let esn = ExtendedSequenceNumber::parse("42", 3).unwrap();
+    let pending = c.prepare_checkpoint(&k, Some(&esn)).await.unwrap();
+    assert_eq!(pending.pending_checkpoint, Some(esn.clone()));
+    let children: BTreeSet<String> = ["c1".to_owned(), "c2".to_owned()].into();
+    let with_children = c.update_child_shard_ids(&k, &children).await.unwrap();
+    assert_eq!(with_children.child_shard_ids, children);
+    let done = c
+        .checkpoint(&k, &ExtendedSequenceNumber::SHARD_END)
+        .await
+        .unwrap();
+    assert_eq!(done.pending_checkpoint, None);
+    assert_eq!(done.lease_counter, 4);
+    assert_eq!(c.held_lease(&k), Some(done.clone()));
+    assert_eq!(store.get_lease(&k).await.unwrap().unwrap(), done);
+}
+
+#[tokio::test]
+async fn renewals_skip_recently_written_leases() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    c.take_once().await.unwrap();
+    let r = c.renew_once().await;
+    assert_eq!((r.renewed, r.skipped), (0, 2), "just taken");
+    clock.advance(F / 3);
+    c.checkpoint(&key(0), &ExtendedSequenceNumber::LATEST)
+        .await
+        .unwrap();
+    let r = c.renew_once().await;
+    assert_eq!((r.renewed, r.skipped), (1, 1), "just checkpointed");
+    clock.advance(F / 3);
+    let r = c.renew_once().await;
+    assert_eq!((r.renewed, r.skipped), (2, 0));
+}
+
+#[tokio::test]
+async fn deleted_lease_is_lost_and_dropped_lease_is_forgotten() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    let mut events = c.events().unwrap();
+    c.take_once().await.unwrap();
+    drain(&mut events);
+    // Someone deletes lease 0 behind our back: the next renewal loses it (a conditional
+    // write on a missing row fails its condition, as in DynamoDB).
+    let row = store.get_lease(&key(0)).await.unwrap().unwrap();
+    store.delete_lease(&row).await.unwrap();
+    clock.advance(F / 3);
+    let r = c.renew_once().await;
+    assert_eq!(r.lost, vec![key(0)]);
+    assert_eq!(
+        drain(&mut events),
+        vec![LeaseEvent::Lost {
+            lease_key: key(0),
+            reason: LostReason::ConditionFailed
+        }]
+    );
+    // The worker deletes lease 1 itself and drops it: no event, no more writes.
+    let held = c.held_lease(&key(1)).unwrap();
+    store.delete_lease(&held).await.unwrap();
+    c.drop_lease(&key(1));
+    assert!(c.held_leases().is_empty());
+    assert!(drain(&mut events).is_empty());
+    clock.advance(F / 3);
+    assert_eq!(c.renew_once().await, Default::default());
+}
+
+#[tokio::test]
+async fn renewals_failing_keep_the_lease_until_the_failover_time() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 1).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    let mut events = c.events().unwrap();
+    c.take_once().await.unwrap();
+    drain(&mut events);
+    store.inject(Fault::new(FaultKind::Throttle, 100).for_operation(LeaseOperation::RenewLease));
+    // Rounds at F/3 and 2F/3 fail and keep the lease.
+    for _ in 0..2 {
+        clock.advance(F / 3);
+        let r = c.renew_once().await;
+        assert_eq!(r.failed, 1);
+        assert!(r.lost.is_empty());
+    }
+    // The store comes back: the lease is still ours, renewed at the counter we knew.
+    store.clear_faults();
+    clock.advance(F / 3 - Duration::from_millis(1));
+    assert_eq!(c.renew_once().await.renewed, 1);
+    assert!(drain(&mut events).is_empty());
+
+    // Now unreachable for good: after F without a successful write the lease is dropped.
+    store.set_unreachable(true);
+    let mut lost_at = None;
+    for i in 1..=6u32 {
+        clock.advance(F / 3);
+        let r = c.renew_once().await;
+        if !r.lost.is_empty() {
+            lost_at = Some(i);
+            break;
+        }
+        assert_eq!(r.failed, 1);
+    }
+    assert_eq!(
+        lost_at,
+        Some(3),
+        "dropped at the round reaching F after the last write"
+    );
+    assert_eq!(
+        drain(&mut events),
+        vec![LeaseEvent::Lost {
+            lease_key: key(0),
+            reason: LostReason::RenewalTimeout
+        }]
+    );
+    // When the store is back, the lease (still owned by this worker id in the table) is
+    // free for this worker at once.
+    store.set_unreachable(false);
+    assert_eq!(c.take_once().await.unwrap().taken, vec![key(0)]);
+}
+
+#[tokio::test]
+async fn checkpoint_and_renewal_of_one_lease_never_collide() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 1).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    c.take_once().await.unwrap();
+    store.set_latency(Duration::from_secs(1));
+    let k = key(0);
+    for i in 0..10u64 {
+        clock.advance_and_settle(F / 3).await;
+        let before = c.held_lease(&k).unwrap().lease_counter;
+        let esn = ExtendedSequenceNumber::parse(&(1000 + i).to_string(), 0).unwrap();
+        // Alternate which write starts first; the second starts while the first is in flight.
+        let (renew, checkpoint) = if i % 2 == 0 {
+            let renew = tokio::spawn({
+                let c = Arc::clone(&c);
+                async move { c.renew_once().await }
+            });
+            clock.advance_and_settle(Duration::from_millis(500)).await;
+            let checkpoint = tokio::spawn({
+                let (c, k) = (Arc::clone(&c), k.clone());
+                async move { c.checkpoint(&k, &esn).await }
+            });
+            (renew, checkpoint)
+        } else {
+            let checkpoint = tokio::spawn({
+                let (c, k) = (Arc::clone(&c), k.clone());
+                async move { c.checkpoint(&k, &esn).await }
+            });
+            clock.advance_and_settle(Duration::from_millis(500)).await;
+            let renew = tokio::spawn({
+                let c = Arc::clone(&c);
+                async move { c.renew_once().await }
+            });
+            (renew, checkpoint)
+        };
+        clock.advance_and_settle(Duration::from_secs(3)).await;
+        let checkpoint = checkpoint.await.unwrap().unwrap();
+        let renew = renew.await.unwrap();
+        assert!(renew.lost.is_empty(), "round {i}: {renew:?}");
+        assert_eq!(checkpoint.checkpoint.sequence_str(), (1000 + i).to_string());
+        let after = c.held_lease(&k).unwrap().lease_counter;
+        // The renewal either ran before the checkpoint or was skipped after it.
+        assert!(
+            after == before + 2 || after == before + 1,
+            "{before} -> {after}"
+        );
+        assert_eq!(
+            store
+                .stats()
+                .operation(LeaseOperation::UpdateCheckpoint)
+                .condition_failures,
+            0
+        );
+    }
+    assert_eq!(store.stats().total_condition_failures(), 0);
+}
+
+#[tokio::test]
+async fn coordinators_survive_throttling_errors_and_outages() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 10).await;
+    let cs: Vec<_> = (0..3)
+        .map(|i| coordinator(&store, &clock, &format!("w{i}"), 100 + i))
+        .collect();
+    let mut events: Vec<_> = cs.iter().map(|c| c.events().unwrap()).collect();
+    for c in &cs {
+        c.spawn();
+    }
+    clock.advance_and_settle(Duration::from_secs(90)).await;
+    assert_eq!(counts(&store, &cs), vec![4, 3, 3]);
+    let owners_before: Vec<Option<String>> = store
+        .snapshot()
+        .into_iter()
+        .map(|l| l.lease_owner)
+        .collect();
+    for e in &mut events {
+        drain(e);
+    }
+
+    // Bursts of throttling and 500s on every kind of call, then a short outage (less than
+    // the failover time minus a renewal interval), then slow calls.
+    for burst in 0..5u32 {
+        store.throttle_next(3 + burst);
+        clock.advance_and_settle(F).await;
+        store.fail_next(2 + burst);
+        clock.advance_and_settle(F).await;
+    }
+    store.set_unreachable(true);
+    clock.advance_and_settle(F / 3).await;
+    store.set_unreachable(false);
+    store.set_latency(Duration::from_millis(300));
+    clock.advance_and_settle(2 * F).await;
+    store.clear_faults();
+    clock.advance_and_settle(2 * F).await;
+
+    let owners_after: Vec<Option<String>> = store
+        .snapshot()
+        .into_iter()
+        .map(|l| l.lease_owner)
+        .collect();
+    assert_eq!(
+        owners_before, owners_after,
+        "the store allowed keeping every lease"
+    );
+    for e in &mut events {
+        let lost: Vec<_> = drain(e)
+            .into_iter()
+            .filter(|e| matches!(e, LeaseEvent::Lost { .. }))
+            .collect();
+        assert!(lost.is_empty(), "{lost:?}");
+    }
+    assert!(cs.iter().all(|c| c.is_running()));
+    assert!(store.stats().total_faults() > 0);
+
+    // A long outage: everybody drops its leases as lost, then takes them back.
+    store.set_unreachable(true);
+    clock.advance_and_settle(2 * F).await;
+    for (c, e) in cs.iter().zip(&mut events) {
+        assert!(
+            c.held_leases().is_empty(),
+            "{} still holds leases",
+            c.worker_id()
+        );
+        let lost = drain(e);
+        assert!(!lost.is_empty());
+        assert!(lost.iter().all(|e| matches!(
+            e,
+            LeaseEvent::Lost {
+                reason: LostReason::RenewalTimeout,
+                ..
+            }
+        )));
+    }
+    store.set_unreachable(false);
+    clock.advance_and_settle(3 * F).await;
+    assert_eq!(owners(&store).get(&None), None);
+    clock.advance_and_settle(6 * F).await;
+    assert_eq!(counts(&store, &cs), vec![4, 3, 3]);
+    for c in &cs {
+        assert!(c.is_running());
+        c.stop().await;
+    }
+    assert_views_match_table(&store, &cs);
+}
+
+#[tokio::test]
+async fn stop_then_drop_ends_the_loops_and_writes_nothing_more() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 3).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    let handle = c.spawn();
+    clock.advance_and_settle(F).await;
+    assert_eq!(c.held_leases().len(), 3);
+    handle.stop().await;
+    assert!(!handle.is_running());
+    let writes = store.stats().total_writes();
+    let calls = store.stats().total_calls();
+    drop(c);
+    clock.advance_and_settle(5 * F).await;
+    assert_eq!(store.stats().total_writes(), writes);
+    assert_eq!(store.stats().total_calls(), calls);
+    assert_eq!(clock.pending_sleepers(), 0);
+    // Leases are still owned by "w": nothing was released.
+    assert_eq!(owners(&store).get(&Some("w".to_owned())), Some(&3));
+}
+
+#[tokio::test]
+async fn dropping_the_last_reference_stops_the_loops() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 3).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    let handle = c.spawn();
+    clock.advance_and_settle(F).await;
+    drop(c);
+    clock.advance_and_settle(F).await;
+    assert!(!handle.is_running());
+    assert_eq!(clock.pending_sleepers(), 0);
+}
+
+#[tokio::test]
+async fn taker_in_steady_state_lists_every_take_interval_and_renewer_every_third() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 4).await;
+    let c = coordinator(&store, &clock, "w", 1);
+    c.spawn();
+    clock.advance_and_settle(F).await;
+    store.reset_stats();
+    clock.advance_and_settle(Duration::from_secs(60)).await;
+    let stats = store.stats();
+    let lists = stats.operation(LeaseOperation::ListLeases).calls;
+    let renews = stats.operation(LeaseOperation::RenewLease).writes;
+    // Taker every 4-5 s (F/2 minus up to F/10 of jitter): 12 to 15 passes a minute.
+    assert!((12..=15).contains(&lists), "{lists} lists a minute");
+    // Renewals every F/3: 18 a minute per lease.
+    assert_eq!(renews, 18 * 4);
+    c.stop().await;
+}

@@ -1,0 +1,449 @@
+//! Worker configuration: every option of SPEC section 9, validated by a builder.
+
+use std::time::{Duration, SystemTime};
+
+use kcl_lease::BillingMode;
+
+use crate::error::ConfigError;
+
+/// Where a shard with no checkpoint starts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub enum InitialPosition {
+    /// After the newest record when the lease is created (the default).
+    #[default]
+    Latest,
+    /// The oldest record still in the stream.
+    TrimHorizon,
+    /// The first record at or after this time.
+    AtTimestamp(SystemTime),
+}
+
+/// The worker's configuration. Build it with [`WorkerConfig::builder`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// The application name (required); also the default lease table name.
+    pub application_name: String,
+    /// The stream to consume (required).
+    pub stream_name: String,
+    /// The lease table (defaults to the application name).
+    pub table_name: String,
+    /// This worker's id (defaults to the host name plus a random suffix).
+    pub worker_id: String,
+    /// Where shards without a checkpoint start (default `LATEST`).
+    pub initial_position: InitialPosition,
+    /// A lease not renewed for this long is expired (default 10 s).
+    pub failover_time: Duration,
+    /// The most leases this worker holds (default unlimited).
+    pub max_leases_for_worker: usize,
+    /// The most leases stolen in one taker pass (default 1).
+    pub max_leases_to_steal_at_one_time: usize,
+    /// The most records one GetRecords call returns (default 10000, at most 10000).
+    pub max_records: u32,
+    /// Sleep between reads when a shard is caught up and the last call returned nothing
+    /// (default 1 s).
+    pub idle_time_between_reads: Duration,
+    /// Call `process_records` even when a read returned no records (default false).
+    pub call_process_records_even_for_empty_list: bool,
+    /// How often a child shard checks whether its parents are finished (default 10 s).
+    pub parent_shard_poll_interval: Duration,
+    /// How often shards are listed and missing leases created (default 60 s).
+    pub shard_sync_interval: Duration,
+    /// How long graceful shutdown waits for processors (default 5 s).
+    pub shutdown_grace: Duration,
+    /// Back-off after a failed task, and the first back-off of retried reads (default 500 ms).
+    pub task_backoff: Duration,
+    /// The longest back-off between retried reads (default 10 s).
+    pub max_backoff: Duration,
+    /// Delete finished leases once all their children have started (default true).
+    pub cleanup_leases_upon_shard_completion: bool,
+    /// Check with Kinesis that a sequence number given to `checkpoint_at` belongs to the
+    /// shard (default true). Range checks always apply.
+    pub validate_sequence_number_before_checkpointing: bool,
+    /// Write `SHARD_END` when a processor returns from `Terminate` without checkpointing
+    /// (default false).
+    pub auto_checkpoint_at_shard_end: bool,
+    /// Billing of a lease table the worker creates (default pay per request).
+    pub billing_mode: BillingMode,
+    /// Client-side limit of GetRecords calls per second per shard (default 5).
+    pub max_get_records_per_second: u32,
+    /// Client-side limit of bytes read per second per shard (default 2 MiB).
+    pub max_bytes_per_second: u64,
+    /// The most records buffered ahead of the processor per shard (default 30000).
+    pub max_prefetch_records: usize,
+    /// The most bytes buffered ahead of the processor per shard (default 32 MiB).
+    pub max_prefetch_bytes: usize,
+    /// Deliver KPL aggregates with sub-records outside the shard's hash key range instead of
+    /// dropping them (default false, as the Java KCL).
+    pub deliver_out_of_range_aggregates: bool,
+    /// Kinesis endpoint override (for emulators).
+    pub kinesis_endpoint: Option<String>,
+    /// DynamoDB endpoint override (for emulators).
+    pub dynamodb_endpoint: Option<String>,
+    /// AWS region override.
+    pub region: Option<String>,
+}
+
+impl WorkerConfig {
+    /// A builder for `application_name` consuming `stream_name`.
+    pub fn builder(
+        application_name: impl Into<String>,
+        stream_name: impl Into<String>,
+    ) -> WorkerConfigBuilder {
+        WorkerConfigBuilder::new(application_name, stream_name)
+    }
+}
+
+/// Builds a validated [`WorkerConfig`]. Setters take `self` (`x(self, v) -> Self`) or
+/// `&mut self` (`set_x(&mut self, Option<v>)`, `None` restores the default).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerConfigBuilder {
+    application_name: String,
+    stream_name: String,
+    table_name: Option<String>,
+    worker_id: Option<String>,
+    initial_position: Option<InitialPosition>,
+    failover_time: Option<Duration>,
+    max_leases_for_worker: Option<usize>,
+    max_leases_to_steal_at_one_time: Option<usize>,
+    max_records: Option<u32>,
+    idle_time_between_reads: Option<Duration>,
+    call_process_records_even_for_empty_list: Option<bool>,
+    parent_shard_poll_interval: Option<Duration>,
+    shard_sync_interval: Option<Duration>,
+    shutdown_grace: Option<Duration>,
+    task_backoff: Option<Duration>,
+    max_backoff: Option<Duration>,
+    cleanup_leases_upon_shard_completion: Option<bool>,
+    validate_sequence_number_before_checkpointing: Option<bool>,
+    auto_checkpoint_at_shard_end: Option<bool>,
+    billing_mode: Option<BillingMode>,
+    max_get_records_per_second: Option<u32>,
+    max_bytes_per_second: Option<u64>,
+    max_prefetch_records: Option<usize>,
+    max_prefetch_bytes: Option<usize>,
+    deliver_out_of_range_aggregates: Option<bool>,
+    kinesis_endpoint: Option<String>,
+    dynamodb_endpoint: Option<String>,
+    region: Option<String>,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident, $set:ident : $ty:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: impl Into<$ty>) -> Self {
+                self.$name = Some(value.into());
+                self
+            }
+            $(#[$doc])*
+            pub fn $set(&mut self, value: Option<$ty>) -> &mut Self {
+                self.$name = value;
+                self
+            }
+        )*
+    };
+}
+
+impl WorkerConfigBuilder {
+    /// A builder with every option at its default.
+    pub fn new(application_name: impl Into<String>, stream_name: impl Into<String>) -> Self {
+        Self {
+            application_name: application_name.into(),
+            stream_name: stream_name.into(),
+            ..Self::default()
+        }
+    }
+
+    setters! {
+        /// The lease table name (default: the application name).
+        table_name, set_table_name: String;
+        /// This worker's id (default: host name + random suffix).
+        worker_id, set_worker_id: String;
+        /// Where shards without a checkpoint start (default LATEST).
+        initial_position, set_initial_position: InitialPosition;
+        /// Lease failover time (default 10 s, at least 100 ms).
+        failover_time, set_failover_time: Duration;
+        /// Most leases for this worker (default unlimited, at least 1).
+        max_leases_for_worker, set_max_leases_for_worker: usize;
+        /// Most leases stolen at one time (default 1, at least 1).
+        max_leases_to_steal_at_one_time, set_max_leases_to_steal_at_one_time: usize;
+        /// Most records per GetRecords (default 10000, 1..=10000).
+        max_records, set_max_records: u32;
+        /// Idle sleep between empty reads at the tip (default 1 s).
+        idle_time_between_reads, set_idle_time_between_reads: Duration;
+        /// Deliver empty batches too (default false).
+        call_process_records_even_for_empty_list, set_call_process_records_even_for_empty_list: bool;
+        /// Parent shard poll interval (default 10 s, not zero).
+        parent_shard_poll_interval, set_parent_shard_poll_interval: Duration;
+        /// Shard sync interval (default 60 s, not zero).
+        shard_sync_interval, set_shard_sync_interval: Duration;
+        /// Graceful shutdown grace (default 5 s).
+        shutdown_grace, set_shutdown_grace: Duration;
+        /// Task back-off (default 500 ms, not zero).
+        task_backoff, set_task_backoff: Duration;
+        /// Longest read back-off (default 10 s, at least `task_backoff`).
+        max_backoff, set_max_backoff: Duration;
+        /// Delete finished leases (default true).
+        cleanup_leases_upon_shard_completion, set_cleanup_leases_upon_shard_completion: bool;
+        /// Validate sequence numbers with Kinesis before checkpointing (default true).
+        validate_sequence_number_before_checkpointing, set_validate_sequence_number_before_checkpointing: bool;
+        /// Write SHARD_END after Terminate if the processor did not (default false).
+        auto_checkpoint_at_shard_end, set_auto_checkpoint_at_shard_end: bool;
+        /// Lease table billing (default pay per request).
+        billing_mode, set_billing_mode: BillingMode;
+        /// GetRecords calls per second per shard (default 5, not zero).
+        max_get_records_per_second, set_max_get_records_per_second: u32;
+        /// Bytes per second per shard (default 2 MiB, not zero).
+        max_bytes_per_second, set_max_bytes_per_second: u64;
+        /// Prefetched records per shard (default 30000, at least `max_records`).
+        max_prefetch_records, set_max_prefetch_records: usize;
+        /// Prefetched bytes per shard (default 32 MiB, not zero).
+        max_prefetch_bytes, set_max_prefetch_bytes: usize;
+        /// Deliver out-of-range KPL aggregates (default false).
+        deliver_out_of_range_aggregates, set_deliver_out_of_range_aggregates: bool;
+        /// Kinesis endpoint URL (for emulators).
+        kinesis_endpoint, set_kinesis_endpoint: String;
+        /// DynamoDB endpoint URL (for emulators).
+        dynamodb_endpoint, set_dynamodb_endpoint: String;
+        /// AWS region.
+        region, set_region: String;
+    }
+
+    /// Validates every option and builds the configuration. The error names the option.
+    pub fn build(self) -> Result<WorkerConfig, ConfigError> {
+        fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                option,
+                reason: reason.into(),
+            }
+        }
+        fn non_empty(option: &'static str, v: &str) -> Result<(), ConfigError> {
+            if v.trim().is_empty() {
+                Err(invalid(option, "must not be empty"))
+            } else {
+                Ok(())
+            }
+        }
+        fn not_zero(option: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+            if d.is_zero() {
+                Err(invalid(option, "must be greater than zero"))
+            } else {
+                Ok(d)
+            }
+        }
+        fn endpoint(option: &'static str, v: Option<String>) -> Result<Option<String>, ConfigError> {
+            match v {
+                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => Err(
+                    invalid(option, format!("{url:?} is not an http:// or https:// URL")),
+                ),
+                other => Ok(other),
+            }
+        }
+
+        non_empty("application_name", &self.application_name)?;
+        non_empty("stream_name", &self.stream_name)?;
+        let table_name = self
+            .table_name
+            .unwrap_or_else(|| self.application_name.clone());
+        non_empty("table_name", &table_name)?;
+        if !(3..=255).contains(&table_name.len())
+            || !table_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(invalid(
+                "table_name",
+                format!("{table_name:?} is not a valid DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+            ));
+        }
+        let worker_id = match self.worker_id {
+            Some(id) => {
+                non_empty("worker_id", &id)?;
+                id
+            }
+            None => default_worker_id(),
+        };
+        let failover_time = self.failover_time.unwrap_or(Duration::from_secs(10));
+        if failover_time < Duration::from_millis(100) {
+            return Err(invalid("failover_time", "must be at least 100 ms"));
+        }
+        let max_leases_for_worker = self.max_leases_for_worker.unwrap_or(usize::MAX);
+        if max_leases_for_worker == 0 {
+            return Err(invalid("max_leases_for_worker", "must be at least 1"));
+        }
+        let max_leases_to_steal_at_one_time = self.max_leases_to_steal_at_one_time.unwrap_or(1);
+        if max_leases_to_steal_at_one_time == 0 {
+            return Err(invalid("max_leases_to_steal_at_one_time", "must be at least 1"));
+        }
+        let max_records = self.max_records.unwrap_or(10_000);
+        if !(1..=10_000).contains(&max_records) {
+            return Err(invalid("max_records", "must be between 1 and 10000"));
+        }
+        let task_backoff = not_zero("task_backoff", self.task_backoff.unwrap_or(Duration::from_millis(500)))?;
+        let max_backoff = self.max_backoff.unwrap_or(Duration::from_secs(10).max(task_backoff));
+        if max_backoff < task_backoff {
+            return Err(invalid("max_backoff", "must be at least task_backoff"));
+        }
+        let max_get_records_per_second = self.max_get_records_per_second.unwrap_or(5);
+        if max_get_records_per_second == 0 {
+            return Err(invalid("max_get_records_per_second", "must be at least 1"));
+        }
+        let max_bytes_per_second = self.max_bytes_per_second.unwrap_or(2 * 1024 * 1024);
+        if max_bytes_per_second == 0 {
+            return Err(invalid("max_bytes_per_second", "must be at least 1"));
+        }
+        let max_prefetch_records = self.max_prefetch_records.unwrap_or(30_000);
+        if max_prefetch_records < max_records as usize {
+            return Err(invalid("max_prefetch_records", "must be at least max_records"));
+        }
+        let max_prefetch_bytes = self.max_prefetch_bytes.unwrap_or(32 * 1024 * 1024);
+        if max_prefetch_bytes == 0 {
+            return Err(invalid("max_prefetch_bytes", "must be at least 1"));
+        }
+        if let Some(BillingMode::Provisioned {
+            read_capacity_units,
+            write_capacity_units,
+        }) = self.billing_mode
+        {
+            if read_capacity_units == 0 || write_capacity_units == 0 {
+                return Err(invalid("billing_mode", "provisioned capacity units must be at least 1"));
+            }
+        }
+        if let Some(region) = &self.region {
+            non_empty("region", region)?;
+        }
+        Ok(WorkerConfig {
+            application_name: self.application_name,
+            stream_name: self.stream_name,
+            table_name,
+            worker_id,
+            initial_position: self.initial_position.unwrap_or_default(),
+            failover_time,
+            max_leases_for_worker,
+            max_leases_to_steal_at_one_time,
+            max_records,
+            idle_time_between_reads: self.idle_time_between_reads.unwrap_or(Duration::from_secs(1)),
+            call_process_records_even_for_empty_list: self
+                .call_process_records_even_for_empty_list
+                .unwrap_or(false),
+            parent_shard_poll_interval: not_zero(
+                "parent_shard_poll_interval",
+                self.parent_shard_poll_interval.unwrap_or(Duration::from_secs(10)),
+            )?,
+            shard_sync_interval: not_zero(
+                "shard_sync_interval",
+                self.shard_sync_interval.unwrap_or(Duration::from_secs(60)),
+            )?,
+            shutdown_grace: self.shutdown_grace.unwrap_or(Duration::from_secs(5)),
+            task_backoff,
+            max_backoff,
+            cleanup_leases_upon_shard_completion: self
+                .cleanup_leases_upon_shard_completion
+                .unwrap_or(true),
+            validate_sequence_number_before_checkpointing: self
+                .validate_sequence_number_before_checkpointing
+                .unwrap_or(true),
+            auto_checkpoint_at_shard_end: self.auto_checkpoint_at_shard_end.unwrap_or(false),
+            billing_mode: self.billing_mode.unwrap_or_default(),
+            max_get_records_per_second,
+            max_bytes_per_second,
+            max_prefetch_records,
+            max_prefetch_bytes,
+            deliver_out_of_range_aggregates: self.deliver_out_of_range_aggregates.unwrap_or(false),
+            kinesis_endpoint: endpoint("kinesis_endpoint", self.kinesis_endpoint)?,
+            dynamodb_endpoint: endpoint("dynamodb_endpoint", self.dynamodb_endpoint)?,
+            region: self.region,
+        })
+    }
+}
+
+/// Host name plus a random suffix.
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "worker".to_owned());
+    use kcl_lease::RandomSource;
+    let suffix = kcl_lease::SeededRandom::from_entropy().next_u64();
+    format!("{host}-{:08x}", suffix as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = WorkerConfig::builder("app", "stream").build().unwrap();
+        assert_eq!(c.table_name, "app");
+        assert_eq!(c.initial_position, InitialPosition::Latest);
+        assert_eq!(c.failover_time, Duration::from_secs(10));
+        assert_eq!(c.max_leases_for_worker, usize::MAX);
+        assert_eq!(c.max_leases_to_steal_at_one_time, 1);
+        assert_eq!(c.max_records, 10_000);
+        assert_eq!(c.idle_time_between_reads, Duration::from_secs(1));
+        assert!(!c.call_process_records_even_for_empty_list);
+        assert_eq!(c.parent_shard_poll_interval, Duration::from_secs(10));
+        assert_eq!(c.shard_sync_interval, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.task_backoff, Duration::from_millis(500));
+        assert!(c.cleanup_leases_upon_shard_completion);
+        assert!(c.validate_sequence_number_before_checkpointing);
+        assert!(!c.auto_checkpoint_at_shard_end);
+        assert_eq!(c.billing_mode, BillingMode::PayPerRequest);
+        assert!(!c.worker_id.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let cases: Vec<(WorkerConfigBuilder, &str)> = vec![
+            (WorkerConfig::builder("", "s"), "application_name"),
+            (WorkerConfig::builder("app", " "), "stream_name"),
+            (WorkerConfig::builder("app", "s").table_name("a b"), "table_name"),
+            (WorkerConfig::builder("app", "s").worker_id(""), "worker_id"),
+            (WorkerConfig::builder("app", "s").failover_time(Duration::from_millis(5)), "failover_time"),
+            (WorkerConfig::builder("app", "s").max_leases_for_worker(0usize), "max_leases_for_worker"),
+            (WorkerConfig::builder("app", "s").max_leases_to_steal_at_one_time(0usize), "max_leases_to_steal_at_one_time"),
+            (WorkerConfig::builder("app", "s").max_records(0u32), "max_records"),
+            (WorkerConfig::builder("app", "s").max_records(10_001u32), "max_records"),
+            (WorkerConfig::builder("app", "s").shard_sync_interval(Duration::ZERO), "shard_sync_interval"),
+            (WorkerConfig::builder("app", "s").parent_shard_poll_interval(Duration::ZERO), "parent_shard_poll_interval"),
+            (WorkerConfig::builder("app", "s").task_backoff(Duration::ZERO), "task_backoff"),
+            (WorkerConfig::builder("app", "s").max_backoff(Duration::from_millis(1)), "max_backoff"),
+            (WorkerConfig::builder("app", "s").max_get_records_per_second(0u32), "max_get_records_per_second"),
+            (WorkerConfig::builder("app", "s").max_bytes_per_second(0u64), "max_bytes_per_second"),
+            (WorkerConfig::builder("app", "s").max_prefetch_records(5usize), "max_prefetch_records"),
+            (WorkerConfig::builder("app", "s").max_prefetch_bytes(0usize), "max_prefetch_bytes"),
+            (WorkerConfig::builder("app", "s").kinesis_endpoint("localhost:4567"), "kinesis_endpoint"),
+            (WorkerConfig::builder("app", "s").dynamodb_endpoint("ftp://x"), "dynamodb_endpoint"),
+            (
+                WorkerConfig::builder("app", "s").billing_mode(BillingMode::Provisioned {
+                    read_capacity_units: 0,
+                    write_capacity_units: 1,
+                }),
+                "billing_mode",
+            ),
+        ];
+        for (builder, option) in cases {
+            match builder.build() {
+                Err(ConfigError::Invalid { option: o, .. }) => assert_eq!(o, option),
+                other => panic!("{option}: expected an error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn set_none_restores_default() {
+        let mut b = WorkerConfig::builder("app", "s").failover_time(Duration::from_secs(3));
+        b.set_failover_time(None);
+        assert_eq!(b.build().unwrap().failover_time, Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,336 @@
+//! One shard consumer: waits for the parents, then runs a processor through its lifecycle
+//! (SPEC section 2) fed by a [`Fetcher`].
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kcl_interfaces::{
+    Checkpointer, InitializationInput, ProcessRecordsInput, RecordProcessor, RecordProcessorFactory,
+    ShutdownInput, ShutdownReason,
+};
+use kcl_lease::coordinator::LeaseCoordinator;
+use kcl_lease::{Clock, Lease, LeaseStore, RandomSource};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::checkpointer::ShardCheckpointer;
+use crate::config::WorkerConfig;
+use crate::fetcher::{FetchedBatch, Fetcher};
+use crate::metrics as m;
+use crate::shard_sync::{ShardSyncer, has_started};
+use crate::stream::{ChildShard, StreamClient};
+
+/// What the worker asks of a running consumer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Signal {
+    /// Keep going.
+    Run,
+    /// Graceful shutdown (`ShutdownReason::Requested`).
+    Shutdown,
+    /// The lease was lost (`ShutdownReason::Zombie`).
+    LeaseLost,
+}
+
+/// How a consumer ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Outcome {
+    /// The shard was processed to its end and SHARD_END checkpointed.
+    ShardFinished,
+    /// Stopped by graceful shutdown.
+    ShutdownRequested,
+    /// Stopped because the lease was lost.
+    LeaseLost,
+    /// The processor failed (panic, hang in shutdown): the lease should be released.
+    Failed,
+}
+
+/// Everything a consumer needs, shared by the worker.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerContext {
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) stream: Arc<dyn StreamClient>,
+    pub(crate) store: Arc<dyn LeaseStore>,
+    pub(crate) coordinator: Arc<LeaseCoordinator>,
+    pub(crate) syncer: Arc<ShardSyncer>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) random: Arc<dyn RandomSource>,
+}
+
+/// One shard's consumer.
+pub(crate) struct ShardConsumer<F> {
+    pub(crate) ctx: ConsumerContext,
+    pub(crate) lease: Lease,
+    pub(crate) factory: Arc<F>,
+    pub(crate) signal: watch::Receiver<Signal>,
+}
+
+impl<F: RecordProcessorFactory> ShardConsumer<F> {
+    /// Runs the whole lifecycle.
+    pub(crate) async fn run(self) -> Outcome {
+        let span = info_span!("shard_consumer", shard_id = %self.lease.lease_key,
+            worker_id = %self.ctx.config.worker_id);
+        self.run_inner().instrument(span).await
+    }
+
+    async fn run_inner(mut self) -> Outcome {
+        // 1. Parents first.
+        if let Some(outcome) = self.wait_for_parents().await {
+            return outcome;
+        }
+        let key = self.lease.lease_key.clone();
+        // The freshest view of the lease (checkpoint, pending checkpoint).
+        let lease = self
+            .ctx
+            .coordinator
+            .held_lease(&key)
+            .unwrap_or_else(|| self.lease.clone());
+        if lease.checkpoint.is_shard_end() {
+            return Outcome::ShardFinished;
+        }
+        let mut processor = self.factory.create_processor();
+        let backend = Arc::new(ShardCheckpointer::new(
+            key.clone(),
+            self.ctx.config.stream_name.clone(),
+            self.ctx.coordinator.clone(),
+            self.ctx.stream.clone(),
+            self.ctx.config.validate_sequence_number_before_checkpointing,
+            lease.checkpoint.clone(),
+            lease.pending_checkpoint.clone(),
+        ));
+        let checkpointer = Checkpointer::new(backend.clone());
+
+        // 2. initialize
+        info!(checkpoint = %lease.checkpoint, "initializing processor");
+        let init = InitializationInput::new(key.clone(), lease.checkpoint.clone())
+            .with_pending_checkpoint(lease.pending_checkpoint.clone());
+        processor.initialize(init).await;
+
+        // 3. records
+        let (tx, mut rx) = mpsc::channel::<FetchedBatch>(4);
+        let fetcher = Fetcher {
+            stream: self.ctx.stream.clone(),
+            stream_name: self.ctx.config.stream_name.clone(),
+            shard_id: key.clone(),
+            checkpoint: lease.checkpoint.clone(),
+            hash_key_range: lease.hash_key_range,
+            config: self.ctx.config.clone(),
+            clock: self.ctx.clock.clone(),
+            random: self.ctx.random.clone(),
+        };
+        let fetch_task = tokio::spawn(fetcher.run(tx).instrument(tracing::Span::current()));
+        let _abort_fetch = AbortOnDrop(fetch_task);
+
+        let mut signal = self.signal.clone();
+        let shard_end = loop {
+            match *signal.borrow_and_update() {
+                Signal::Run => {}
+                Signal::Shutdown => {
+                    return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Requested).await;
+                }
+                Signal::LeaseLost => {
+                    return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Zombie).await;
+                }
+            }
+            let batch = tokio::select! {
+                biased;
+                changed = signal.changed() => {
+                    if changed.is_err() {
+                        // The worker is gone: behave as a graceful shutdown.
+                        return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Requested).await;
+                    }
+                    continue;
+                }
+                batch = rx.recv() => batch,
+            };
+            let Some(batch) = batch else {
+                // The fetcher stopped without a shard end: it only does so when we dropped
+                // the receiver, so this is unexpected.
+                error!("record fetcher stopped unexpectedly");
+                return Outcome::Failed;
+            };
+            let FetchedBatch {
+                records,
+                millis_behind_latest,
+                cache_entry_time,
+                shard_end,
+                _permits,
+            } = batch;
+            if let Some(last) = records.last() {
+                backend.delivered(last.extended_sequence_number());
+            }
+            if !records.is_empty() || self.ctx.config.call_process_records_even_for_empty_list {
+                let count = records.len() as u64;
+                let bytes: u64 = records.iter().map(|r| r.data.len() as u64).sum();
+                let input = ProcessRecordsInput::new(records, checkpointer.clone())
+                    .with_millis_behind_latest(millis_behind_latest)
+                    .with_cache_times(Some(cache_entry_time), Some(self.ctx.clock.system_time()));
+                let started = self.ctx.clock.now();
+                processor.process_records(input).await;
+                metrics::histogram!(m::PROCESS_RECORDS_SECONDS, "shard_id" => key.clone())
+                    .record(self.ctx.clock.now().saturating_duration_since(started).as_secs_f64());
+                metrics::counter!(m::RECORDS_PROCESSED_TOTAL, "shard_id" => key.clone()).increment(count);
+                metrics::counter!(m::BYTES_PROCESSED_TOTAL, "shard_id" => key.clone()).increment(bytes);
+            }
+            drop(_permits);
+            if let Some(children) = shard_end {
+                break children;
+            }
+        };
+
+        // 4. The shard ended: children, then Terminate until SHARD_END is checkpointed.
+        info!(children = shard_end.len(), "shard ended");
+        self.record_children(&key, &shard_end).await;
+        backend.mark_shard_ended();
+        loop {
+            let done = self
+                .call_shutdown(&mut processor, checkpointer.clone(), ShutdownReason::Terminate)
+                .await;
+            if !done {
+                backend.shut_down("the processor's shutdown failed");
+                return Outcome::Failed;
+            }
+            if backend.last_checkpoint().is_shard_end() {
+                backend.shut_down("the shard ended");
+                return Outcome::ShardFinished;
+            }
+            if self.ctx.config.auto_checkpoint_at_shard_end {
+                match backend.checkpoint_shard_end().await {
+                    Ok(()) => {
+                        backend.shut_down("the shard ended");
+                        return Outcome::ShardFinished;
+                    }
+                    Err(e) => warn!(error = %e, "writing SHARD_END automatically failed"),
+                }
+            } else {
+                metrics::counter!(m::SHARD_END_NOT_CHECKPOINTED_TOTAL).increment(1);
+                error!("the processor returned from shutdown(Terminate) without checkpointing; \
+                        the shard stays unfinished and its children blocked; retrying after a back-off");
+            }
+            if !self.ctx.coordinator.is_held(&key) {
+                backend.shut_down("the lease was lost to another worker");
+                return Outcome::LeaseLost;
+            }
+            let mut signal = self.signal.clone();
+            tokio::select! {
+                _ = self.ctx.clock.sleep(self.ctx.config.task_backoff) => {}
+                _ = signal.changed() => {}
+            }
+            match *self.signal.borrow() {
+                Signal::Run => {}
+                Signal::Shutdown => {
+                    backend.shut_down("the worker shut down");
+                    return Outcome::ShutdownRequested;
+                }
+                Signal::LeaseLost => {
+                    backend.shut_down("the lease was lost to another worker");
+                    return Outcome::LeaseLost;
+                }
+            }
+        }
+    }
+
+    /// Blocks until every parent is finished. `Some(outcome)` when stopped while waiting.
+    async fn wait_for_parents(&mut self) -> Option<Outcome> {
+        let parents: Vec<String> = self.lease.parent_shard_ids.iter().cloned().collect();
+        if parents.is_empty() || has_started(&self.lease.checkpoint) {
+            return None;
+        }
+        let mut signal = self.signal.clone();
+        loop {
+            match self.ctx.syncer.parents_finished(&parents).await {
+                Ok(true) => return None,
+                Ok(false) => debug!(?parents, "waiting for parent shards to finish"),
+                Err(e) => warn!(error = %e, "checking parent shards failed"),
+            }
+            tokio::select! {
+                _ = self.ctx.clock.sleep(self.ctx.config.parent_shard_poll_interval) => {}
+                r = signal.changed() => if r.is_err() { return Some(Outcome::ShutdownRequested) },
+            }
+            match *signal.borrow_and_update() {
+                Signal::Run => {}
+                Signal::Shutdown => return Some(Outcome::ShutdownRequested),
+                Signal::LeaseLost => return Some(Outcome::LeaseLost),
+            }
+        }
+    }
+
+    async fn record_children(&self, key: &str, children: &[ChildShard]) {
+        let children = if children.is_empty() {
+            // Some servers do not return ChildShards: ask ListShards.
+            match self.ctx.syncer.children_of(key).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "listing the children of a finished shard failed; the next shard sync creates them");
+                    Vec::new()
+                }
+            }
+        } else {
+            children.to_vec()
+        };
+        for child in &children {
+            if let Err(e) = self.ctx.syncer.create_child_lease(child).await {
+                warn!(child = %child.shard_id, error = %e, "creating a child lease failed; the next shard sync creates it");
+            }
+        }
+        if !children.is_empty() {
+            let ids: BTreeSet<String> = children.iter().map(|c| c.shard_id.clone()).collect();
+            if let Err(e) = self.ctx.coordinator.update_child_shard_ids(key, &ids).await {
+                warn!(error = %e, "recording child shard ids failed");
+            }
+        }
+    }
+
+    async fn shutdown(
+        &self,
+        mut processor: F::Processor,
+        backend: &ShardCheckpointer,
+        checkpointer: Checkpointer,
+        reason: ShutdownReason,
+    ) -> Outcome {
+        if reason == ShutdownReason::Zombie {
+            backend.shut_down("the lease was lost to another worker");
+        }
+        let ok = self.call_shutdown(&mut processor, checkpointer, reason).await;
+        backend.shut_down("the processor was shut down");
+        match (ok, reason) {
+            (false, _) => Outcome::Failed,
+            (true, ShutdownReason::Zombie) => Outcome::LeaseLost,
+            (true, _) => Outcome::ShutdownRequested,
+        }
+    }
+
+    /// Calls `shutdown` with the grace period. False when it timed out.
+    async fn call_shutdown(&self, processor: &mut F::Processor, checkpointer: Checkpointer, reason: ShutdownReason) -> bool {
+        info!(?reason, "shutting down processor");
+        let grace = self.ctx.config.shutdown_grace;
+        let finished = with_timeout(
+            &*self.ctx.clock,
+            grace,
+            processor.shutdown(ShutdownInput::new(reason, checkpointer)),
+        )
+        .await;
+        if !finished {
+            metrics::counter!(m::PROCESSOR_FAILURES_TOTAL).increment(1);
+            error!(?grace, ?reason, "the processor's shutdown exceeded the shutdown grace; abandoning it");
+        }
+        finished
+    }
+}
+
+/// Runs `fut` for at most `limit` on `clock`; true when it finished.
+pub(crate) async fn with_timeout<F: Future<Output = ()>>(clock: &dyn Clock, limit: Duration, fut: F) -> bool {
+    tokio::select! {
+        _ = fut => true,
+        _ = clock.sleep(limit) => false,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,233 @@
+//! Polling one shard: iterators, GetRecords, client-side rate limits, back-off, expired
+//! iterator recovery, deaggregation and the bounded prefetch (SPEC section 7).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kcl_kpl::{
+    Deaggregated, DeaggregationOptions, ExtendedSequenceNumber, HashKeyRange, Position, Record,
+    SequenceNumber, deaggregate,
+};
+use kcl_lease::{Clock, RandomSource};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{debug, warn};
+
+use crate::backoff::Backoff;
+use crate::config::{InitialPosition, WorkerConfig};
+use crate::metrics as m;
+use crate::stream::{ChildShard, IteratorPosition, StreamClient, StreamError};
+
+/// A batch handed from the fetcher to the consumer.
+#[derive(Debug)]
+pub(crate) struct FetchedBatch {
+    pub(crate) records: Vec<Record>,
+    pub(crate) millis_behind_latest: u64,
+    pub(crate) cache_entry_time: SystemTime,
+    /// Set on the last batch of a closed shard.
+    pub(crate) shard_end: Option<Vec<ChildShard>>,
+    /// Prefetch budget held until the batch is processed.
+    pub(crate) _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// Where a shard consumer starts reading.
+pub(crate) fn start_position(
+    checkpoint: &ExtendedSequenceNumber,
+    initial: InitialPosition,
+) -> IteratorPosition {
+    match checkpoint.position() {
+        // A real checkpoint: re-read the checkpointed record and drop everything at or
+        // below the checkpoint. This resumes inside a KPL aggregate (including after a
+        // checkpoint at sub-record 0 of an aggregate, which AFTER_SEQUENCE_NUMBER would
+        // skip), and for plain records it only re-reads the one checkpointed record.
+        Position::Sequence(seq) => IteratorPosition::AtSequenceNumber(seq.clone()),
+        Position::TrimHorizon => IteratorPosition::TrimHorizon,
+        Position::AtTimestamp => match initial {
+            InitialPosition::AtTimestamp(t) => IteratorPosition::AtTimestamp(t),
+            _ => IteratorPosition::TrimHorizon,
+        },
+        // LATEST, and SHARD_END (never read).
+        _ => IteratorPosition::Latest,
+    }
+}
+
+/// Reads one shard ahead of its processor.
+#[derive(Debug)]
+pub(crate) struct Fetcher {
+    pub(crate) stream: Arc<dyn StreamClient>,
+    pub(crate) stream_name: String,
+    pub(crate) shard_id: String,
+    pub(crate) checkpoint: ExtendedSequenceNumber,
+    pub(crate) hash_key_range: Option<HashKeyRange>,
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) random: Arc<dyn RandomSource>,
+}
+
+struct RateLimiter {
+    next_allowed: Option<Instant>,
+    min_interval: Duration,
+    bytes_per_second: u64,
+}
+
+impl RateLimiter {
+    fn after_call(&mut self, started: Instant, bytes: usize) {
+        let byte_wait = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+        self.next_allowed = Some(started + self.min_interval.max(byte_wait));
+    }
+}
+
+impl Fetcher {
+    /// Runs until the shard ends (after sending the last batch) or the receiver is dropped.
+    pub(crate) async fn run(self, tx: mpsc::Sender<FetchedBatch>) {
+        let options = DeaggregationOptions::new()
+            .with_shard_range(self.hash_key_range)
+            .with_deliver_out_of_range(self.config.deliver_out_of_range_aggregates);
+        let record_budget = Arc::new(Semaphore::new(self.config.max_prefetch_records));
+        let byte_budget = Arc::new(Semaphore::new(self.config.max_prefetch_bytes));
+        let initial = start_position(&self.checkpoint, self.config.initial_position);
+        // Sub-records at or below the checkpoint are dropped (resume inside an aggregate).
+        let filter_below = self.checkpoint.sequence_number().map(|_| self.checkpoint.clone());
+        let mut last_fetched: Option<SequenceNumber> = None;
+        let mut backoff = Backoff::new(self.config.task_backoff, self.config.max_backoff, self.random.clone());
+        let mut limiter = RateLimiter {
+            next_allowed: None,
+            min_interval: Duration::from_secs(1) / self.config.max_get_records_per_second,
+            bytes_per_second: self.config.max_bytes_per_second,
+        };
+        let mut iterator: Option<String> = None;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let it = match iterator.take() {
+                Some(it) => it,
+                None => {
+                    let position = match &last_fetched {
+                        Some(seq) => IteratorPosition::AfterSequenceNumber(seq.clone()),
+                        None => initial.clone(),
+                    };
+                    match self
+                        .stream
+                        .get_shard_iterator(&self.stream_name, &self.shard_id, &position)
+                        .await
+                    {
+                        Ok(it) => it,
+                        Err(e) => {
+                            self.failed(&e, &mut backoff).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Some(at) = limiter.next_allowed {
+                let now = self.clock.now();
+                if at > now {
+                    self.clock.sleep(at - now).await;
+                }
+            }
+            let started = self.clock.now();
+            let result = self.stream.get_records(&it, self.config.max_records).await;
+            metrics::histogram!(m::GET_RECORDS_SECONDS, "shard_id" => self.shard_id.clone())
+                .record(self.clock.now().saturating_duration_since(started).as_secs_f64());
+            let output = match result {
+                Ok(o) => o,
+                Err(StreamError::ExpiredIterator) => {
+                    debug!(shard_id = %self.shard_id, "shard iterator expired; getting a new one");
+                    metrics::counter!(m::EXPIRED_ITERATORS_TOTAL).increment(1);
+                    continue;
+                }
+                Err(e) => {
+                    // Keep the iterator for retryable errors; get a new one otherwise.
+                    if e.is_retryable() {
+                        iterator = Some(it);
+                    }
+                    self.failed(&e, &mut backoff).await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            let raw_bytes: usize = output.records.iter().map(|r| r.data.len()).sum();
+            limiter.after_call(started, raw_bytes);
+            if let Some(last) = output.records.last() {
+                last_fetched = Some(last.sequence_number.clone());
+            }
+            let raw_count = output.records.len();
+            let mut records = Vec::with_capacity(raw_count);
+            for raw in output.records {
+                match deaggregate(raw, &options) {
+                    Deaggregated::DroppedOutOfRange {
+                        sequence_number,
+                        sub_records,
+                        ..
+                    } => {
+                        metrics::counter!(m::DROPPED_OUT_OF_RANGE_TOTAL).increment(1);
+                        warn!(shard_id = %self.shard_id, %sequence_number, sub_records,
+                            "dropped a KPL aggregate with sub-records outside the shard's hash key range");
+                    }
+                    Deaggregated::InvalidAggregate { record, reason } => {
+                        metrics::counter!(m::INVALID_AGGREGATES_TOTAL).increment(1);
+                        warn!(shard_id = %self.shard_id, sequence_number = %record.sequence_number, %reason,
+                            "malformed KPL aggregate delivered as one record");
+                        records.push(record);
+                    }
+                    other => records.extend(other.into_records()),
+                }
+            }
+            if let Some(floor) = &filter_below {
+                records.retain(|r| r.extended_sequence_number() > *floor);
+            }
+            let millis_behind_latest = output.millis_behind_latest.unwrap_or(0);
+            metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard_id" => self.shard_id.clone())
+                .set(millis_behind_latest as f64);
+            let shard_end = output
+                .next_shard_iterator
+                .is_none()
+                .then_some(output.child_shards);
+            let caught_up = raw_count == 0 && millis_behind_latest == 0;
+            if !records.is_empty() || shard_end.is_some() || self.config.call_process_records_even_for_empty_list {
+                let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+                let mut permits = Vec::with_capacity(2);
+                let want_records = u32::try_from(records.len().min(self.config.max_prefetch_records)).unwrap_or(u32::MAX);
+                let want_bytes = u32::try_from(bytes.min(self.config.max_prefetch_bytes)).unwrap_or(u32::MAX);
+                for (sem, n) in [(&record_budget, want_records), (&byte_budget, want_bytes)] {
+                    if n > 0 {
+                        match sem.clone().acquire_many_owned(n).await {
+                            Ok(p) => permits.push(p),
+                            Err(_) => return,
+                        }
+                    }
+                }
+                let batch = FetchedBatch {
+                    records,
+                    millis_behind_latest,
+                    cache_entry_time: self.clock.system_time(),
+                    shard_end: shard_end.clone(),
+                    _permits: permits,
+                };
+                if tx.send(batch).await.is_err() {
+                    return;
+                }
+            }
+            match (shard_end, output.next_shard_iterator) {
+                (Some(_), _) | (_, None) => return,
+                (None, Some(next)) => iterator = Some(next),
+            }
+            if caught_up {
+                self.clock.sleep(self.config.idle_time_between_reads).await;
+            }
+        }
+    }
+
+    async fn failed(&self, e: &StreamError, backoff: &mut Backoff) {
+        let delay = backoff.next_delay();
+        if matches!(e, StreamError::Throttled { .. }) {
+            metrics::counter!(m::THROTTLES_TOTAL, "shard_id" => self.shard_id.clone()).increment(1);
+            debug!(shard_id = %self.shard_id, ?delay, "kinesis throttled; backing off");
+        } else {
+            metrics::counter!(m::STREAM_ERRORS_TOTAL, "shard_id" => self.shard_id.clone()).increment(1);
+            warn!(shard_id = %self.shard_id, error = %e, cause = ?std::error::Error::source(e), ?delay,
+                "reading the shard failed; backing off and retrying");
+        }
+        self.clock.sleep(delay).await;
+    }
+}

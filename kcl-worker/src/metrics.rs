@@ -1,0 +1,29 @@
+//! Names of the metrics the worker records through the `metrics` facade. The binary chooses
+//! the exporter.
+
+/// Counter: user records delivered to processors (label `shard_id`).
+pub const RECORDS_PROCESSED_TOTAL: &str = "kcl_records_processed_total";
+/// Counter: bytes of user record data delivered (label `shard_id`).
+pub const BYTES_PROCESSED_TOTAL: &str = "kcl_bytes_processed_total";
+/// Gauge: milliseconds behind the tip of the shard (label `shard_id`).
+pub const MILLIS_BEHIND_LATEST: &str = "kcl_millis_behind_latest";
+/// Histogram: seconds per GetRecords call (label `shard_id`).
+pub const GET_RECORDS_SECONDS: &str = "kcl_get_records_seconds";
+/// Histogram: seconds per `process_records` call (label `shard_id`).
+pub const PROCESS_RECORDS_SECONDS: &str = "kcl_process_records_seconds";
+/// Counter: throttled Kinesis calls (label `shard_id`).
+pub const THROTTLES_TOTAL: &str = "kcl_throttles_total";
+/// Counter: other failed Kinesis calls (label `shard_id`).
+pub const STREAM_ERRORS_TOTAL: &str = "kcl_stream_errors_total";
+/// Counter: expired shard iterators replaced.
+pub const EXPIRED_ITERATORS_TOTAL: &str = "kcl_expired_iterators_total";
+/// Counter: KPL aggregates dropped because a sub-record was outside the shard's range.
+pub const DROPPED_OUT_OF_RANGE_TOTAL: &str = "kcl_dropped_out_of_range_aggregates_total";
+/// Counter: malformed KPL aggregates delivered as one record.
+pub const INVALID_AGGREGATES_TOTAL: &str = "kcl_invalid_aggregates_total";
+/// Counter: `Terminate` shutdowns that returned without checkpointing SHARD_END.
+pub const SHARD_END_NOT_CHECKPOINTED_TOTAL: &str = "kcl_shard_end_not_checkpointed_total";
+/// Counter: processor callbacks that panicked or exceeded the shutdown grace.
+pub const PROCESSOR_FAILURES_TOTAL: &str = "kcl_processor_failures_total";
+/// Gauge: shard consumers running on this worker.
+pub const SHARD_CONSUMERS: &str = "kcl_shard_consumers";
