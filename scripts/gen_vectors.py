@@ -496,13 +496,21 @@ def main():
         stale = []
         for name, blob in sorted(files.items()):
             path = os.path.join(args.out, name)
-            if name == "manifest.json":
-                continue  # versions of the tools may differ; the blobs must not
-            if not os.path.exists(path) or open(path, "rb").read() != blob:
+            if not os.path.exists(path):
+                stale.append(name)
+            elif name == "manifest.json":
+                # Tool versions may differ; everything else must not.
+                old = json.load(open(path, encoding="utf-8"))
+                old.pop("generator", None)
+                manifest_now = dict(manifest)
+                manifest_now.pop("generator", None)
+                if old != manifest_now:
+                    stale.append(name)
+            elif open(path, "rb").read() != blob:
                 stale.append(name)
         if stale:
             sys.exit(f"vectors differ from the generator: {', '.join(stale)}")
-        print(f"{len(files) - 1} vectors match")
+        print(f"{len(files) - 1} vectors and the manifest match")
         return
     os.makedirs(args.out, exist_ok=True)
     for name in os.listdir(args.out):

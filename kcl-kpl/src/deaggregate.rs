@@ -32,12 +32,13 @@ impl DeaggregationOptions {
 
     /// Options for a shard owning `range` (out-of-range aggregates are dropped).
     pub fn for_shard(range: HashKeyRange) -> Self {
-        Self::new().shard_range(range)
+        Self::new().with_shard_range(range)
     }
 
-    /// Sets the hash key range of the shard the records were read from.
-    pub fn shard_range(mut self, range: HashKeyRange) -> Self {
-        self.shard_range = Some(range);
+    /// Sets the hash key range of the shard the records were read from (a range, or an
+    /// `Option` of one: `None` clears it).
+    pub fn with_shard_range(mut self, range: impl Into<Option<HashKeyRange>>) -> Self {
+        self.shard_range = range.into();
         self
     }
 
@@ -49,7 +50,7 @@ impl DeaggregationOptions {
 
     /// When true, an aggregate holding a user record outside the shard range is delivered
     /// (as [`Deaggregated::DeliveredOutOfRange`]) instead of dropped. Default false.
-    pub fn deliver_out_of_range(mut self, deliver: bool) -> Self {
+    pub fn with_deliver_out_of_range(mut self, deliver: bool) -> Self {
         self.deliver_out_of_range = deliver;
         self
     }
@@ -61,12 +62,12 @@ impl DeaggregationOptions {
     }
 
     /// The shard range, if set.
-    pub fn get_shard_range(&self) -> Option<HashKeyRange> {
+    pub fn shard_range(&self) -> Option<HashKeyRange> {
         self.shard_range
     }
 
     /// Whether out-of-range aggregates are delivered.
-    pub fn get_deliver_out_of_range(&self) -> bool {
+    pub fn deliver_out_of_range(&self) -> bool {
         self.deliver_out_of_range
     }
 }
@@ -196,16 +197,12 @@ impl From<WireError> for InvalidAggregate {
     }
 }
 
-/// An aggregate with user records outside the shard's hash key range.
+/// Which user records of an aggregate lie outside the shard's hash key range.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutOfRange {
-    /// Sequence number of the Kinesis record carrying the aggregate.
-    pub sequence_number: SequenceNumber,
-    /// User records in the aggregate (all dropped, or all delivered).
-    pub sub_records: usize,
-    /// How many of them lie outside the range.
-    pub out_of_range: usize,
-    /// Sub-sequence number of the first user record outside the range.
+    /// How many user records lie outside the range.
+    pub count: usize,
+    /// Sub-sequence number of the first of them.
     pub first_sub_sequence_number: u64,
     /// Its partition key.
     pub first_partition_key: String,
@@ -219,11 +216,9 @@ impl fmt::Display for OutOfRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} of {} user records of {} outside shard range {}; first: sub-sequence {}, \
-             partition key {:?}, hash key {}",
-            self.out_of_range,
-            self.sub_records,
-            self.sequence_number,
+            "{} user record(s) outside shard range {}; first: sub-sequence {}, partition key \
+             {:?}, hash key {}",
+            self.count,
             self.shard_range,
             self.first_sub_sequence_number,
             self.first_partition_key,
@@ -250,14 +245,21 @@ pub enum Deaggregated {
     },
     /// Magic and digest were right but the aggregate failed validation: the original record,
     /// unchanged.
-    Invalid {
+    InvalidAggregate {
         /// The record as given.
         record: Record,
         /// What failed.
         reason: InvalidAggregate,
     },
     /// A valid aggregate holding a user record outside the shard's range: nothing delivered.
-    DroppedOutOfRange(OutOfRange),
+    DroppedOutOfRange {
+        /// Sequence number of the Kinesis record carrying the aggregate.
+        sequence_number: SequenceNumber,
+        /// User records in the aggregate (all dropped).
+        sub_records: usize,
+        /// What lay outside the range.
+        out_of_range: OutOfRange,
+    },
     /// A valid aggregate holding a user record outside the shard's range, delivered anyway
     /// because [`DeaggregationOptions::deliver_out_of_range`] is set.
     DeliveredOutOfRange {
@@ -272,20 +274,22 @@ impl Deaggregated {
     /// The records to deliver (empty when dropped).
     pub fn records(&self) -> &[Record] {
         match self {
-            Self::NotAggregated { record, .. } | Self::Invalid { record, .. } => {
+            Self::NotAggregated { record, .. } | Self::InvalidAggregate { record, .. } => {
                 std::slice::from_ref(record)
             }
             Self::Aggregated { records } | Self::DeliveredOutOfRange { records, .. } => records,
-            Self::DroppedOutOfRange(_) => &[],
+            Self::DroppedOutOfRange { .. } => &[],
         }
     }
 
     /// The records to deliver (empty when dropped).
     pub fn into_records(self) -> Vec<Record> {
         match self {
-            Self::NotAggregated { record, .. } | Self::Invalid { record, .. } => vec![record],
+            Self::NotAggregated { record, .. } | Self::InvalidAggregate { record, .. } => {
+                vec![record]
+            }
             Self::Aggregated { records } | Self::DeliveredOutOfRange { records, .. } => records,
-            Self::DroppedOutOfRange(_) => Vec::new(),
+            Self::DroppedOutOfRange { .. } => Vec::new(),
         }
     }
 
@@ -303,17 +307,17 @@ impl Deaggregated {
     pub fn is_aggregated(&self) -> bool {
         matches!(
             self,
-            Self::Aggregated { .. } | Self::DeliveredOutOfRange { .. } | Self::DroppedOutOfRange(_)
+            Self::Aggregated { .. }
+                | Self::DeliveredOutOfRange { .. }
+                | Self::DroppedOutOfRange { .. }
         )
     }
 
     /// What lay outside the shard range, for a dropped or delivered-anyway aggregate.
     pub fn out_of_range(&self) -> Option<&OutOfRange> {
         match self {
-            Self::DroppedOutOfRange(o)
-            | Self::DeliveredOutOfRange {
-                out_of_range: o, ..
-            } => Some(o),
+            Self::DroppedOutOfRange { out_of_range, .. }
+            | Self::DeliveredOutOfRange { out_of_range, .. } => Some(out_of_range),
             _ => None,
         }
     }
@@ -360,7 +364,7 @@ pub fn deaggregate(record: Record, options: &DeaggregationOptions) -> Deaggregat
     }
     match walk(body).and_then(|raw| build(&record, body, &raw, options)) {
         Ok(result) => result,
-        Err(reason) => Deaggregated::Invalid { record, reason },
+        Err(reason) => Deaggregated::InvalidAggregate { record, reason },
     }
 }
 
@@ -526,11 +530,9 @@ fn build(
     let base = KPL_MAGIC.len();
     let mut records = Vec::with_capacity(raw.records.len());
     for (i, r) in raw.records.iter().enumerate() {
-        let pk_slot = usize::try_from(r.partition_key_index)
+        let Some((pk_slot, partition_key)) = usize::try_from(r.partition_key_index)
             .ok()
-            .filter(|&p| p < partition_keys.len());
-        let (Some(pk_slot), Some(partition_key)) =
-            (pk_slot, pk_slot.and_then(|p| partition_keys.get(p)))
+            .and_then(|p| partition_keys.get(p).map(|key| (p, key)))
         else {
             return Err(InvalidAggregate::PartitionKeyIndexOutOfRange {
                 record: i,
@@ -593,9 +595,7 @@ fn build(
         return Ok(Deaggregated::Aggregated { records });
     };
     let out_of_range = OutOfRange {
-        sequence_number: parent.sequence_number.clone(),
-        sub_records: records.len(),
-        out_of_range: count,
+        count,
         first_sub_sequence_number: first as u64,
         first_partition_key: records
             .get(first)
@@ -610,7 +610,11 @@ fn build(
             out_of_range,
         }
     } else {
-        Deaggregated::DroppedOutOfRange(out_of_range)
+        Deaggregated::DroppedOutOfRange {
+            sequence_number: parent.sequence_number.clone(),
+            sub_records: records.len(),
+            out_of_range,
+        }
     })
 }
 
@@ -734,7 +738,7 @@ mod tests {
     fn invalid(body: &[u8]) -> InvalidAggregate {
         let data = seal(body);
         match deaggregate(parent(data.clone()), &DeaggregationOptions::new()) {
-            Deaggregated::Invalid { record, reason } => {
+            Deaggregated::InvalidAggregate { record, reason } => {
                 assert_eq!(record, parent(data.clone()));
                 assert_eq!(record.data.as_ptr(), data.as_ptr());
                 reason
@@ -833,20 +837,29 @@ mod tests {
 
         let part = HashKeyRange::new(15, 30).unwrap();
         let out = deaggregate(parent(data.clone()), &DeaggregationOptions::for_shard(part));
-        let Deaggregated::DroppedOutOfRange(o) = &out else {
+        let Deaggregated::DroppedOutOfRange {
+            sequence_number,
+            sub_records,
+            out_of_range: o,
+        } = &out
+        else {
             panic!("{out:?}")
         };
         assert_eq!(out.len(), 0);
-        assert_eq!(o.sub_records, 3);
-        assert_eq!(o.out_of_range, 1);
+        assert_eq!(*sub_records, 3);
+        assert_eq!(sequence_number, &seq());
+        assert_eq!(o.count, 1);
         assert_eq!(o.first_sub_sequence_number, 0);
         assert_eq!(o.first_partition_key, "a");
         assert_eq!(o.first_hash_key, 10);
-        assert_eq!(o.sequence_number, seq());
-        assert!(o.to_string().contains("1 of 3"));
+        assert!(
+            o.to_string()
+                .starts_with("1 user record(s) outside shard range 15:30"),
+            "{o}"
+        );
 
         let opts = DeaggregationOptions::for_shard(HashKeyRange::new(0, 19).unwrap())
-            .deliver_out_of_range(true);
+            .with_deliver_out_of_range(true);
         let out = deaggregate(parent(data), &opts);
         let Deaggregated::DeliveredOutOfRange {
             records,
@@ -856,7 +869,7 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(records.len(), 3);
-        assert_eq!(out_of_range.out_of_range, 2);
+        assert_eq!(out_of_range.count, 2);
         assert_eq!(out_of_range.first_sub_sequence_number, 1);
     }
 
@@ -893,16 +906,16 @@ mod tests {
     fn options_builders() {
         let r = HashKeyRange::new(1, 2).unwrap();
         let mut o = DeaggregationOptions::new();
-        assert_eq!(o.get_shard_range(), None);
-        assert!(!o.get_deliver_out_of_range());
+        assert_eq!(o.shard_range(), None);
+        assert!(!o.deliver_out_of_range());
         o.set_shard_range(Some(r)).set_deliver_out_of_range(true);
         assert_eq!(
             o,
             DeaggregationOptions::new()
-                .shard_range(r)
-                .deliver_out_of_range(true)
+                .with_shard_range(r)
+                .with_deliver_out_of_range(true)
         );
         o.set_shard_range(None);
-        assert_eq!(o.get_shard_range(), None);
+        assert_eq!(o.shard_range(), None);
     }
 }

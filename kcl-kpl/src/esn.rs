@@ -3,6 +3,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::Error;
 
@@ -12,9 +13,10 @@ pub const MAX_SEQUENCE_NUMBER_DIGITS: usize = 128;
 /// A real Kinesis sequence number: an unsigned decimal integer that may exceed `u128`.
 ///
 /// Leading zeros are removed when parsing, so two numbers are equal exactly when their
-/// values are equal. Ordering compares values (length first, then digits).
+/// values are equal. Ordering compares values (length first, then digits). Cloning is cheap
+/// (a reference count): every user record of a KPL aggregate shares its parent's.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct SequenceNumber(Box<str>);
+pub struct SequenceNumber(Arc<str>);
 
 impl SequenceNumber {
     /// Parses a decimal sequence number. Rejects empty input, non-digits and more than

@@ -97,7 +97,7 @@ fn check_vector(dir: &Path, vector: &Value) -> usize {
             Deaggregated::NotAggregated { record, reason } => {
                 (record, "not_aggregated", reason.as_str())
             }
-            Deaggregated::Invalid { record, reason } => {
+            Deaggregated::InvalidAggregate { record, reason } => {
                 (record, "invalid_aggregate", reason.kind())
             }
             other => panic!("{name}: expected a pass-through, got {other:?}"),
@@ -235,18 +235,20 @@ fn check_vector(dir: &Path, vector: &Value) -> usize {
             .collect();
         assert_eq!(got, kept, "{name}: {}", case["note"]);
         if kept.is_empty() {
-            let Deaggregated::DroppedOutOfRange(o) = &out else {
+            let Deaggregated::DroppedOutOfRange {
+                sub_records,
+                out_of_range: o,
+                ..
+            } = &out
+            else {
                 panic!("{name}: {out:?}")
             };
-            assert_eq!(o.sub_records, records.len(), "{name}");
-            assert!(
-                o.out_of_range >= 1 && !shard.contains(o.first_hash_key),
-                "{name}"
-            );
+            assert_eq!(*sub_records, records.len(), "{name}");
+            assert!(o.count >= 1 && !shard.contains(o.first_hash_key), "{name}");
             // Delivered anyway when asked.
             let out = deaggregate(
                 parent(vector, data.clone()),
-                &options.deliver_out_of_range(true),
+                &options.with_deliver_out_of_range(true),
             );
             assert!(
                 matches!(out, Deaggregated::DeliveredOutOfRange { .. }),

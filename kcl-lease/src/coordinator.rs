@@ -67,7 +67,11 @@
 //!   other worker (ties at random), choosing its leases at random: up to
 //!   `min(load - target, needed, max_leases_to_steal_at_one_time)` leases when that worker
 //!   holds more than `target`, or one lease when it holds exactly `target` and this worker
-//!   needs at least two more. Every steal moves a lease from a worker holding `c` to one
+//!   needs at least two more. No lease is stolen while some lease of another worker has
+//!   been unchanged for `failover_time / 2` or more: a live owner writes every lease at
+//!   least that often, so such a lease is about to expire and will be taken instead (this
+//!   keeps a survivor from stealing from another survivor that just took a dead worker's
+//!   leases, on a view that still counts the dead worker). Every steal moves a lease from a worker holding `c` to one
 //!   holding `m <= c - 2`, so the sum of squared loads strictly decreases: stealing always
 //!   stops, and it stops only when no two workers differ by more than one (for example 4/3/3
 //!   for 10 leases on 3 workers). It never oscillates.
@@ -87,6 +91,60 @@
 //! leaseCounter = seen` -> no owner, so another worker takes the lease at its next taker pass.
 //! The lease leaves the held set whatever the outcome, and no [`LeaseEvent::Lost`] is sent.
 //! [`LeaseCoordinator::drop_lease`] forgets a lease locally without writing.
+//!
+//! # Example
+//!
+//! Two workers share three leases on the in-memory store of `kcl-testkit`, with a manual
+//! clock; the taker and renewer are driven by hand here (a worker calls
+//! [`LeaseCoordinator::spawn`] instead).
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use kcl_kpl::ExtendedSequenceNumber;
+//! use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent};
+//! use kcl_lease::{Lease, LeaseStore, SeededRandom};
+//! use kcl_testkit::{clock::ManualClock, lease_store::InMemoryLeaseStore};
+//!
+//! let clock = ManualClock::new();
+//! let store = Arc::new(InMemoryLeaseStore::new().with_table());
+//! for shard in ["shard-0", "shard-1", "shard-2"] {
+//!     store.create_lease_if_not_exists(&Lease::new(shard, ExtendedSequenceNumber::TRIM_HORIZON)).await?;
+//! }
+//! let worker = |id: &str| {
+//!     LeaseCoordinator::new(
+//!         store.clone(),
+//!         LeaseCoordinatorConfig::new(id).with_failover_time(Duration::from_secs(10)),
+//!         Arc::new(clock.clone()),
+//!         Arc::new(SeededRandom::new(7)),
+//!     )
+//! };
+//! let (a, b) = (worker("a")?, worker("b")?);
+//! let mut a_events = a.events().unwrap();
+//!
+//! // Alone, `a` takes every free lease in one pass.
+//! assert_eq!(a.take_once().await?.taken.len(), 3);
+//! assert!(matches!(a_events.try_recv(), Ok(LeaseEvent::Gained(_))));
+//! // `b` is owed ceil(3 / 2) = 2 leases; none is free, so it steals one per pass.
+//! assert_eq!(b.take_once().await?.stolen.len(), 1);
+//!
+//! // `a` learns at its next renewal that it lost the stolen lease.
+//! clock.advance(Duration::from_secs(4));
+//! let report = a.renew_once().await;
+//! assert_eq!((report.renewed, report.lost.len()), (2, 1));
+//!
+//! // Checkpoints are fenced writes through the coordinator.
+//! let key = a.held_keys()[0].clone();
+//! let seq = ExtendedSequenceNumber::parse("4960", 0)?;
+//! assert_eq!(a.checkpoint(&key, &seq).await?.checkpoint, seq);
+//!
+//! // Graceful shutdown: release everything; `b` takes it at its next pass.
+//! assert!(a.release_all().await.is_complete());
+//! assert_eq!(b.take_once().await?.taken.len(), 2);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
 //!
 //! # Metrics and logs
 //!
@@ -368,6 +426,11 @@ impl LeaseCoordinator {
         lock(&self.held).get(key).map(|h| h.lease.clone())
     }
 
+    /// True when `lease_key` is in the held set.
+    pub fn is_held(&self, lease_key: &str) -> bool {
+        lock(&self.held).contains_key(lease_key)
+    }
+
     /// The keys of the held leases, in order.
     pub fn held_keys(&self) -> Vec<String> {
         lock(&self.held).keys().cloned().collect()
@@ -501,29 +564,31 @@ impl LeaseCoordinator {
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
         let result = write(lease).await;
-        self.apply_write_result(lease_key, generation, result)
+        self.apply_write_result(lease_key, generation, result).0
     }
 
+    /// Applies the result of a fenced write of holding `generation`. The flag is true when
+    /// the write lost the lease (it was still that holding and the condition failed).
     fn apply_write_result(
         &self,
         lease_key: &str,
         generation: u64,
         result: Result<Lease, LeaseError>,
-    ) -> Result<Lease, LeaseError> {
+    ) -> (Result<Lease, LeaseError>, bool) {
         match result {
             Ok(written) => {
                 self.record_write(generation, &written);
-                Ok(written)
+                (Ok(written), false)
             }
             Err(err @ LeaseError::ConditionFailed { .. }) => {
-                self.lose(lease_key, generation, LostReason::ConditionFailed);
-                Err(err)
+                let lost = self.lose(lease_key, generation, LostReason::ConditionFailed);
+                (Err(err), lost)
             }
             Err(err @ LeaseError::NotFound { .. }) => {
-                self.lose(lease_key, generation, LostReason::Deleted);
-                Err(err)
+                let lost = self.lose(lease_key, generation, LostReason::Deleted);
+                (Err(err), lost)
             }
-            Err(err) => Err(err),
+            Err(err) => (Err(err), false),
         }
     }
 
@@ -612,15 +677,20 @@ impl LeaseCoordinator {
         )
         .increment(1);
         match self.apply_write_result(key, generation, result) {
-            Ok(_) => RenewOutcome::Renewed,
-            Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => {
-                RenewOutcome::Lost(key.to_owned())
+            (Ok(_), _) => RenewOutcome::Renewed,
+            (Err(_), true) => RenewOutcome::Lost(key.to_owned()),
+            (Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }), false) => {
+                // A newer holding (or none) replaced the one this renewal started on.
+                RenewOutcome::NotHeld
             }
-            Err(err) => {
+            (Err(err), false) => {
                 let since_write = self.clock.now().saturating_duration_since(last_write);
                 if since_write >= self.renewal_deadline() {
-                    self.lose(key, generation, LostReason::RenewalTimeout);
-                    RenewOutcome::Lost(key.to_owned())
+                    if self.lose(key, generation, LostReason::RenewalTimeout) {
+                        RenewOutcome::Lost(key.to_owned())
+                    } else {
+                        RenewOutcome::NotHeld
+                    }
                 } else {
                     tracing::warn!(
                         worker_id = %self.config.worker_id,
@@ -1036,6 +1106,7 @@ mod tests {
         assert!(c.events().is_none());
         assert_eq!(c.worker_id(), "w");
         assert!(c.held_leases().is_empty());
+        assert!(!c.is_held("k"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

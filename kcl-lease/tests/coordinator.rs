@@ -7,12 +7,12 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent, LostReason};
-use kcl_lease::{Lease, LeaseError, LeaseStore, SeededRandom};
+use kcl_lease::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SeededRandom};
 use kcl_testkit::clock::ManualClock;
 use kcl_testkit::lease_store::{Fault, FaultKind, InMemoryLeaseStore, LeaseOperation};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -362,6 +362,8 @@ async fn released_lease_taken_by_next_take_once() {
     let report = b.take_once().await.unwrap();
     assert_eq!(report.taken, vec![k.clone()]);
     assert!(b.held_lease(&k).is_some());
+    assert!(b.is_held(&k));
+    assert!(!a.is_held(&k));
 }
 
 #[tokio::test]
@@ -825,4 +827,112 @@ async fn taker_in_steady_state_lists_every_take_interval_and_renewer_every_third
     // Renewals every F/3: 18 a minute per lease.
     assert_eq!(renews, 18 * 4);
     c.stop().await;
+}
+
+/// Delays renewals by a settable time on the manual clock; everything else goes straight
+/// through.
+#[derive(Debug)]
+struct SlowRenewals {
+    inner: Arc<InMemoryLeaseStore>,
+    clock: ManualClock,
+    renew_delay: Mutex<Duration>,
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for SlowRenewals {
+    async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError> {
+        self.inner.create_table_if_not_exists(billing).await
+    }
+    async fn table_exists(&self) -> Result<bool, LeaseError> {
+        self.inner.table_exists().await
+    }
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        self.inner.create_lease_if_not_exists(lease).await
+    }
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseError> {
+        self.inner.list_leases().await
+    }
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError> {
+        self.inner.get_lease(lease_key).await
+    }
+    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let delay = *self.renew_delay.lock().unwrap();
+        self.clock.sleep(delay).await;
+        self.inner.renew_lease(lease).await
+    }
+    async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
+        self.inner.take_lease(lease, new_owner).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.inner.release_lease(lease).await
+    }
+    async fn update_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        self.inner.update_checkpoint(lease, checkpoint).await
+    }
+    async fn update_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&ExtendedSequenceNumber>,
+    ) -> Result<Lease, LeaseError> {
+        self.inner.update_pending_checkpoint(lease, pending).await
+    }
+    async fn update_child_shard_ids(
+        &self,
+        lease: &Lease,
+        children: &BTreeSet<String>,
+    ) -> Result<Lease, LeaseError> {
+        self.inner.update_child_shard_ids(lease, children).await
+    }
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+        self.inner.delete_lease(lease).await
+    }
+}
+
+#[tokio::test]
+async fn a_late_result_of_an_old_holding_never_touches_a_new_one() {
+    let clock = ManualClock::new();
+    let inner = seeded_store(&clock, 1).await;
+    let store = Arc::new(SlowRenewals {
+        inner: Arc::clone(&inner),
+        clock: clock.clone(),
+        renew_delay: Mutex::new(Duration::from_secs(5)),
+    });
+    let c = LeaseCoordinator::new(
+        Arc::clone(&store) as Arc<dyn LeaseStore>,
+        LeaseCoordinatorConfig::new("w").with_failover_time(F),
+        Arc::new(clock.clone()),
+        Arc::new(SeededRandom::new(1)),
+    )
+    .unwrap();
+    let mut events = c.events().unwrap();
+    let k = key(0);
+    c.take_once().await.unwrap();
+    clock.advance(F / 3);
+    // A renewal starts and hangs in the store (based on counter 1).
+    let renewal = tokio::spawn({
+        let c = Arc::clone(&c);
+        async move { c.renew_once().await }
+    });
+    clock.settle().await;
+    // Meanwhile the worker gives the lease up locally and its taker takes it again (the
+    // table still names this worker, so it is free for it at once): counter 2.
+    c.drop_lease(&k);
+    assert_eq!(c.take_once().await.unwrap().taken, vec![k.clone()]);
+    assert_eq!(c.held_lease(&k).unwrap().lease_counter, 2);
+    drain(&mut events);
+    // The old renewal now fails its condition; that must not lose the new holding.
+    clock.advance_and_settle(Duration::from_secs(5)).await;
+    let report = renewal.await.unwrap();
+    assert_eq!(report.lost, Vec::<String>::new());
+    assert_eq!(c.held_lease(&k).unwrap().lease_counter, 2);
+    assert!(drain(&mut events).is_empty());
+    // And the new holding renews normally.
+    *store.renew_delay.lock().unwrap() = Duration::ZERO;
+    clock.advance(F / 3);
+    assert_eq!(c.renew_once().await.renewed, 1);
+    assert_eq!(inner.get_lease(&k).await.unwrap().unwrap().lease_counter, 3);
 }

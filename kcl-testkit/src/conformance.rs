@@ -190,14 +190,37 @@ macro_rules! ensure_eq {
     }};
 }
 
+/// The error and its causes, `: `-separated.
+fn chain(error: &LeaseError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A result for a failure message: the value's Debug, or the error chain.
+fn describe<T: fmt::Debug>(result: &Result<T, LeaseError>) -> String {
+    match result {
+        Ok(value) => format!("Ok({value:?})"),
+        Err(error) => format!("Err({})", chain(error)),
+    }
+}
+
 fn call<T>(what: &str, result: Result<T, LeaseError>) -> Result<T, String> {
-    result.map_err(|e| format!("{what} failed: {e} ({e:?})"))
+    result.map_err(|e| format!("{what} failed: {}", chain(&e)))
 }
 
 fn expect_condition_failed<T: fmt::Debug>(what: &str, result: Result<T, LeaseError>) -> CaseResult {
     match result {
         Err(LeaseError::ConditionFailed { .. }) => Ok(()),
-        other => Err(format!("{what}: expected ConditionFailed, got {other:?}")),
+        other => Err(format!(
+            "{what}: expected ConditionFailed, got {}",
+            describe(&other)
+        )),
     }
 }
 
@@ -363,7 +386,8 @@ pub async fn case_take_free_lease(store: &dyn LeaseStore) -> CaseResult {
     ensure_stored(store, &taken).await
 }
 
-/// A take with a stale counter, or with the wrong owner seen, fails and writes nothing.
+/// A take with a stale counter (of a free or of an owned lease), or with the wrong owner
+/// seen, fails and writes nothing.
 pub async fn case_take_with_stale_view_fails(store: &dyn LeaseStore) -> CaseResult {
     create_table(store).await?;
     let free = create(store, "shardId-000000000001").await?;
@@ -384,7 +408,15 @@ pub async fn case_take_with_stale_view_fails(store: &dyn LeaseStore) -> CaseResu
         "take with the current counter but the lease seen free",
         store.take_lease(&seen_free, "w2").await,
     )?;
-    ensure_stored(store, &taken).await
+    ensure_stored(store, &taken).await?;
+    // The owner renewed since w2 looked: w2's steal with the right owner but the old counter
+    // fails.
+    let renewed = call("renew_lease by w1", store.renew_lease(&taken).await)?;
+    expect_condition_failed(
+        "steal with the owner seen but a stale counter",
+        store.take_lease(&taken, "w2").await,
+    )?;
+    ensure_stored(store, &renewed).await
 }
 
 /// Taking from another owner counts an owner switch; re-taking one's own lease does not.
@@ -405,7 +437,8 @@ pub async fn case_take_from_other_owner(store: &dyn LeaseStore) -> CaseResult {
     ensure_stored(store, &retaken).await
 }
 
-/// Two takes from the same view at the same time: exactly one wins.
+/// Two takes from the same view at the same time: exactly one wins, for a free lease and
+/// for a steal.
 pub async fn case_concurrent_takes_have_one_winner(store: &dyn LeaseStore) -> CaseResult {
     create_table(store).await?;
     let free = create(store, "shardId-000000000001").await?;
@@ -415,7 +448,9 @@ pub async fn case_concurrent_takes_have_one_winner(store: &dyn LeaseStore) -> Ca
         | (Err(LeaseError::ConditionFailed { .. }), Ok(won)) => won,
         other => {
             return Err(format!(
-                "expected one winner and one ConditionFailed: {other:?}"
+                "expected one winner and one ConditionFailed: {} / {}",
+                describe(&other.0),
+                describe(&other.1)
             ));
         }
     };
@@ -424,7 +459,29 @@ pub async fn case_concurrent_takes_have_one_winner(store: &dyn LeaseStore) -> Ca
         free.lease_counter + 1,
         "winner's counter"
     );
-    ensure_stored(store, &winner).await
+    ensure_stored(store, &winner).await?;
+    // Two steals of the now owned lease from the same view: one wins again.
+    let (a, b) = tokio::join!(
+        store.take_lease(&winner, "wc"),
+        store.take_lease(&winner, "wd")
+    );
+    let thief = match (a, b) {
+        (Ok(won), Err(LeaseError::ConditionFailed { .. }))
+        | (Err(LeaseError::ConditionFailed { .. }), Ok(won)) => won,
+        other => {
+            return Err(format!(
+                "expected one thief and one ConditionFailed: {} / {}",
+                describe(&other.0),
+                describe(&other.1)
+            ));
+        }
+    };
+    ensure_eq!(
+        thief.lease_counter,
+        winner.lease_counter + 1,
+        "thief's counter"
+    );
+    ensure_stored(store, &thief).await
 }
 
 /// The owner releases (owner removed, counter + 1); another worker then takes the lease.
@@ -492,7 +549,8 @@ pub async fn case_writes_without_owner_fail(store: &dyn LeaseStore) -> CaseResul
             Err(LeaseError::NotHeld { .. } | LeaseError::ConditionFailed { .. }) => {}
             other => {
                 return Err(format!(
-                    "{what} of a lease seen without owner: expected NotHeld or ConditionFailed, got {other:?}"
+                    "{what} of a lease seen without owner: expected NotHeld or ConditionFailed, got {}",
+                    describe(&other)
                 ));
             }
         }
@@ -885,7 +943,8 @@ pub async fn case_missing_table_is_typed(store: &dyn LeaseStore) -> CaseResult {
             }
             other => {
                 return Err(format!(
-                    "{what} on a missing table: expected TableMissing, got {other:?}"
+                    "{what} on a missing table: expected TableMissing, got {}",
+                    describe(&other)
                 ));
             }
         }

@@ -27,6 +27,9 @@
 //! the system temp directory ([`Emulator::log_path`]); it is removed on drop unless
 //! `KCL_EMULATORS_KEEP_LOGS` is set, and its last lines are part of every start-up error.
 //!
+//! An emulator shared by the tests of one binary may live in a `static` (`std::sync::OnceLock`):
+//! it is never dropped, and the watchdog stops it when the test process exits.
+//!
 //! Starting an emulator blocks the calling thread (about a second; [`READY_TIMEOUT`] at most):
 //! waiting for an external process is wall-clock time by nature, so this fixture uses the real
 //! clock, unlike the library code it tests.
@@ -687,6 +690,13 @@ mod tests {
         assert!(EmulatorKind::Dynalite.serves_dynamodb());
         assert!(!EmulatorKind::Dynalite.serves_kinesis());
         assert!(EmulatorKind::Moto.serves_kinesis() && EmulatorKind::Moto.serves_dynamodb());
+    }
+
+    #[test]
+    fn emulator_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Emulator>();
+        assert_send_sync::<EmulatorError>();
     }
 
     #[test]

@@ -99,6 +99,7 @@
 //! [`InMemoryKinesis::stats`] counts the calls of each operation.
 
 mod faults;
+pub mod scenario;
 mod sequence;
 mod state;
 mod token;

@@ -8,3 +8,4 @@ pub mod emulators;
 pub mod harness;
 pub mod kinesis;
 pub mod lease_store;
+pub mod recording;

@@ -360,3 +360,458 @@ async fn dynamo_store_lease_seen_without_owner_is_not_held() {
         Err(LeaseError::NotHeld { .. })
     ));
 }
+
+// --- DynamoLeaseStore against a scripted HTTP client ---------------------------------------
+//
+// The emulators never throttle, never answer CREATING and never fail with a 500: a scripted
+// client answers instead, and records every request so the exact expressions can be checked.
+
+mod scripted {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant, SystemTime};
+
+    use aws_sdk_dynamodb::config::retry::RetryConfig;
+    use aws_smithy_runtime_api::client::http::{
+        HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpConnector,
+    };
+    use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
+    use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+    use kcl_lease::{BoxFuture, Clock};
+    use kcl_testkit::emulators::sdk_config;
+    use serde_json::Value;
+
+    /// One request: the operation (from `X-Amz-Target`) and the JSON body.
+    #[derive(Clone, Debug)]
+    pub(super) struct Request {
+        pub(super) operation: String,
+        pub(super) body: Value,
+    }
+
+    #[derive(Clone, Debug, Default)]
+    pub(super) struct Script {
+        responses: Arc<Mutex<VecDeque<(u16, String)>>>,
+        pub(super) requests: Arc<Mutex<Vec<Request>>>,
+    }
+
+    impl Script {
+        pub(super) fn respond(&self, status: u16, body: &str) {
+            self.responses
+                .lock()
+                .unwrap()
+                .push_back((status, body.to_owned()));
+        }
+
+        pub(super) fn error(&self, code: &str) {
+            let status = if code == "InternalServerError" {
+                500
+            } else {
+                400
+            };
+            self.respond(
+                status,
+                &format!(
+                    r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{code}","message":"scripted"}}"#
+                ),
+            );
+        }
+
+        pub(super) fn requests(&self) -> Vec<Request> {
+            self.requests.lock().unwrap().clone()
+        }
+
+        pub(super) fn client(&self) -> aws_sdk_dynamodb::Client {
+            let config = aws_sdk_dynamodb::config::Builder::from(&sdk_config("http://127.0.0.1:9"))
+                .http_client(self.clone())
+                .retry_config(RetryConfig::disabled())
+                .build();
+            aws_sdk_dynamodb::Client::from_conf(config)
+        }
+    }
+
+    impl HttpConnector for Script {
+        fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+            let operation = request
+                .headers()
+                .get("x-amz-target")
+                .unwrap_or_default()
+                .trim_start_matches("DynamoDB_20120810.")
+                .to_owned();
+            let body = serde_json::from_slice(request.body().bytes().unwrap()).unwrap();
+            self.requests
+                .lock()
+                .unwrap()
+                .push(Request { operation, body });
+            let (status, body) = self
+                .responses
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or((500, r#"{"__type":"InternalServerError"}"#.to_owned()));
+            let mut response =
+                HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::from(body));
+            response
+                .headers_mut()
+                .insert("content-type", "application/x-amz-json-1.0");
+            HttpConnectorFuture::ready(Ok(response))
+        }
+    }
+
+    impl HttpClient for Script {
+        fn http_connector(
+            &self,
+            _settings: &HttpConnectorSettings,
+            _components: &RuntimeComponents,
+        ) -> SharedHttpConnector {
+            SharedHttpConnector::new(self.clone())
+        }
+    }
+
+    /// A clock whose sleeps return at once and are recorded.
+    #[derive(Debug, Default)]
+    pub(super) struct RecordingClock {
+        pub(super) sleeps: Mutex<Vec<Duration>>,
+    }
+
+    impl Clock for RecordingClock {
+        fn now(&self) -> Instant {
+            Instant::now()
+        }
+        fn system_time(&self) -> SystemTime {
+            SystemTime::UNIX_EPOCH
+        }
+        fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+            self.sleeps.lock().unwrap().push(duration);
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    /// The expression with its `#placeholders` replaced by the attribute names.
+    pub(super) fn resolve(body: &Value, field: &str) -> String {
+        let mut text = body[field].as_str().unwrap_or_default().to_owned();
+        if let Some(names) = body["ExpressionAttributeNames"].as_object() {
+            // Longest placeholders first, so `#cpsub` is not taken for `#cp` + `sub`.
+            let mut names: Vec<_> = names.iter().collect();
+            names.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+            for (placeholder, name) in names {
+                text = text.replace(placeholder.as_str(), name.as_str().unwrap());
+            }
+        }
+        text
+    }
+}
+
+const ROW: &str = r#"{"Attributes":{"leaseKey":{"S":"k"},"leaseOwner":{"S":"w1"},"leaseCounter":{"N":"8"},"checkpoint":{"S":"TRIM_HORIZON"}}}"#;
+
+fn held_lease() -> Lease {
+    let mut lease = Lease::new("k", ExtendedSequenceNumber::TRIM_HORIZON);
+    lease.lease_owner = Some("w1".into());
+    lease.lease_counter = 7;
+    lease
+}
+
+#[tokio::test]
+async fn dynamo_error_codes_are_mapped() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t");
+    let lease = held_lease();
+    type Check = fn(&LeaseError) -> bool;
+    let cases: [(&str, Check); 7] = [
+        (
+            "ConditionalCheckFailedException",
+            |e| matches!(e, LeaseError::ConditionFailed { lease_key } if lease_key == "k"),
+        ),
+        ("ProvisionedThroughputExceededException", |e| {
+            matches!(e, LeaseError::Throttled { .. })
+        }),
+        ("RequestLimitExceeded", |e| {
+            matches!(e, LeaseError::Throttled { .. })
+        }),
+        ("ThrottlingException", |e| {
+            matches!(e, LeaseError::Throttled { .. })
+        }),
+        (
+            "ResourceNotFoundException",
+            |e| matches!(e, LeaseError::TableMissing { table } if table == "t"),
+        ),
+        ("InternalServerError", |e| {
+            matches!(e, LeaseError::Service { .. })
+        }),
+        ("ValidationException", |e| {
+            matches!(e, LeaseError::Service { .. })
+        }),
+    ];
+    for (code, expected) in cases {
+        script.error(code);
+        let err = store.renew_lease(&lease).await.unwrap_err();
+        assert!(expected(&err), "{code}: {err:?}");
+        // Display never repeats the cause.
+        if let Some(source) = std::error::Error::source(&err) {
+            assert!(!err.to_string().contains(&source.to_string()), "{err}");
+        }
+    }
+    // get_lease and list_leases map the same way.
+    script.error("ProvisionedThroughputExceededException");
+    assert!(matches!(
+        store.get_lease("k").await,
+        Err(LeaseError::Throttled { .. })
+    ));
+    script.error("ResourceNotFoundException");
+    assert!(matches!(
+        store.list_leases().await,
+        Err(LeaseError::TableMissing { .. })
+    ));
+}
+
+#[tokio::test]
+async fn dynamo_writes_are_conditional_update_items() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t");
+    let lease = held_lease();
+    let esn: ExtendedSequenceNumber = "123.4".parse().unwrap();
+    let children: std::collections::BTreeSet<String> = ["c1".to_owned()].into();
+    let mut free = lease.clone();
+    free.lease_owner = None;
+    for _ in 0..10 {
+        script.respond(200, ROW);
+    }
+    script.respond(200, "{}");
+    store
+        .create_lease_if_not_exists(&Lease::new("k", ExtendedSequenceNumber::LATEST))
+        .await
+        .unwrap();
+    store.renew_lease(&lease).await.unwrap();
+    store.take_lease(&lease, "w2").await.unwrap();
+    store.take_lease(&free, "w2").await.unwrap();
+    store.take_lease(&lease, "w1").await.unwrap();
+    store.release_lease(&lease).await.unwrap();
+    store.update_checkpoint(&lease, &esn).await.unwrap();
+    store
+        .update_pending_checkpoint(&lease, Some(&esn))
+        .await
+        .unwrap();
+    store.update_pending_checkpoint(&lease, None).await.unwrap();
+    store
+        .update_child_shard_ids(&lease, &children)
+        .await
+        .unwrap();
+    store.delete_lease(&lease).await.unwrap();
+
+    let requests = script.requests();
+    let ops: Vec<&str> = requests.iter().map(|r| r.operation.as_str()).collect();
+    assert_eq!(
+        ops,
+        [
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
+            "DeleteItem"
+        ]
+    );
+    let fenced = "leaseCounter = :seen AND leaseOwner = :owner";
+    let expected = [
+        (
+            "attribute_not_exists(leaseKey)",
+            "SET leaseCounter = :a0, checkpoint = :a1, checkpointSubSequenceNumber = :a2, ownerSwitchesSinceCheckpoint = :a3",
+        ),
+        (fenced, "SET leaseCounter = leaseCounter + :one"),
+        (
+            "leaseCounter = :seen AND leaseOwner = :seen_owner",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+        ),
+        (
+            "leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, :null_type))",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+        ),
+        (
+            "leaseCounter = :seen AND leaseOwner = :seen_owner",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one",
+        ),
+        (
+            fenced,
+            "SET leaseCounter = leaseCounter + :one REMOVE leaseOwner",
+        ),
+        (
+            fenced,
+            "SET leaseCounter = leaseCounter + :one, checkpoint = :cp, checkpointSubSequenceNumber = :cpsub, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingCheckpoint, pendingCheckpointSubSequenceNumber",
+        ),
+        (
+            fenced,
+            "SET leaseCounter = leaseCounter + :one, pendingCheckpoint = :pcp, pendingCheckpointSubSequenceNumber = :pcpsub",
+        ),
+        (
+            fenced,
+            "SET leaseCounter = leaseCounter + :one REMOVE pendingCheckpoint, pendingCheckpointSubSequenceNumber",
+        ),
+        (
+            fenced,
+            "SET leaseCounter = leaseCounter + :one, childShardIds = :children",
+        ),
+    ];
+    for (request, (condition, update)) in requests.iter().zip(expected) {
+        let body = &request.body;
+        assert_eq!(body["TableName"], "t");
+        assert_eq!(body["Key"], serde_json::json!({"leaseKey": {"S": "k"}}));
+        assert_eq!(scripted::resolve(body, "ConditionExpression"), condition);
+        assert_eq!(scripted::resolve(body, "UpdateExpression"), update);
+        assert_eq!(body["ReturnValues"], "ALL_NEW");
+    }
+    // The values the conditions compare with.
+    assert_eq!(
+        requests[1].body["ExpressionAttributeValues"][":seen"],
+        serde_json::json!({"N": "7"})
+    );
+    assert_eq!(
+        requests[1].body["ExpressionAttributeValues"][":owner"],
+        serde_json::json!({"S": "w1"})
+    );
+    assert_eq!(
+        requests[3].body["ExpressionAttributeValues"][":null_type"],
+        serde_json::json!({"S": "NULL"})
+    );
+    let delete = &requests[10].body;
+    assert_eq!(
+        scripted::resolve(delete, "ConditionExpression"),
+        "leaseCounter = :seen"
+    );
+    assert_eq!(
+        delete["ExpressionAttributeValues"][":seen"],
+        serde_json::json!({"N": "7"})
+    );
+}
+
+#[tokio::test]
+async fn dynamo_reads_are_consistent() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t").with_scan_page_size(2);
+    script.respond(200, "{}");
+    script.respond(
+        200,
+        r#"{"Items":[{"leaseKey":{"S":"a"},"leaseCounter":{"N":"1"},"checkpoint":{"S":"LATEST"}}],"LastEvaluatedKey":{"leaseKey":{"S":"a"}}}"#,
+    );
+    script.respond(
+        200,
+        r#"{"Items":[{"leaseKey":{"S":"b"},"leaseCounter":{"N":"2"},"checkpoint":{"S":"LATEST"}}]}"#,
+    );
+    assert_eq!(store.get_lease("k").await.unwrap(), None);
+    let listed = store.list_leases().await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|l| l.lease_key.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    let requests = script.requests();
+    assert_eq!(requests[0].operation, "GetItem");
+    assert_eq!(requests[0].body["ConsistentRead"], true);
+    assert_eq!(requests[1].operation, "Scan");
+    assert_eq!(requests[1].body["ConsistentRead"], true);
+    assert_eq!(requests[1].body["Limit"], 2);
+    assert!(requests[1].body.get("ExclusiveStartKey").is_none());
+    assert_eq!(requests[2].operation, "Scan");
+    assert_eq!(
+        requests[2].body["ExclusiveStartKey"],
+        serde_json::json!({"leaseKey": {"S": "a"}})
+    );
+    assert_eq!(requests.len(), 3);
+}
+
+fn table(status: &str) -> String {
+    format!(r#"{{"Table":{{"TableName":"t","TableStatus":"{status}"}}}}"#)
+}
+
+#[tokio::test]
+async fn dynamo_create_table_waits_for_active_on_the_clock() {
+    let script = scripted::Script::default();
+    let clock = Arc::new(scripted::RecordingClock::default());
+    let store = DynamoLeaseStore::new(script.client(), "t")
+        .with_clock(clock.clone())
+        .with_table_wait(Duration::from_secs(2), Duration::from_secs(20));
+    script.error("ResourceNotFoundException");
+    script.respond(
+        200,
+        r#"{"TableDescription":{"TableName":"t","TableStatus":"CREATING"}}"#,
+    );
+    script.error("ResourceNotFoundException");
+    script.respond(200, &table("CREATING"));
+    script.respond(200, &table("ACTIVE"));
+    let billing = BillingMode::Provisioned {
+        read_capacity_units: 3,
+        write_capacity_units: 4,
+    };
+    assert!(store.create_table_if_not_exists(billing).await.unwrap());
+    assert_eq!(*clock.sleeps.lock().unwrap(), [Duration::from_secs(2); 2]);
+    let requests = script.requests();
+    let ops: Vec<&str> = requests.iter().map(|r| r.operation.as_str()).collect();
+    assert_eq!(
+        ops,
+        [
+            "DescribeTable",
+            "CreateTable",
+            "DescribeTable",
+            "DescribeTable",
+            "DescribeTable"
+        ]
+    );
+    let create = &requests[1].body;
+    assert_eq!(
+        create["KeySchema"],
+        serde_json::json!([{"AttributeName": "leaseKey", "KeyType": "HASH"}])
+    );
+    assert_eq!(
+        create["AttributeDefinitions"],
+        serde_json::json!([{"AttributeName": "leaseKey", "AttributeType": "S"}])
+    );
+    assert_eq!(create["BillingMode"], "PROVISIONED");
+    assert_eq!(
+        create["ProvisionedThroughput"],
+        serde_json::json!({"ReadCapacityUnits": 3, "WriteCapacityUnits": 4})
+    );
+
+    // A table that never becomes ACTIVE: bounded by timeout / interval polls.
+    let script = scripted::Script::default();
+    let clock = Arc::new(scripted::RecordingClock::default());
+    let store = DynamoLeaseStore::new(script.client(), "t")
+        .with_clock(clock.clone())
+        .with_table_wait(Duration::from_secs(1), Duration::from_secs(5));
+    for _ in 0..6 {
+        script.respond(200, &table("UPDATING"));
+    }
+    let err = store
+        .create_table_if_not_exists(BillingMode::PayPerRequest)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LeaseError::Service { .. }), "{err:?}");
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(cause.contains("not ACTIVE after 5 polls"), "{cause}");
+    assert!(cause.contains("UPDATING"), "{cause}");
+    assert_eq!(clock.sleeps.lock().unwrap().len(), 4);
+    assert_eq!(script.requests().len(), 6);
+
+    // A concurrent creator: ResourceInUseException means "exists", then wait.
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t")
+        .with_clock(Arc::new(scripted::RecordingClock::default()));
+    script.error("ResourceNotFoundException");
+    script.error("ResourceInUseException");
+    script.respond(200, &table("ACTIVE"));
+    assert!(
+        !store
+            .create_table_if_not_exists(BillingMode::PayPerRequest)
+            .await
+            .unwrap()
+    );
+    let create = &script.requests()[1].body;
+    assert_eq!(create["BillingMode"], "PAY_PER_REQUEST");
+    assert!(create.get("ProvisionedThroughput").is_none());
+}

@@ -11,7 +11,7 @@ use kcl_interfaces::{
     ShutdownInput, ShutdownReason,
 };
 use kcl_lease::coordinator::LeaseCoordinator;
-use kcl_lease::{Clock, Lease, LeaseStore, RandomSource};
+use kcl_lease::{Clock, Lease, RandomSource};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -51,7 +51,6 @@ pub(crate) enum Outcome {
 pub(crate) struct ConsumerContext {
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) stream: Arc<dyn StreamClient>,
-    pub(crate) store: Arc<dyn LeaseStore>,
     pub(crate) coordinator: Arc<LeaseCoordinator>,
     pub(crate) syncer: Arc<ShardSyncer>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -124,7 +123,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
 
         let mut signal = self.signal.clone();
         let shard_end = loop {
-            match *signal.borrow_and_update() {
+            let current = *signal.borrow_and_update();
+            match current {
                 Signal::Run => {}
                 Signal::Shutdown => {
                     return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Requested).await;
@@ -217,7 +217,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 _ = self.ctx.clock.sleep(self.ctx.config.task_backoff) => {}
                 _ = signal.changed() => {}
             }
-            match *self.signal.borrow() {
+            let current = *self.signal.borrow();
+            match current {
                 Signal::Run => {}
                 Signal::Shutdown => {
                     backend.shut_down("the worker shut down");
@@ -248,7 +249,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 _ = self.ctx.clock.sleep(self.ctx.config.parent_shard_poll_interval) => {}
                 r = signal.changed() => if r.is_err() { return Some(Outcome::ShutdownRequested) },
             }
-            match *signal.borrow_and_update() {
+            let current = *signal.borrow_and_update();
+            match current {
                 Signal::Run => {}
                 Signal::Shutdown => return Some(Outcome::ShutdownRequested),
                 Signal::LeaseLost => return Some(Outcome::LeaseLost),

@@ -212,7 +212,6 @@ impl<F: RecordProcessorFactory> Worker<F> {
             let ctx = ConsumerContext {
                 config: self.config.clone(),
                 stream: self.stream.clone(),
-                store: self.store.clone(),
                 coordinator: coordinator.clone(),
                 syncer,
                 clock: self.clock.clone(),

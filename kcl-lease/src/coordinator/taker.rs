@@ -168,6 +168,17 @@ pub(crate) fn plan_take(
     if needed == 0 || !plan.candidates.is_empty() {
         return plan;
     }
+    // A live owner writes each lease at least every `failover_time / 2` (renewals every third
+    // of it, skipped at most once after another write). A lease unchanged that long is
+    // probably about to expire: wait for it rather than steal on a view that still counts a
+    // dead worker.
+    let suspicious = by_owner
+        .values()
+        .flatten()
+        .any(|lease| tracker.unchanged_for(lease, input.now) >= input.failover_time / 2);
+    if suspicious {
+        return plan;
+    }
 
     // Steal from the most loaded worker (ties broken at random).
     let Some(max_load) = by_owner.values().map(Vec::len).max() else {
@@ -349,6 +360,53 @@ mod tests {
         assert_eq!((p.target, p.needed, p.steal.len()), (4, 1, 0));
         let p = counts_plan(&[("a", 3), ("b", 3)], 4);
         assert_eq!((p.needed, p.steal.len()), (0, 0));
+    }
+
+    #[test]
+    fn no_steal_while_a_lease_is_about_to_expire() {
+        // "dead" stopped renewing 6 s ago; "busy" looks overloaded only because "dead" is
+        // still counted. Stealing from "busy" now would be undone after the expiry.
+        let t0 = Instant::now();
+        let mut leases: Vec<Lease> = (0..5)
+            .map(|i| lease(&format!("b{i}"), Some("busy"), 1))
+            .collect();
+        leases.extend((0..2).map(|i| lease(&format!("d{i}"), Some("dead"), 1)));
+        leases.extend((0..3).map(|i| lease(&format!("m{i}"), Some("me"), 1)));
+        let mut tracker = ExpiryTracker::default();
+        tracker.observe(&leases, t0);
+        let renewed_at = t0 + Duration::from_secs(1);
+        let fresh: Vec<Lease> = leases
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                if !l.lease_key.starts_with('d') {
+                    l.lease_counter += 1;
+                }
+                l
+            })
+            .collect();
+        tracker.observe(&fresh, renewed_at);
+        let held = ["m0", "m1", "m2"];
+        // Dead leases unchanged for just under F/2: not suspicious yet, "busy" (5 > 4) is
+        // stolen from.
+        let p = plan(
+            &fresh,
+            &tracker,
+            "me",
+            &held,
+            t0 + F / 2 - Duration::from_millis(1),
+            usize::MAX,
+        );
+        assert_eq!((p.workers, p.target, p.needed), (3, 4, 1));
+        assert_eq!(p.steal.len(), 1);
+        // From F/2 on: no steal.
+        let p = plan(&fresh, &tracker, "me", &held, t0 + F / 2, usize::MAX);
+        assert_eq!((p.workers, p.target, p.needed), (3, 4, 1));
+        assert!(p.steal.is_empty());
+        // Once expired, the dead worker's leases are simply taken.
+        let p = plan(&fresh, &tracker, "me", &held, t0 + F, usize::MAX);
+        assert_eq!((p.workers, p.target, p.needed), (2, 5, 2));
+        assert_eq!(p.candidates.len(), 2);
     }
 
     #[test]

@@ -507,7 +507,7 @@ impl LeaseStore for DynamoLeaseStore {
                     Ok(lease) => leases.push(lease),
                     Err(error) => match self.malformed_rows {
                         MalformedRowPolicy::Fail => return Err(error),
-                        _ => {
+                        MalformedRowPolicy::SkipAndWarn => {
                             metrics::counter!("kcl_lease_malformed_rows_total").increment(1);
                             tracing::warn!(table = %self.table_name, %error, "skipping a lease row that cannot be read");
                         }

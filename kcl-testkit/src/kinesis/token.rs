@@ -39,12 +39,15 @@ pub(crate) struct PageToken {
 }
 
 fn mac(key: u64, body: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ key;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in key.to_le_bytes().iter().chain(body.as_bytes()) {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    hash
+    // Final avalanche, so that close inputs give unrelated MACs.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
 }
 
 fn seal(tag: &str, key: u64, body: &str) -> String {

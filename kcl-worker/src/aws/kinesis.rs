@@ -1,25 +1,6 @@
 //! [`StreamClient`] on `aws-sdk-kinesis`.
 //!
-//! # Error mapping
-//!
-//! | service error code | [`StreamError`] |
-//! |---|---|
-//! | `ProvisionedThroughputExceededException`, `KMSThrottlingException`, `LimitExceededException`, `ThrottlingException` | `Throttled` |
-//! | `ExpiredIteratorException` | `ExpiredIterator` |
-//! | `ResourceNotFoundException` | `StreamNotFound` for `ListShards` and `DescribeStreamSummary`; for `GetShardIterator` `StreamNotFound` when the message is about the stream (it starts with "Stream"), else `ResourceNotFound`; `ResourceNotFound` for `GetRecords` |
-//! | `InvalidArgumentException`, `ExpiredNextTokenException`, `ValidationException` | `InvalidArgument` |
-//! | any other code, or none (5xx, `InternalFailure`, `AccessDenied`, the other KMS errors such as `KMSAccessDeniedException` or `KMSDisabledException`, `ResourceInUse`) | `Service` |
-//!
-//! Transport failures (connection refused or reset, timeouts, a response cut short) are
-//! `Unreachable`; a request the SDK refuses to build is `InvalidArgument`; a response whose
-//! sequence numbers, hash keys or timestamps cannot be read is `MalformedResponse`.
-//!
-//! The other KMS errors are `Service` (retryable) rather than a dedicated variant: a key that
-//! was disabled or whose grant was revoked may be restored by an operator, and the worker
-//! keeps its lease and backs off meanwhile.
-//!
-//! The SDK's own retry policy (the client's `RetryConfig`) runs before any of this: with the
-//! default policy, throttling and 5xx responses are retried a few times inside one call.
+//! The error mapping is documented on [`AwsStreamClient`].
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -59,6 +40,28 @@ const MAX_LIST_SHARDS_PAGE_SIZE: u32 = 10_000;
 /// ```
 ///
 /// `Debug` shows no configuration and no credentials.
+///
+/// # Errors
+///
+/// | service error code | [`StreamError`] |
+/// |---|---|
+/// | `ProvisionedThroughputExceededException`, `KMSThrottlingException`, `LimitExceededException`, `ThrottlingException` | `Throttled` |
+/// | `ExpiredIteratorException` | `ExpiredIterator` |
+/// | `ResourceNotFoundException` | `StreamNotFound` for `ListShards` and `DescribeStreamSummary`; for `GetShardIterator` `StreamNotFound` when the message is about the stream (it starts with "Stream"), else `ResourceNotFound`; `ResourceNotFound` for `GetRecords` |
+/// | `InvalidArgumentException`, `ExpiredNextTokenException`, `ValidationException` | `InvalidArgument` |
+/// | any other code, or none (5xx, `InternalFailure`, `AccessDenied`, the other KMS errors such as `KMSAccessDeniedException` or `KMSDisabledException`, `ResourceInUse`) | `Service` |
+///
+/// Transport failures (connection refused or reset, timeouts, a response cut short or
+/// unparsable) are `Unreachable`, except an unparsable answer with a 5xx status, which is
+/// `Service`; a request the SDK refuses to build is `InvalidArgument`; a well-formed response
+/// whose sequence numbers, hash keys or timestamps cannot be read is `MalformedResponse`.
+///
+/// The other KMS errors are `Service` (retryable) rather than a dedicated variant: a key that
+/// was disabled or whose grant was revoked may be restored by an operator, and the worker
+/// keeps its lease and backs off meanwhile.
+///
+/// The SDK's own retry policy (the client's `RetryConfig`) runs before any of this: with the
+/// default policy, throttling and 5xx responses are retried a few times inside one call.
 #[derive(Clone)]
 pub struct AwsStreamClient {
     client: Client,
@@ -241,6 +244,10 @@ fn map_sdk_error<E>(err: SdkError<E>, not_found: NotFound<'_>) -> StreamError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    // A 5xx answer the SDK could not parse (kinesis-local sends some with an empty body).
+    let server_error = err
+        .raw_response()
+        .is_some_and(|raw| raw.status().is_server_error());
     match err {
         SdkError::ServiceError(context) => map_service_error(context.into_err(), not_found),
         SdkError::ConstructionFailure(_) => StreamError::InvalidArgument {
@@ -248,12 +255,17 @@ where
         },
         // Timeouts, connection failures and responses cut short: the service was not
         // (fully) reached.
-        other => match other.into_source() {
-            Ok(source) => StreamError::Unreachable { source },
-            Err(err) => StreamError::Unreachable {
-                source: DisplayErrorContext(&err).to_string().into(),
-            },
-        },
+        other => {
+            let source = match other.into_source() {
+                Ok(source) => source,
+                Err(err) => DisplayErrorContext(&err).to_string().into(),
+            };
+            if server_error {
+                StreamError::Service { source }
+            } else {
+                StreamError::Unreachable { source }
+            }
+        }
     }
 }
 

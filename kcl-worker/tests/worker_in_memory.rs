@@ -1,0 +1,404 @@
+//! The worker end to end on the in-memory Kinesis and lease store, on tokio's paused clock
+//! (virtual time: a run of simulated minutes takes milliseconds).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kcl_kpl::{Aggregator, ExtendedSequenceNumber};
+use kcl_lease::{LeaseStore, SeededRandom, SystemClock};
+use kcl_testkit::kinesis::InMemoryKinesis;
+use kcl_testkit::lease_store::InMemoryLeaseStore;
+use kcl_testkit::recording::{Behaviour, Event, EventLog, RecordingFactory};
+use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerHandle};
+use tokio::time::Instant;
+
+const STREAM: &str = "orders";
+const FAILOVER: Duration = Duration::from_secs(10);
+
+struct Env {
+    kinesis: InMemoryKinesis,
+    store: Arc<InMemoryLeaseStore>,
+    log: EventLog,
+}
+
+impl Env {
+    fn new(shards: u32) -> Self {
+        let kinesis = InMemoryKinesis::new();
+        kinesis.create_stream(STREAM, shards).unwrap();
+        Self {
+            kinesis,
+            store: Arc::new(InMemoryLeaseStore::new()),
+            log: EventLog::new(),
+        }
+    }
+
+    async fn worker(&self, id: &str, behaviour: Behaviour) -> (WorkerHandle, RecordingFactory) {
+        self.worker_with(id, behaviour, |b| b).await
+    }
+
+    async fn worker_with(
+        &self,
+        id: &str,
+        behaviour: Behaviour,
+        tweak: impl FnOnce(kcl_worker::WorkerConfigBuilder) -> kcl_worker::WorkerConfigBuilder,
+    ) -> (WorkerHandle, RecordingFactory) {
+        let config = tweak(
+            WorkerConfig::builder("app", STREAM)
+                .worker_id(id)
+                .initial_position(InitialPosition::TrimHorizon)
+                .failover_time(FAILOVER)
+                .idle_time_between_reads(Duration::from_millis(200))
+                .shard_sync_interval(Duration::from_secs(5))
+                .parent_shard_poll_interval(Duration::from_millis(500)),
+        )
+        .build()
+        .unwrap();
+        let factory = RecordingFactory::new(id, self.log.clone(), behaviour);
+        let handle = Worker::builder(config, factory.clone())
+            .stream_client(Arc::new(self.kinesis.clone()))
+            .lease_store(self.store.clone())
+            .clock(Arc::new(SystemClock))
+            .random(Arc::new(SeededRandom::new(id.len() as u64 * 31 + 7)))
+            .build()
+            .await
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        (handle, factory)
+    }
+
+    fn put_plain(&self, key: &str, data: &str) {
+        self.kinesis
+            .put_record(STREAM, key, None, Bytes::from(data.to_owned()))
+            .unwrap();
+    }
+
+    fn put_aggregate(&self, items: &[(&str, String)]) {
+        let mut agg = Aggregator::new();
+        for (k, d) in items {
+            assert!(agg.add(k, None, Bytes::from(d.clone())).unwrap().is_none());
+        }
+        let rec = agg.finish().unwrap();
+        self.kinesis
+            .put_record(
+                STREAM,
+                &rec.partition_key,
+                rec.explicit_hash_key.as_deref(),
+                rec.data,
+            )
+            .unwrap();
+    }
+
+    /// Distinct payloads delivered.
+    fn delivered_payloads(&self) -> BTreeSet<String> {
+        self.log
+            .deliveries()
+            .into_iter()
+            .map(|(_, _, r)| String::from_utf8(r.data.to_vec()).unwrap())
+            .collect()
+    }
+
+    async fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Env) -> bool) -> Duration {
+        let start = Instant::now();
+        while !cond(self) {
+            assert!(start.elapsed() < limit, "timed out (virtual {limit:?}) waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start.elapsed()
+    }
+
+    async fn owners(&self) -> BTreeMap<String, Option<String>> {
+        self.store
+            .list_leases()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.lease_key, l.lease_owner))
+            .collect()
+    }
+}
+
+fn payloads(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records() {
+    let env = Env::new(4);
+    let mut expected = BTreeSet::new();
+    for (i, p) in payloads("plain", 200).into_iter().enumerate() {
+        env.put_plain(&format!("key-{}", i % 23), &p);
+        expected.insert(p);
+    }
+    // The KPL aggregates only records bound for one shard: one key per aggregate here.
+    let keys: Vec<String> = (0..10).map(|c| format!("agg-key-{c}")).collect();
+    for (c, chunk) in payloads("agg", 300).chunks(30).enumerate() {
+        let items: Vec<(&str, String)> = chunk.iter().map(|p| (keys[c].as_str(), p.clone())).collect();
+        env.put_aggregate(&items);
+        expected.extend(chunk.iter().cloned());
+    }
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.wait_until("every record", Duration::from_secs(120), |e| {
+        e.delivered_payloads().len() == expected.len()
+    })
+    .await;
+    assert_eq!(env.delivered_payloads(), expected);
+    // Balanced: 2 and 2 once the taker settled.
+    env.wait_until("balance", Duration::from_secs(120), |_| {
+        w1.held_leases().len() == 2 && w2.held_leases().len() == 2
+    })
+    .await;
+    // Aggregated records came out with sub-sequence numbers and the aggregated flag.
+    let aggregated: Vec<_> = env
+        .log
+        .deliveries()
+        .into_iter()
+        .filter(|(_, _, r)| r.aggregated)
+        .collect();
+    assert!(aggregated.len() >= 300);
+    assert!(aggregated.iter().any(|(_, _, r)| r.sub_sequence_number == 29));
+    // Checkpoints landed: every lease's checkpoint is a real sequence number now.
+    for lease in env.store.list_leases().await.unwrap() {
+        assert!(lease.checkpoint.sequence_number().is_some(), "{lease:?}");
+    }
+    w1.shutdown().await.unwrap();
+    w2.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_workers_shards_resume_elsewhere_within_one_and_a_half_failover_times() {
+    let env = Env::new(4);
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.wait_until("balance", Duration::from_secs(120), |_| {
+        w1.held_leases().len() == 2 && w2.held_leases().len() == 2
+    })
+    .await;
+    let w1_shards: BTreeSet<String> = w1.held_leases().into_iter().map(|l| l.lease_key).collect();
+    w1.abort().await; // crash: no shutdown, no release
+    let crashed_at = Instant::now();
+    for (i, p) in payloads("after-crash", 100).into_iter().enumerate() {
+        env.put_plain(&format!("k{i}"), &p);
+    }
+    env.wait_until("takeover", 3 * FAILOVER, |e| {
+        let inits: BTreeSet<String> = e
+            .log
+            .events()
+            .into_iter()
+            .filter_map(|ev| match ev {
+                Event::Initialized { worker, shard, .. } if worker == "w2" => Some(shard),
+                _ => None,
+            })
+            .collect();
+        w1_shards.is_subset(&inits)
+    })
+    .await;
+    let takeover = crashed_at.elapsed();
+    println!("takeover after crash: {takeover:?} (failover_time {FAILOVER:?})");
+    assert!(takeover <= FAILOVER * 3 / 2, "takeover took {takeover:?}");
+    env.wait_until("records after the crash", Duration::from_secs(60), |e| {
+        e.delivered_payloads().iter().filter(|p| p.starts_with("after-crash")).count() == 100
+    })
+    .await;
+    assert_eq!(w2.held_leases().len(), 4);
+    w2.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_releases_leases_and_another_worker_takes_them_at_its_next_taker_run() {
+    let env = Env::new(4);
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.wait_until("balance", Duration::from_secs(120), |_| {
+        w1.held_leases().len() == 2 && w2.held_leases().len() == 2
+    })
+    .await;
+    let stopped_at = Instant::now();
+    w1.shutdown().await.unwrap();
+    // Released: no owner on w1's leases right after shutdown returns, unless w2 already took them.
+    let owners = env.owners().await;
+    assert!(owners.values().all(|o| o.as_deref() != Some("w1")), "{owners:?}");
+    // Every w1 processor got Requested.
+    let requested = env
+        .log
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Shutdown { worker, reason: kcl_interfaces::ShutdownReason::Requested, .. } if worker == "w1"))
+        .count();
+    assert_eq!(requested, 2);
+    env.wait_until("handover", Duration::from_secs(60), |_| w2.held_leases().len() == 4)
+        .await;
+    let handover = stopped_at.elapsed();
+    println!("handover after graceful stop: {handover:?} (taker interval {:?})", FAILOVER / 2);
+    // One taker interval (failover/2) plus its jitter.
+    assert!(handover <= FAILOVER, "handover took {handover:?}");
+    w2.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
+    let env = Env::new(1);
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let keys: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
+    let mut produced: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for round in 0..20 {
+        for k in &keys {
+            let p = format!("{k}/{round:03}");
+            env.put_plain(k, &p);
+            produced.entry(k.clone()).or_default().push(p);
+        }
+        if round == 10 {
+            env.kinesis
+                .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let total: usize = produced.values().map(Vec::len).sum();
+    env.wait_until("all records", Duration::from_secs(120), |e| e.delivered_payloads().len() == total)
+        .await;
+    // Per key: first deliveries in produced order.
+    let mut first_seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for (_, _, r) in env.log.deliveries() {
+        let p = String::from_utf8(r.data.to_vec()).unwrap();
+        if seen.insert(p.clone()) {
+            first_seen.entry(r.partition_key.clone()).or_default().push(p);
+        }
+    }
+    assert_eq!(first_seen, produced);
+    // The parent ended at SHARD_END (or was cleaned up) and children started after it.
+    let events = env.log.events();
+    let parent_end = events
+        .iter()
+        .position(|e| matches!(e, Event::Checkpointed { shard, error: None, during: Some(kcl_interfaces::ShutdownReason::Terminate), .. } if shard == "shardId-000000000000"))
+        .expect("parent checkpointed at its end");
+    for (i, e) in events.iter().enumerate() {
+        if let Event::Initialized { shard, .. } = e {
+            if shard != "shardId-000000000000" {
+                assert!(i > parent_end, "child {shard} started before its parent ended");
+            }
+        }
+    }
+    w1.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_resumes_inside_an_aggregate() {
+    let env = Env::new(1);
+    let items: Vec<(&str, String)> = (0..10).map(|i| ("k", format!("sub-{i}"))).collect();
+    env.put_aggregate(&items);
+    // Checkpoint in the middle of the aggregate by hand: sub-record 3.
+    let (w1, _) = env
+        .worker("w1", Behaviour::new().checkpoint_every_batch(false))
+        .await;
+    env.wait_until("the aggregate", Duration::from_secs(30), |e| e.log.delivered_count() == 10)
+        .await;
+    let (_, _, fourth) = env.log.deliveries()[3].clone();
+    assert_eq!(fourth.sub_sequence_number, 3);
+    // A fenced checkpoint through the store, as the processor would make it.
+    let lease = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    env.store
+        .update_checkpoint(&lease, &fourth.extended_sequence_number())
+        .await
+        .unwrap();
+    w1.abort().await;
+    let before = env.log.delivered_count();
+    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.wait_until("redelivery", 3 * FAILOVER, |e| e.log.delivered_count() > before)
+        .await;
+    let redelivered: Vec<u64> = env.log.deliveries()[before..]
+        .iter()
+        .map(|(_, _, r)| r.sub_sequence_number)
+        .collect();
+    assert_eq!(redelivered, vec![4, 5, 6, 7, 8, 9]);
+    let init = env
+        .log
+        .events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::Initialized { worker, checkpoint, .. } if worker == "w2" => Some(checkpoint),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(init, fourth.extended_sequence_number());
+    w2.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminate_without_checkpoint_blocks_children_until_auto_checkpoint() {
+    let env = Env::new(1);
+    env.put_plain("k", "before");
+    let (w1, _) = env
+        .worker("w1", Behaviour::new().checkpoint_on_terminate(false))
+        .await;
+    env.wait_until("first record", Duration::from_secs(30), |e| e.log.delivered_count() == 1)
+        .await;
+    env.kinesis
+        .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
+        .unwrap();
+    env.put_plain("k", "after");
+    // Several Terminate attempts, no SHARD_END, no child started.
+    env.wait_until("terminate retries", Duration::from_secs(60), |e| {
+        e.log
+            .events()
+            .iter()
+            .filter(|ev| matches!(ev, Event::Shutdown { reason: kcl_interfaces::ShutdownReason::Terminate, .. }))
+            .count()
+            >= 3
+    })
+    .await;
+    assert!(!env.delivered_payloads().contains("after"));
+    let parent = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    assert!(!parent.checkpoint.is_shard_end());
+    assert_eq!(parent.child_shard_ids.len(), 2);
+    w1.shutdown().await.unwrap();
+
+    // With auto_checkpoint_at_shard_end the worker writes SHARD_END itself.
+    let (w2, _) = env
+        .worker_with(
+            "w2",
+            Behaviour::new().checkpoint_on_terminate(false),
+            |b| b.auto_checkpoint_at_shard_end(true),
+        )
+        .await;
+    env.wait_until("child records", Duration::from_secs(60), |e| e.delivered_payloads().contains("after"))
+        .await;
+    let parent = env.store.get_lease("shardId-000000000000").await.unwrap();
+    assert!(parent.is_none_or(|p| p.checkpoint == ExtendedSequenceNumber::SHARD_END));
+    w2.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zombie_is_told_and_cannot_checkpoint() {
+    let env = Env::new(1);
+    env.put_plain("k", "one");
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    env.wait_until("first record", Duration::from_secs(30), |e| e.log.delivered_count() == 1)
+        .await;
+    // Another worker takes the lease behind w1's back.
+    let lease = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    env.store.take_lease(&lease, "thief").await.unwrap();
+    env.wait_until("zombie shutdown", Duration::from_secs(30), |e| {
+        e.log.events().iter().any(|ev| matches!(ev, Event::Shutdown { reason: kcl_interfaces::ShutdownReason::Zombie, .. }))
+    })
+    .await;
+    let zombie_checkpoint = env
+        .log
+        .events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::Checkpointed { during: Some(kcl_interfaces::ShutdownReason::Zombie), error, .. } => Some(error),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(zombie_checkpoint, Some(kcl_interfaces::CheckpointErrorKind::Shutdown));
+    let after = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    assert_eq!(after.lease_owner.as_deref(), Some("thief"));
+    w1.shutdown().await.unwrap();
+}
