@@ -281,12 +281,14 @@ impl WorkerHandle {
     /// crash would (other workers take the leases after `failover_time`). For tests and
     /// simulations.
     pub async fn abort(mut self) {
-        self.stop.take();
-        self.coordinator.stop().await;
+        // Abort before the stop sender is dropped: a dropped sender would read as a request
+        // for graceful shutdown.
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
         }
+        self.coordinator.stop().await;
+        self.stop.take();
     }
 
     /// Waits until the worker stops (after `shutdown` from another handle clone is not
@@ -331,7 +333,13 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         );
         loop {
             tokio::select! {
-                _ = &mut stop => break,
+                request = &mut stop => {
+                    if request.is_err() {
+                        // The handle was dropped without shutdown(): it aborts this task.
+                        std::future::pending::<()>().await;
+                    }
+                    break;
+                }
                 event = events.recv() => match event {
                     Some(LeaseEvent::Gained(lease)) => self.gained(lease),
                     Some(LeaseEvent::Lost { lease_key, .. }) => self.lost(&lease_key),
