@@ -90,12 +90,15 @@ impl RecordProcessor for JsonLines {
                 base64::engine::general_purpose::STANDARD.encode(&r.data),
             ));
         }
-        let mut stdout = std::io::stdout().lock();
-        if let Err(e) = stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
+        // The lock is not `Send`: release it (end of the block) before awaiting.
+        let written = {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush())
+        };
+        if let Err(e) = written {
             error!(error = %e, "writing to stdout failed; not checkpointing");
             return;
         }
-        drop(stdout);
         checkpoint(&self.shard_id, input.checkpointer.checkpoint().await);
     }
 

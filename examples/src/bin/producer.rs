@@ -183,7 +183,8 @@ struct Putter {
 
 impl Putter {
     async fn push(&mut self, entry: Entry) -> Result<(), ProducerError> {
-        if self.batch.len() >= MAX_BATCH_ENTRIES || self.batch_bytes + entry.size() > MAX_BATCH_BYTES
+        if self.batch.len() >= MAX_BATCH_ENTRIES
+            || self.batch_bytes + entry.size() > MAX_BATCH_BYTES
         {
             self.flush().await?;
         }
@@ -280,10 +281,10 @@ async fn ensure_stream(
     match described {
         Ok(out) => {
             if let Some(summary) = out.stream_description_summary() {
-                if summary.open_shard_count() != Some(shards) {
+                if summary.open_shard_count() != shards {
                     info!(
                         stream,
-                        open_shards = ?summary.open_shard_count(),
+                        open_shards = summary.open_shard_count(),
                         "stream exists; not changing its shard count"
                     );
                 }
@@ -381,7 +382,9 @@ async fn run(args: Args) -> Result<Summary, ProducerError> {
     if args.aggregate {
         aggregators.resize_with(keys.len(), Aggregator::new);
     }
-    let per_aggregate = args.records_per_aggregate.map_or(usize::MAX, |m| m as usize);
+    let per_aggregate = args
+        .records_per_aggregate
+        .map_or(usize::MAX, |m| m as usize);
 
     info!(
         stream = %args.stream,
