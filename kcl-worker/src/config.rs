@@ -306,10 +306,9 @@ impl WorkerConfigBuilder {
             read_capacity_units,
             write_capacity_units,
         }) = self.billing_mode
+            && (read_capacity_units == 0 || write_capacity_units == 0)
         {
-            if read_capacity_units == 0 || write_capacity_units == 0 {
-                return Err(invalid("billing_mode", "provisioned capacity units must be at least 1"));
-            }
+            return Err(invalid("billing_mode", "provisioned capacity units must be at least 1"));
         }
         if let Some(region) = &self.region {
             non_empty("region", region)?;

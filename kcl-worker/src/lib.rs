@@ -29,3 +29,8 @@ pub use worker::{Worker, WorkerBuilder, WorkerHandle};
 
 pub use kcl_interfaces;
 pub use kcl_lease;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -421,10 +421,10 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             }
             Outcome::LeaseLost | Outcome::ShutdownRequested => {}
         }
-        if let Some(lease) = self.regained.remove(&key) {
-            if self.ctx.coordinator.is_held(&key) {
-                self.gained(lease);
-            }
+        if let Some(lease) = self.regained.remove(&key)
+            && self.ctx.coordinator.is_held(&key)
+        {
+            self.gained(lease);
         }
     }
 
