@@ -402,3 +402,28 @@ async fn a_zombie_is_told_and_cannot_checkpoint() {
     assert_eq!(after.lease_owner.as_deref(), Some("thief"));
     w1.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_worker_starts_processing_64_fresh_shards_within_3_seconds() {
+    let env = Env::new(64);
+    for i in 0..640 {
+        env.put_plain(&format!("key-{i}"), &format!("r{i}"));
+    }
+    let started = Instant::now();
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let took = env
+        .wait_until("64 initialized shards", Duration::from_secs(30), |e| {
+            e.log
+                .events()
+                .iter()
+                .filter(|ev| matches!(ev, Event::Initialized { .. }))
+                .count()
+                == 64
+        })
+        .await;
+    println!("64 fresh shards processing after {took:?} (virtual, from start {:?})", started.elapsed());
+    assert!(took <= Duration::from_secs(3), "took {took:?}");
+    env.wait_until("all records", Duration::from_secs(30), |e| e.delivered_payloads().len() == 640)
+        .await;
+    w1.shutdown().await.unwrap();
+}
