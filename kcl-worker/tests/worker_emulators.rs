@@ -4,7 +4,8 @@
 //!
 //! Each test uses its own stream and lease table on emulators shared by the binary, and short
 //! timings (failover 3 s) so the file runs in well under a minute. Measured figures are
-//! printed (`cargo test -- --nocapture` shows them).
+//! printed (`cargo test -- --nocapture` shows them); `RUST_LOG=kcl_worker=debug` (for example)
+//! shows the library's logs.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -63,6 +64,29 @@ fn emulators() -> &'static Emulators {
     })
 }
 
+/// Logs to the test's output when `RUST_LOG` is set.
+fn init_logging() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// What an aborted worker's processors did from event index `from` on: they must not be
+/// shut down nor checkpoint (a crash, not a graceful shutdown).
+fn callbacks_since(log: &EventLog, from: usize, worker: &str) -> Vec<Event> {
+    log.events()
+        .into_iter()
+        .skip(from)
+        .filter(|e| {
+            matches!(e, Event::Shutdown { worker: w, .. } | Event::Checkpointed { worker: w, .. }
+                if w == worker)
+        })
+        .collect()
+}
+
 /// One record to put: plain, or a KPL aggregate with its explicit hash key.
 struct Entry {
     partition_key: String,
@@ -114,6 +138,7 @@ struct Env {
 
 impl Env {
     async fn new(name: &str, shards: i32) -> Self {
+        init_logging();
         let emulators = tokio::task::block_in_place(emulators);
         let kinesis = kinesis_client(emulators.kinesis.endpoint());
         let started = Instant::now();
@@ -568,6 +593,7 @@ async fn a_crashed_workers_shards_are_taken_over_within_one_and_a_half_failover_
         "{:?}",
         owners(&leases)
     );
+    assert_eq!(callbacks_since(&env.log, mark, "w1"), vec![]);
     w2.shutdown().await.unwrap();
 }
 
@@ -973,10 +999,14 @@ async fn a_restart_resumes_from_a_checkpoint_inside_an_aggregate() {
         }
     };
     assert_eq!(written.checkpoint, target);
+    let mark = env.log.events().len();
     w1.abort().await;
     let before = env.log.delivered_count();
     assert_eq!(before, 10);
-    let mark = env.log.events().len();
+    // A crash: the lease stays w1's, with the checkpoint written above.
+    let after_crash = env.store.get_lease(&shard).await.unwrap().unwrap();
+    assert!(after_crash.is_owned_by("w1"), "{after_crash:?}");
+    assert_eq!(after_crash.checkpoint, target);
 
     let restarted = Instant::now();
     let w2 = env.worker("w2", Behaviour::new()).await;
@@ -1030,6 +1060,7 @@ async fn a_restart_resumes_from_a_checkpoint_inside_an_aggregate() {
         })
         .collect();
     assert_eq!(inits, vec![("w2".to_owned(), target, None)]);
+    assert_eq!(callbacks_since(&env.log, mark, "w1"), vec![]);
     // w2 checkpointed the aggregate's last sub-record.
     let tenth = first[9].extended_sequence_number();
     env.wait_for_table("w2's checkpoint", PATIENCE, |leases| {
