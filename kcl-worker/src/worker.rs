@@ -291,8 +291,8 @@ impl WorkerHandle {
         self.stop.take();
     }
 
-    /// Waits until the worker stops (after `shutdown` from another handle clone is not
-    /// possible; this is for a worker that ended on its own).
+    /// Whether the worker's task has ended (on its own, e.g. when its lease coordinator
+    /// stopped).
     pub fn is_finished(&self) -> bool {
         self.task.as_ref().is_none_or(|t| t.is_finished())
     }

@@ -279,10 +279,10 @@ async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
         .position(|e| matches!(e, Event::Checkpointed { shard, error: None, during: Some(kcl_interfaces::ShutdownReason::Terminate), .. } if shard == "shardId-000000000000"))
         .expect("parent checkpointed at its end");
     for (i, e) in events.iter().enumerate() {
-        if let Event::Initialized { shard, .. } = e {
-            if shard != "shardId-000000000000" {
-                assert!(i > parent_end, "child {shard} started before its parent ended");
-            }
+        if let Event::Initialized { shard, .. } = e
+            && shard != "shardId-000000000000"
+        {
+            assert!(i > parent_end, "child {shard} started before its parent ended");
         }
     }
     w1.shutdown().await.unwrap();
