@@ -46,7 +46,11 @@ pub trait RandomSource: Send + Sync + Debug {
 
     /// A value in `0..bound` (`0` when `bound` is 0).
     fn below(&self, bound: u64) -> u64 {
-        if bound == 0 { 0 } else { self.next_u64() % bound }
+        if bound == 0 {
+            0
+        } else {
+            self.next_u64() % bound
+        }
     }
 
     /// A duration in `0..=max`.

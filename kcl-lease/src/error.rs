@@ -78,7 +78,9 @@ impl LeaseError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            LeaseError::Throttled { .. } | LeaseError::Unreachable { .. } | LeaseError::Service { .. }
+            LeaseError::Throttled { .. }
+                | LeaseError::Unreachable { .. }
+                | LeaseError::Service { .. }
         )
     }
 

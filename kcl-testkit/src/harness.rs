@@ -35,9 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use kcl_interfaces::{
-    BoxFuture, CheckpointBackend, CheckpointError, CheckpointErrorKind, CheckpointTarget, Checkpointer,
-    ExtendedSequenceNumber, InitializationInput, ProcessRecordsInput, Record, RecordProcessor,
-    SequenceNumber, ShutdownInput, ShutdownReason,
+    BoxFuture, CheckpointBackend, CheckpointError, CheckpointErrorKind, CheckpointTarget,
+    Checkpointer, ExtendedSequenceNumber, InitializationInput, ProcessRecordsInput, Record,
+    RecordProcessor, SequenceNumber, ShutdownInput, ShutdownReason,
 };
 
 #[derive(Debug)]
@@ -122,7 +122,11 @@ impl RecordingCheckpointer {
         self.state().shard_ended = true;
     }
 
-    fn write(&self, target: CheckpointTarget, prepare: bool) -> Result<ExtendedSequenceNumber, CheckpointError> {
+    fn write(
+        &self,
+        target: CheckpointTarget,
+        prepare: bool,
+    ) -> Result<ExtendedSequenceNumber, CheckpointError> {
         let mut s = self.state();
         if s.lease_lost {
             return Err(CheckpointError::Shutdown {
@@ -134,7 +138,9 @@ impl RecordingCheckpointer {
             return Err(injected(kind));
         }
         let position = match target {
-            CheckpointTarget::LargestDelivered if s.shard_ended => ExtendedSequenceNumber::SHARD_END,
+            CheckpointTarget::LargestDelivered if s.shard_ended => {
+                ExtendedSequenceNumber::SHARD_END
+            }
             CheckpointTarget::LargestDelivered => s.largest_delivered.clone(),
             CheckpointTarget::At(p) => p,
             _ => {
@@ -155,7 +161,10 @@ impl RecordingCheckpointer {
         }
         if !position.is_shard_end() && position > s.largest_delivered {
             return Err(CheckpointError::IllegalArgument {
-                message: format!("{position} is after the largest delivered {}", s.largest_delivered),
+                message: format!(
+                    "{position} is after the largest delivered {}",
+                    s.largest_delivered
+                ),
             });
         }
         if prepare {

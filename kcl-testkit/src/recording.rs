@@ -232,7 +232,11 @@ impl RecordingProcessor {
             .clone()
     }
 
-    fn checkpointed(&self, result: Result<(), kcl_interfaces::CheckpointError>, during: Option<ShutdownReason>) {
+    fn checkpointed(
+        &self,
+        result: Result<(), kcl_interfaces::CheckpointError>,
+        during: Option<ShutdownReason>,
+    ) {
         self.log.push(Event::Checkpointed {
             worker: self.worker.clone(),
             shard: self.shard.clone(),

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kcl_interfaces::{InitializationInput, ProcessRecordsInput, RecordProcessor, ShutdownInput, ShutdownReason};
+use kcl_interfaces::{
+    InitializationInput, ProcessRecordsInput, RecordProcessor, ShutdownInput, ShutdownReason,
+};
 use kcl_kpl::Aggregator;
 use kcl_lease::{SeededRandom, SystemClock};
 use kcl_testkit::kinesis::{InMemoryKinesis, PutRecordsEntry};
@@ -28,7 +30,8 @@ struct Counting {
 impl RecordProcessor for Counting {
     async fn initialize(&mut self, _: InitializationInput) {}
     async fn process_records(&mut self, input: ProcessRecordsInput) {
-        self.processed.fetch_add(input.records.len() as u64, Ordering::Relaxed);
+        self.processed
+            .fetch_add(input.records.len() as u64, Ordering::Relaxed);
         input.checkpointer.checkpoint().await.unwrap();
     }
     async fn shutdown(&mut self, input: ShutdownInput) {
@@ -54,7 +57,12 @@ fn fill(kinesis: &InMemoryKinesis, stream: &str, records: usize, aggregated: boo
             }
             let rec = agg.finish().unwrap();
             kinesis
-                .put_record(stream, &rec.partition_key, rec.explicit_hash_key.as_deref(), rec.data)
+                .put_record(
+                    stream,
+                    &rec.partition_key,
+                    rec.explicit_hash_key.as_deref(),
+                    rec.data,
+                )
                 .unwrap();
             i += 1;
         }
@@ -102,7 +110,10 @@ async fn run(shards: u32, records: usize, aggregated: bool) -> f64 {
         .unwrap();
     while processed.load(Ordering::Relaxed) < total {
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(start.elapsed() < Duration::from_secs(120), "bench did not finish");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "bench did not finish"
+        );
     }
     let secs = start.elapsed().as_secs_f64();
     handle.shutdown().await.unwrap();

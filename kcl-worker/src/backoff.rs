@@ -56,7 +56,10 @@ mod tests {
         assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
         assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
         for d in &delays[5..] {
-            assert!(*d >= Duration::from_secs(1) && *d <= Duration::from_secs(2), "{d:?}");
+            assert!(
+                *d >= Duration::from_secs(1) && *d <= Duration::from_secs(2),
+                "{d:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -96,7 +96,9 @@ impl ShardCheckpointer {
 
     /// Writes SHARD_END on the processor's behalf (`auto_checkpoint_at_shard_end`).
     pub(crate) async fn checkpoint_shard_end(&self) -> Result<(), CheckpointError> {
-        self.write(CheckpointTarget::LargestDelivered, false).await.map(|_| ())
+        self.write(CheckpointTarget::LargestDelivered, false)
+            .await
+            .map(|_| ())
     }
 
     fn resolve(
@@ -111,7 +113,9 @@ impl ShardCheckpointer {
             });
         }
         let position = match target {
-            CheckpointTarget::LargestDelivered if s.shard_ended => ExtendedSequenceNumber::SHARD_END,
+            CheckpointTarget::LargestDelivered if s.shard_ended => {
+                ExtendedSequenceNumber::SHARD_END
+            }
             CheckpointTarget::LargestDelivered => s.largest_delivered.clone(),
             CheckpointTarget::At(p) => p.clone(),
             _ => {
@@ -148,7 +152,10 @@ impl ShardCheckpointer {
 
     /// Asks Kinesis whether a sequence number belongs to this shard (as the Java KCL's
     /// sequence number validator does).
-    async fn validate_with_stream(&self, position: &ExtendedSequenceNumber) -> Result<(), CheckpointError> {
+    async fn validate_with_stream(
+        &self,
+        position: &ExtendedSequenceNumber,
+    ) -> Result<(), CheckpointError> {
         let Some(seq) = position.sequence_number() else {
             return Ok(());
         };
@@ -162,10 +169,17 @@ impl ShardCheckpointer {
             .await
         {
             Ok(_) => Ok(()),
-            Err(StreamError::InvalidArgument { message }) => Err(CheckpointError::IllegalArgument {
-                message: format!("{seq} is not a sequence number of shard {}: {message}", self.shard_id),
+            Err(StreamError::InvalidArgument { message }) => {
+                Err(CheckpointError::IllegalArgument {
+                    message: format!(
+                        "{seq} is not a sequence number of shard {}: {message}",
+                        self.shard_id
+                    ),
+                })
+            }
+            Err(e) if e.is_retryable() => Err(CheckpointError::Dependency {
+                source: Box::new(e),
             }),
-            Err(e) if e.is_retryable() => Err(CheckpointError::Dependency { source: Box::new(e) }),
             Err(e) => Err(CheckpointError::InvalidState {
                 message: format!("validating {seq} with kinesis failed: {e}"),
             }),
@@ -219,17 +233,21 @@ impl ShardCheckpointer {
 /// Maps a lease store failure to the checkpoint error a processor sees.
 pub(crate) fn map_lease_error(e: LeaseError) -> CheckpointError {
     match e {
-        LeaseError::ConditionFailed { .. } | LeaseError::NotHeld { .. } | LeaseError::NotFound { .. } => {
-            CheckpointError::Shutdown {
-                reason: e.to_string(),
-            }
-        }
-        LeaseError::Throttled { .. } => CheckpointError::Throttling { source: Box::new(e) },
+        LeaseError::ConditionFailed { .. }
+        | LeaseError::NotHeld { .. }
+        | LeaseError::NotFound { .. } => CheckpointError::Shutdown {
+            reason: e.to_string(),
+        },
+        LeaseError::Throttled { .. } => CheckpointError::Throttling {
+            source: Box::new(e),
+        },
         LeaseError::TableMissing { .. } => CheckpointError::InvalidState {
             message: e.to_string(),
         },
         LeaseError::Unreachable { .. } | LeaseError::Service { .. } => {
-            CheckpointError::Dependency { source: Box::new(e) }
+            CheckpointError::Dependency {
+                source: Box::new(e),
+            }
         }
         other => CheckpointError::InvalidState {
             message: other.to_string(),

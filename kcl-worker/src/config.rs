@@ -233,7 +233,10 @@ impl WorkerConfigBuilder {
                 Ok(d)
             }
         }
-        fn endpoint(option: &'static str, v: Option<String>) -> Result<Option<String>, ConfigError> {
+        fn endpoint(
+            option: &'static str,
+            v: Option<String>,
+        ) -> Result<Option<String>, ConfigError> {
             match v {
                 Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => Err(
                     invalid(option, format!("{url:?} is not an http:// or https:// URL")),
@@ -255,7 +258,9 @@ impl WorkerConfigBuilder {
         {
             return Err(invalid(
                 "table_name",
-                format!("{table_name:?} is not a valid DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+                format!(
+                    "{table_name:?} is not a valid DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"
+                ),
             ));
         }
         let worker_id = match self.worker_id {
@@ -275,14 +280,22 @@ impl WorkerConfigBuilder {
         }
         let max_leases_to_steal_at_one_time = self.max_leases_to_steal_at_one_time.unwrap_or(1);
         if max_leases_to_steal_at_one_time == 0 {
-            return Err(invalid("max_leases_to_steal_at_one_time", "must be at least 1"));
+            return Err(invalid(
+                "max_leases_to_steal_at_one_time",
+                "must be at least 1",
+            ));
         }
         let max_records = self.max_records.unwrap_or(10_000);
         if !(1..=10_000).contains(&max_records) {
             return Err(invalid("max_records", "must be between 1 and 10000"));
         }
-        let task_backoff = not_zero("task_backoff", self.task_backoff.unwrap_or(Duration::from_millis(500)))?;
-        let max_backoff = self.max_backoff.unwrap_or(Duration::from_secs(10).max(task_backoff));
+        let task_backoff = not_zero(
+            "task_backoff",
+            self.task_backoff.unwrap_or(Duration::from_millis(500)),
+        )?;
+        let max_backoff = self
+            .max_backoff
+            .unwrap_or(Duration::from_secs(10).max(task_backoff));
         if max_backoff < task_backoff {
             return Err(invalid("max_backoff", "must be at least task_backoff"));
         }
@@ -296,7 +309,10 @@ impl WorkerConfigBuilder {
         }
         let max_prefetch_records = self.max_prefetch_records.unwrap_or(30_000);
         if max_prefetch_records < max_records as usize {
-            return Err(invalid("max_prefetch_records", "must be at least max_records"));
+            return Err(invalid(
+                "max_prefetch_records",
+                "must be at least max_records",
+            ));
         }
         let max_prefetch_bytes = self.max_prefetch_bytes.unwrap_or(32 * 1024 * 1024);
         if max_prefetch_bytes == 0 {
@@ -308,7 +324,10 @@ impl WorkerConfigBuilder {
         }) = self.billing_mode
             && (read_capacity_units == 0 || write_capacity_units == 0)
         {
-            return Err(invalid("billing_mode", "provisioned capacity units must be at least 1"));
+            return Err(invalid(
+                "billing_mode",
+                "provisioned capacity units must be at least 1",
+            ));
         }
         if let Some(region) = &self.region {
             non_empty("region", region)?;
@@ -323,13 +342,16 @@ impl WorkerConfigBuilder {
             max_leases_for_worker,
             max_leases_to_steal_at_one_time,
             max_records,
-            idle_time_between_reads: self.idle_time_between_reads.unwrap_or(Duration::from_secs(1)),
+            idle_time_between_reads: self
+                .idle_time_between_reads
+                .unwrap_or(Duration::from_secs(1)),
             call_process_records_even_for_empty_list: self
                 .call_process_records_even_for_empty_list
                 .unwrap_or(false),
             parent_shard_poll_interval: not_zero(
                 "parent_shard_poll_interval",
-                self.parent_shard_poll_interval.unwrap_or(Duration::from_secs(10)),
+                self.parent_shard_poll_interval
+                    .unwrap_or(Duration::from_secs(10)),
             )?,
             shard_sync_interval: not_zero(
                 "shard_sync_interval",
@@ -406,23 +428,71 @@ mod tests {
         let cases: Vec<(WorkerConfigBuilder, &str)> = vec![
             (WorkerConfig::builder("", "s"), "application_name"),
             (WorkerConfig::builder("app", " "), "stream_name"),
-            (WorkerConfig::builder("app", "s").table_name("a b"), "table_name"),
+            (
+                WorkerConfig::builder("app", "s").table_name("a b"),
+                "table_name",
+            ),
             (WorkerConfig::builder("app", "s").worker_id(""), "worker_id"),
-            (WorkerConfig::builder("app", "s").failover_time(Duration::from_millis(5)), "failover_time"),
-            (WorkerConfig::builder("app", "s").max_leases_for_worker(0usize), "max_leases_for_worker"),
-            (WorkerConfig::builder("app", "s").max_leases_to_steal_at_one_time(0usize), "max_leases_to_steal_at_one_time"),
-            (WorkerConfig::builder("app", "s").max_records(0u32), "max_records"),
-            (WorkerConfig::builder("app", "s").max_records(10_001u32), "max_records"),
-            (WorkerConfig::builder("app", "s").shard_sync_interval(Duration::ZERO), "shard_sync_interval"),
-            (WorkerConfig::builder("app", "s").parent_shard_poll_interval(Duration::ZERO), "parent_shard_poll_interval"),
-            (WorkerConfig::builder("app", "s").task_backoff(Duration::ZERO), "task_backoff"),
-            (WorkerConfig::builder("app", "s").max_backoff(Duration::from_millis(1)), "max_backoff"),
-            (WorkerConfig::builder("app", "s").max_get_records_per_second(0u32), "max_get_records_per_second"),
-            (WorkerConfig::builder("app", "s").max_bytes_per_second(0u64), "max_bytes_per_second"),
-            (WorkerConfig::builder("app", "s").max_prefetch_records(5usize), "max_prefetch_records"),
-            (WorkerConfig::builder("app", "s").max_prefetch_bytes(0usize), "max_prefetch_bytes"),
-            (WorkerConfig::builder("app", "s").kinesis_endpoint("localhost:4567"), "kinesis_endpoint"),
-            (WorkerConfig::builder("app", "s").dynamodb_endpoint("ftp://x"), "dynamodb_endpoint"),
+            (
+                WorkerConfig::builder("app", "s").failover_time(Duration::from_millis(5)),
+                "failover_time",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_leases_for_worker(0usize),
+                "max_leases_for_worker",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_leases_to_steal_at_one_time(0usize),
+                "max_leases_to_steal_at_one_time",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_records(0u32),
+                "max_records",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_records(10_001u32),
+                "max_records",
+            ),
+            (
+                WorkerConfig::builder("app", "s").shard_sync_interval(Duration::ZERO),
+                "shard_sync_interval",
+            ),
+            (
+                WorkerConfig::builder("app", "s").parent_shard_poll_interval(Duration::ZERO),
+                "parent_shard_poll_interval",
+            ),
+            (
+                WorkerConfig::builder("app", "s").task_backoff(Duration::ZERO),
+                "task_backoff",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_backoff(Duration::from_millis(1)),
+                "max_backoff",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_get_records_per_second(0u32),
+                "max_get_records_per_second",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_bytes_per_second(0u64),
+                "max_bytes_per_second",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_prefetch_records(5usize),
+                "max_prefetch_records",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_prefetch_bytes(0usize),
+                "max_prefetch_bytes",
+            ),
+            (
+                WorkerConfig::builder("app", "s").kinesis_endpoint("localhost:4567"),
+                "kinesis_endpoint",
+            ),
+            (
+                WorkerConfig::builder("app", "s").dynamodb_endpoint("ftp://x"),
+                "dynamodb_endpoint",
+            ),
             (
                 WorkerConfig::builder("app", "s").billing_mode(BillingMode::Provisioned {
                     read_capacity_units: 0,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kcl_interfaces::{
-    Checkpointer, InitializationInput, ProcessRecordsInput, RecordProcessor, RecordProcessorFactory,
-    ShutdownInput, ShutdownReason,
+    Checkpointer, InitializationInput, ProcessRecordsInput, RecordProcessor,
+    RecordProcessorFactory, ShutdownInput, ShutdownReason,
 };
 use kcl_lease::coordinator::LeaseCoordinator;
 use kcl_lease::{Clock, Lease, RandomSource};
@@ -94,7 +94,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             self.ctx.config.stream_name.clone(),
             self.ctx.coordinator.clone(),
             self.ctx.stream.clone(),
-            self.ctx.config.validate_sequence_number_before_checkpointing,
+            self.ctx
+                .config
+                .validate_sequence_number_before_checkpointing,
             lease.checkpoint.clone(),
             lease.pending_checkpoint.clone(),
         ));
@@ -127,10 +129,14 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             match current {
                 Signal::Run => {}
                 Signal::Shutdown => {
-                    return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Requested).await;
+                    return self
+                        .shutdown(processor, &backend, checkpointer, ShutdownReason::Requested)
+                        .await;
                 }
                 Signal::LeaseLost => {
-                    return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Zombie).await;
+                    return self
+                        .shutdown(processor, &backend, checkpointer, ShutdownReason::Zombie)
+                        .await;
                 }
             }
             let batch = tokio::select! {
@@ -168,10 +174,17 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     .with_cache_times(Some(cache_entry_time), Some(self.ctx.clock.system_time()));
                 let started = self.ctx.clock.now();
                 processor.process_records(input).await;
-                metrics::histogram!(m::PROCESS_RECORDS_SECONDS, "shard_id" => key.clone())
-                    .record(self.ctx.clock.now().saturating_duration_since(started).as_secs_f64());
-                metrics::counter!(m::RECORDS_PROCESSED_TOTAL, "shard_id" => key.clone()).increment(count);
-                metrics::counter!(m::BYTES_PROCESSED_TOTAL, "shard_id" => key.clone()).increment(bytes);
+                metrics::histogram!(m::PROCESS_RECORDS_SECONDS, "shard_id" => key.clone()).record(
+                    self.ctx
+                        .clock
+                        .now()
+                        .saturating_duration_since(started)
+                        .as_secs_f64(),
+                );
+                metrics::counter!(m::RECORDS_PROCESSED_TOTAL, "shard_id" => key.clone())
+                    .increment(count);
+                metrics::counter!(m::BYTES_PROCESSED_TOTAL, "shard_id" => key.clone())
+                    .increment(bytes);
             }
             drop(_permits);
             if let Some(children) = shard_end {
@@ -185,7 +198,11 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         backend.mark_shard_ended();
         loop {
             let done = self
-                .call_shutdown(&mut processor, checkpointer.clone(), ShutdownReason::Terminate)
+                .call_shutdown(
+                    &mut processor,
+                    checkpointer.clone(),
+                    ShutdownReason::Terminate,
+                )
                 .await;
             if !done {
                 backend.shut_down("the processor's shutdown failed");
@@ -205,8 +222,10 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 }
             } else {
                 metrics::counter!(m::SHARD_END_NOT_CHECKPOINTED_TOTAL).increment(1);
-                error!("the processor returned from shutdown(Terminate) without checkpointing; \
-                        the shard stays unfinished and its children blocked; retrying after a back-off");
+                error!(
+                    "the processor returned from shutdown(Terminate) without checkpointing; \
+                        the shard stays unfinished and its children blocked; retrying after a back-off"
+                );
             }
             if !self.ctx.coordinator.is_held(&key) {
                 backend.shut_down("the lease was lost to another worker");
@@ -294,7 +313,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         if reason == ShutdownReason::Zombie {
             backend.shut_down("the lease was lost to another worker");
         }
-        let ok = self.call_shutdown(&mut processor, checkpointer, reason).await;
+        let ok = self
+            .call_shutdown(&mut processor, checkpointer, reason)
+            .await;
         backend.shut_down("the processor was shut down");
         match (ok, reason) {
             (false, _) => Outcome::Failed,
@@ -304,7 +325,12 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
     }
 
     /// Calls `shutdown` with the grace period. False when it timed out.
-    async fn call_shutdown(&self, processor: &mut F::Processor, checkpointer: Checkpointer, reason: ShutdownReason) -> bool {
+    async fn call_shutdown(
+        &self,
+        processor: &mut F::Processor,
+        checkpointer: Checkpointer,
+        reason: ShutdownReason,
+    ) -> bool {
         info!(?reason, "shutting down processor");
         let grace = self.ctx.config.shutdown_grace;
         let finished = with_timeout(
@@ -315,14 +341,22 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         .await;
         if !finished {
             metrics::counter!(m::PROCESSOR_FAILURES_TOTAL).increment(1);
-            error!(?grace, ?reason, "the processor's shutdown exceeded the shutdown grace; abandoning it");
+            error!(
+                ?grace,
+                ?reason,
+                "the processor's shutdown exceeded the shutdown grace; abandoning it"
+            );
         }
         finished
     }
 }
 
 /// Runs `fut` for at most `limit` on `clock`; true when it finished.
-pub(crate) async fn with_timeout<F: Future<Output = ()>>(clock: &dyn Clock, limit: Duration, fut: F) -> bool {
+pub(crate) async fn with_timeout<F: Future<Output = ()>>(
+    clock: &dyn Clock,
+    limit: Duration,
+    fut: F,
+) -> bool {
     tokio::select! {
         _ = fut => true,
         _ = clock.sleep(limit) => false,

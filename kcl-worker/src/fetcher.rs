@@ -86,9 +86,16 @@ impl Fetcher {
         let byte_budget = Arc::new(Semaphore::new(self.config.max_prefetch_bytes));
         let initial = start_position(&self.checkpoint, self.config.initial_position);
         // Sub-records at or below the checkpoint are dropped (resume inside an aggregate).
-        let filter_below = self.checkpoint.sequence_number().map(|_| self.checkpoint.clone());
+        let filter_below = self
+            .checkpoint
+            .sequence_number()
+            .map(|_| self.checkpoint.clone());
         let mut last_fetched: Option<SequenceNumber> = None;
-        let mut backoff = Backoff::new(self.config.task_backoff, self.config.max_backoff, self.random.clone());
+        let mut backoff = Backoff::new(
+            self.config.task_backoff,
+            self.config.max_backoff,
+            self.random.clone(),
+        );
         let mut limiter = RateLimiter {
             next_allowed: None,
             min_interval: Duration::from_secs(1) / self.config.max_get_records_per_second,
@@ -128,7 +135,12 @@ impl Fetcher {
             let started = self.clock.now();
             let result = self.stream.get_records(&it, self.config.max_records).await;
             metrics::histogram!(m::GET_RECORDS_SECONDS, "shard_id" => self.shard_id.clone())
-                .record(self.clock.now().saturating_duration_since(started).as_secs_f64());
+                .record(
+                    self.clock
+                        .now()
+                        .saturating_duration_since(started)
+                        .as_secs_f64(),
+                );
             let output = match result {
                 Ok(o) => o,
                 Err(StreamError::ExpiredIterator) => {
@@ -184,11 +196,17 @@ impl Fetcher {
                 .is_none()
                 .then_some(output.child_shards);
             let caught_up = raw_count == 0 && millis_behind_latest == 0;
-            if !records.is_empty() || shard_end.is_some() || self.config.call_process_records_even_for_empty_list {
+            if !records.is_empty()
+                || shard_end.is_some()
+                || self.config.call_process_records_even_for_empty_list
+            {
                 let bytes: usize = records.iter().map(|r| r.data.len()).sum();
                 let mut permits = Vec::with_capacity(2);
-                let want_records = u32::try_from(records.len().min(self.config.max_prefetch_records)).unwrap_or(u32::MAX);
-                let want_bytes = u32::try_from(bytes.min(self.config.max_prefetch_bytes)).unwrap_or(u32::MAX);
+                let want_records =
+                    u32::try_from(records.len().min(self.config.max_prefetch_records))
+                        .unwrap_or(u32::MAX);
+                let want_bytes =
+                    u32::try_from(bytes.min(self.config.max_prefetch_bytes)).unwrap_or(u32::MAX);
                 for (sem, n) in [(&record_budget, want_records), (&byte_budget, want_bytes)] {
                     if n > 0 {
                         match sem.clone().acquire_many_owned(n).await {
@@ -224,7 +242,8 @@ impl Fetcher {
             metrics::counter!(m::THROTTLES_TOTAL, "shard_id" => self.shard_id.clone()).increment(1);
             debug!(shard_id = %self.shard_id, ?delay, "kinesis throttled; backing off");
         } else {
-            metrics::counter!(m::STREAM_ERRORS_TOTAL, "shard_id" => self.shard_id.clone()).increment(1);
+            metrics::counter!(m::STREAM_ERRORS_TOTAL, "shard_id" => self.shard_id.clone())
+                .increment(1);
             warn!(shard_id = %self.shard_id, error = %e, cause = ?std::error::Error::source(e), ?delay,
                 "reading the shard failed; backing off and retrying");
         }

@@ -104,10 +104,9 @@ pub(crate) fn plan_new_leases(
                 .parent_ids()
                 .filter(|p| by_id.contains_key(p) || leases.contains_key(*p))
                 .collect();
-            if parents
-                .iter()
-                .any(|p| by_id.contains_key(p) && !leases.contains_key(*p) && !decided.contains_key(p))
-            {
+            if parents.iter().any(|p| {
+                by_id.contains_key(p) && !leases.contains_key(*p) && !decided.contains_key(p)
+            }) {
                 rest.push(shard);
                 continue;
             }
@@ -116,9 +115,10 @@ pub(crate) fn plan_new_leases(
                 decided.insert(id, true);
                 continue;
             }
-            let descendants_leased = children
-                .get(id)
-                .is_some_and(|c| c.iter().any(|c| covered(c, leases, &children, &mut covered_memo)));
+            let descendants_leased = children.get(id).is_some_and(|c| {
+                c.iter()
+                    .any(|c| covered(c, leases, &children, &mut covered_memo))
+            });
             if descendants_leased {
                 decided.insert(id, false);
                 continue;
@@ -158,7 +158,11 @@ pub(crate) fn plan_new_leases(
 }
 
 impl ShardSyncer {
-    pub(crate) fn new(config: Arc<WorkerConfig>, stream: Arc<dyn StreamClient>, store: Arc<dyn LeaseStore>) -> Self {
+    pub(crate) fn new(
+        config: Arc<WorkerConfig>,
+        stream: Arc<dyn StreamClient>,
+        store: Arc<dyn LeaseStore>,
+    ) -> Self {
         Self {
             config,
             stream,
@@ -169,7 +173,11 @@ impl ShardSyncer {
 
     /// Lists every shard (and caches the listing).
     pub(crate) async fn list_shards(&self) -> Result<Arc<Vec<Shard>>, StreamError> {
-        let shards = Arc::new(self.stream.list_all_shards(&self.config.stream_name, None).await?);
+        let shards = Arc::new(
+            self.stream
+                .list_all_shards(&self.config.stream_name, None)
+                .await?,
+        );
         if let Ok(mut cache) = self.shards.lock() {
             *cache = Some(shards.clone());
         }
@@ -211,7 +219,8 @@ impl ShardSyncer {
         let in_stream: BTreeSet<&str> = shards.iter().map(|s| s.shard_id.as_str()).collect();
         let mut deleted = 0;
         for lease in leases.values().filter(|l| l.is_finished()) {
-            let mut children: BTreeSet<&str> = lease.child_shard_ids.iter().map(String::as_str).collect();
+            let mut children: BTreeSet<&str> =
+                lease.child_shard_ids.iter().map(String::as_str).collect();
             for s in shards {
                 if s.parent_ids().any(|p| p == lease.lease_key) {
                     children.insert(&s.shard_id);
@@ -233,7 +242,9 @@ impl ShardSyncer {
                     deleted += 1;
                 }
                 Err(e) if e.is_condition_failed() => {}
-                Err(e) => warn!(lease_key = %lease.lease_key, error = %e, "deleting a finished lease failed"),
+                Err(e) => {
+                    warn!(lease_key = %lease.lease_key, error = %e, "deleting a finished lease failed")
+                }
             }
         }
         deleted
@@ -285,7 +296,10 @@ impl ShardSyncer {
 
 /// A lease has started once its checkpoint moved past the start sentinels.
 pub(crate) fn has_started(checkpoint: &ExtendedSequenceNumber) -> bool {
-    matches!(checkpoint.position(), Position::Sequence(_) | Position::ShardEnd)
+    matches!(
+        checkpoint.position(),
+        Position::Sequence(_) | Position::ShardEnd
+    )
 }
 
 #[cfg(test)]
@@ -304,8 +318,15 @@ mod tests {
         }
     }
 
-    fn plan(shards: &[Shard], leases: &[Lease], initial: InitialPosition) -> BTreeMap<String, Lease> {
-        let leases = leases.iter().map(|l| (l.lease_key.clone(), l.clone())).collect();
+    fn plan(
+        shards: &[Shard],
+        leases: &[Lease],
+        initial: InitialPosition,
+    ) -> BTreeMap<String, Lease> {
+        let leases = leases
+            .iter()
+            .map(|l| (l.lease_key.clone(), l.clone()))
+            .collect();
         plan_new_leases(shards, &leases, initial)
             .into_iter()
             .map(|l| (l.lease_key.clone(), l))
@@ -352,7 +373,10 @@ mod tests {
         ];
         let p = plan(&stream(), &existing, InitialPosition::Latest);
         assert_eq!(p.keys().collect::<Vec<_>>(), vec!["s1", "s2", "s3"]);
-        assert!(p.values().all(|l| l.checkpoint == ExtendedSequenceNumber::TRIM_HORIZON));
+        assert!(
+            p.values()
+                .all(|l| l.checkpoint == ExtendedSequenceNumber::TRIM_HORIZON)
+        );
     }
 
     #[test]

@@ -183,7 +183,9 @@ impl StreamError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StreamError::Throttled { .. } | StreamError::Unreachable { .. } | StreamError::Service { .. }
+            StreamError::Throttled { .. }
+                | StreamError::Unreachable { .. }
+                | StreamError::Service { .. }
         )
     }
 }
@@ -212,7 +214,11 @@ pub trait StreamClient: Send + Sync + Debug {
     ) -> Result<String, StreamError>;
 
     /// `GetRecords` with at most `limit` records.
-    async fn get_records(&self, shard_iterator: &str, limit: u32) -> Result<GetRecordsOutput, StreamError>;
+    async fn get_records(
+        &self,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, StreamError>;
 
     /// Every shard of the stream (follows `next_token` through all pages).
     async fn list_all_shards(

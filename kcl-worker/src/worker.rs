@@ -98,9 +98,16 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
                 if let Some(url) = &self.config.kinesis_endpoint {
                     kb = kb.endpoint_url(url);
                 }
-                Arc::new(AwsStreamClient::new(aws_sdk_kinesis::Client::from_conf(kb.build())))
+                Arc::new(AwsStreamClient::new(aws_sdk_kinesis::Client::from_conf(
+                    kb.build(),
+                )))
             }
-            (None, None) => return Err(ConfigError::Missing { what: "stream client" }.into()),
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    what: "stream client",
+                }
+                .into());
+            }
         };
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let store = match (self.store, &sdk) {
@@ -118,7 +125,12 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
                     .with_clock(clock.clone()),
                 )
             }
-            (None, None) => return Err(ConfigError::Missing { what: "lease store" }.into()),
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    what: "lease store",
+                }
+                .into());
+            }
         };
         Ok(Worker {
             config: Arc::new(self.config),
@@ -195,7 +207,11 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 self.store.clone(),
             ));
             let report = syncer.sync().await?;
-            info!(shards = report.shards, created = report.leases_created, "worker starting");
+            info!(
+                shards = report.shards,
+                created = report.leases_created,
+                "worker starting"
+            );
             let mut lc = LeaseCoordinatorConfig::new(self.config.worker_id.clone());
             lc.failover_time = self.config.failover_time;
             lc.max_leases_for_worker = self.config.max_leases_for_worker;
@@ -227,7 +243,10 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 by_task: HashMap::new(),
                 regained: HashMap::new(),
             };
-            let task = tokio::spawn(run.run(events, stop_rx).instrument(tracing::Span::current()));
+            let task = tokio::spawn(
+                run.run(events, stop_rx)
+                    .instrument(tracing::Span::current()),
+            );
             Ok(WorkerHandle {
                 worker_id: self.config.worker_id.clone(),
                 stop: Some(stop_tx),
@@ -442,7 +461,9 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             if now >= deadline {
                 break;
             }
-            let wait = (deadline - now).min(renew_every).max(Duration::from_millis(1));
+            let wait = (deadline - now)
+                .min(renew_every)
+                .max(Duration::from_millis(1));
             tokio::select! {
                 Some(done) = self.consumers.join_next_with_id() => {
                     let key = match &done {
@@ -458,7 +479,10 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             }
         }
         if !self.consumers.is_empty() {
-            warn!(remaining = self.consumers.len(), "processors did not stop within the shutdown grace; aborting them");
+            warn!(
+                remaining = self.consumers.len(),
+                "processors did not stop within the shutdown grace; aborting them"
+            );
             self.consumers.abort_all();
             while self.consumers.join_next().await.is_some() {}
         }

@@ -1,6 +1,11 @@
 //! The worker end to end on the in-memory Kinesis and lease store, on tokio's paused clock
 //! (virtual time: a run of simulated minutes takes milliseconds).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -102,10 +107,18 @@ impl Env {
             .collect()
     }
 
-    async fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Env) -> bool) -> Duration {
+    async fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl FnMut(&Env) -> bool,
+    ) -> Duration {
         let start = Instant::now();
         while !cond(self) {
-            assert!(start.elapsed() < limit, "timed out (virtual {limit:?}) waiting for {what}");
+            assert!(
+                start.elapsed() < limit,
+                "timed out (virtual {limit:?}) waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         start.elapsed()
@@ -137,7 +150,10 @@ async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records(
     // The KPL aggregates only records bound for one shard: one key per aggregate here.
     let keys: Vec<String> = (0..10).map(|c| format!("agg-key-{c}")).collect();
     for (c, chunk) in payloads("agg", 300).chunks(30).enumerate() {
-        let items: Vec<(&str, String)> = chunk.iter().map(|p| (keys[c].as_str(), p.clone())).collect();
+        let items: Vec<(&str, String)> = chunk
+            .iter()
+            .map(|p| (keys[c].as_str(), p.clone()))
+            .collect();
         env.put_aggregate(&items);
         expected.extend(chunk.iter().cloned());
     }
@@ -161,7 +177,11 @@ async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records(
         .filter(|(_, _, r)| r.aggregated)
         .collect();
     assert!(aggregated.len() >= 300);
-    assert!(aggregated.iter().any(|(_, _, r)| r.sub_sequence_number == 29));
+    assert!(
+        aggregated
+            .iter()
+            .any(|(_, _, r)| r.sub_sequence_number == 29)
+    );
     // Checkpoints landed: every lease's checkpoint is a real sequence number now.
     for lease in env.store.list_leases().await.unwrap() {
         assert!(lease.checkpoint.sequence_number().is_some(), "{lease:?}");
@@ -202,7 +222,11 @@ async fn a_crashed_workers_shards_resume_elsewhere_within_one_and_a_half_failove
     println!("takeover after crash: {takeover:?} (failover_time {FAILOVER:?})");
     assert!(takeover <= FAILOVER * 3 / 2, "takeover took {takeover:?}");
     env.wait_until("records after the crash", Duration::from_secs(60), |e| {
-        e.delivered_payloads().iter().filter(|p| p.starts_with("after-crash")).count() == 100
+        e.delivered_payloads()
+            .iter()
+            .filter(|p| p.starts_with("after-crash"))
+            .count()
+            == 100
     })
     .await;
     assert_eq!(w2.held_leases().len(), 4);
@@ -222,7 +246,10 @@ async fn graceful_shutdown_releases_leases_and_another_worker_takes_them_at_its_
     w1.shutdown().await.unwrap();
     // Released: no owner on w1's leases right after shutdown returns, unless w2 already took them.
     let owners = env.owners().await;
-    assert!(owners.values().all(|o| o.as_deref() != Some("w1")), "{owners:?}");
+    assert!(
+        owners.values().all(|o| o.as_deref() != Some("w1")),
+        "{owners:?}"
+    );
     // Every w1 processor got Requested.
     let requested = env
         .log
@@ -231,10 +258,15 @@ async fn graceful_shutdown_releases_leases_and_another_worker_takes_them_at_its_
         .filter(|e| matches!(e, Event::Shutdown { worker, reason: kcl_interfaces::ShutdownReason::Requested, .. } if worker == "w1"))
         .count();
     assert_eq!(requested, 2);
-    env.wait_until("handover", Duration::from_secs(60), |_| w2.held_leases().len() == 4)
-        .await;
+    env.wait_until("handover", Duration::from_secs(60), |_| {
+        w2.held_leases().len() == 4
+    })
+    .await;
     let handover = stopped_at.elapsed();
-    println!("handover after graceful stop: {handover:?} (taker interval {:?})", FAILOVER / 2);
+    println!(
+        "handover after graceful stop: {handover:?} (taker interval {:?})",
+        FAILOVER / 2
+    );
     // One taker interval (failover/2) plus its jitter.
     assert!(handover <= FAILOVER, "handover took {handover:?}");
     w2.shutdown().await.unwrap();
@@ -260,15 +292,20 @@ async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let total: usize = produced.values().map(Vec::len).sum();
-    env.wait_until("all records", Duration::from_secs(120), |e| e.delivered_payloads().len() == total)
-        .await;
+    env.wait_until("all records", Duration::from_secs(120), |e| {
+        e.delivered_payloads().len() == total
+    })
+    .await;
     // Per key: first deliveries in produced order.
     let mut first_seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     for (_, _, r) in env.log.deliveries() {
         let p = String::from_utf8(r.data.to_vec()).unwrap();
         if seen.insert(p.clone()) {
-            first_seen.entry(r.partition_key.clone()).or_default().push(p);
+            first_seen
+                .entry(r.partition_key.clone())
+                .or_default()
+                .push(p);
         }
     }
     assert_eq!(first_seen, produced);
@@ -282,7 +319,10 @@ async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
         if let Event::Initialized { shard, .. } = e
             && shard != "shardId-000000000000"
         {
-            assert!(i > parent_end, "child {shard} started before its parent ended");
+            assert!(
+                i > parent_end,
+                "child {shard} started before its parent ended"
+            );
         }
     }
     w1.shutdown().await.unwrap();
@@ -297,12 +337,19 @@ async fn restart_resumes_inside_an_aggregate() {
     let (w1, _) = env
         .worker("w1", Behaviour::new().checkpoint_every_batch(false))
         .await;
-    env.wait_until("the aggregate", Duration::from_secs(30), |e| e.log.delivered_count() == 10)
-        .await;
+    env.wait_until("the aggregate", Duration::from_secs(30), |e| {
+        e.log.delivered_count() == 10
+    })
+    .await;
     let (_, _, fourth) = env.log.deliveries()[3].clone();
     assert_eq!(fourth.sub_sequence_number, 3);
     // A fenced checkpoint through the store, as the processor would make it.
-    let lease = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    let lease = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
     env.store
         .update_checkpoint(&lease, &fourth.extended_sequence_number())
         .await
@@ -310,8 +357,10 @@ async fn restart_resumes_inside_an_aggregate() {
     w1.abort().await;
     let before = env.log.delivered_count();
     let (w2, _) = env.worker("w2", Behaviour::new()).await;
-    env.wait_until("redelivery", 3 * FAILOVER, |e| e.log.delivered_count() > before)
-        .await;
+    env.wait_until("redelivery", 3 * FAILOVER, |e| {
+        e.log.delivered_count() > before
+    })
+    .await;
     let redelivered: Vec<u64> = env.log.deliveries()[before..]
         .iter()
         .map(|(_, _, r)| r.sub_sequence_number)
@@ -322,7 +371,9 @@ async fn restart_resumes_inside_an_aggregate() {
         .events()
         .into_iter()
         .find_map(|e| match e {
-            Event::Initialized { worker, checkpoint, .. } if worker == "w2" => Some(checkpoint),
+            Event::Initialized {
+                worker, checkpoint, ..
+            } if worker == "w2" => Some(checkpoint),
             _ => None,
         })
         .unwrap();
@@ -337,8 +388,10 @@ async fn terminate_without_checkpoint_blocks_children_until_auto_checkpoint() {
     let (w1, _) = env
         .worker("w1", Behaviour::new().checkpoint_on_terminate(false))
         .await;
-    env.wait_until("first record", Duration::from_secs(30), |e| e.log.delivered_count() == 1)
-        .await;
+    env.wait_until("first record", Duration::from_secs(30), |e| {
+        e.log.delivered_count() == 1
+    })
+    .await;
     env.kinesis
         .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
         .unwrap();
@@ -348,27 +401,40 @@ async fn terminate_without_checkpoint_blocks_children_until_auto_checkpoint() {
         e.log
             .events()
             .iter()
-            .filter(|ev| matches!(ev, Event::Shutdown { reason: kcl_interfaces::ShutdownReason::Terminate, .. }))
+            .filter(|ev| {
+                matches!(
+                    ev,
+                    Event::Shutdown {
+                        reason: kcl_interfaces::ShutdownReason::Terminate,
+                        ..
+                    }
+                )
+            })
             .count()
             >= 3
     })
     .await;
     assert!(!env.delivered_payloads().contains("after"));
-    let parent = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    let parent = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!parent.checkpoint.is_shard_end());
     assert_eq!(parent.child_shard_ids.len(), 2);
     w1.shutdown().await.unwrap();
 
     // With auto_checkpoint_at_shard_end the worker writes SHARD_END itself.
     let (w2, _) = env
-        .worker_with(
-            "w2",
-            Behaviour::new().checkpoint_on_terminate(false),
-            |b| b.auto_checkpoint_at_shard_end(true),
-        )
+        .worker_with("w2", Behaviour::new().checkpoint_on_terminate(false), |b| {
+            b.auto_checkpoint_at_shard_end(true)
+        })
         .await;
-    env.wait_until("child records", Duration::from_secs(60), |e| e.delivered_payloads().contains("after"))
-        .await;
+    env.wait_until("child records", Duration::from_secs(60), |e| {
+        e.delivered_payloads().contains("after")
+    })
+    .await;
     let parent = env.store.get_lease("shardId-000000000000").await.unwrap();
     assert!(parent.is_none_or(|p| p.checkpoint == ExtendedSequenceNumber::SHARD_END));
     w2.shutdown().await.unwrap();
@@ -379,13 +445,28 @@ async fn a_zombie_is_told_and_cannot_checkpoint() {
     let env = Env::new(1);
     env.put_plain("k", "one");
     let (w1, _) = env.worker("w1", Behaviour::new()).await;
-    env.wait_until("first record", Duration::from_secs(30), |e| e.log.delivered_count() == 1)
-        .await;
+    env.wait_until("first record", Duration::from_secs(30), |e| {
+        e.log.delivered_count() == 1
+    })
+    .await;
     // Another worker takes the lease behind w1's back.
-    let lease = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    let lease = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
     env.store.take_lease(&lease, "thief").await.unwrap();
     env.wait_until("zombie shutdown", Duration::from_secs(30), |e| {
-        e.log.events().iter().any(|ev| matches!(ev, Event::Shutdown { reason: kcl_interfaces::ShutdownReason::Zombie, .. }))
+        e.log.events().iter().any(|ev| {
+            matches!(
+                ev,
+                Event::Shutdown {
+                    reason: kcl_interfaces::ShutdownReason::Zombie,
+                    ..
+                }
+            )
+        })
     })
     .await;
     let zombie_checkpoint = env
@@ -393,12 +474,24 @@ async fn a_zombie_is_told_and_cannot_checkpoint() {
         .events()
         .into_iter()
         .find_map(|e| match e {
-            Event::Checkpointed { during: Some(kcl_interfaces::ShutdownReason::Zombie), error, .. } => Some(error),
+            Event::Checkpointed {
+                during: Some(kcl_interfaces::ShutdownReason::Zombie),
+                error,
+                ..
+            } => Some(error),
             _ => None,
         })
         .unwrap();
-    assert_eq!(zombie_checkpoint, Some(kcl_interfaces::CheckpointErrorKind::Shutdown));
-    let after = env.store.get_lease("shardId-000000000000").await.unwrap().unwrap();
+    assert_eq!(
+        zombie_checkpoint,
+        Some(kcl_interfaces::CheckpointErrorKind::Shutdown)
+    );
+    let after = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(after.lease_owner.as_deref(), Some("thief"));
     w1.shutdown().await.unwrap();
 }
@@ -421,9 +514,14 @@ async fn a_lone_worker_starts_processing_64_fresh_shards_within_3_seconds() {
                 == 64
         })
         .await;
-    println!("64 fresh shards processing after {took:?} (virtual, from start {:?})", started.elapsed());
+    println!(
+        "64 fresh shards processing after {took:?} (virtual, from start {:?})",
+        started.elapsed()
+    );
     assert!(took <= Duration::from_secs(3), "took {took:?}");
-    env.wait_until("all records", Duration::from_secs(30), |e| e.delivered_payloads().len() == 640)
-        .await;
+    env.wait_until("all records", Duration::from_secs(30), |e| {
+        e.delivered_payloads().len() == 640
+    })
+    .await;
     w1.shutdown().await.unwrap();
 }

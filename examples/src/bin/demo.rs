@@ -54,7 +54,11 @@ async fn start_worker(
 }
 
 /// Writes one round: per key one plain record and, for every other key, a small aggregate.
-fn produce_round(kinesis: &InMemoryKinesis, round: usize, produced: &mut BTreeMap<String, Vec<String>>) -> Result<usize, Box<dyn std::error::Error>> {
+fn produce_round(
+    kinesis: &InMemoryKinesis,
+    round: usize,
+    produced: &mut BTreeMap<String, Vec<String>>,
+) -> Result<usize, Box<dyn std::error::Error>> {
     let mut plain = Vec::new();
     let mut count = 0;
     for k in 0..KEYS {
@@ -74,7 +78,12 @@ fn produce_round(kinesis: &InMemoryKinesis, round: usize, produced: &mut BTreeMa
                 count += 1;
             }
             if let Some(rec) = agg.finish() {
-                kinesis.put_record(STREAM, &rec.partition_key, rec.explicit_hash_key.as_deref(), rec.data)?;
+                kinesis.put_record(
+                    STREAM,
+                    &rec.partition_key,
+                    rec.explicit_hash_key.as_deref(),
+                    rec.data,
+                )?;
             }
         }
     }
@@ -82,8 +91,18 @@ fn produce_round(kinesis: &InMemoryKinesis, round: usize, produced: &mut BTreeMa
     Ok(count)
 }
 
-fn progress(start: Instant, produced: usize, log: &EventLog, workers: &[(String, Option<&WorkerHandle>)], note: &str) {
-    let distinct: BTreeSet<Bytes> = log.deliveries().into_iter().map(|(_, _, r)| r.data).collect();
+fn progress(
+    start: Instant,
+    produced: usize,
+    log: &EventLog,
+    workers: &[(String, Option<&WorkerHandle>)],
+    note: &str,
+) {
+    let distinct: BTreeSet<Bytes> = log
+        .deliveries()
+        .into_iter()
+        .map(|(_, _, r)| r.data)
+        .collect();
     let held: Vec<String> = workers
         .iter()
         .map(|(id, h)| match h {
@@ -92,7 +111,11 @@ fn progress(start: Instant, produced: usize, log: &EventLog, workers: &[(String,
         })
         .collect();
     use std::io::IsTerminal;
-    let (start_of_line, end_of_line) = if std::io::stderr().is_terminal() { ("\r\x1b[2K", "") } else { ("", "\n") };
+    let (start_of_line, end_of_line) = if std::io::stderr().is_terminal() {
+        ("\r\x1b[2K", "")
+    } else {
+        ("", "\n")
+    };
     eprint!(
         "{start_of_line} t={:>5.1}s  produced {:>6}  processed {:>6} distinct  leases [{}]  {note}{end_of_line}",
         start.elapsed().as_secs_f64(),
@@ -110,11 +133,16 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let log = EventLog::new();
     let start = Instant::now();
     eprintln!("KCL for Rust demo: 4 shards, 3 workers, plain + KPL-aggregated records, in memory");
-    eprintln!("  failover_time {FAILOVER:?}; worker-2 will crash and shardId-000000000001 will split\n");
+    eprintln!(
+        "  failover_time {FAILOVER:?}; worker-2 will crash and shardId-000000000001 will split\n"
+    );
 
     let mut handles: Vec<(String, Option<WorkerHandle>)> = Vec::new();
     for id in ["worker-1", "worker-2", "worker-3"] {
-        handles.push((id.to_owned(), Some(start_worker(id, &kinesis, &store, &log).await?)));
+        handles.push((
+            id.to_owned(),
+            Some(start_worker(id, &kinesis, &store, &log).await?),
+        ));
     }
     let mut produced: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut produced_count = 0;
@@ -130,21 +158,39 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
             note = "worker-2 crashed".to_owned();
         }
         if round == 30 {
-            let children = kinesis.split_shard(STREAM, "shardId-000000000001", 1u128 << 126 | 1u128 << 125)?;
-            note = format!("worker-2 crashed; shard 1 split into {} and {}", children[0], children[1]);
+            let children =
+                kinesis.split_shard(STREAM, "shardId-000000000001", 1u128 << 126 | 1u128 << 125)?;
+            note = format!(
+                "worker-2 crashed; shard 1 split into {} and {}",
+                children[0], children[1]
+            );
         }
-        let view: Vec<(String, Option<&WorkerHandle>)> = handles.iter().map(|(id, h)| (id.clone(), h.as_ref())).collect();
+        let view: Vec<(String, Option<&WorkerHandle>)> = handles
+            .iter()
+            .map(|(id, h)| (id.clone(), h.as_ref()))
+            .collect();
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) || round % 10 == 0 {
             progress(start, produced_count, &log, &view, &note);
         }
         tokio::time::sleep(ROUND_EVERY).await;
     }
     // Wait until everything is processed (bounded).
-    let all: BTreeSet<Bytes> = produced.values().flatten().map(|p| Bytes::from(p.clone())).collect();
+    let all: BTreeSet<Bytes> = produced
+        .values()
+        .flatten()
+        .map(|p| Bytes::from(p.clone()))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let distinct: BTreeSet<Bytes> = log.deliveries().into_iter().map(|(_, _, r)| r.data).collect();
-        let view: Vec<(String, Option<&WorkerHandle>)> = handles.iter().map(|(id, h)| (id.clone(), h.as_ref())).collect();
+        let distinct: BTreeSet<Bytes> = log
+            .deliveries()
+            .into_iter()
+            .map(|(_, _, r)| r.data)
+            .collect();
+        let view: Vec<(String, Option<&WorkerHandle>)> = handles
+            .iter()
+            .map(|(id, h)| (id.clone(), h.as_ref()))
+            .collect();
         progress(start, produced_count, &log, &view, "draining");
         if all.is_subset(&distinct) || Instant::now() > deadline {
             break;
@@ -170,10 +216,25 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
     for e in log.events() {
         match e {
-            Event::Initialized { worker, shard, .. } => rows.entry((worker, shard)).or_default().taken += 1,
-            Event::Delivered { worker, shard, records } => rows.entry((worker, shard)).or_default().records += records.len(),
-            Event::Checkpointed { worker, shard, error: None, .. } => rows.entry((worker, shard)).or_default().checkpoints += 1,
-            Event::Shutdown { worker, shard, reason } => rows
+            Event::Initialized { worker, shard, .. } => {
+                rows.entry((worker, shard)).or_default().taken += 1
+            }
+            Event::Delivered {
+                worker,
+                shard,
+                records,
+            } => rows.entry((worker, shard)).or_default().records += records.len(),
+            Event::Checkpointed {
+                worker,
+                shard,
+                error: None,
+                ..
+            } => rows.entry((worker, shard)).or_default().checkpoints += 1,
+            Event::Shutdown {
+                worker,
+                shard,
+                reason,
+            } => rows
                 .entry((worker, shard))
                 .or_default()
                 .shutdowns
@@ -188,7 +249,10 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
         .map(|l| (l.lease_key, l.checkpoint.to_string()))
         .collect();
     println!();
-    println!("{:<10} {:<22} {:>8} {:>12} {:>7}  {}", "worker", "shard", "records", "checkpoints", "leases", "shutdowns");
+    println!(
+        "{:<10} {:<22} {:>8} {:>12} {:>7}  {}",
+        "worker", "shard", "records", "checkpoints", "leases", "shutdowns"
+    );
     println!("{}", "-".repeat(80));
     for ((worker, shard), row) in &rows {
         println!(
@@ -204,7 +268,11 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     println!();
     println!("lease table at the end:");
     for (shard, checkpoint) in &leases {
-        let cp = if checkpoint.len() > 24 { format!("...{}", &checkpoint[checkpoint.len() - 12..]) } else { checkpoint.clone() };
+        let cp = if checkpoint.len() > 24 {
+            format!("...{}", &checkpoint[checkpoint.len() - 12..])
+        } else {
+            checkpoint.clone()
+        };
         println!("  {shard:<22} checkpoint {cp}");
     }
 
@@ -224,7 +292,14 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     }
     let in_order = first_seen == produced;
     let zombie_checkpoint_landed = log.events().iter().any(|e| {
-        matches!(e, Event::Checkpointed { error: None, during: Some(kcl_interfaces::ShutdownReason::Zombie), .. })
+        matches!(
+            e,
+            Event::Checkpointed {
+                error: None,
+                during: Some(kcl_interfaces::ShutdownReason::Zombie),
+                ..
+            }
+        )
     });
     println!();
     println!(
@@ -235,11 +310,27 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
         deliveries.len() - distinct.len(),
         elapsed.as_secs_f64()
     );
-    println!("every record processed: {}", if missing.is_empty() { "yes" } else { "NO" });
-    println!("per-key order kept:     {}", if in_order { "yes" } else { "NO" });
-    println!("no zombie checkpoint:   {}", if zombie_checkpoint_landed { "NO" } else { "yes" });
+    println!(
+        "every record processed: {}",
+        if missing.is_empty() { "yes" } else { "NO" }
+    );
+    println!(
+        "per-key order kept:     {}",
+        if in_order { "yes" } else { "NO" }
+    );
+    println!(
+        "no zombie checkpoint:   {}",
+        if zombie_checkpoint_landed {
+            "NO"
+        } else {
+            "yes"
+        }
+    );
     if !missing.is_empty() {
-        println!("missing (first 10): {:?}", missing.iter().take(10).collect::<Vec<_>>());
+        println!(
+            "missing (first 10): {:?}",
+            missing.iter().take(10).collect::<Vec<_>>()
+        );
     }
     Ok(missing.is_empty() && in_order && !zombie_checkpoint_landed)
 }
