@@ -9,3 +9,4 @@ pub mod harness;
 pub mod kinesis;
 pub mod lease_store;
 pub mod recording;
+pub mod simulation;

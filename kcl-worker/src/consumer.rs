@@ -79,12 +79,11 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             return outcome;
         }
         let key = self.lease.lease_key.clone();
-        // The freshest view of the lease (checkpoint, pending checkpoint).
-        let lease = self
-            .ctx
-            .coordinator
-            .held_lease(&key)
-            .unwrap_or_else(|| self.lease.clone());
+        // The freshest view of the lease (checkpoint, pending checkpoint). Lost while waiting
+        // for the parents: no processor is created at all.
+        let Some(lease) = self.ctx.coordinator.held_lease(&key) else {
+            return Outcome::LeaseLost;
+        };
         if lease.checkpoint.is_shard_end() {
             return Outcome::ShardFinished;
         }
@@ -291,8 +290,25 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             children.to_vec()
         };
         for child in &children {
-            if let Err(e) = self.ctx.syncer.create_child_lease(child).await {
-                warn!(child = %child.shard_id, error = %e, "creating a child lease failed; the next shard sync creates it");
+            // Retry a few times with a back-off (the store may be throttled); the periodic
+            // shard sync creates whatever is still missing.
+            let mut backoff = crate::backoff::Backoff::new(
+                self.ctx.config.task_backoff,
+                self.ctx.config.max_backoff,
+                self.ctx.random.clone(),
+            );
+            for attempt in 1..=5 {
+                match self.ctx.syncer.create_child_lease(child).await {
+                    Ok(_) => break,
+                    Err(e) if attempt < 5 && e.is_retryable() => {
+                        self.ctx.clock.sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => {
+                        warn!(child = %child.shard_id, error = %e,
+                            "creating a child lease failed; the next shard sync creates it");
+                        break;
+                    }
+                }
             }
         }
         if !children.is_empty() {

@@ -2,8 +2,9 @@
 //! section 6).
 //!
 //! Decisions, where the Java KCL leaves room:
-//! - A shard without a lease gets one unless a descendant of it already has a lease (then it
-//!   was processed and its lease cleaned up, or it predates the application's start).
+//! - A shard without a lease gets one unless a descendant of it has a lease that started
+//!   (then it was processed and its lease cleaned up). A child created early (at
+//!   TRIM_HORIZON) does not stop its missing parent's lease from being created.
 //! - A shard whose parent has (or is given in the same pass) a lease starts at
 //!   TRIM_HORIZON and records those parents. Any other open shard starts at the initial
 //!   position; closed ones get a lease only for TRIM_HORIZON / AT_TIMESTAMP (so nothing is
@@ -68,7 +69,8 @@ pub(crate) fn plan_new_leases(
             children.entry(p).or_default().push(&s.shard_id);
         }
     }
-    // Shards (by id) that have a lease or whose descendants have one.
+    // Shards (by id) whose lease, or a descendant's, has started (moved past TRIM_HORIZON):
+    // such a shard was processed before (its own lease may have been cleaned up).
     fn covered<'a>(
         id: &'a str,
         leases: &BTreeMap<String, Lease>,
@@ -79,7 +81,7 @@ pub(crate) fn plan_new_leases(
             return *v;
         }
         memo.insert(id, false); // guards against malformed cycles
-        let v = leases.contains_key(id)
+        let v = leases.get(id).is_some_and(|l| has_started(&l.checkpoint))
             || children
                 .get(id)
                 .is_some_and(|c| c.iter().any(|c| covered(c, leases, children, memo)));
@@ -184,10 +186,6 @@ impl ShardSyncer {
         Ok(shards)
     }
 
-    fn cached_shards(&self) -> Option<Arc<Vec<Shard>>> {
-        self.shards.lock().ok().and_then(|c| c.clone())
-    }
-
     /// One sync: create missing leases, then delete finished ones whose children started.
     pub(crate) async fn sync(&self) -> Result<SyncReport, WorkerError> {
         let shards = self.list_shards().await?;
@@ -257,10 +255,8 @@ impl ShardSyncer {
                 Some(l) if l.is_finished() => continue,
                 Some(_) => return Ok(false),
                 None => {
-                    let listed = match self.cached_shards() {
-                        Some(s) if !s.iter().any(|s| &s.shard_id == parent) => s,
-                        _ => self.list_shards().await?,
-                    };
+                    // A cached listing may predate the parent: always ask the stream.
+                    let listed = self.list_shards().await?;
                     if listed.iter().any(|s| &s.shard_id == parent) {
                         return Ok(false);
                     }
@@ -382,11 +378,27 @@ mod tests {
     #[test]
     fn cleaned_up_ancestors_are_not_recreated() {
         let existing = [
-            Lease::new("s3", ExtendedSequenceNumber::TRIM_HORIZON).with_parents(["s1", "s2"]),
+            Lease::new("s3", "77".parse().unwrap()).with_parents(["s1", "s2"]),
             Lease::new("s4", ExtendedSequenceNumber::TRIM_HORIZON),
         ];
         let p = plan(&stream(), &existing, InitialPosition::TrimHorizon);
         assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_missing_parent_is_created_even_when_its_child_already_has_a_lease() {
+        // s0's consumer created s3 early (TRIM_HORIZON, not started) but s2's lease was never
+        // written (the store was throttled): s2 must still get one, or s3 waits forever.
+        let existing = [
+            Lease::new("s0", ExtendedSequenceNumber::SHARD_END),
+            Lease::new("s1", ExtendedSequenceNumber::SHARD_END).with_parents(["s0"]),
+            Lease::new("s3", ExtendedSequenceNumber::TRIM_HORIZON).with_parents(["s1", "s2"]),
+            Lease::new("s4", ExtendedSequenceNumber::TRIM_HORIZON),
+        ];
+        let p = plan(&stream(), &existing, InitialPosition::TrimHorizon);
+        assert_eq!(p.keys().collect::<Vec<_>>(), vec!["s2"]);
+        assert_eq!(p["s2"].checkpoint, ExtendedSequenceNumber::TRIM_HORIZON);
+        assert_eq!(p["s2"].parent_shard_ids, BTreeSet::from(["s0".to_string()]));
     }
 
     #[test]

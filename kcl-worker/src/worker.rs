@@ -198,15 +198,37 @@ impl<F: RecordProcessorFactory> Worker<F> {
     pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
         let span = info_span!("worker", worker_id = %self.config.worker_id);
         async {
-            self.store
-                .create_table_if_not_exists(self.config.billing_mode)
-                .await?;
             let syncer = Arc::new(ShardSyncer::new(
                 self.config.clone(),
                 self.stream.clone(),
                 self.store.clone(),
             ));
-            let report = syncer.sync().await?;
+            // Retryable failures (throttling, a store or stream briefly unreachable) are
+            // retried with a back-off a few times; anything else fails the start at once.
+            let mut backoff = Backoff::new(
+                self.config.task_backoff,
+                self.config.max_backoff,
+                self.random.clone(),
+            );
+            let mut attempt = 0;
+            let report = loop {
+                attempt += 1;
+                let result = async {
+                    self.store
+                        .create_table_if_not_exists(self.config.billing_mode)
+                        .await?;
+                    syncer.sync().await
+                }
+                .await;
+                match result {
+                    Ok(report) => break report,
+                    Err(e) if e.is_retryable() && attempt < 10 => {
+                        warn!(error = %e, attempt, "starting the worker failed; retrying");
+                        self.clock.sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             info!(
                 shards = report.shards,
                 created = report.leases_created,

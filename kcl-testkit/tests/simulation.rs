@@ -1,0 +1,172 @@
+//! The seeded multi-worker simulation (`kcl_testkit::simulation`): many seeds in CI, one
+//! seed to replay a failure, and a long mode on request.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::time::{Duration, Instant};
+
+use kcl_testkit::simulation::{SimulationFailure, SimulationReport, run_seed};
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+#[derive(Default)]
+struct Totals {
+    seeds: usize,
+    records: usize,
+    deliveries: usize,
+    redeliveries: usize,
+    zombie_redeliveries: usize,
+    faults: usize,
+    workers: usize,
+    checkpoints: usize,
+    virtual_time: Duration,
+}
+
+impl Totals {
+    fn add(&mut self, r: &SimulationReport) {
+        self.seeds += 1;
+        self.records += r.records_produced;
+        self.deliveries += r.deliveries;
+        self.redeliveries += r.redeliveries;
+        self.zombie_redeliveries += r.zombie_redeliveries;
+        self.faults += r.faults_injected;
+        self.workers += r.workers_started;
+        self.checkpoints += r.checkpoints;
+        self.virtual_time += r.virtual_time;
+    }
+}
+
+/// Runs seeds `first..first + count`; fails listing every failing seed.
+fn run_seeds(first: u64, count: u64) {
+    let wall = Instant::now();
+    let mut totals = Totals::default();
+    let mut failures: Vec<SimulationFailure> = Vec::new();
+    for seed in first..first + count {
+        match run_seed(seed) {
+            Ok(report) => totals.add(&report),
+            Err(failure) => {
+                eprintln!("{failure}");
+                failures.push(failure);
+            }
+        }
+    }
+    println!(
+        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started, {} checkpoints",
+        totals.seeds,
+        wall.elapsed(),
+        totals.virtual_time,
+        totals.records,
+        totals.deliveries,
+        totals.redeliveries,
+        totals.zombie_redeliveries,
+        totals.faults,
+        totals.workers,
+        totals.checkpoints,
+    );
+    if !failures.is_empty() {
+        let seeds: Vec<u64> = failures.iter().map(|f| f.seed).collect();
+        panic!(
+            "{} of {count} seeds failed: {seeds:?}\n{}",
+            failures.len(),
+            failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// Seeds 1..=200 (or `KCL_SIM_SEEDS=N` of them).
+#[test]
+fn ci_seeds() {
+    let count = env_number("KCL_SIM_SEEDS").unwrap_or(200);
+    run_seeds(1, count);
+}
+
+/// Replays the seed in `KCL_SEED` (seed 1 when unset), printing what happened.
+#[test]
+fn replay() {
+    let seed = env_number("KCL_SEED").unwrap_or(1);
+    match run_seed(seed) {
+        Ok(report) => {
+            for line in &report.fault_log {
+                println!("  {line}");
+            }
+            println!(
+                "seed {seed} passed: {} records, {} deliveries ({} repeats), {} faults, {} workers, {} shards at the end, {:.1?} virtual",
+                report.records_produced,
+                report.deliveries,
+                report.redeliveries,
+                report.faults_injected,
+                report.workers_started,
+                report.shards_at_end,
+                report.virtual_time
+            );
+        }
+        Err(failure) => {
+            for line in &failure.fault_log {
+                println!("  {line}");
+            }
+            panic!("{failure}")
+        }
+    }
+}
+
+/// 2000 seeds (from 1001), only when `KCL_SIM_LONG=1`. Otherwise it prints that it was not
+/// requested and returns: the one test allowed to pass without checking anything, because
+/// the long run takes minutes.
+#[test]
+fn long_mode() {
+    if std::env::var("KCL_SIM_LONG").as_deref() != Ok("1") {
+        println!("long simulation not requested (set KCL_SIM_LONG=1 to run 2000 seeds)");
+        return;
+    }
+    run_seeds(1001, 2000);
+}
+
+/// Seeds that found library defects (beyond the CI range); they fail until the defects are
+/// fixed:
+/// - 1093, 5545: a child lease whose creation failed (lease store faulted at the parent's
+///   end) is never created by shard sync, because a descendant (a merge child) already has
+///   a lease; the merge child then waits forever and the records of that shard are never
+///   delivered (`kcl-worker/src/shard_sync.rs`, `plan_new_leases`).
+/// - 8809: a merge child starts before one of its parents finished, because the parent
+///   check trusts a stale cached shard listing that predates the parent
+///   (`kcl-worker/src/shard_sync.rs`, `parents_finished`).
+#[test]
+fn regression_seeds() {
+    let mut failures = Vec::new();
+    for seed in [1093, 5545, 8809] {
+        if let Err(f) = run_seed(seed) {
+            failures.push(f.to_string());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Without faults the run passes too, and injects nothing.
+#[test]
+fn without_faults_every_record_is_delivered() {
+    for seed in [3, 4] {
+        let config = kcl_testkit::simulation::SimulationConfig::new(seed).faults(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let report = runtime
+            .block_on(kcl_testkit::simulation::run_simulation(config))
+            .into_result()
+            .unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(report.faults_injected, 0);
+        assert!(report.deliveries >= report.records_produced, "{report:?}");
+        assert!(report.fault_log.iter().all(|l| !l.contains("crashed")));
+    }
+}
