@@ -55,11 +55,14 @@ fn parse_position(s: &str) -> Result<InitialPosition, String> {
         "trim-horizon" => Ok(InitialPosition::TrimHorizon),
         "latest" => Ok(InitialPosition::Latest),
         other => {
-            let ts = other
-                .strip_prefix("at-timestamp:")
-                .ok_or_else(|| format!("{other:?}: expected trim-horizon, latest or at-timestamp:RFC3339"))?;
-            let dt = aws_smithy_types::DateTime::from_str(ts, aws_smithy_types::date_time::Format::DateTime)
-                .map_err(|e| format!("{ts:?} is not an RFC 3339 time: {e}"))?;
+            let ts = other.strip_prefix("at-timestamp:").ok_or_else(|| {
+                format!("{other:?}: expected trim-horizon, latest or at-timestamp:RFC3339")
+            })?;
+            let dt = aws_smithy_types::DateTime::from_str(
+                ts,
+                aws_smithy_types::date_time::Format::DateTime,
+            )
+            .map_err(|e| format!("{ts:?} is not an RFC 3339 time: {e}"))?;
             let t = SystemTime::try_from(dt).map_err(|e| format!("{ts:?}: {e}"))?;
             Ok(InitialPosition::AtTimestamp(t))
         }
@@ -93,7 +96,9 @@ impl RecordProcessor for JsonLines {
         // The lock is not `Send`: release it (end of the block) before awaiting.
         let written = {
             let mut stdout = std::io::stdout().lock();
-            stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush())
+            stdout
+                .write_all(out.as_bytes())
+                .and_then(|()| stdout.flush())
         };
         if let Err(e) = written {
             error!(error = %e, "writing to stdout failed; not checkpointing");
@@ -163,7 +168,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     b.set_failover_time(args.failover_time_ms.map(Duration::from_millis));
     let config = b.build()?;
     info!(worker_id = %config.worker_id, "starting");
-    let handle = Worker::builder(config, JsonLines::default).build().await?.start().await?;
+    let handle = Worker::builder(config, JsonLines::default)
+        .build()
+        .await?
+        .start()
+        .await?;
     shutdown_signal().await;
     info!("signal received; shutting down gracefully");
     handle.shutdown().await?;

@@ -150,10 +150,10 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     for round in 0..ROUNDS {
         produced_count += produce_round(&kinesis, round, &mut produced)?;
         if round == 20 {
-            if let Some((_, slot)) = handles.iter_mut().find(|(id, _)| id == "worker-2") {
-                if let Some(h) = slot.take() {
-                    h.abort().await;
-                }
+            if let Some((_, slot)) = handles.iter_mut().find(|(id, _)| id == "worker-2")
+                && let Some(h) = slot.take()
+            {
+                h.abort().await;
             }
             note = "worker-2 crashed".to_owned();
         }
@@ -250,8 +250,8 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
         .collect();
     println!();
     println!(
-        "{:<10} {:<22} {:>8} {:>12} {:>7}  {}",
-        "worker", "shard", "records", "checkpoints", "leases", "shutdowns"
+        "{:<10} {:<22} {:>8} {:>12} {:>7}  shutdowns",
+        "worker", "shard", "records", "checkpoints", "leases"
     );
     println!("{}", "-".repeat(80));
     for ((worker, shard), row) in &rows {

@@ -196,10 +196,10 @@ impl Putter {
     async fn flush(&mut self) -> Result<(), ProducerError> {
         let mut pending = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let total = pending.len();
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         while !pending.is_empty() {
+            let sent = pending.len();
             let entries = pending
                 .iter()
                 .map(|e| {
@@ -219,9 +219,9 @@ impl Putter {
                 .send()
                 .await
                 .map_err(|e| aws_error(format!("PutRecords into {:?}", self.stream))(e.into()))?;
-            if output.records().len() != pending.len() {
+            if output.records().len() != sent {
                 return Err(ProducerError::MissingResults {
-                    sent: pending.len(),
+                    sent,
                     results: output.records().len(),
                 });
             }
@@ -237,7 +237,7 @@ impl Putter {
                 }
             }
             debug!(
-                entries = total,
+                entries = sent,
                 attempt,
                 rejected = rejected.len(),
                 "PutRecords"
@@ -280,14 +280,15 @@ async fn ensure_stream(
         .await;
     match described {
         Ok(out) => {
-            if let Some(summary) = out.stream_description_summary() {
-                if summary.open_shard_count() != shards {
-                    info!(
-                        stream,
-                        open_shards = summary.open_shard_count(),
-                        "stream exists; not changing its shard count"
-                    );
-                }
+            let open_shards = out
+                .stream_description_summary()
+                .map(|summary| summary.open_shard_count());
+            if open_shards != Some(shards) {
+                info!(
+                    stream,
+                    ?open_shards,
+                    "stream exists; not changing its shard count"
+                );
             }
         }
         Err(e)
@@ -457,6 +458,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -474,11 +476,188 @@ async fn main() -> ExitCode {
             let mut msg = e.to_string();
             let mut cause = e.source();
             while let Some(c) = cause {
-                msg.push_str(&format!(": {c}"));
+                // SDK errors wrap a service error whose source says the same again.
+                let text = c.to_string();
+                if !msg.ends_with(&text) {
+                    msg.push_str(&format!(": {text}"));
+                }
                 cause = c.source();
             }
             eprintln!("producer: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use base64::Engine;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// Serves PutRecords on 127.0.0.1, one request per connection: the first answer rejects
+    /// every entry at an odd position, later answers accept everything. Sends each request's
+    /// decoded payloads to the test.
+    fn scripted_kinesis() -> (String, mpsc::Receiver<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (call, stream) in listener.incoming().enumerate() {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let request: Value = serde_json::from_slice(&body).unwrap();
+                let payloads: Vec<String> = request["Records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        let data = base64::engine::general_purpose::STANDARD
+                            .decode(r["Data"].as_str().unwrap())
+                            .unwrap();
+                        String::from_utf8(data).unwrap()
+                    })
+                    .collect();
+                let count = payloads.len();
+                // Reported before answering, so the test sees it once the call returns.
+                let _ = tx.send(payloads);
+                let results: Vec<Value> = (0..count)
+                    .map(|i| {
+                        if call == 0 && i % 2 == 1 {
+                            json!({"ErrorCode": "ProvisionedThroughputExceededException",
+                                   "ErrorMessage": "slow down"})
+                        } else {
+                            json!({"SequenceNumber": format!("{}", 1000 * call + i),
+                                   "ShardId": "shardId-000000000000"})
+                        }
+                    })
+                    .collect();
+                let failed = results
+                    .iter()
+                    .filter(|r| r.get("ErrorCode").is_some())
+                    .count();
+                let answer = json!({"FailedRecordCount": failed, "Records": results}).to_string();
+                write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .unwrap();
+            }
+        });
+        (endpoint, rx)
+    }
+
+    #[tokio::test]
+    async fn rejected_entries_are_retried_alone() {
+        let (endpoint, requests) = scripted_kinesis();
+        let mut putter = Putter {
+            client: kcl_testkit::emulators::kinesis_client(&endpoint),
+            stream: "s".into(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            kinesis_records: 0,
+        };
+        for i in 0..5 {
+            putter
+                .push(Entry {
+                    partition_key: "k".into(),
+                    explicit_hash_key: None,
+                    data: Bytes::from(format!("p{i}")),
+                })
+                .await
+                .unwrap();
+        }
+        putter.flush().await.unwrap();
+        assert_eq!(putter.kinesis_records, 5);
+        let first = requests.recv().unwrap();
+        assert_eq!(first, ["p0", "p1", "p2", "p3", "p4"]);
+        let retry = requests.recv().unwrap();
+        assert_eq!(retry, ["p1", "p3"]);
+        assert!(requests.try_recv().is_err(), "one retry was enough");
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_500_entries() {
+        let (endpoint, requests) = scripted_kinesis();
+        let mut putter = Putter {
+            client: kcl_testkit::emulators::kinesis_client(&endpoint),
+            stream: "s".into(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            kinesis_records: 0,
+        };
+        // The first request has rejections: 250 of its 500 entries come back in a retry.
+        for i in 0..501 {
+            putter
+                .push(Entry {
+                    partition_key: "k".into(),
+                    explicit_hash_key: Some("7".into()),
+                    data: Bytes::from(format!("p{i}")),
+                })
+                .await
+                .unwrap();
+        }
+        putter.flush().await.unwrap();
+        let sizes: Vec<usize> = requests.try_iter().map(|r| r.len()).collect();
+        assert_eq!(sizes, [500, 250, 1]);
+        assert_eq!(putter.kinesis_records, 501);
+    }
+
+    #[test]
+    fn partition_keys_are_validated() {
+        assert!(parse_partition_key("").is_err());
+        assert!(parse_partition_key(&"x".repeat(257)).is_err());
+        assert_eq!(parse_partition_key("key-1").unwrap(), "key-1");
+        let args = Args::try_parse_from([
+            "producer",
+            "--stream",
+            "s",
+            "--region",
+            "r",
+            "--count",
+            "3",
+            "--partition-keys",
+            "a,b",
+        ])
+        .unwrap();
+        assert_eq!(args.partition_keys, ["a", "b"]);
+        assert!(
+            Args::try_parse_from([
+                "producer",
+                "--stream",
+                "s",
+                "--region",
+                "r",
+                "--count",
+                "3",
+                "--records-per-aggregate",
+                "2",
+            ])
+            .is_err(),
+            "--records-per-aggregate needs --aggregate"
+        );
     }
 }

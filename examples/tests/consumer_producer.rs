@@ -1,0 +1,466 @@
+//! End to end against the local emulators: the real `producer` binary creates a 2-shard stream
+//! on kinesis-local and puts 50 plain and 50 KPL-aggregated records; the real `consumer`
+//! binary (lease table on dynalite) prints all of them, stops gracefully on SIGTERM, and leaves
+//! its leases released with their checkpoints at the last record it delivered.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use kcl_kpl::{HashKeyRange, partition_key_hash};
+use kcl_testkit::emulators::{Emulator, EmulatorKind, REGION, dynamodb_client, kinesis_client};
+use serde_json::Value;
+
+const RECORDS_PER_KIND: u64 = 50;
+const KEYS: u64 = 10;
+const RECORDS_PER_AGGREGATE: u64 = 3;
+/// How long the consumer may take to print every record.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the consumer may take to stop after SIGTERM.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Kills (and reaps) the consumer if the test ends before it exited.
+struct ChildGuard {
+    child: Child,
+    exited: bool,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The environment of both binaries: dummy credentials, nothing read from the user's AWS
+/// configuration, no instance metadata, no endpoint other than the ones on the command line.
+fn aws_env(command: &mut Command) -> &mut Command {
+    let nowhere = std::env::temp_dir().join("kcl-consumer-producer-test-no-aws-config");
+    command
+        .env("AWS_ACCESS_KEY_ID", "local")
+        .env("AWS_SECRET_ACCESS_KEY", "local")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", &nowhere)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &nowhere)
+        .env("RUST_LOG", "info")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ENDPOINT_URL_KINESIS")
+        .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
+}
+
+fn run_producer(kinesis: &str, stream: &str, extra: &[&str]) -> Output {
+    let output = aws_env(&mut Command::new(env!("CARGO_BIN_EXE_producer")))
+        .args([
+            "--stream",
+            stream,
+            "--region",
+            REGION,
+            "--kinesis-endpoint",
+            kinesis,
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "producer {extra:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// What one payload must look like when the consumer prints it.
+struct Expected {
+    partition_key: String,
+    /// Sub-sequence number inside its aggregate (0 for plain records).
+    sub_sequence_number: u64,
+    /// For aggregated records: (partition key index, aggregate number within that key).
+    aggregate: Option<(u64, u64)>,
+}
+
+/// `plain-000042` or `agg-000042` -> what the producer was asked to do with it.
+fn expected(payload: &str) -> Option<Expected> {
+    let (aggregated, number) = if let Some(n) = payload.strip_prefix("plain-") {
+        (false, n)
+    } else {
+        (true, payload.strip_prefix("agg-")?)
+    };
+    if number.len() != 6 {
+        return None;
+    }
+    let index: u64 = number.parse().ok()?;
+    if index >= RECORDS_PER_KIND {
+        return None;
+    }
+    let key = index % KEYS;
+    // Record i is the (i / KEYS)-th record of its key; aggregates hold 3 records of one key.
+    let ordinal = index / KEYS;
+    Some(Expected {
+        partition_key: format!("key-{key}"),
+        sub_sequence_number: if aggregated {
+            ordinal % RECORDS_PER_AGGREGATE
+        } else {
+            0
+        },
+        aggregate: aggregated.then_some((key, ordinal / RECORDS_PER_AGGREGATE)),
+    })
+}
+
+/// One printed record, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Delivered {
+    shard_id: String,
+    sequence_number: String,
+    sub_sequence_number: u64,
+    partition_key: String,
+    payload: String,
+}
+
+/// Orders sequence numbers as unsigned decimal integers, then by sub-sequence number.
+fn esn_key(d: &Delivered) -> (usize, String, u64) {
+    (
+        d.sequence_number.len(),
+        d.sequence_number.clone(),
+        d.sub_sequence_number,
+    )
+}
+
+fn is_sequence_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn parse_line(line: &str, shards: &HashMap<String, HashKeyRange>) -> Delivered {
+    let v: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+    let object = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {line}"));
+    let fields: BTreeSet<&str> = object.keys().map(String::as_str).collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from([
+            "shard_id",
+            "sequence_number",
+            "sub_sequence_number",
+            "partition_key",
+            "data_b64"
+        ]),
+        "{line}"
+    );
+    let text = |name: &str| {
+        v[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} is not a string: {line}"))
+            .to_owned()
+    };
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(text("data_b64"))
+        .unwrap_or_else(|e| panic!("data_b64 is not base64 ({e}): {line}"));
+    let delivered = Delivered {
+        shard_id: text("shard_id"),
+        sequence_number: text("sequence_number"),
+        sub_sequence_number: v["sub_sequence_number"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("sub_sequence_number is not a u64: {line}")),
+        partition_key: text("partition_key"),
+        payload: String::from_utf8(data).unwrap(),
+    };
+    let range = shards
+        .get(&delivered.shard_id)
+        .unwrap_or_else(|| panic!("unknown shard: {line}"));
+    assert!(
+        is_sequence_number(&delivered.sequence_number),
+        "sequence number: {line}"
+    );
+    let want = expected(&delivered.payload)
+        .unwrap_or_else(|| panic!("a payload the producer did not put: {line}"));
+    assert_eq!(delivered.partition_key, want.partition_key, "{line}");
+    assert_eq!(
+        delivered.sub_sequence_number, want.sub_sequence_number,
+        "{line}"
+    );
+    // Plain records are routed by Kinesis, aggregates by their explicit hash key: both must
+    // land on the shard owning the user record's partition key.
+    assert!(
+        range.contains(partition_key_hash(&delivered.partition_key)),
+        "record on a shard not owning its key: {line}"
+    );
+    delivered
+}
+
+#[test]
+fn producer_and_consumer_against_the_emulators() {
+    let started = Instant::now();
+    let kinesis = Emulator::start(EmulatorKind::KinesisLocal).unwrap_or_else(|e| panic!("{e}"));
+    let dynalite = Emulator::start(EmulatorKind::Dynalite).unwrap_or_else(|e| panic!("{e}"));
+    let stream = "consumer-producer-stream";
+    let application = "consumer-producer-app";
+
+    let plain = run_producer(
+        kinesis.endpoint(),
+        stream,
+        &[
+            "--create-stream",
+            "--shards",
+            "2",
+            "--count",
+            "50",
+            "--payload-prefix",
+            "plain-",
+        ],
+    );
+    let plain_log = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        plain_log.contains("put 50 user records in 50 Kinesis records"),
+        "{plain_log}"
+    );
+    let aggregated = run_producer(
+        kinesis.endpoint(),
+        stream,
+        &[
+            "--count",
+            "50",
+            "--aggregate",
+            "--records-per-aggregate",
+            "3",
+            "--payload-prefix",
+            "agg-",
+        ],
+    );
+    // 10 keys with 5 records each: aggregates of 3 + 2 per key.
+    let aggregated_log = String::from_utf8_lossy(&aggregated.stderr);
+    assert!(
+        aggregated_log.contains("put 50 user records in 20 Kinesis records"),
+        "{aggregated_log}"
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = runtime
+        .block_on(
+            kinesis_client(kinesis.endpoint())
+                .list_shards()
+                .stream_name(stream)
+                .send(),
+        )
+        .unwrap();
+    let shards: HashMap<String, HashKeyRange> = listed
+        .shards()
+        .iter()
+        .map(|s| {
+            let range = s.hash_key_range().unwrap();
+            (
+                s.shard_id().to_owned(),
+                HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shards.len(), 2, "{listed:?}");
+
+    let mut consumer = ChildGuard {
+        child: aws_env(&mut Command::new(env!("CARGO_BIN_EXE_consumer")))
+            .args([
+                "--stream",
+                stream,
+                "--application",
+                application,
+                "--region",
+                REGION,
+                "--kinesis-endpoint",
+                kinesis.endpoint(),
+                "--dynamodb-endpoint",
+                dynalite.endpoint(),
+                "--initial-position",
+                "trim-horizon",
+                "--failover-time-ms",
+                "3000",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        exited: false,
+    };
+    let stdout = consumer.child.stdout.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout_reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = consumer.child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let log_writer = Arc::clone(&log);
+    let stderr_reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            log_writer
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let consumer_log = || log.lock().unwrap().clone();
+
+    // payload -> the record as printed (a repeat must be the same record).
+    let mut delivered: BTreeMap<String, Delivered> = BTreeMap::new();
+    let mut printed = 0usize;
+    let mut accept = |line: &str, delivered: &mut BTreeMap<String, Delivered>| {
+        let d = parse_line(line, &shards);
+        printed += 1;
+        if let Some(before) = delivered.get(&d.payload) {
+            assert_eq!(before, &d, "the same payload delivered as two records");
+        } else {
+            delivered.insert(d.payload.clone(), d);
+        }
+    };
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while delivered.len() < 2 * RECORDS_PER_KIND as usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => accept(&line, &mut delivered),
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "after {DELIVERY_TIMEOUT:?} only {} of 100 payloads arrived; consumer log:\n{}",
+                delivered.len(),
+                consumer_log()
+            ),
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "the consumer closed its stdout after {} payloads ({:?}); its log:\n{}",
+                delivered.len(),
+                consumer.child.try_wait(),
+                consumer_log()
+            ),
+        }
+    }
+    let all_delivered_in = started.elapsed();
+
+    // Graceful stop.
+    let pid = consumer.child.id().to_string();
+    let signalled = Instant::now();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success(), "kill -TERM {pid}: {kill}");
+    let status: ExitStatus = loop {
+        if let Some(status) = consumer.child.try_wait().unwrap() {
+            consumer.exited = true;
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < SHUTDOWN_TIMEOUT,
+            "the consumer did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM; its log:\n{}",
+            consumer_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stopped_in = signalled.elapsed();
+    stdout_reader.join().unwrap();
+    stderr_reader.join().unwrap();
+    assert!(
+        status.success(),
+        "consumer exit status {status}; its log:\n{}",
+        consumer_log()
+    );
+    // Lines printed after the last new payload (during shutdown) must be valid too.
+    for line in lines.try_iter() {
+        accept(&line, &mut delivered);
+    }
+    assert_eq!(delivered.len(), 100);
+
+    // Records of one aggregate share their sequence number; all others differ.
+    let mut by_sequence: HashMap<&str, BTreeSet<Option<(u64, u64)>>> = HashMap::new();
+    let mut plain_sequences = BTreeSet::new();
+    for d in delivered.values() {
+        let want = expected(&d.payload).unwrap();
+        match want.aggregate {
+            Some(_) => {
+                by_sequence
+                    .entry(&d.sequence_number)
+                    .or_default()
+                    .insert(want.aggregate);
+            }
+            None => assert!(plain_sequences.insert(d.sequence_number.clone())),
+        }
+    }
+    assert_eq!(by_sequence.len(), 20, "{by_sequence:?}");
+    assert!(by_sequence.values().all(|aggregates| aggregates.len() == 1));
+    assert!(by_sequence.keys().all(|s| !plain_sequences.contains(*s)));
+
+    // The last record delivered on each shard: where its checkpoint must be.
+    let mut last: HashMap<&str, &Delivered> = HashMap::new();
+    for d in delivered.values() {
+        let slot = last.entry(&d.shard_id).or_insert(d);
+        if esn_key(d) > esn_key(slot) {
+            *slot = d;
+        }
+    }
+    assert_eq!(last.len(), 2, "both shards should have received records");
+
+    let scan = runtime
+        .block_on(
+            dynamodb_client(dynalite.endpoint())
+                .scan()
+                .table_name(application)
+                .consistent_read(true)
+                .send(),
+        )
+        .unwrap();
+    let items = scan.items();
+    assert_eq!(items.len(), 2, "{items:?}");
+    for item in items {
+        let key = item["leaseKey"].as_s().unwrap();
+        assert!(
+            !item.contains_key("leaseOwner"),
+            "lease {key} still has an owner: {item:?}"
+        );
+        let checkpoint = item["checkpoint"].as_s().unwrap();
+        assert!(
+            is_sequence_number(checkpoint),
+            "lease {key}: checkpoint {checkpoint:?} is not a sequence number"
+        );
+        let sub: u64 = item["checkpointSubSequenceNumber"]
+            .as_n()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let want = last
+            .get(key.as_str())
+            .unwrap_or_else(|| panic!("lease {key} for an unknown shard"));
+        assert_eq!(
+            (checkpoint.as_str(), sub),
+            (want.sequence_number.as_str(), want.sub_sequence_number),
+            "lease {key}: checkpoint is not the last delivered record"
+        );
+    }
+
+    eprintln!(
+        "{printed} lines for 100 payloads; all delivered {all_delivered_in:?} after the test \
+         started; consumer stopped {stopped_in:?} after SIGTERM; total {:?}",
+        started.elapsed()
+    );
+}
