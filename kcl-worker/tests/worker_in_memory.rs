@@ -525,3 +525,123 @@ async fn a_lone_worker_starts_processing_64_fresh_shards_within_3_seconds() {
     .await;
     w1.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_checkpoint_is_shown_to_the_next_owner() {
+    let env = Env::new(1);
+    env.put_plain("k", "one");
+    env.put_plain("k", "two");
+    let (w1, _) = env
+        .worker("w1", Behaviour::new().checkpoint_every_batch(false))
+        .await;
+    env.wait_until("records", Duration::from_secs(30), |e| {
+        e.log.delivered_count() == 2
+    })
+    .await;
+    let (_, _, first) = env.log.deliveries()[0].clone();
+    let lease = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
+    env.store
+        .update_pending_checkpoint(&lease, Some(&first.extended_sequence_number()))
+        .await
+        .unwrap();
+    w1.abort().await;
+    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.wait_until("w2 initialized", 3 * FAILOVER, |e| {
+        e.log
+            .events()
+            .iter()
+            .any(|ev| matches!(ev, Event::Initialized { worker, .. } if worker == "w2"))
+    })
+    .await;
+    let pending = env
+        .log
+        .events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::Initialized {
+                worker, pending, ..
+            } if worker == "w2" => Some(pending),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(pending, Some(first.extended_sequence_number()));
+    w2.shutdown().await.unwrap();
+}
+
+/// Panics on the records of one shard; the other shards go on.
+struct PanicsOnShardZero {
+    shard: String,
+    log: EventLog,
+}
+
+impl kcl_interfaces::RecordProcessor for PanicsOnShardZero {
+    async fn initialize(&mut self, input: kcl_interfaces::InitializationInput) {
+        self.shard = input.shard_id;
+    }
+    async fn process_records(&mut self, input: kcl_interfaces::ProcessRecordsInput) {
+        if self.shard == "shardId-000000000000" {
+            panic!("processor bug on {}", self.shard);
+        }
+        self.log.push(Event::Delivered {
+            worker: "w1".into(),
+            shard: self.shard.clone(),
+            records: input.records.clone(),
+        });
+        input.checkpointer.checkpoint().await.unwrap();
+    }
+    async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_processor_only_affects_its_own_shard() {
+    let env = Env::new(4);
+    for i in 0..200 {
+        env.put_plain(&format!("key-{i}"), &format!("r{i}"));
+    }
+    let log = env.log.clone();
+    let config = WorkerConfig::builder("app", STREAM)
+        .worker_id("w1")
+        .initial_position(InitialPosition::TrimHorizon)
+        .idle_time_between_reads(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let handle = Worker::builder(config, move || PanicsOnShardZero {
+        shard: String::new(),
+        log: log.clone(),
+    })
+    .stream_client(Arc::new(env.kinesis.clone()))
+    .lease_store(env.store.clone())
+    .build()
+    .await
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    // Every record not on shard 0 is delivered, and the worker keeps running.
+    let shard_zero_records = {
+        // Count the records routed to shard 0 by reading its lease range.
+        let lease = env
+            .store
+            .get_lease("shardId-000000000000")
+            .await
+            .unwrap()
+            .unwrap();
+        let range = lease.hash_key_range.unwrap();
+        (0..200)
+            .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
+            .count()
+    };
+    env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == 200 - shard_zero_records
+    })
+    .await;
+    assert!(shard_zero_records > 0);
+    assert!(!handle.is_finished());
+    // Shard 0's lease was released after the panic (and is retried, panicking again).
+    handle.shutdown().await.unwrap();
+}
