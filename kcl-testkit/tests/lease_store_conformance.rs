@@ -62,9 +62,22 @@ async fn dynamo_store_on_dynalite_passes_the_suite() {
     dynamo_suite(EmulatorKind::Dynalite, "conformance-dynalite").await;
 }
 
+/// moto's server does not evaluate a condition and apply the update atomically: two
+/// concurrent takes of one lease can both succeed there (seen under load in a full test run).
+/// DynamoDB and dynalite serialise them, so the race case runs on those and in memory; on
+/// moto every other case runs.
 #[tokio::test]
 async fn dynamo_store_on_moto_passes_the_suite() {
-    dynamo_suite(EmulatorKind::Moto, "conformance-moto").await;
+    let emulator = Emulator::start(EmulatorKind::Moto).unwrap_or_else(|e| panic!("{e}"));
+    let cases: Vec<conformance::Case> = conformance::CASES
+        .iter()
+        .copied()
+        .filter(|c| c.name != "case_concurrent_takes_have_one_winner")
+        .collect();
+    assert_eq!(cases.len() + 1, conformance::CASES.len());
+    let report =
+        conformance::run_cases(&cases, dynamo_store_factory(&emulator, "conformance-moto")).await;
+    check("DynamoLeaseStore on moto", &report);
 }
 
 #[tokio::test]
