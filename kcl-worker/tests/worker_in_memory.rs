@@ -645,3 +645,35 @@ async fn a_panicking_processor_only_affects_its_own_shard() {
     // Shard 0's lease was released after the panic (and is retried, panicking again).
     handle.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_stream_is_a_clear_error_at_start() {
+    let env = Env::new(1);
+    let config = WorkerConfig::builder("app", "no-such-stream")
+        .worker_id("w1")
+        .build()
+        .unwrap();
+    let err = Worker::builder(
+        config,
+        RecordingFactory::new("w1", env.log.clone(), Behaviour::new()),
+    )
+    .stream_client(Arc::new(env.kinesis.clone()))
+    .lease_store(env.store.clone())
+    .build()
+    .await
+    .unwrap()
+    .start()
+    .await
+    .unwrap_err();
+    match &err {
+        kcl_worker::WorkerError::Stream(kcl_worker::stream::StreamError::StreamNotFound {
+            stream,
+        }) => {
+            assert_eq!(stream, "no-such-stream")
+        }
+        other => panic!("expected StreamNotFound, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    let chain = std::error::Error::source(&err).unwrap().to_string();
+    assert!(chain.contains("no-such-stream"), "{chain}");
+}
