@@ -426,6 +426,16 @@ impl LeaseCoordinator {
         lock(&self.held).get(key).map(|h| h.lease.clone())
     }
 
+    /// The held lease `key` with the id of this holding (a new id each time the lease is
+    /// gained). Writes made "in" a holding fail with [`LeaseError::NotHeld`] once the lease
+    /// was lost, even if it was gained again since: a processor of an earlier holding can
+    /// never write into a later one.
+    pub fn holding(&self, key: &str) -> Option<(Lease, u64)> {
+        lock(&self.held)
+            .get(key)
+            .map(|h| (h.lease.clone(), h.generation))
+    }
+
     /// True when `lease_key` is in the held set.
     pub fn is_held(&self, lease_key: &str) -> bool {
         lock(&self.held).contains_key(lease_key)
@@ -552,7 +562,12 @@ impl LeaseCoordinator {
     /// Runs one fenced write of a held lease under its write lock, and applies the outcome
     /// to the held set: success updates the view; a failed condition or a missing lease
     /// loses the lease (with an event); other errors change nothing.
-    async fn fenced_write<F, Fut>(&self, lease_key: &str, write: F) -> Result<Lease, LeaseError>
+    async fn fenced_write<F, Fut>(
+        &self,
+        lease_key: &str,
+        holding: Option<u64>,
+        write: F,
+    ) -> Result<Lease, LeaseError>
     where
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<Lease, LeaseError>>,
@@ -560,7 +575,10 @@ impl LeaseCoordinator {
         let not_held = || LeaseError::NotHeld {
             lease_key: lease_key.to_owned(),
         };
-        let (generation, write_lock) = self.held_entry(lease_key).ok_or_else(not_held)?;
+        let (generation, write_lock) = self
+            .held_entry(lease_key)
+            .filter(|(g, _)| holding.is_none_or(|h| h == *g))
+            .ok_or_else(not_held)?;
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
         let result = write(lease).await;
@@ -601,8 +619,29 @@ impl LeaseCoordinator {
         lease_key: &str,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
+        self.checkpoint_write(lease_key, None, checkpoint).await
+    }
+
+    /// [`LeaseCoordinator::checkpoint`] within one holding (see
+    /// [`LeaseCoordinator::holding`]).
+    pub async fn checkpoint_in(
+        &self,
+        lease_key: &str,
+        holding: u64,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        self.checkpoint_write(lease_key, Some(holding), checkpoint)
+            .await
+    }
+
+    async fn checkpoint_write(
+        &self,
+        lease_key: &str,
+        holding: Option<u64>,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
         let store = &self.store;
-        self.fenced_write(lease_key, |lease| async move {
+        self.fenced_write(lease_key, holding, |lease| async move {
             store.update_checkpoint(&lease, checkpoint).await
         })
         .await
@@ -615,8 +654,27 @@ impl LeaseCoordinator {
         lease_key: &str,
         pending: Option<&ExtendedSequenceNumber>,
     ) -> Result<Lease, LeaseError> {
+        self.prepare_write(lease_key, None, pending).await
+    }
+
+    /// [`LeaseCoordinator::prepare_checkpoint`] within one holding.
+    pub async fn prepare_checkpoint_in(
+        &self,
+        lease_key: &str,
+        holding: u64,
+        pending: Option<&ExtendedSequenceNumber>,
+    ) -> Result<Lease, LeaseError> {
+        self.prepare_write(lease_key, Some(holding), pending).await
+    }
+
+    async fn prepare_write(
+        &self,
+        lease_key: &str,
+        holding: Option<u64>,
+        pending: Option<&ExtendedSequenceNumber>,
+    ) -> Result<Lease, LeaseError> {
         let store = &self.store;
-        self.fenced_write(lease_key, |lease| async move {
+        self.fenced_write(lease_key, holding, |lease| async move {
             store.update_pending_checkpoint(&lease, pending).await
         })
         .await
@@ -629,8 +687,28 @@ impl LeaseCoordinator {
         lease_key: &str,
         children: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError> {
+        self.children_write(lease_key, None, children).await
+    }
+
+    /// [`LeaseCoordinator::update_child_shard_ids`] within one holding.
+    pub async fn update_child_shard_ids_in(
+        &self,
+        lease_key: &str,
+        holding: u64,
+        children: &BTreeSet<String>,
+    ) -> Result<Lease, LeaseError> {
+        self.children_write(lease_key, Some(holding), children)
+            .await
+    }
+
+    async fn children_write(
+        &self,
+        lease_key: &str,
+        holding: Option<u64>,
+        children: &BTreeSet<String>,
+    ) -> Result<Lease, LeaseError> {
         let store = &self.store;
-        self.fenced_write(lease_key, |lease| async move {
+        self.fenced_write(lease_key, holding, |lease| async move {
             store.update_child_shard_ids(&lease, children).await
         })
         .await
@@ -832,10 +910,23 @@ impl LeaseCoordinator {
     /// [`LeaseEvent::Lost`] is sent. [`LeaseError::NotHeld`] when not held;
     /// [`LeaseError::ConditionFailed`] when it had already been taken or changed.
     pub async fn release(&self, lease_key: &str) -> Result<(), LeaseError> {
+        self.release_write(lease_key, None).await
+    }
+
+    /// [`LeaseCoordinator::release`] of one holding only: [`LeaseError::NotHeld`] when the
+    /// lease was lost (and perhaps gained again) since.
+    pub async fn release_in(&self, lease_key: &str, holding: u64) -> Result<(), LeaseError> {
+        self.release_write(lease_key, Some(holding)).await
+    }
+
+    async fn release_write(&self, lease_key: &str, holding: Option<u64>) -> Result<(), LeaseError> {
         let not_held = || LeaseError::NotHeld {
             lease_key: lease_key.to_owned(),
         };
-        let (generation, write_lock) = self.held_entry(lease_key).ok_or_else(not_held)?;
+        let (generation, write_lock) = self
+            .held_entry(lease_key)
+            .filter(|(g, _)| holding.is_none_or(|h| h == *g))
+            .ok_or_else(not_held)?;
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
         let result = self.store.release_lease(&lease).await;

@@ -29,6 +29,9 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct ShardCheckpointer {
     shard_id: String,
+    /// The holding of the lease this processor works in: writes fail once it was lost,
+    /// even if the lease was gained again since.
+    holding: u64,
     stream_name: String,
     coordinator: Arc<LeaseCoordinator>,
     stream: Arc<dyn StreamClient>,
@@ -39,8 +42,10 @@ pub(crate) struct ShardCheckpointer {
 }
 
 impl ShardCheckpointer {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shard_id: String,
+        holding: u64,
         stream_name: String,
         coordinator: Arc<LeaseCoordinator>,
         stream: Arc<dyn StreamClient>,
@@ -50,6 +55,7 @@ impl ShardCheckpointer {
     ) -> Self {
         Self {
             shard_id,
+            holding,
             stream_name,
             coordinator,
             stream,
@@ -104,7 +110,6 @@ impl ShardCheckpointer {
     fn resolve(
         &self,
         target: &CheckpointTarget,
-        prepare: bool,
     ) -> Result<ExtendedSequenceNumber, CheckpointError> {
         let s = self.state();
         if let Some(reason) = s.shut_down {
@@ -129,11 +134,7 @@ impl ShardCheckpointer {
                 message: "SHARD_END can only be checkpointed after the shard ended".to_owned(),
             });
         }
-        // A pending checkpoint raises the floor for further pending checkpoints only.
-        let lower = match &s.pending {
-            Some(p) if prepare && *p > s.last_checkpoint => p,
-            _ => &s.last_checkpoint,
-        };
+        let lower = &s.last_checkpoint;
         if position < *lower {
             return Err(CheckpointError::IllegalArgument {
                 message: format!("{position} is before the last checkpoint {lower}"),
@@ -177,6 +178,9 @@ impl ShardCheckpointer {
                     ),
                 })
             }
+            Err(e @ StreamError::Throttled { .. }) => Err(CheckpointError::Throttling {
+                source: Box::new(e),
+            }),
             Err(e) if e.is_retryable() => Err(CheckpointError::Dependency {
                 source: Box::new(e),
             }),
@@ -192,7 +196,7 @@ impl ShardCheckpointer {
         prepare: bool,
     ) -> Result<ExtendedSequenceNumber, CheckpointError> {
         let _serial = self.write_lock.lock().await;
-        let position = self.resolve(&target, prepare)?;
+        let position = self.resolve(&target)?;
         let explicit = matches!(target, CheckpointTarget::At(_));
         if explicit && self.validate_with_stream {
             let delivered = self.state().largest_delivered.clone();
@@ -203,10 +207,12 @@ impl ShardCheckpointer {
         }
         let result = if prepare {
             self.coordinator
-                .prepare_checkpoint(&self.shard_id, Some(&position))
+                .prepare_checkpoint_in(&self.shard_id, self.holding, Some(&position))
                 .await
         } else {
-            self.coordinator.checkpoint(&self.shard_id, &position).await
+            self.coordinator
+                .checkpoint_in(&self.shard_id, self.holding, &position)
+                .await
         };
         match result {
             Ok(_) => {

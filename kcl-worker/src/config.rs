@@ -6,6 +6,12 @@ use kcl_lease::BillingMode;
 
 use crate::error::ConfigError;
 
+/// The longest duration any option accepts.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The largest prefetch bound (records or bytes) a tokio semaphore can hold.
+const MAX_PREFETCH: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 /// Where a shard with no checkpoint starts.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
@@ -245,6 +251,23 @@ impl WorkerConfigBuilder {
             }
         }
 
+        // Durations beyond a week are certainly mistakes (and would overflow clock arithmetic).
+        for (option, value) in [
+            ("failover_time", self.failover_time),
+            ("idle_time_between_reads", self.idle_time_between_reads),
+            (
+                "parent_shard_poll_interval",
+                self.parent_shard_poll_interval,
+            ),
+            ("shard_sync_interval", self.shard_sync_interval),
+            ("shutdown_grace", self.shutdown_grace),
+            ("task_backoff", self.task_backoff),
+            ("max_backoff", self.max_backoff),
+        ] {
+            if value.is_some_and(|d| d > MAX_DURATION) {
+                return Err(invalid(option, "must be at most 7 days"));
+            }
+        }
         non_empty("application_name", &self.application_name)?;
         non_empty("stream_name", &self.stream_name)?;
         let table_name = self
@@ -314,9 +337,21 @@ impl WorkerConfigBuilder {
                 "must be at least max_records",
             ));
         }
+        if max_prefetch_records > MAX_PREFETCH {
+            return Err(invalid(
+                "max_prefetch_records",
+                format!("must be at most {MAX_PREFETCH}"),
+            ));
+        }
         let max_prefetch_bytes = self.max_prefetch_bytes.unwrap_or(32 * 1024 * 1024);
         if max_prefetch_bytes == 0 {
             return Err(invalid("max_prefetch_bytes", "must be at least 1"));
+        }
+        if max_prefetch_bytes > MAX_PREFETCH {
+            return Err(invalid(
+                "max_prefetch_bytes",
+                format!("must be at most {MAX_PREFETCH}"),
+            ));
         }
         if let Some(BillingMode::Provisioned {
             read_capacity_units,
@@ -484,6 +519,22 @@ mod tests {
             (
                 WorkerConfig::builder("app", "s").max_prefetch_bytes(0usize),
                 "max_prefetch_bytes",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_prefetch_bytes(usize::MAX),
+                "max_prefetch_bytes",
+            ),
+            (
+                WorkerConfig::builder("app", "s").max_prefetch_records(usize::MAX),
+                "max_prefetch_records",
+            ),
+            (
+                WorkerConfig::builder("app", "s").shutdown_grace(Duration::MAX),
+                "shutdown_grace",
+            ),
+            (
+                WorkerConfig::builder("app", "s").failover_time(Duration::MAX),
+                "failover_time",
             ),
             (
                 WorkerConfig::builder("app", "s").kinesis_endpoint("localhost:4567"),

@@ -61,6 +61,8 @@ pub(crate) struct ConsumerContext {
 pub(crate) struct ShardConsumer<F> {
     pub(crate) ctx: ConsumerContext,
     pub(crate) lease: Lease,
+    /// The holding of the lease this consumer works in (see `LeaseCoordinator::holding`).
+    pub(crate) holding: u64,
     pub(crate) factory: Arc<F>,
     pub(crate) signal: watch::Receiver<Signal>,
 }
@@ -81,8 +83,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         let key = self.lease.lease_key.clone();
         // The freshest view of the lease (checkpoint, pending checkpoint). Lost while waiting
         // for the parents: no processor is created at all.
-        let Some(lease) = self.ctx.coordinator.held_lease(&key) else {
-            return Outcome::LeaseLost;
+        let lease = match self.ctx.coordinator.holding(&key) {
+            Some((lease, holding)) if holding == self.holding => lease,
+            _ => return Outcome::LeaseLost,
         };
         if lease.checkpoint.is_shard_end() {
             return Outcome::ShardFinished;
@@ -90,6 +93,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         let mut processor = self.factory.create_processor();
         let backend = Arc::new(ShardCheckpointer::new(
             key.clone(),
+            self.holding,
             self.ctx.config.stream_name.clone(),
             self.ctx.coordinator.clone(),
             self.ctx.stream.clone(),
@@ -151,8 +155,11 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             };
             let Some(batch) = batch else {
                 // The fetcher stopped without a shard end: it only does so when we dropped
-                // the receiver, so this is unexpected.
+                // the receiver, so this is unexpected. Shut the processor down properly (it
+                // may checkpoint); the worker releases the lease and the shard is retried.
                 error!("record fetcher stopped unexpectedly");
+                self.shutdown(processor, &backend, checkpointer, ShutdownReason::Requested)
+                    .await;
                 return Outcome::Failed;
             };
             let FetchedBatch {
@@ -191,7 +198,19 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             }
         };
 
-        // 4. The shard ended: children, then Terminate until SHARD_END is checkpointed.
+        // 4. The shard ended. Lost or stopped meanwhile: Zombie or Requested, not Terminate.
+        let current = *self.signal.borrow();
+        if current == Signal::LeaseLost || !self.holds(&key) {
+            return self
+                .shutdown(processor, &backend, checkpointer, ShutdownReason::Zombie)
+                .await;
+        }
+        if current == Signal::Shutdown {
+            return self
+                .shutdown(processor, &backend, checkpointer, ShutdownReason::Requested)
+                .await;
+        }
+        // Children, then Terminate until SHARD_END is checkpointed.
         info!(children = shard_end.len(), "shard ended");
         self.record_children(&key, &shard_end).await;
         backend.mark_shard_ended();
@@ -226,7 +245,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                         the shard stays unfinished and its children blocked; retrying after a back-off"
                 );
             }
-            if !self.ctx.coordinator.is_held(&key) {
+            if !self.holds(&key) {
                 backend.shut_down("the lease was lost to another worker");
                 return Outcome::LeaseLost;
             }
@@ -248,6 +267,14 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 }
             }
         }
+    }
+
+    /// True while this consumer's holding of the lease lasts.
+    fn holds(&self, key: &str) -> bool {
+        self.ctx
+            .coordinator
+            .holding(key)
+            .is_some_and(|(_, holding)| holding == self.holding)
     }
 
     /// Blocks until every parent is finished. `Some(outcome)` when stopped while waiting.
@@ -313,7 +340,12 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         }
         if !children.is_empty() {
             let ids: BTreeSet<String> = children.iter().map(|c| c.shard_id.clone()).collect();
-            if let Err(e) = self.ctx.coordinator.update_child_shard_ids(key, &ids).await {
+            if let Err(e) = self
+                .ctx
+                .coordinator
+                .update_child_shard_ids_in(key, self.holding, &ids)
+                .await
+            {
                 warn!(error = %e, "recording child shard ids failed");
             }
         }

@@ -102,6 +102,7 @@ impl Fetcher {
             bytes_per_second: self.config.max_bytes_per_second,
         };
         let mut iterator: Option<String> = None;
+        let mut latest_started_at: Option<SystemTime> = None;
         loop {
             if tx.is_closed() {
                 return;
@@ -109,17 +110,30 @@ impl Fetcher {
             let it = match iterator.take() {
                 Some(it) => it,
                 None => {
-                    let position = match &last_fetched {
-                        Some(seq) => IteratorPosition::AfterSequenceNumber(seq.clone()),
-                        None => initial.clone(),
+                    let position = match (&last_fetched, latest_started_at) {
+                        (Some(seq), _) => IteratorPosition::AfterSequenceNumber(seq.clone()),
+                        // A LATEST start that must start again before any record was read:
+                        // from when it first started, so nothing written since is skipped.
+                        (None, Some(at)) => IteratorPosition::AtTimestamp(at),
+                        (None, None) => initial.clone(),
                     };
+                    let asked_at = self.clock.system_time();
                     match self
                         .stream
                         .get_shard_iterator(&self.stream_name, &self.shard_id, &position)
                         .await
                     {
-                        Ok(it) => it,
+                        Ok(it) => {
+                            if position == IteratorPosition::Latest {
+                                latest_started_at = Some(asked_at);
+                            }
+                            it
+                        }
                         Err(e) => {
+                            if self.shard_is_gone(&e).await {
+                                let _ = tx.send(self.gone_batch()).await;
+                                return;
+                            }
                             self.failed(&e, &mut backoff).await;
                             continue;
                         }
@@ -149,6 +163,10 @@ impl Fetcher {
                     continue;
                 }
                 Err(e) => {
+                    if self.shard_is_gone(&e).await {
+                        let _ = tx.send(self.gone_batch()).await;
+                        return;
+                    }
                     // Keep the iterator for retryable errors; get a new one otherwise.
                     if e.is_retryable() {
                         iterator = Some(it);
@@ -233,6 +251,35 @@ impl Fetcher {
             if caught_up {
                 self.clock.sleep(self.config.idle_time_between_reads).await;
             }
+        }
+    }
+
+    /// `ResourceNotFound` for a shard that ListShards no longer lists: the shard left the
+    /// stream (its records all expired). It is treated as ended, as the Java KCL does, so
+    /// its children are not blocked forever.
+    async fn shard_is_gone(&self, e: &StreamError) -> bool {
+        if !matches!(e, StreamError::ResourceNotFound { .. }) {
+            return false;
+        }
+        match self.stream.list_all_shards(&self.stream_name, None).await {
+            Ok(shards) if !shards.iter().any(|s| s.shard_id == self.shard_id) => {
+                warn!(shard_id = %self.shard_id,
+                    "the shard is no longer in the stream; treating it as ended");
+                metrics::counter!(m::SHARDS_GONE_TOTAL).increment(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The last "batch" of a shard that left the stream.
+    fn gone_batch(&self) -> FetchedBatch {
+        FetchedBatch {
+            records: Vec::new(),
+            millis_behind_latest: 0,
+            cache_entry_time: self.clock.system_time(),
+            shard_end: Some(Vec::new()),
+            _permits: Vec::new(),
         }
     }
 

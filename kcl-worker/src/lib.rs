@@ -25,7 +25,7 @@ mod worker;
 pub use config::{InitialPosition, WorkerConfig, WorkerConfigBuilder};
 pub use error::{ConfigError, WorkerError};
 pub use shard_sync::SyncReport;
-pub use worker::{Worker, WorkerBuilder, WorkerHandle};
+pub use worker::{ShutdownReport, Worker, WorkerBuilder, WorkerHandle};
 
 pub use kcl_interfaces;
 pub use kcl_lease;

@@ -27,3 +27,5 @@ pub const SHARD_END_NOT_CHECKPOINTED_TOTAL: &str = "kcl_shard_end_not_checkpoint
 pub const PROCESSOR_FAILURES_TOTAL: &str = "kcl_processor_failures_total";
 /// Gauge: shard consumers running on this worker.
 pub const SHARD_CONSUMERS: &str = "kcl_shard_consumers";
+/// Counter: shards found gone from the stream (all records expired) and treated as ended.
+pub const SHARDS_GONE_TOTAL: &str = "kcl_shards_gone_total";

@@ -282,12 +282,33 @@ impl<F: RecordProcessorFactory> Worker<F> {
     }
 }
 
+/// What a graceful shutdown did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Processors still running when `shutdown_grace` ran out: they were aborted (their
+    /// leases were still released).
+    pub aborted_processors: usize,
+    /// Leases released in the table.
+    pub leases_released: Vec<String>,
+    /// Leases whose release failed, with the error: other workers take them after
+    /// `failover_time`.
+    pub leases_not_released: Vec<(String, String)>,
+}
+
+impl ShutdownReport {
+    /// True when every processor stopped within the grace and every lease was released.
+    pub fn is_clean(&self) -> bool {
+        self.aborted_processors == 0 && self.leases_not_released.is_empty()
+    }
+}
+
 /// Controls a running worker.
 #[derive(Debug)]
 pub struct WorkerHandle {
     worker_id: String,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<ShutdownReport>>,
     coordinator: Arc<LeaseCoordinator>,
     _coordinator_handle: kcl_lease::coordinator::CoordinatorHandle,
 }
@@ -306,7 +327,7 @@ impl WorkerHandle {
     /// Graceful shutdown: every processor gets `ShutdownReason::Requested` (and may
     /// checkpoint), the worker waits at most `shutdown_grace`, releases its leases, and
     /// returns once no processor callback can run any more.
-    pub async fn shutdown(mut self) -> Result<(), WorkerError> {
+    pub async fn shutdown(mut self) -> Result<ShutdownReport, WorkerError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -314,7 +335,7 @@ impl WorkerHandle {
             Some(task) => task.await.map_err(|e| WorkerError::Task {
                 message: e.to_string(),
             }),
-            None => Ok(()),
+            None => Ok(ShutdownReport::default()),
         }
     }
 
@@ -354,7 +375,8 @@ struct WorkerLoop<F> {
     consumers: JoinSet<Outcome>,
     /// lease key -> signal sender of its running consumer
     running: HashMap<String, watch::Sender<Signal>>,
-    by_task: HashMap<Id, String>,
+    /// task -> (lease key, holding)
+    by_task: HashMap<Id, (String, u64)>,
     /// Leases gained again while their previous consumer was still stopping.
     regained: HashMap<String, Lease>,
 }
@@ -364,9 +386,10 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         mut self,
         mut events: tokio::sync::mpsc::UnboundedReceiver<LeaseEvent>,
         mut stop: oneshot::Receiver<()>,
-    ) {
+    ) -> ShutdownReport {
         let sync_interval = self.ctx.config.shard_sync_interval;
         let mut next_sync = self.ctx.clock.sleep(sync_interval);
+        let mut syncing: JoinSet<Result<crate::SyncReport, WorkerError>> = JoinSet::new();
         let mut sync_backoff = Backoff::new(
             self.ctx.config.task_backoff,
             self.ctx.config.max_backoff,
@@ -390,11 +413,22 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                         break;
                     }
                 },
-                _ = &mut next_sync => {
-                    let delay = match self.ctx.syncer.sync().await {
-                        Ok(_) => { sync_backoff.reset(); sync_interval }
+                // The sync runs in its own task so lease events and stop requests are
+                // handled while it lists shards and scans the table.
+                _ = &mut next_sync, if syncing.is_empty() => {
+                    let syncer = self.ctx.syncer.clone();
+                    syncing.spawn(async move { syncer.sync().await }.instrument(tracing::Span::current()));
+                }
+                Some(done) = syncing.join_next(), if !syncing.is_empty() => {
+                    let delay = match done {
+                        Ok(Ok(_)) => { sync_backoff.reset(); sync_interval }
+                        Ok(Err(e)) => {
+                            warn!(error = %e, cause = ?std::error::Error::source(&e),
+                                "shard sync failed; retrying after a back-off");
+                            sync_backoff.next_delay()
+                        }
                         Err(e) => {
-                            warn!(error = %e, "shard sync failed; retrying after a back-off");
+                            error!(error = %e, "shard sync task failed; retrying after a back-off");
                             sync_backoff.next_delay()
                         }
                     };
@@ -405,7 +439,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 }
             }
         }
-        self.graceful_shutdown().await;
+        self.graceful_shutdown().await
     }
 
     fn gained(&mut self, lease: Lease) {
@@ -414,15 +448,20 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             self.regained.insert(key, lease);
             return;
         }
+        // Lost again before we got here: the Lost event follows.
+        let Some((_, holding)) = self.ctx.coordinator.holding(&key) else {
+            return;
+        };
         let (tx, rx) = watch::channel(Signal::Run);
         let consumer = ShardConsumer {
             ctx: self.ctx.clone(),
             lease,
+            holding,
             factory: self.factory.clone(),
             signal: rx,
         };
         let handle = self.consumers.spawn(consumer.run());
-        self.by_task.insert(handle.id(), key.clone());
+        self.by_task.insert(handle.id(), (key.clone(), holding));
         self.running.insert(key, tx);
         metrics::gauge!(m::SHARD_CONSUMERS).set(self.running.len() as f64);
     }
@@ -446,7 +485,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 (e.id(), Outcome::Failed)
             }
         };
-        let Some(key) = self.by_task.remove(&id) else {
+        let Some((key, holding)) = self.by_task.remove(&id) else {
             return;
         };
         self.running.remove(&key);
@@ -455,9 +494,12 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             Outcome::ShardFinished | Outcome::Failed => {
                 // Give the lease up so another consumer (here or elsewhere) can proceed; a
                 // finished lease is never taken again.
-                if let Err(e) = self.ctx.coordinator.release(&key).await {
-                    warn!(lease_key = %key, error = %e, "releasing the lease failed; it will expire");
-                    self.ctx.coordinator.drop_lease(&key);
+                // Only this consumer's holding: a lease lost and gained again meanwhile stays.
+                match self.ctx.coordinator.release_in(&key, holding).await {
+                    Ok(()) | Err(kcl_lease::LeaseError::NotHeld { .. }) => {}
+                    Err(e) => {
+                        warn!(lease_key = %key, error = %e, "releasing the lease failed; it will expire")
+                    }
                 }
             }
             Outcome::LeaseLost | Outcome::ShutdownRequested => {}
@@ -469,47 +511,75 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         }
     }
 
-    async fn graceful_shutdown(&mut self) {
+    async fn graceful_shutdown(&mut self) -> ShutdownReport {
         info!("graceful shutdown: stopping processors");
         self.ctx.coordinator.stop().await;
         for tx in self.running.values() {
-            let _ = tx.send(Signal::Shutdown);
+            // A consumer already told its lease is lost stays a zombie.
+            tx.send_if_modified(|s| {
+                if *s == Signal::Run {
+                    *s = Signal::Shutdown;
+                    true
+                } else {
+                    false
+                }
+            });
         }
         let clock = self.ctx.clock.clone();
-        let deadline = clock.now() + self.ctx.config.shutdown_grace;
-        let renew_every = self.ctx.config.failover_time / 3;
+        let start = clock.now();
+        let grace = self.ctx.config.shutdown_grace;
+        let renew_every = (self.ctx.config.failover_time / 3).max(Duration::from_millis(1));
+        let mut since_renew = Duration::ZERO;
+        let mut last_tick = start;
         while !self.consumers.is_empty() {
-            let now = clock.now();
-            if now >= deadline {
+            let elapsed = clock.now().saturating_duration_since(start);
+            if elapsed >= grace {
                 break;
             }
-            let wait = (deadline - now)
-                .min(renew_every)
+            let wait = (grace - elapsed)
+                .min(renew_every.saturating_sub(since_renew))
                 .max(Duration::from_millis(1));
             tokio::select! {
                 Some(done) = self.consumers.join_next_with_id() => {
-                    let key = match &done {
+                    let entry = match &done {
                         Ok((id, _)) => self.by_task.remove(id),
                         Err(e) => self.by_task.remove(&e.id()),
                     };
-                    if let Some(key) = key { self.running.remove(&key); }
+                    if let Some((key, _)) = entry { self.running.remove(&key); }
                 }
-                _ = clock.sleep(wait) => {
-                    // Keep the leases alive while processors finish.
-                    self.ctx.coordinator.renew_once().await;
-                }
+                _ = clock.sleep(wait) => {}
+            }
+            // One renewal deadline for the whole wait, however often consumers finish.
+            let now = clock.now();
+            since_renew += now.saturating_duration_since(last_tick);
+            last_tick = now;
+            if since_renew >= renew_every {
+                since_renew = Duration::ZERO;
+                // Keep the leases alive while processors finish.
+                self.ctx.coordinator.renew_once().await;
             }
         }
-        if !self.consumers.is_empty() {
+        let aborted_processors = self.consumers.len();
+        if aborted_processors > 0 {
             warn!(
-                remaining = self.consumers.len(),
+                remaining = aborted_processors,
                 "processors did not stop within the shutdown grace; aborting them"
             );
             self.consumers.abort_all();
             while self.consumers.join_next().await.is_some() {}
         }
-        self.ctx.coordinator.release_all().await;
+        let released = self.ctx.coordinator.release_all().await;
         metrics::gauge!(m::SHARD_CONSUMERS).set(0.0);
-        info!("worker stopped; leases released");
+        let report = ShutdownReport {
+            aborted_processors,
+            leases_released: released.released,
+            leases_not_released: released
+                .failed
+                .into_iter()
+                .map(|(key, e)| (key, e.to_string()))
+                .collect(),
+        };
+        info!(?report, "worker stopped");
+        report
     }
 }
