@@ -677,3 +677,47 @@ async fn a_missing_stream_is_a_clear_error_at_start() {
     let chain = std::error::Error::source(&err).unwrap().to_string();
     assert!(chain.contains("no-such-stream"), "{chain}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_shard_gone_from_the_stream_counts_as_ended_and_children_start() {
+    let env = Env::new(1);
+    env.put_plain("k", "before-split");
+    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    env.wait_until("first record", Duration::from_secs(30), |e| {
+        e.log.delivered_count() == 1
+    })
+    .await;
+    w1.shutdown().await.unwrap();
+    // While the application is down the shard splits and, after the retention period, the
+    // closed parent (with its records) leaves the stream; its lease still says "not finished".
+    env.kinesis
+        .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
+        .unwrap();
+    env.kinesis
+        .set_retention_period(STREAM, Duration::from_secs(3600))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+    let parent = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!parent.is_finished());
+    env.put_plain("k", "after-split");
+    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.wait_until("the child's record", Duration::from_secs(120), |e| {
+        e.delivered_payloads().contains("after-split")
+    })
+    .await;
+    let parent = env.store.get_lease("shardId-000000000000").await.unwrap();
+    assert!(
+        parent.as_ref().is_none_or(|p| p.is_finished()),
+        "{parent:?}"
+    );
+    // w2 ended the gone parent (Terminate, SHARD_END) before the children started.
+    assert!(env.log.events().iter().any(|e| matches!(e,
+        Event::Shutdown { worker, shard, reason: kcl_interfaces::ShutdownReason::Terminate }
+            if worker == "w2" && shard == "shardId-000000000000")));
+    w2.shutdown().await.unwrap();
+}
