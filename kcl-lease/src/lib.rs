@@ -1,5 +1,47 @@
 //! Leases for the Kinesis Client Library: the lease model, the [`LeaseStore`] trait with
-//! its DynamoDB implementation, and the lease coordinator.
+//! its DynamoDB implementation ([`dynamo::DynamoLeaseStore`], the Java KCL 2.x table
+//! layout), and the [`coordinator::LeaseCoordinator`] that renews, takes, steals and
+//! releases leases.
+//!
+//! Every write is a conditional update fenced on the lease counter (and owner): a worker
+//! that lost a lease can never overwrite the new owner's checkpoint. Expiry is judged
+//! locally, from how long a lease's counter has not changed on this worker's monotonic
+//! [`Clock`].
+//!
+//! # Example
+//!
+//! Two workers share four leases (here on `kcl-testkit`'s in-memory store, which evaluates
+//! the same conditions as DynamoDB):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig};
+//! use kcl_lease::{BillingMode, ExtendedSequenceNumber, Lease, LeaseStore, SeededRandom};
+//! use kcl_testkit::{InMemoryLeaseStore, ManualClock};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let store = Arc::new(InMemoryLeaseStore::new());
+//! store.create_table_if_not_exists(BillingMode::PayPerRequest).await?;
+//! for i in 0..4 {
+//!     let lease = Lease::new(format!("shardId-{i:012}"), ExtendedSequenceNumber::TRIM_HORIZON);
+//!     store.create_lease_if_not_exists(&lease).await?;
+//! }
+//! let clock = Arc::new(ManualClock::new());
+//! let worker = |id: &str| {
+//!     LeaseCoordinator::new(store.clone(), LeaseCoordinatorConfig::new(id), clock.clone(),
+//!         Arc::new(SeededRandom::new(7)))
+//! };
+//! let (a, b) = (worker("a")?, worker("b")?);
+//! a.take_once().await?; // alone: takes all four
+//! b.take_once().await?; // sees two workers: steals one (at most one per pass by default)
+//! assert_eq!((a.held_leases().len(), b.held_leases().len()), (4, 1));
+//! // The next renewal tells `a` it lost the stolen lease.
+//! clock.advance(std::time::Duration::from_secs(4));
+//! a.renew_once().await;
+//! assert_eq!(a.held_leases().len(), 3);
+//! # Ok::<(), kcl_lease::LeaseError>(())
+//! # }).unwrap();
+//! ```
 
 mod clock;
 pub mod coordinator;
@@ -10,5 +52,6 @@ mod store;
 
 pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
 pub use error::{BoxError, LeaseError};
+pub use kcl_kpl::ExtendedSequenceNumber;
 pub use lease::Lease;
 pub use store::{BillingMode, LeaseStore};

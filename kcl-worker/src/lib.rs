@@ -9,6 +9,59 @@
 //! AWS SDK types appear only in [`aws`]; everything else speaks this crate's own types, so
 //! any [`stream::StreamClient`] and [`kcl_lease::LeaseStore`] can be plugged in
 //! (`kcl-testkit` has in-memory ones).
+//!
+//! # Example
+//!
+//! A processor, and a worker on the in-memory Kinesis and lease table of `kcl-testkit` (with
+//! no `stream_client` / `lease_store` given, [`WorkerBuilder::build`] creates the AWS ones
+//! from the environment and the configuration's endpoints and region):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use kcl_interfaces::{InitializationInput, ProcessRecordsInput, RecordProcessor, ShutdownInput, ShutdownReason};
+//! use kcl_worker::{InitialPosition, Worker, WorkerConfig};
+//!
+//! struct Count(Arc<AtomicUsize>);
+//!
+//! impl RecordProcessor for Count {
+//!     async fn initialize(&mut self, _: InitializationInput) {}
+//!     async fn process_records(&mut self, input: ProcessRecordsInput) {
+//!         self.0.fetch_add(input.records.len(), Ordering::SeqCst);
+//!         let _ = input.checkpointer.checkpoint().await;
+//!     }
+//!     async fn shutdown(&mut self, input: ShutdownInput) {
+//!         if input.shutdown_reason != ShutdownReason::Zombie {
+//!             let _ = input.checkpointer.checkpoint().await;
+//!         }
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+//! let kinesis = kcl_testkit::InMemoryKinesis::new();
+//! kinesis.create_stream("clicks", 4).unwrap();
+//! for i in 0..100 {
+//!     kinesis.put_record("clicks", &format!("user-{i}"), None, "click".into()).unwrap();
+//! }
+//! let seen = Arc::new(AtomicUsize::new(0));
+//! let counter = seen.clone();
+//! let config = WorkerConfig::builder("click-counter", "clicks")
+//!     .initial_position(InitialPosition::TrimHorizon)
+//!     .build()?;
+//! let worker = Worker::builder(config, move || Count(counter.clone()))
+//!     .stream_client(Arc::new(kinesis))
+//!     .lease_store(Arc::new(kcl_testkit::InMemoryLeaseStore::new()))
+//!     .build()
+//!     .await?
+//!     .start()
+//!     .await?;
+//! while seen.load(Ordering::SeqCst) < 100 {
+//!     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+//! }
+//! worker.shutdown().await?;
+//! # Ok::<(), kcl_worker::WorkerError>(())
+//! # }).unwrap();
+//! ```
 
 pub mod aws;
 mod backoff;

@@ -721,3 +721,29 @@ async fn a_closed_shard_gone_from_the_stream_counts_as_ended_and_children_start(
             if worker == "w2" && shard == "shardId-000000000000")));
     w2.shutdown().await.unwrap();
 }
+
+fn assert_send<T: Send>(_: &T) {}
+
+#[test]
+fn public_futures_are_send() {
+    let env = Env::new(1);
+    let config = WorkerConfig::builder("app", STREAM).build().unwrap();
+    let builder = Worker::builder(
+        config,
+        RecordingFactory::new("w", env.log.clone(), Behaviour::new()),
+    )
+    .stream_client(Arc::new(env.kinesis.clone()))
+    .lease_store(env.store.clone());
+    let build = builder.build();
+    assert_send(&build);
+    drop(build);
+    fn start_is_send<F: kcl_interfaces::RecordProcessorFactory>(w: Worker<F>) {
+        let fut = w.start();
+        assert_send(&fut);
+    }
+    fn handle_futures_are_send(h: WorkerHandle) {
+        let fut = h.shutdown();
+        assert_send(&fut);
+    }
+    let _ = (start_is_send::<RecordingFactory>, handle_futures_are_send);
+}
