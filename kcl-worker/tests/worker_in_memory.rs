@@ -747,3 +747,212 @@ fn public_futures_are_send() {
     }
     let _ = (start_is_send::<RecordingFactory>, handle_futures_are_send);
 }
+
+/// Runs checkpoint calls against the worker's checkpointer on its first batch and records
+/// the outcomes.
+struct CheckpointProbe {
+    shard: String,
+    results: Arc<std::sync::Mutex<Vec<(String, Option<kcl_interfaces::CheckpointErrorKind>)>>>,
+    foreign_sequence: String,
+    done: bool,
+}
+
+impl kcl_interfaces::RecordProcessor for CheckpointProbe {
+    async fn initialize(&mut self, input: kcl_interfaces::InitializationInput) {
+        self.shard = input.shard_id;
+    }
+    async fn process_records(&mut self, input: kcl_interfaces::ProcessRecordsInput) {
+        if self.done || self.shard != "shardId-000000000000" || input.records.len() < 3 {
+            return;
+        }
+        self.done = true;
+        let c = &input.checkpointer;
+        let second = input.records[1].extended_sequence_number();
+        let last = input.records.last().unwrap().extended_sequence_number();
+        let beyond = ExtendedSequenceNumber::new(last.sequence_number().unwrap().clone(), 1);
+        let first = input.records[0].extended_sequence_number();
+        let mut out = Vec::new();
+        out.push((
+            "at second".into(),
+            c.checkpoint_at(&second).await.err().map(|e| e.kind()),
+        ));
+        out.push((
+            "before last checkpoint".into(),
+            c.checkpoint_at(&first).await.err().map(|e| e.kind()),
+        ));
+        out.push((
+            "beyond delivered".into(),
+            c.checkpoint_at(&beyond).await.err().map(|e| e.kind()),
+        ));
+        out.push((
+            "malformed".into(),
+            c.checkpoint_sequence("12x").await.err().map(|e| e.kind()),
+        ));
+        out.push((
+            "shard end too early".into(),
+            c.checkpoint_at(&ExtendedSequenceNumber::SHARD_END)
+                .await
+                .err()
+                .map(|e| e.kind()),
+        ));
+        let foreign = ExtendedSequenceNumber::new(self.foreign_sequence.parse().unwrap(), 0);
+        out.push((
+            "another shard's sequence".into(),
+            if foreign < last && foreign > second {
+                c.checkpoint_at(&foreign).await.err().map(|e| e.kind())
+            } else {
+                // The test's premise failed: the foreign number must lie inside the range
+                // this shard delivered, so only the shard check can reject it.
+                None
+            },
+        ));
+        let prepared = c.prepare_checkpoint().await.unwrap();
+        out.push((
+            "commit prepared".into(),
+            prepared.checkpoint().await.err().map(|e| e.kind()),
+        ));
+        *self.results.lock().unwrap() = out;
+    }
+    async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_checkpointer_validates_positions() {
+    let env = Env::new(2);
+    // Records on both shards, interleaved in time, so shard 1 has sequence numbers between
+    // shard 0's.
+    let mut on_zero = Vec::new();
+    let mut foreign = None;
+    for i in 0..40 {
+        let put = env
+            .kinesis
+            .put_record(
+                STREAM,
+                &format!("key-{i}"),
+                None,
+                Bytes::from(format!("r{i}")),
+            )
+            .unwrap();
+        if put.shard_id == "shardId-000000000000" {
+            on_zero.push(put.sequence_number);
+        } else if on_zero.len() == 2 && foreign.is_none() {
+            foreign = Some(put.sequence_number.to_string());
+        }
+    }
+    assert!(on_zero.len() >= 3);
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shared = results.clone();
+    let foreign = foreign.expect("a record on shard 1 between shard 0's second and third");
+    let config = WorkerConfig::builder("app", STREAM)
+        .worker_id("w1")
+        .initial_position(InitialPosition::TrimHorizon)
+        .build()
+        .unwrap();
+    let handle = Worker::builder(config, move || CheckpointProbe {
+        shard: String::new(),
+        results: shared.clone(),
+        foreign_sequence: foreign.clone(),
+        done: false,
+    })
+    .stream_client(Arc::new(env.kinesis.clone()))
+    .lease_store(env.store.clone())
+    .build()
+    .await
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    let start = Instant::now();
+    while results.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    use kcl_interfaces::CheckpointErrorKind::IllegalArgument;
+    let got: BTreeMap<String, Option<kcl_interfaces::CheckpointErrorKind>> =
+        results.lock().unwrap().iter().cloned().collect();
+    assert_eq!(got["at second"], None);
+    assert_eq!(got["before last checkpoint"], Some(IllegalArgument));
+    assert_eq!(got["beyond delivered"], Some(IllegalArgument));
+    assert_eq!(got["malformed"], Some(IllegalArgument));
+    assert_eq!(got["shard end too early"], Some(IllegalArgument));
+    assert_eq!(got["another shard's sequence"], Some(IllegalArgument));
+    assert_eq!(got["commit prepared"], None);
+    handle.shutdown().await.unwrap();
+}
+
+/// Never returns from `process_records` on shard 0.
+struct HangsOnShardZero {
+    shard: String,
+    log: EventLog,
+}
+
+impl kcl_interfaces::RecordProcessor for HangsOnShardZero {
+    async fn initialize(&mut self, input: kcl_interfaces::InitializationInput) {
+        self.shard = input.shard_id;
+    }
+    async fn process_records(&mut self, input: kcl_interfaces::ProcessRecordsInput) {
+        if self.shard == "shardId-000000000000" {
+            std::future::pending::<()>().await;
+        }
+        self.log.push(Event::Delivered {
+            worker: "w1".into(),
+            shard: self.shard.clone(),
+            records: input.records.clone(),
+        });
+        input.checkpointer.checkpoint().await.unwrap();
+    }
+    async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_returns() {
+    let env = Env::new(4);
+    for i in 0..200 {
+        env.put_plain(&format!("key-{i}"), &format!("r{i}"));
+    }
+    let log = env.log.clone();
+    let config = WorkerConfig::builder("app", STREAM)
+        .worker_id("w1")
+        .initial_position(InitialPosition::TrimHorizon)
+        .shutdown_grace(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let handle = Worker::builder(config, move || HangsOnShardZero {
+        shard: String::new(),
+        log: log.clone(),
+    })
+    .stream_client(Arc::new(env.kinesis.clone()))
+    .lease_store(env.store.clone())
+    .build()
+    .await
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    let lease = env
+        .store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
+    let range = lease.hash_key_range.unwrap();
+    let on_zero = (0..200)
+        .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
+        .count();
+    env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == 200 - on_zero
+    })
+    .await;
+    let stopping = Instant::now();
+    let report = handle.shutdown().await.unwrap();
+    assert!(
+        stopping.elapsed() <= Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(report.aborted_processors, 1);
+    assert_eq!(report.leases_released.len(), 4);
+    assert!(!report.is_clean());
+    let owners = env.owners().await;
+    assert!(owners.values().all(Option::is_none), "{owners:?}");
+}
