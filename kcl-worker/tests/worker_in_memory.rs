@@ -750,9 +750,12 @@ fn public_futures_are_send() {
 
 /// Runs checkpoint calls against the worker's checkpointer on its first batch and records
 /// the outcomes.
+type ProbeResults =
+    Arc<std::sync::Mutex<Vec<(String, Option<kcl_interfaces::CheckpointErrorKind>)>>>;
+
 struct CheckpointProbe {
     shard: String,
-    results: Arc<std::sync::Mutex<Vec<(String, Option<kcl_interfaces::CheckpointErrorKind>)>>>,
+    results: ProbeResults,
     foreign_sequence: String,
     done: bool,
 }
