@@ -168,7 +168,9 @@ use kcl_kpl::ExtendedSequenceNumber;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use self::config::{DEFAULT_FAILOVER_TIME, LeaseCoordinatorConfig, MIN_FAILOVER_TIME};
+pub use self::config::{
+    DEFAULT_FAILOVER_TIME, LeaseCoordinatorConfig, MAX_FAILOVER_TIME, MIN_FAILOVER_TIME,
+};
 use self::join::join_all;
 use self::taker::{ExpiryTracker, PlanInput, plan_take};
 use crate::{Clock, Lease, LeaseError, LeaseStore, RandomSource};
@@ -346,6 +348,8 @@ pub struct LeaseCoordinator {
     next_generation: AtomicU64,
     events_tx: mpsc::UnboundedSender<LeaseEvent>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<LeaseEvent>>>,
+    /// Set once `events()` handed the receiver out: events are only queued from then on.
+    events_taken: std::sync::atomic::AtomicBool,
     loops: Mutex<Option<Loops>>,
 }
 
@@ -396,6 +400,7 @@ impl LeaseCoordinator {
             next_generation: AtomicU64::new(1),
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
+            events_taken: std::sync::atomic::AtomicBool::new(false),
             loops: Mutex::new(None),
         }))
     }
@@ -403,7 +408,11 @@ impl LeaseCoordinator {
     /// The receiver of [`LeaseEvent`]s. The first call returns it, later calls `None`.
     /// Events are sent whether or not it was taken (and dropped if nobody listens).
     pub fn events(&self) -> Option<mpsc::UnboundedReceiver<LeaseEvent>> {
-        lock(&self.events_rx).take()
+        let rx = lock(&self.events_rx).take();
+        if rx.is_some() {
+            self.events_taken.store(true, Ordering::SeqCst);
+        }
+        rx
     }
 
     /// This worker's id.
@@ -506,11 +515,19 @@ impl LeaseCoordinator {
             "reason" => reason.label()
         )
         .increment(1);
-        let _ = self.events_tx.send(LeaseEvent::Lost {
+        self.send_event(LeaseEvent::Lost {
             lease_key: key.to_owned(),
             reason,
         });
         true
+    }
+
+    /// Queues an event for the receiver handed out by `events()`; dropped while nobody took
+    /// it (so an unused coordinator does not accumulate events).
+    fn send_event(&self, event: LeaseEvent) {
+        if self.events_taken.load(Ordering::SeqCst) {
+            let _ = self.events_tx.send(event);
+        }
     }
 
     fn gain(&self, lease: Lease, stolen: bool) {
@@ -539,7 +556,7 @@ impl LeaseCoordinator {
             stolen,
             "lease taken"
         );
-        let _ = self.events_tx.send(LeaseEvent::Gained(lease));
+        self.send_event(LeaseEvent::Gained(lease));
     }
 
     fn publish_held_gauge(&self) {
@@ -581,8 +598,51 @@ impl LeaseCoordinator {
             .ok_or_else(not_held)?;
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
-        let result = write(lease).await;
+        let result = write(lease.clone()).await;
+        let result = self.recover_spurious_failure(&lease, result).await;
         self.apply_write_result(lease_key, generation, result).0
+    }
+
+    /// Runs `fut` for at most `limit` on the injected clock.
+    async fn within<T>(
+        &self,
+        limit: std::time::Duration,
+        fut: impl Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            out = fut => Some(out),
+            _ = self.clock.sleep(limit) => None,
+        }
+    }
+
+    /// A conditional write that failed its condition may in fact have been applied: the
+    /// client retried after a timeout or reset and the retry found the row already changed
+    /// by the first attempt. Writes of one lease by this worker are serialised, and another
+    /// worker can only change the row by taking it (a new owner), so a row that still names
+    /// the owner seen, one counter above the value seen, was written by this very call.
+    async fn recover_spurious_failure(
+        &self,
+        seen: &Lease,
+        result: Result<Lease, LeaseError>,
+    ) -> Result<Lease, LeaseError> {
+        let Err(LeaseError::ConditionFailed { .. }) = &result else {
+            return result;
+        };
+        match self.store.get_lease(&seen.lease_key).await {
+            Ok(Some(row))
+                if row.lease_owner.is_some()
+                    && row.lease_owner == seen.lease_owner
+                    && row.lease_counter == seen.lease_counter.saturating_add(1) =>
+            {
+                tracing::info!(
+                    worker_id = %self.config.worker_id,
+                    lease_key = %seen.lease_key,
+                    "conditional write failed but had been applied (client retry); recovered"
+                );
+                Ok(row)
+            }
+            _ => result,
+        }
     }
 
     /// Applies the result of a fenced write of holding `generation`. The flag is true when
@@ -737,7 +797,20 @@ impl LeaseCoordinator {
         let Some((generation, write_lock)) = self.held_entry(key) else {
             return RenewOutcome::NotHeld;
         };
-        let _guard = write_lock.lock().await;
+        // Bounded waits: a write of this lease in flight (a slow checkpoint) or a hung store
+        // call must not stall the whole renewal round.
+        let bound = self.config.renew_interval();
+        let Some(_guard) = self.within(bound, write_lock.lock()).await else {
+            // Another write of this lease is stuck. Past the deadline since the last
+            // successful write the lease is lost: others are about to take it.
+            let stale = self.view(key, generation).is_some_and(|(_, last_write)| {
+                self.clock.now().saturating_duration_since(last_write) >= self.renewal_deadline()
+            });
+            if stale && self.lose(key, generation, LostReason::RenewalTimeout) {
+                return RenewOutcome::Lost(key.to_owned());
+            }
+            return RenewOutcome::Failed;
+        };
         let Some((lease, last_write)) = self.view(key, generation) else {
             return RenewOutcome::NotHeld;
         };
@@ -746,7 +819,12 @@ impl LeaseCoordinator {
         if since_write < self.config.renew_interval() / 2 {
             return RenewOutcome::Skipped;
         }
-        let result = self.store.renew_lease(&lease).await;
+        let result = match self.within(bound, self.store.renew_lease(&lease)).await {
+            Some(result) => self.recover_spurious_failure(&lease, result).await,
+            None => Err(LeaseError::Unreachable {
+                source: format!("renewal took longer than {bound:?}").into(),
+            }),
+        };
         let succeeded = result.is_ok();
         metrics::counter!(
             "kcl_lease_renewals_total",
@@ -1067,7 +1145,7 @@ async fn take_loop(coordinator: Weak<LeaseCoordinator>, mut stop: watch::Receive
                 .config
                 .take_interval()
                 .saturating_sub(this.random.jitter(this.config.take_jitter()));
-            let at = this.next_take_at(now + interval);
+            let at = this.next_take_at(now.checked_add(interval).unwrap_or(now));
             this.clock.sleep(at.saturating_duration_since(now))
         };
         if sleep_or_stop(sleep, &mut stop).await {

@@ -47,6 +47,7 @@ struct State {
     largest_delivered: ExtendedSequenceNumber,
     shard_ended: bool,
     lease_lost: bool,
+    shut_down: bool,
     fail_next: Vec<CheckpointErrorKind>,
     written: Vec<ExtendedSequenceNumber>,
     prepared: Vec<ExtendedSequenceNumber>,
@@ -68,6 +69,7 @@ impl RecordingCheckpointer {
                 pending: None,
                 shard_ended: false,
                 lease_lost: false,
+                shut_down: false,
                 fail_next: Vec::new(),
                 written: Vec::new(),
                 prepared: Vec::new(),
@@ -117,6 +119,17 @@ impl RecordingCheckpointer {
         }
     }
 
+    /// With a pending checkpoint left by a previous owner (shown in `initialize`).
+    pub fn set_pending_checkpoint(&self, pending: Option<ExtendedSequenceNumber>) {
+        self.state().pending = pending;
+    }
+
+    /// The processor returned from `shutdown`: like the worker, refuse checkpoints from now
+    /// on (a checkpointer kept and used later fails with `Shutdown`).
+    pub fn mark_shut_down(&self) {
+        self.state().shut_down = true;
+    }
+
     /// Every record was delivered and the shard is closed.
     pub fn mark_shard_ended(&self) {
         self.state().shard_ended = true;
@@ -133,8 +146,17 @@ impl RecordingCheckpointer {
                 reason: "the lease was lost".into(),
             });
         }
+        if s.shut_down {
+            return Err(CheckpointError::Shutdown {
+                reason: "the processor was shut down".into(),
+            });
+        }
         if !s.fail_next.is_empty() {
             let kind = s.fail_next.remove(0);
+            // As in the worker, a Shutdown is final: the lease is gone.
+            if kind == CheckpointErrorKind::Shutdown {
+                s.lease_lost = true;
+            }
             return Err(injected(kind));
         }
         let position = match target {
@@ -241,6 +263,18 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
         }
     }
 
+    /// A harness whose shard has a checkpoint and a pending checkpoint (prepared by a
+    /// previous owner that then stopped); `initialize` shows both.
+    pub fn starting_with_pending(
+        processor: P,
+        checkpoint: ExtendedSequenceNumber,
+        pending: ExtendedSequenceNumber,
+    ) -> Self {
+        let h = Self::starting_at(processor, checkpoint);
+        h.checkpointer.set_pending_checkpoint(Some(pending));
+        h
+    }
+
     /// The processor (to inspect its state).
     pub fn processor(&self) -> &P {
         &self.processor
@@ -315,5 +349,6 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
         self.processor
             .shutdown(ShutdownInput::new(reason, self.handle()))
             .await;
+        self.checkpointer.mark_shut_down();
     }
 }

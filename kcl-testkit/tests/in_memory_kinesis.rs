@@ -434,13 +434,22 @@ async fn a_split_closes_the_parent_and_the_parent_ends_with_its_children() {
         error_kind(&k.split_shard("s", &sid(1), middle).unwrap_err()),
         "InvalidArgument"
     );
-    // The last key of a range is a valid split point: the second child owns one key.
-    let [_, single] = k.split_shard("s", &sid(1), middle - 1).unwrap();
-    let shards = k.list_all_shards("s", None).await.unwrap();
-    let single = shards.iter().find(|s| s.shard_id == single).unwrap();
+    // As the service: start + 1 < key < end. The last key, and start + 1, are refused.
     assert_eq!(
-        single.hash_key_range,
-        HashKeyRange::new(middle - 1, middle - 1).unwrap()
+        error_kind(&k.split_shard("s", &sid(1), middle - 1).unwrap_err()),
+        "InvalidArgument"
+    );
+    assert_eq!(
+        error_kind(&k.split_shard("s", &sid(1), 1).unwrap_err()),
+        "InvalidArgument"
+    );
+    // One below the last key is the highest valid split point: the second child owns two keys.
+    let [_, small] = k.split_shard("s", &sid(1), middle - 2).unwrap();
+    let shards = k.list_all_shards("s", None).await.unwrap();
+    let small = shards.iter().find(|s| s.shard_id == small).unwrap();
+    assert_eq!(
+        small.hash_key_range,
+        HashKeyRange::new(middle - 2, middle - 1).unwrap()
     );
     assert_eq!(
         error_kind(&k.split_shard("s", &sid(9), 5).unwrap_err()),
@@ -626,7 +635,7 @@ async fn list_shards_pages_carry_the_stream_and_the_filter() {
     assert_eq!(k.list_all_shards("s", None).await.unwrap().len(), 5);
 
     // A filter is kept across pages.
-    k.split_shard("s", &sid(0), 1).unwrap();
+    k.split_shard("s", &sid(0), 2).unwrap();
     let page = k
         .list_shards_page("s", None, Some(&ShardFilter::AtLatest))
         .await
@@ -1421,4 +1430,27 @@ async fn the_conformance_scenario_on_the_fake() {
         "GetRecords with limit 10001: InvalidArgument",
     ];
     assert_eq!(facts, expected);
+}
+
+#[tokio::test]
+async fn explicit_hash_keys_follow_the_service_pattern() {
+    let (_clock, k) = setup();
+    k.create_stream("s", 1).unwrap();
+    for bad in [
+        "007",
+        "-1",
+        "1.5",
+        "",
+        "340282366920938463463374607431768211456",
+        &"9".repeat(40),
+    ] {
+        assert_eq!(
+            error_kind(&k.put_record("s", "pk", Some(bad), data("x")).unwrap_err()),
+            "InvalidArgument",
+            "{bad:?}"
+        );
+    }
+    for good in ["0", "7", "340282366920938463463374607431768211455"] {
+        k.put_record("s", "pk", Some(good), data("x")).unwrap();
+    }
 }

@@ -7,6 +7,10 @@ use crate::LeaseError;
 /// The shortest accepted `failover_time`.
 pub const MIN_FAILOVER_TIME: Duration = Duration::from_millis(100);
 
+/// The longest `failover_time` accepted (a week; longer is certainly a mistake and would
+/// overflow clock arithmetic).
+pub const MAX_FAILOVER_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The default `failover_time` (10 s, as in the Java KCL).
 pub const DEFAULT_FAILOVER_TIME: Duration = Duration::from_secs(10);
 
@@ -73,6 +77,15 @@ impl LeaseCoordinatorConfig {
                 reason: format!(
                     "{:?} is shorter than the minimum {:?}",
                     self.failover_time, MIN_FAILOVER_TIME
+                ),
+            });
+        }
+        if self.failover_time > MAX_FAILOVER_TIME {
+            return Err(LeaseError::InvalidConfig {
+                option: "failover_time",
+                reason: format!(
+                    "{:?} is longer than the maximum {:?}",
+                    self.failover_time, MAX_FAILOVER_TIME
                 ),
             });
         }

@@ -84,7 +84,7 @@ impl ExpiryTracker {
                     && !held.contains(*key)
                     && seen.owner.as_deref().is_some_and(|owner| owner != me)
             })
-            .map(|(_, seen)| seen.since + failover_time)
+            .filter_map(|(_, seen)| seen.since.checked_add(failover_time))
             .filter(|at| *at > now)
             .min()
     }

@@ -257,19 +257,32 @@ impl Stream {
         }
     }
 
+    /// Splits an open shard. `strict`: the service's rule for `SplitShard`
+    /// (`start + 1 < key < end`); `UpdateShardCount`'s internal splits only need both
+    /// children non-empty.
     fn split(
         &mut self,
         sequence: &mut SequenceAllocator,
         shard_id: &str,
         new_starting_hash_key: u128,
+        strict: bool,
         now: SystemTime,
     ) -> Result<[String; 2], StreamError> {
         let index = self.open_shard(shard_id, now)?;
         let range = self.shard(index)?.range;
-        if new_starting_hash_key <= range.start() || new_starting_hash_key > range.end() {
+        let refused = if strict {
+            new_starting_hash_key <= range.start().saturating_add(1)
+                || new_starting_hash_key >= range.end()
+        } else {
+            new_starting_hash_key <= range.start() || new_starting_hash_key > range.end()
+        };
+        if refused {
             return Err(invalid(format!(
-                "NewStartingHashKey {new_starting_hash_key} must be above the start and at most \
-                 the end of shard {shard_id}'s range {range}"
+                "NewStartingHashKey {new_starting_hash_key} is not both greater than one plus \
+                 the shard's StartingHashKey {} and less than the shard's EndingHashKey {} \
+                 (shard {shard_id})",
+                range.start(),
+                range.end()
             )));
         }
         let left_range = HashKeyRange::new(range.start(), new_starting_hash_key - 1)
@@ -360,7 +373,7 @@ impl Stream {
             if let Some((owned, id)) = owner
                 && owned.start() < boundary
             {
-                self.split(sequence, &id, boundary, now)?;
+                self.split(sequence, &id, boundary, false, now)?;
             }
         }
         // 2. Merge the shards inside each target range into one.
@@ -478,6 +491,18 @@ fn validate_put(
             "record of {} bytes (data and partition key) is over the {MAX_RECORD_BYTES} byte limit",
             data.len() + partition_key.len()
         )));
+    }
+    // As the service: 0|([1-9]\d{0,38}) (no leading zeros), then within 0..=2^128-1.
+    if let Some(ehk) = explicit_hash_key {
+        let canonical = ehk == "0"
+            || (ehk.len() <= 39
+                && ehk.bytes().all(|b| b.is_ascii_digit())
+                && !ehk.starts_with('0'));
+        if !canonical {
+            return Err(invalid(format!(
+                "ExplicitHashKey {ehk:?} does not match the pattern 0|([1-9]\\d{{0,38}})"
+            )));
+        }
     }
     let hash_key = effective_hash_key(partition_key, explicit_hash_key)
         .map_err(|err| invalid(format!("ExplicitHashKey: {err}")))?;
@@ -618,7 +643,7 @@ impl State {
         let stream = streams
             .get_mut(name)
             .ok_or_else(|| stream_not_found(name))?;
-        stream.split(sequence, shard_id, new_starting_hash_key, now.wall)
+        stream.split(sequence, shard_id, new_starting_hash_key, true, now.wall)
     }
 
     pub(crate) fn merge(
