@@ -171,7 +171,10 @@ use tokio::task::JoinHandle;
 pub use self::config::{
     DEFAULT_FAILOVER_TIME, LeaseCoordinatorConfig, MAX_FAILOVER_TIME, MIN_FAILOVER_TIME,
 };
-use self::join::join_all;
+use self::join::join_all_limited;
+
+/// The most store requests one renewal round, taker pass or release has in flight at once.
+const MAX_CONCURRENT_WRITES: usize = 64;
 use self::taker::{ExpiryTracker, PlanInput, plan_take};
 use crate::{Clock, Lease, LeaseError, LeaseStore, RandomSource};
 
@@ -779,7 +782,11 @@ impl LeaseCoordinator {
     /// One renewal round over every held lease, concurrently (see the module docs).
     pub async fn renew_once(&self) -> RenewReport {
         let keys = self.held_keys();
-        let outcomes = join_all(keys.iter().map(|key| self.renew_lease(key))).await;
+        let outcomes = join_all_limited(
+            keys.iter().map(|key| self.renew_lease(key)),
+            MAX_CONCURRENT_WRITES,
+        )
+        .await;
         let mut report = RenewReport::default();
         for outcome in outcomes {
             match outcome {
@@ -912,7 +919,11 @@ impl LeaseCoordinator {
             if batch.is_empty() {
                 break;
             }
-            let results = join_all(batch.iter().map(|l| self.store.take_lease(l, me))).await;
+            let results = join_all_limited(
+                batch.iter().map(|l| self.store.take_lease(l, me)),
+                MAX_CONCURRENT_WRITES,
+            )
+            .await;
             let mut store_failing = false;
             for (lease, result) in batch.iter().zip(results) {
                 match result {
@@ -1026,7 +1037,11 @@ impl LeaseCoordinator {
     /// Releases every held lease concurrently. The held set is empty afterwards.
     pub async fn release_all(&self) -> ReleaseReport {
         let keys = self.held_keys();
-        let results = join_all(keys.iter().map(|key| self.release(key))).await;
+        let results = join_all_limited(
+            keys.iter().map(|key| self.release(key)),
+            MAX_CONCURRENT_WRITES,
+        )
+        .await;
         let mut report = ReleaseReport::default();
         for (key, result) in keys.into_iter().zip(results) {
             match result {
