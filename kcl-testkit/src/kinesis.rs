@@ -418,6 +418,13 @@ impl InMemoryKinesis {
         self.state().faults.set_latency(operation, latency);
     }
 
+    /// The next `count` GetRecords calls that would return records return none instead
+    /// (same position, reusable iterator, `MillisBehindLatest` above zero), as the service
+    /// may while records lie further on: a reader must keep reading while behind.
+    pub fn empty_reads_next(&self, count: u32) {
+        self.state().empty_reads = count;
+    }
+
     /// Expires every shard iterator issued so far.
     pub fn expire_iterators(&self) {
         let now = self.now();
@@ -479,6 +486,19 @@ impl StreamClient for InMemoryKinesis {
     ) -> Result<GetRecordsOutput, StreamError> {
         self.begin(Operation::GetRecords).await?;
         let now = self.now();
-        self.state().get_records(shard_iterator, limit, now)
+        let mut state = self.state();
+        let out = state.get_records(shard_iterator, limit, now)?;
+        if state.empty_reads > 0 && !out.records.is_empty() {
+            // The service may answer "nothing" while records lie further on: same position,
+            // the iterator reusable, and the shard still behind.
+            state.empty_reads -= 1;
+            return Ok(GetRecordsOutput {
+                records: Vec::new(),
+                next_shard_iterator: Some(shard_iterator.to_owned()),
+                millis_behind_latest: Some(out.millis_behind_latest.unwrap_or(0).max(1)),
+                child_shards: Vec::new(),
+            });
+        }
+        Ok(out)
     }
 }

@@ -1454,3 +1454,29 @@ async fn explicit_hash_keys_follow_the_service_pattern() {
         k.put_record("s", "pk", Some(good), data("x")).unwrap();
     }
 }
+
+#[tokio::test]
+async fn empty_reads_while_behind_keep_the_position() {
+    let (clock, k) = setup();
+    k.create_stream("s", 1).unwrap();
+    for i in 0..5 {
+        k.put_record("s", "pk", None, data(&format!("{i}")))
+            .unwrap();
+    }
+    clock.advance(Duration::from_secs(2));
+    let it = k
+        .get_shard_iterator("s", "shardId-000000000000", &IteratorPosition::TrimHorizon)
+        .await
+        .unwrap();
+    k.empty_reads_next(2);
+    let mut iterator = it;
+    for _ in 0..2 {
+        let out = k.get_records(&iterator, 100).await.unwrap();
+        assert!(out.records.is_empty());
+        assert!(out.millis_behind_latest.unwrap() > 0);
+        iterator = out.next_shard_iterator.unwrap();
+    }
+    let out = k.get_records(&iterator, 100).await.unwrap();
+    assert_eq!(out.records.len(), 5);
+    assert_eq!(out.millis_behind_latest, Some(0));
+}

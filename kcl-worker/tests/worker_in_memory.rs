@@ -959,3 +959,42 @@ async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_retur
     let owners = env.owners().await;
     assert!(owners.values().all(Option::is_none), "{owners:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn empty_reads_while_behind_do_not_stall_or_skip() {
+    let env = Env::new(1);
+    for i in 0..50 {
+        env.put_plain("k", &format!("r{i:02}"));
+    }
+    env.kinesis.empty_reads_next(20);
+    let started = Instant::now();
+    // A long idle time: were the empty answers taken for "caught up", this would take
+    // minutes.
+    let (w1, _) = env
+        .worker_with("w1", Behaviour::new(), |b| {
+            b.idle_time_between_reads(Duration::from_secs(10))
+        })
+        .await;
+    env.wait_until("every record", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == 50
+    })
+    .await;
+    // Behind the tip the worker keeps reading (no idle sleeps between the empty answers);
+    // only the client-side rate limit (5 calls/s) spaces the 21 calls.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let order: Vec<String> = env
+        .log
+        .deliveries()
+        .into_iter()
+        .map(|(_, _, r)| String::from_utf8(r.data.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        (0..50).map(|i| format!("r{i:02}")).collect::<Vec<_>>()
+    );
+    w1.shutdown().await.unwrap();
+}

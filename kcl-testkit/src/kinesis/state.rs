@@ -525,6 +525,8 @@ pub(crate) struct State {
     pub(crate) stats: KinesisStats,
     pub(crate) read_limit: Option<u32>,
     pub(crate) default_retention: Duration,
+    /// GetRecords calls still to answer "no records yet" while records are there.
+    pub(crate) empty_reads: u32,
 }
 
 impl State {
@@ -538,6 +540,7 @@ impl State {
             faults: Faults::default(),
             stats: KinesisStats::default(),
             read_limit: None,
+            empty_reads: 0,
             default_retention: Duration::from_secs(24 * 3600),
         }
     }
