@@ -964,10 +964,13 @@ impl Simulation {
                         let n = between(&self.rng, 1, 5) as u32;
                         self.kinesis
                             .fail_next(Operation::GetRecords, Fault::ExpiredIterator, n);
+                        // And as many answers of "no records yet" while records are there
+                        // (no extra draw: the seeds' schedules stay as they were).
+                        self.kinesis.empty_reads_next(n);
                         self.note(
                             report,
                             started,
-                            format!("expired every iterator, and {n} more GetRecords say ExpiredIterator"),
+                            format!("expired every iterator, and {n} more GetRecords say ExpiredIterator, then {n} read nothing while behind"),
                         );
                     }
                     FaultKind::LeaseStoreThrottle => {
