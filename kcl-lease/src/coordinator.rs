@@ -858,7 +858,7 @@ impl LeaseCoordinator {
                     tracing::warn!(
                         worker_id = %self.config.worker_id,
                         lease_key = %key,
-                        error = %err,
+                        error = %crate::ErrorChain(&err),
                         since_last_write = ?since_write,
                         "lease renewal failed; retrying next round"
                     );
@@ -940,7 +940,7 @@ impl LeaseCoordinator {
                         tracing::debug!(
                             worker_id = %me,
                             lease_key = %lease.lease_key,
-                            error = %err,
+                            error = %crate::ErrorChain(&err),
                             "take failed; skipped"
                         );
                     }
@@ -966,7 +966,7 @@ impl LeaseCoordinator {
                 Err(err) => tracing::debug!(
                     worker_id = %me,
                     lease_key = %lease.lease_key,
-                    error = %err,
+                    error = %crate::ErrorChain(&err),
                     "steal failed; skipped"
                 ),
             }
@@ -1027,7 +1027,7 @@ impl LeaseCoordinator {
             Err(err) => tracing::warn!(
                 worker_id = %self.config.worker_id,
                 lease_key,
-                error = %err,
+                error = %crate::ErrorChain(&err),
                 "lease release failed"
             ),
         }
@@ -1151,7 +1151,7 @@ async fn take_loop(coordinator: Weak<LeaseCoordinator>, mut stop: watch::Receive
                 }
                 Err(err) => tracing::warn!(
                     worker_id = %this.config.worker_id,
-                    error = %err,
+                    error = %crate::ErrorChain(&err),
                     "taker pass failed to list leases"
                 ),
             }

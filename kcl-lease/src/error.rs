@@ -89,3 +89,20 @@ impl LeaseError {
         matches!(self, LeaseError::ConditionFailed { .. })
     }
 }
+
+/// Displays an error and its causes on one line (`a: b: c`), for logs (errors here never
+/// repeat their cause in their own message, so the chain is what a reader needs).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a dyn StdError);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}

@@ -51,7 +51,7 @@ mod lease;
 mod store;
 
 pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
-pub use error::{BoxError, LeaseError};
+pub use error::{BoxError, ErrorChain, LeaseError};
 pub use kcl_kpl::ExtendedSequenceNumber;
 pub use lease::Lease;
 pub use store::{BillingMode, LeaseStore};

@@ -236,7 +236,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                         backend.shut_down("the shard ended");
                         return Outcome::ShardFinished;
                     }
-                    Err(e) => warn!(error = %e, "writing SHARD_END automatically failed"),
+                    Err(e) => {
+                        warn!(error = %kcl_lease::ErrorChain(&e), "writing SHARD_END automatically failed")
+                    }
                 }
             } else {
                 metrics::counter!(m::SHARD_END_NOT_CHECKPOINTED_TOTAL).increment(1);
@@ -288,7 +290,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             match self.ctx.syncer.parents_finished(&parents).await {
                 Ok(true) => return None,
                 Ok(false) => debug!(?parents, "waiting for parent shards to finish"),
-                Err(e) => warn!(error = %e, "checking parent shards failed"),
+                Err(e) => {
+                    warn!(error = %kcl_lease::ErrorChain(&e), "checking parent shards failed")
+                }
             }
             tokio::select! {
                 _ = self.ctx.clock.sleep(self.ctx.config.parent_shard_poll_interval) => {}
@@ -309,7 +313,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             match self.ctx.syncer.children_of(key).await {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(error = %e, "listing the children of a finished shard failed; the next shard sync creates them");
+                    warn!(error = %kcl_lease::ErrorChain(&e), "listing the children of a finished shard failed; the next shard sync creates them");
                     Vec::new()
                 }
             }
@@ -331,7 +335,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                         self.ctx.clock.sleep(backoff.next_delay()).await;
                     }
                     Err(e) => {
-                        warn!(child = %child.shard_id, error = %e,
+                        warn!(child = %child.shard_id, error = %kcl_lease::ErrorChain(&e),
                             "creating a child lease failed; the next shard sync creates it");
                         break;
                     }
@@ -346,7 +350,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 .update_child_shard_ids_in(key, self.holding, &ids)
                 .await
             {
-                warn!(error = %e, "recording child shard ids failed");
+                warn!(error = %kcl_lease::ErrorChain(&e), "recording child shard ids failed");
             }
         }
     }

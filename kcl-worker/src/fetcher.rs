@@ -291,7 +291,7 @@ impl Fetcher {
         } else {
             metrics::counter!(m::STREAM_ERRORS_TOTAL, "shard_id" => self.shard_id.clone())
                 .increment(1);
-            warn!(shard_id = %self.shard_id, error = %e, cause = ?std::error::Error::source(e), ?delay,
+            warn!(shard_id = %self.shard_id, error = %kcl_lease::ErrorChain(e), ?delay,
                 "reading the shard failed; backing off and retrying");
         }
         self.clock.sleep(delay).await;

@@ -241,7 +241,7 @@ impl ShardSyncer {
                 }
                 Err(e) if e.is_condition_failed() => {}
                 Err(e) => {
-                    warn!(lease_key = %lease.lease_key, error = %e, "deleting a finished lease failed")
+                    warn!(lease_key = %lease.lease_key, error = %kcl_lease::ErrorChain(&e), "deleting a finished lease failed")
                 }
             }
         }

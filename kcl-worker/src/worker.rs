@@ -222,8 +222,8 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 .await;
                 match result {
                     Ok(report) => break report,
-                    Err(e) if e.is_retryable() && attempt < 10 => {
-                        warn!(error = %e, attempt, "starting the worker failed; retrying");
+                    Err(e) if e.is_retryable() && attempt < 6 => {
+                        warn!(error = %kcl_lease::ErrorChain(&e), attempt, "starting the worker failed; retrying");
                         self.clock.sleep(backoff.next_delay()).await;
                     }
                     Err(e) => return Err(e),
@@ -423,12 +423,12 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                     let delay = match done {
                         Ok(Ok(_)) => { sync_backoff.reset(); sync_interval }
                         Ok(Err(e)) => {
-                            warn!(error = %e, cause = ?std::error::Error::source(&e),
+                            warn!(error = %kcl_lease::ErrorChain(&e),
                                 "shard sync failed; retrying after a back-off");
                             sync_backoff.next_delay()
                         }
                         Err(e) => {
-                            error!(error = %e, "shard sync task failed; retrying after a back-off");
+                            error!(error = %kcl_lease::ErrorChain(&e), "shard sync task failed; retrying after a back-off");
                             sync_backoff.next_delay()
                         }
                     };
@@ -498,7 +498,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 match self.ctx.coordinator.release_in(&key, holding).await {
                     Ok(()) | Err(kcl_lease::LeaseError::NotHeld { .. }) => {}
                     Err(e) => {
-                        warn!(lease_key = %key, error = %e, "releasing the lease failed; it will expire")
+                        warn!(lease_key = %key, error = %kcl_lease::ErrorChain(&e), "releasing the lease failed; it will expire")
                     }
                 }
             }
