@@ -49,6 +49,14 @@ pub enum LeaseError {
         #[source]
         source: BoxError,
     },
+    /// The store refused the request for good (invalid request, access denied, bad
+    /// credentials): retrying cannot help.
+    #[error("lease store rejected the request")]
+    Rejected {
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
     /// A row in the table could not be read as a lease.
     #[error("malformed lease {lease_key}: {reason}")]
     MalformedLease {

@@ -533,7 +533,7 @@ async fn dynamo_error_codes_are_mapped() {
     let store = DynamoLeaseStore::new(script.client(), "t");
     let lease = held_lease();
     type Check = fn(&LeaseError) -> bool;
-    let cases: [(&str, Check); 7] = [
+    let cases: [(&str, Check); 8] = [
         (
             "ConditionalCheckFailedException",
             |e| matches!(e, LeaseError::ConditionFailed { lease_key } if lease_key == "k"),
@@ -555,7 +555,10 @@ async fn dynamo_error_codes_are_mapped() {
             matches!(e, LeaseError::Service { .. })
         }),
         ("ValidationException", |e| {
-            matches!(e, LeaseError::Service { .. })
+            matches!(e, LeaseError::Rejected { .. }) && !e.is_retryable()
+        }),
+        ("AccessDeniedException", |e| {
+            matches!(e, LeaseError::Rejected { .. }) && !e.is_retryable()
         }),
     ];
     for (code, expected) in cases {

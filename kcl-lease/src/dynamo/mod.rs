@@ -224,6 +224,18 @@ impl DynamoLeaseStore {
                 Some("ResourceNotFoundException") => LeaseError::TableMissing {
                     table: self.table_name.clone(),
                 },
+                // Requests the service will refuse however often they are sent.
+                Some(
+                    "ValidationException"
+                    | "AccessDeniedException"
+                    | "UnrecognizedClientException"
+                    | "MissingAuthenticationTokenException"
+                    | "IncompleteSignature"
+                    | "InvalidSignatureException"
+                    | "SerializationException",
+                ) => LeaseError::Rejected {
+                    source: Box::new(err),
+                },
                 _ => LeaseError::Service {
                     source: Box::new(err),
                 },
