@@ -50,6 +50,17 @@ impl Env {
         behaviour: Behaviour,
         tweak: impl FnOnce(kcl_worker::WorkerConfigBuilder) -> kcl_worker::WorkerConfigBuilder,
     ) -> (WorkerHandle, RecordingFactory) {
+        let factory = RecordingFactory::new(id, self.log.clone(), behaviour);
+        (self.start(id, factory.clone(), tweak).await, factory)
+    }
+
+    /// A worker with any processor factory, on this environment's defaults plus `tweak`.
+    async fn start<F: kcl_interfaces::RecordProcessorFactory>(
+        &self,
+        id: &str,
+        factory: F,
+        tweak: impl FnOnce(kcl_worker::WorkerConfigBuilder) -> kcl_worker::WorkerConfigBuilder,
+    ) -> WorkerHandle {
         let config = tweak(
             WorkerConfig::builder("app", STREAM)
                 .worker_id(id)
@@ -61,8 +72,7 @@ impl Env {
         )
         .build()
         .unwrap();
-        let factory = RecordingFactory::new(id, self.log.clone(), behaviour);
-        let handle = Worker::builder(config, factory.clone())
+        Worker::builder(config, factory)
             .stream_client(Arc::new(self.kinesis.clone()))
             .lease_store(self.store.clone())
             .clock(Arc::new(SystemClock))
@@ -72,8 +82,21 @@ impl Env {
             .unwrap()
             .start()
             .await
+            .unwrap()
+    }
+
+    /// How many of the keys `key-0 .. key-{n-1}` shard 0 owns.
+    async fn keys_on_shard_zero(&self, n: usize) -> usize {
+        let lease = self
+            .store
+            .get_lease("shardId-000000000000")
+            .await
+            .unwrap()
             .unwrap();
-        (handle, factory)
+        let range = lease.hash_key_range.unwrap();
+        (0..n)
+            .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
+            .count()
     }
 
     fn put_plain(&self, key: &str, data: &str) {
@@ -604,38 +627,13 @@ async fn a_panicking_processor_only_affects_its_own_shard() {
         env.put_plain(&format!("key-{i}"), &format!("r{i}"));
     }
     let log = env.log.clone();
-    let config = WorkerConfig::builder("app", STREAM)
-        .worker_id("w1")
-        .initial_position(InitialPosition::TrimHorizon)
-        .idle_time_between_reads(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    let handle = Worker::builder(config, move || PanicsOnShardZero {
+    let factory = move || PanicsOnShardZero {
         shard: String::new(),
         log: log.clone(),
-    })
-    .stream_client(Arc::new(env.kinesis.clone()))
-    .lease_store(env.store.clone())
-    .build()
-    .await
-    .unwrap()
-    .start()
-    .await
-    .unwrap();
-    // Every record not on shard 0 is delivered, and the worker keeps running.
-    let shard_zero_records = {
-        // Count the records routed to shard 0 by reading its lease range.
-        let lease = env
-            .store
-            .get_lease("shardId-000000000000")
-            .await
-            .unwrap()
-            .unwrap();
-        let range = lease.hash_key_range.unwrap();
-        (0..200)
-            .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
-            .count()
     };
+    let handle = env.start("w1", factory, |b| b).await;
+    // Every record not on shard 0 is delivered, and the worker keeps running.
+    let shard_zero_records = env.keys_on_shard_zero(200).await;
     env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
         e.delivered_payloads().len() == 200 - shard_zero_records
     })
@@ -846,25 +844,13 @@ async fn the_checkpointer_validates_positions() {
     let results = Arc::new(std::sync::Mutex::new(Vec::new()));
     let shared = results.clone();
     let foreign = foreign.expect("a record on shard 1 between shard 0's second and third");
-    let config = WorkerConfig::builder("app", STREAM)
-        .worker_id("w1")
-        .initial_position(InitialPosition::TrimHorizon)
-        .build()
-        .unwrap();
-    let handle = Worker::builder(config, move || CheckpointProbe {
+    let factory = move || CheckpointProbe {
         shard: String::new(),
         results: shared.clone(),
         foreign_sequence: foreign.clone(),
         done: false,
-    })
-    .stream_client(Arc::new(env.kinesis.clone()))
-    .lease_store(env.store.clone())
-    .build()
-    .await
-    .unwrap()
-    .start()
-    .await
-    .unwrap();
+    };
+    let handle = env.start("w1", factory, |b| b).await;
     let start = Instant::now();
     while results.lock().unwrap().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(60));
@@ -914,34 +900,14 @@ async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_retur
         env.put_plain(&format!("key-{i}"), &format!("r{i}"));
     }
     let log = env.log.clone();
-    let config = WorkerConfig::builder("app", STREAM)
-        .worker_id("w1")
-        .initial_position(InitialPosition::TrimHorizon)
-        .shutdown_grace(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let handle = Worker::builder(config, move || HangsOnShardZero {
+    let factory = move || HangsOnShardZero {
         shard: String::new(),
         log: log.clone(),
-    })
-    .stream_client(Arc::new(env.kinesis.clone()))
-    .lease_store(env.store.clone())
-    .build()
-    .await
-    .unwrap()
-    .start()
-    .await
-    .unwrap();
-    let lease = env
-        .store
-        .get_lease("shardId-000000000000")
-        .await
-        .unwrap()
-        .unwrap();
-    let range = lease.hash_key_range.unwrap();
-    let on_zero = (0..200)
-        .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
-        .count();
+    };
+    let handle = env
+        .start("w1", factory, |b| b.shutdown_grace(Duration::from_secs(2)))
+        .await;
+    let on_zero = env.keys_on_shard_zero(200).await;
     env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
         e.delivered_payloads().len() == 200 - on_zero
     })
