@@ -596,18 +596,22 @@ async fn a_pending_checkpoint_is_shown_to_the_next_owner() {
     w2.shutdown().await.unwrap();
 }
 
-/// Panics on the records of one shard; the other shards go on.
-struct PanicsOnShardZero {
+/// Misbehaves on the records of shard 0 (panics, or never returns); the other shards go on.
+struct BadOnShardZero {
+    hang: bool,
     shard: String,
     log: EventLog,
 }
 
-impl kcl_interfaces::RecordProcessor for PanicsOnShardZero {
+impl kcl_interfaces::RecordProcessor for BadOnShardZero {
     async fn initialize(&mut self, input: kcl_interfaces::InitializationInput) {
         self.shard = input.shard_id;
     }
     async fn process_records(&mut self, input: kcl_interfaces::ProcessRecordsInput) {
         if self.shard == "shardId-000000000000" {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
             panic!("processor bug on {}", self.shard);
         }
         self.log.push(Event::Delivered {
@@ -627,7 +631,8 @@ async fn a_panicking_processor_only_affects_its_own_shard() {
         env.put_plain(&format!("key-{i}"), &format!("r{i}"));
     }
     let log = env.log.clone();
-    let factory = move || PanicsOnShardZero {
+    let factory = move || BadOnShardZero {
+        hang: false,
         shard: String::new(),
         log: log.clone(),
     };
@@ -869,30 +874,6 @@ async fn the_checkpointer_validates_positions() {
     handle.shutdown().await.unwrap();
 }
 
-/// Never returns from `process_records` on shard 0.
-struct HangsOnShardZero {
-    shard: String,
-    log: EventLog,
-}
-
-impl kcl_interfaces::RecordProcessor for HangsOnShardZero {
-    async fn initialize(&mut self, input: kcl_interfaces::InitializationInput) {
-        self.shard = input.shard_id;
-    }
-    async fn process_records(&mut self, input: kcl_interfaces::ProcessRecordsInput) {
-        if self.shard == "shardId-000000000000" {
-            std::future::pending::<()>().await;
-        }
-        self.log.push(Event::Delivered {
-            worker: "w1".into(),
-            shard: self.shard.clone(),
-            records: input.records.clone(),
-        });
-        input.checkpointer.checkpoint().await.unwrap();
-    }
-    async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_returns() {
     let env = Env::new(4);
@@ -900,7 +881,8 @@ async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_retur
         env.put_plain(&format!("key-{i}"), &format!("r{i}"));
     }
     let log = env.log.clone();
-    let factory = move || HangsOnShardZero {
+    let factory = move || BadOnShardZero {
+        hang: true,
         shard: String::new(),
         log: log.clone(),
     };
