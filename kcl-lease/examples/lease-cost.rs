@@ -31,9 +31,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig};
+use kcl_lease::test_util::ManualClock;
+use kcl_lease::test_util::lease_store::{InMemoryLeaseStore, LeaseOperation};
 use kcl_lease::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SeededRandom};
-use kcl_testkit::clock::ManualClock;
-use kcl_testkit::lease_store::{InMemoryLeaseStore, LeaseOperation};
 
 const WORKERS: usize = 4;
 const LEASES: usize = 40;

@@ -1,7 +1,7 @@
 //! Injected time and randomness.
 //!
 //! Lease logic never reads ambient time: it asks a [`Clock`]. [`SystemClock`] uses tokio's
-//! clock (so it also follows `tokio::time::pause`); `kcl_testkit::ManualClock` is moved by
+//! clock (so it also follows `tokio::time::pause`); `test_util::ManualClock` is moved by
 //! the test.
 
 use std::fmt::Debug;

@@ -94,7 +94,7 @@
 //!
 //! # Example
 //!
-//! Two workers share three leases on the in-memory store of `kcl-testkit`, with a manual
+//! Two workers share three leases on the in-memory store of `kcl_lease::test_util`, with a manual
 //! clock; the taker and renewer are driven by hand here (a worker calls
 //! [`LeaseCoordinator::spawn`] instead).
 //!
@@ -105,7 +105,7 @@
 //! use kcl_kpl::ExtendedSequenceNumber;
 //! use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent};
 //! use kcl_lease::{Lease, LeaseStore, SeededRandom};
-//! use kcl_testkit::{clock::ManualClock, lease_store::InMemoryLeaseStore};
+//! use kcl_lease::test_util::{ManualClock, InMemoryLeaseStore};
 //!
 //! let clock = ManualClock::new();
 //! let store = Arc::new(InMemoryLeaseStore::new().with_table());

@@ -1,6 +1,6 @@
 //! Leases for the Kinesis Client Library: the lease model, the [`LeaseStore`] trait with
-//! its DynamoDB implementation ([`dynamo::DynamoLeaseStore`], the Java KCL 2.x table
-//! layout), and the [`coordinator::LeaseCoordinator`] that renews, takes, steals and
+//! its DynamoDB implementation (`dynamo::DynamoLeaseStore`, the Java KCL 2.x table layout,
+//! behind the default-on `dynamodb` feature), and the [`coordinator::LeaseCoordinator`] that renews, takes, steals and
 //! releases leases.
 //!
 //! Every write is a conditional update fenced on the lease counter (and owner): a worker
@@ -10,14 +10,14 @@
 //!
 //! # Example
 //!
-//! Two workers share four leases (here on `kcl-testkit`'s in-memory store, which evaluates
-//! the same conditions as DynamoDB):
+//! Two workers share four leases (here on the in-memory store of [`test_util`], feature
+//! `test-util`, which evaluates the same conditions as DynamoDB):
 //!
 //! ```
 //! use std::sync::Arc;
 //! use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig};
 //! use kcl_lease::{BillingMode, ExtendedSequenceNumber, Lease, LeaseStore, SeededRandom};
-//! use kcl_testkit::{InMemoryLeaseStore, ManualClock};
+//! use kcl_lease::test_util::{InMemoryLeaseStore, ManualClock};
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! let store = Arc::new(InMemoryLeaseStore::new());
@@ -45,10 +45,13 @@
 
 mod clock;
 pub mod coordinator;
+#[cfg(feature = "dynamodb")]
 pub mod dynamo;
 mod error;
 mod lease;
 mod store;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 
 pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
 pub use error::{BoxError, ErrorChain, LeaseError};

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent, LostReason};
+use kcl_lease::test_util::ManualClock;
+use kcl_lease::test_util::lease_store::{Fault, FaultKind, InMemoryLeaseStore, LeaseOperation};
 use kcl_lease::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SeededRandom};
-use kcl_testkit::clock::ManualClock;
-use kcl_testkit::lease_store::{Fault, FaultKind, InMemoryLeaseStore, LeaseOperation};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const F: Duration = Duration::from_secs(10);

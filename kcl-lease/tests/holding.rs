@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig};
+use kcl_lease::test_util::ManualClock;
+use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 use kcl_lease::{BillingMode, Lease, LeaseError, LeaseStore, SeededRandom};
-use kcl_testkit::clock::ManualClock;
-use kcl_testkit::lease_store::InMemoryLeaseStore;
 
 #[tokio::test]
 async fn a_lost_and_regained_lease_refuses_writes_of_the_old_holding() {

@@ -15,9 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent, LostReason};
+use kcl_lease::test_util::ManualClock;
+use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 use kcl_lease::{BillingMode, Lease, LeaseError, LeaseStore, SeededRandom};
-use kcl_testkit::clock::ManualClock;
-use kcl_testkit::lease_store::InMemoryLeaseStore;
 
 const F: Duration = Duration::from_secs(9);
 

@@ -1,6 +1,25 @@
-//! Test kit for the Kinesis Client Library: an in-memory Kinesis and lease store that behave
-//! like the real services, a manual clock, fixtures that start local emulators, and a
-//! multi-worker simulation.
+//! Test kit for the Kinesis Client Library: a processor harness, an in-memory Kinesis and
+//! lease store that behave like the real services, a manual clock, fixtures that start local
+//! emulators, and a multi-worker simulation.
+//!
+//! # Features
+//!
+//! Everything is on by default. A crate that only unit-tests its record processor turns the
+//! default features off and gets [`harness`] alone, on `kcl-interfaces` (no AWS SDK, no
+//! `kcl-worker`, no tokio in its dependency tree):
+//!
+//! ```toml
+//! [dev-dependencies]
+//! kcl-testkit = { version = "0.1", default-features = false }
+//! ```
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | (none) | [`harness`]: `ProcessorHarness`, `RecordingCheckpointer` |
+//! | `lease` | `lease_store` (`InMemoryLeaseStore`), `clock` (`ManualClock`), `conformance` (re-exported from `kcl_lease::test_util`) |
+//! | `kinesis` | `kinesis` (`InMemoryKinesis`, re-exported from `kcl_worker::test_util`), `recording`, `kinesis::scenario`; implies `lease` |
+//! | `emulators` | `emulators` (kinesis-local, dynalite and moto on 127.0.0.1, SDK clients for them), `fault_proxy` |
+//! | `simulation` | `simulation`; implies `kinesis` |
 //!
 //! - [`harness::ProcessorHarness`]: unit-test one record processor in milliseconds.
 //! - [`InMemoryKinesis`] and [`InMemoryLeaseStore`]: run real `kcl_worker::Worker`s with no
@@ -51,16 +70,33 @@
 //! # });
 //! ```
 
-pub mod clock;
+#[cfg(feature = "lease")]
 pub mod conformance;
+#[cfg(feature = "emulators")]
 pub mod emulators;
 pub mod harness;
-pub mod kinesis;
-pub mod lease_store;
-pub mod recording;
+#[cfg(feature = "simulation")]
 pub mod simulation;
 
-pub use clock::ManualClock;
+/// The manual clock (from `kcl_lease::test_util`).
+#[cfg(feature = "lease")]
+pub use kcl_lease::test_util::clock;
+/// The in-memory lease store (from `kcl_lease::test_util`).
+#[cfg(feature = "lease")]
+pub use kcl_lease::test_util::lease_store;
+/// The recording processor (from `kcl_worker::test_util`).
+#[cfg(feature = "kinesis")]
+pub use kcl_worker::test_util::recording;
+
+/// The in-memory Kinesis (from `kcl_worker::test_util`) and the stream client scenario.
+#[cfg(feature = "kinesis")]
+pub mod kinesis {
+    pub use kcl_worker::test_util::kinesis::*;
+    pub mod scenario;
+}
+
 pub use harness::{ProcessorHarness, RecordingCheckpointer};
-pub use kinesis::InMemoryKinesis;
-pub use lease_store::InMemoryLeaseStore;
+#[cfg(feature = "lease")]
+pub use kcl_lease::test_util::{InMemoryLeaseStore, ManualClock};
+#[cfg(feature = "kinesis")]
+pub use kcl_worker::test_util::InMemoryKinesis;

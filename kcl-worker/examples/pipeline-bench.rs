@@ -18,9 +18,9 @@ use kcl_interfaces::{
     InitializationInput, ProcessRecordsInput, RecordProcessor, ShutdownInput, ShutdownReason,
 };
 use kcl_kpl::Aggregator;
+use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 use kcl_lease::{SeededRandom, SystemClock};
-use kcl_testkit::kinesis::{InMemoryKinesis, PutRecordsEntry};
-use kcl_testkit::lease_store::InMemoryLeaseStore;
+use kcl_worker::test_util::kinesis::{InMemoryKinesis, PutRecordsEntry};
 use kcl_worker::{InitialPosition, Worker, WorkerConfig};
 
 struct Counting {

@@ -8,11 +8,12 @@
 //!
 //! AWS SDK types appear only in [`aws`]; everything else speaks this crate's own types, so
 //! any [`stream::StreamClient`] and [`kcl_lease::LeaseStore`] can be plugged in
-//! (`kcl-testkit` has in-memory ones).
+//! (in-memory ones are in [`test_util`] and `kcl_lease::test_util`, feature `test-util`).
 //!
 //! # Example
 //!
-//! A processor, and a worker on the in-memory Kinesis and lease table of `kcl-testkit` (with
+//! A processor, and a worker on the in-memory Kinesis and lease table of the `test-util`
+//! feature (with
 //! no `stream_client` / `lease_store` given, [`WorkerBuilder::build`] creates the AWS ones
 //! from the environment and the configuration's endpoints and region):
 //!
@@ -38,7 +39,7 @@
 //! }
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
-//! let kinesis = kcl_testkit::InMemoryKinesis::new();
+//! let kinesis = kcl_worker::test_util::InMemoryKinesis::new();
 //! kinesis.create_stream("clicks", 4).unwrap();
 //! for i in 0..100 {
 //!     kinesis.put_record("clicks", &format!("user-{i}"), None, "click".into()).unwrap();
@@ -50,7 +51,7 @@
 //!     .build()?;
 //! let worker = Worker::builder(config, move || Count(counter.clone()))
 //!     .stream_client(Arc::new(kinesis))
-//!     .lease_store(Arc::new(kcl_testkit::InMemoryLeaseStore::new()))
+//!     .lease_store(Arc::new(kcl_lease::test_util::InMemoryLeaseStore::new()))
 //!     .build()
 //!     .await?
 //!     .start()
@@ -63,6 +64,7 @@
 //! # }).unwrap();
 //! ```
 
+#[cfg(any(feature = "kinesis", feature = "dynamodb"))]
 pub mod aws;
 mod backoff;
 mod checkpointer;
@@ -73,6 +75,8 @@ mod fetcher;
 pub mod metrics;
 mod shard_sync;
 pub mod stream;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 mod worker;
 
 pub use config::{InitialPosition, WorkerConfig, WorkerConfigBuilder};

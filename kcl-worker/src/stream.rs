@@ -1,7 +1,7 @@
 //! What the worker needs from Kinesis, as a trait with our own types.
 //!
 //! [`crate::aws::AwsStreamClient`] implements it on `aws-sdk-kinesis`;
-//! `kcl_testkit::InMemoryKinesis` implements it in memory.
+//! `test_util::InMemoryKinesis` (feature `test-util`) implements it in memory.
 
 use std::fmt::Debug;
 use std::time::SystemTime;

@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use kcl_interfaces::RecordProcessorFactory;
 use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent};
+#[cfg(feature = "dynamodb")]
 use kcl_lease::dynamo::DynamoLeaseStore;
 use kcl_lease::{Clock, Lease, LeaseStore, RandomSource, SeededRandom, SystemClock};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{Id, JoinSet};
 use tracing::{Instrument, error, info, info_span, warn};
 
+#[cfg(feature = "kinesis")]
 use crate::aws::AwsStreamClient;
 use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
@@ -29,6 +31,7 @@ pub struct WorkerBuilder<F> {
     store: Option<Arc<dyn LeaseStore>>,
     clock: Option<Arc<dyn Clock>>,
     random: Option<Arc<dyn RandomSource>>,
+    #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
     sdk_config: Option<aws_config::SdkConfig>,
 }
 
@@ -43,7 +46,7 @@ impl<F> std::fmt::Debug for WorkerBuilder<F> {
 }
 
 impl<F: RecordProcessorFactory> WorkerBuilder<F> {
-    /// Uses this stream client instead of the AWS one (e.g. `kcl_testkit`'s in-memory
+    /// Uses this stream client instead of the AWS one (e.g. the in-memory one of `test_util`
     /// Kinesis).
     pub fn stream_client(mut self, stream: Arc<dyn StreamClient>) -> Self {
         self.stream = Some(stream);
@@ -70,6 +73,7 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
 
     /// Uses this AWS configuration for the clients the worker creates (default: loaded from
     /// the environment). The configuration's endpoint and region options still apply.
+    #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
     pub fn aws_config(mut self, sdk_config: aws_config::SdkConfig) -> Self {
         self.sdk_config = Some(sdk_config);
         self
@@ -77,8 +81,9 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
 
     /// Builds the worker, creating AWS clients for what was not given.
     pub async fn build(self) -> Result<Worker<F>, WorkerError> {
-        let needs_aws = self.stream.is_none() || self.store.is_none();
-        let sdk = if needs_aws {
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
+        let sdk = if self.stream.is_none() || self.store.is_none() {
             let base = match self.sdk_config {
                 Some(c) => c,
                 None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
@@ -91,9 +96,13 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
         } else {
             None
         };
-        let stream = match (self.stream, &sdk) {
-            (Some(s), _) => s,
-            (None, Some(sdk)) => {
+        let stream = match self.stream {
+            Some(s) => s,
+            #[cfg(feature = "kinesis")]
+            None if sdk.is_some() => {
+                let sdk = sdk.as_ref().ok_or(ConfigError::Missing {
+                    what: "stream client",
+                })?;
                 let mut kb = aws_sdk_kinesis::config::Builder::from(sdk);
                 if let Some(url) = &self.config.kinesis_endpoint {
                     kb = kb.endpoint_url(url);
@@ -102,17 +111,20 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
                     kb.build(),
                 )))
             }
-            (None, None) => {
+            None => {
                 return Err(ConfigError::Missing {
                     what: "stream client",
                 }
                 .into());
             }
         };
-        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let store = match (self.store, &sdk) {
-            (Some(s), _) => s,
-            (None, Some(sdk)) => {
+        let store = match self.store {
+            Some(s) => s,
+            #[cfg(feature = "dynamodb")]
+            None if sdk.is_some() => {
+                let sdk = sdk.as_ref().ok_or(ConfigError::Missing {
+                    what: "lease store",
+                })?;
                 let mut db = aws_sdk_dynamodb::config::Builder::from(sdk);
                 if let Some(url) = &self.config.dynamodb_endpoint {
                     db = db.endpoint_url(url);
@@ -125,7 +137,7 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
                     .with_clock(clock.clone()),
                 )
             }
-            (None, None) => {
+            None => {
                 return Err(ConfigError::Missing {
                     what: "lease store",
                 }
@@ -183,6 +195,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             store: None,
             clock: None,
             random: None,
+            #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
             sdk_config: None,
         }
     }

@@ -15,9 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use kcl_kpl::Aggregator;
 use kcl_lease::SystemClock;
-use kcl_testkit::kinesis::InMemoryKinesis;
-use kcl_testkit::lease_store::InMemoryLeaseStore;
-use kcl_testkit::recording::{Behaviour, EventLog, RecordingFactory};
+use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
+use kcl_worker::test_util::kinesis::InMemoryKinesis;
+use kcl_worker::test_util::recording::{Behaviour, EventLog, RecordingFactory};
 use kcl_worker::{InitialPosition, Worker, WorkerConfig, metrics as m};
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,

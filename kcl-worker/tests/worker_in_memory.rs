@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kcl_kpl::{Aggregator, ExtendedSequenceNumber};
+use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 use kcl_lease::{LeaseStore, SeededRandom, SystemClock};
-use kcl_testkit::kinesis::InMemoryKinesis;
-use kcl_testkit::lease_store::InMemoryLeaseStore;
-use kcl_testkit::recording::{Behaviour, Event, EventLog, RecordingFactory};
+use kcl_worker::test_util::kinesis::InMemoryKinesis;
+use kcl_worker::test_util::recording::{Behaviour, Event, EventLog, RecordingFactory};
 use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerHandle};
 use tokio::time::Instant;
 

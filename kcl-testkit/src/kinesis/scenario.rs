@@ -17,7 +17,7 @@ use bytes::Bytes;
 use kcl_kpl::{HashKeyRange, Record, partition_key_hash};
 use kcl_worker::stream::{IteratorPosition, Shard, ShardFilter, StreamClient, StreamError};
 
-use super::{InMemoryKinesis, PutResult};
+use kcl_worker::test_util::kinesis::{InMemoryKinesis, PutResult};
 
 /// The producer and administration calls the scenario needs. Each call returns once the
 /// stream is `ACTIVE` again.

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use kcl_worker::stream::StreamError;
+use crate::stream::StreamError;
 
 /// A call of the in-memory Kinesis, for fault injection, latency and statistics.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]

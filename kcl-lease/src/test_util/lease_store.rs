@@ -1,7 +1,7 @@
 //! An in-memory [`LeaseStore`] with the semantics of the DynamoDB lease table.
 //!
 //! [`InMemoryLeaseStore`] evaluates the same conditions as
-//! [`kcl_lease::dynamo::DynamoLeaseStore`] on every write, increments the same counters and
+//! [`crate::dynamo::DynamoLeaseStore`] on every write, increments the same counters and
 //! starts with no table, so code that works against it works against DynamoDB. On top it
 //! offers what a test needs:
 //!
@@ -24,8 +24,8 @@
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use kcl_kpl::ExtendedSequenceNumber;
-//! use kcl_lease::{BillingMode, Lease, LeaseStore};
-//! use kcl_testkit::lease_store::InMemoryLeaseStore;
+//! use crate::{BillingMode, Lease, LeaseStore};
+//! use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 //!
 //! let store = InMemoryLeaseStore::new();
 //! store.create_table_if_not_exists(BillingMode::PayPerRequest).await?;
@@ -48,9 +48,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
 use async_trait::async_trait;
 use kcl_kpl::ExtendedSequenceNumber;
-use kcl_lease::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
 
 /// The default number of rows per internal `list_leases` page.
 pub const DEFAULT_PAGE_SIZE: usize = 100;

@@ -7,8 +7,8 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use kcl_testkit::kinesis::InMemoryKinesis;
-//! use kcl_worker::stream::{IteratorPosition, StreamClient};
+//! use kcl_worker::test_util::kinesis::InMemoryKinesis;
+//! use crate::stream::{IteratorPosition, StreamClient};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let kinesis = InMemoryKinesis::new();
@@ -99,7 +99,6 @@
 //! [`InMemoryKinesis::stats`] counts the calls of each operation.
 
 mod faults;
-pub mod scenario;
 mod sequence;
 mod state;
 mod token;
@@ -110,14 +109,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::stream::{
+    GetRecordsOutput, IteratorPosition, ShardFilter, ShardPage, StreamClient, StreamError,
+    StreamSummary,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use kcl_kpl::SequenceNumber;
 use kcl_lease::{Clock, SystemClock};
-use kcl_worker::stream::{
-    GetRecordsOutput, IteratorPosition, ShardFilter, ShardPage, StreamClient, StreamError,
-    StreamSummary,
-};
 
 pub use faults::{Fault, KinesisStats, Operation, SimulatedError};
 use state::{Now, State};

@@ -6,12 +6,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use kcl_kpl::{HashKeyRange, MAX_HASH_KEY, Record, SequenceNumber, effective_hash_key};
-use kcl_worker::stream::{
+use crate::stream::{
     ChildShard, GetRecordsOutput, IteratorPosition, Shard, ShardFilter, ShardPage, StreamError,
     StreamSummary,
 };
+use bytes::Bytes;
+use kcl_kpl::{HashKeyRange, MAX_HASH_KEY, Record, SequenceNumber, effective_hash_key};
 
 use super::faults::{Fault, Faults, KinesisStats, Operation};
 use super::sequence::{self, MAX_SHARDS_PER_STREAM, SequenceAllocator};
@@ -824,7 +824,6 @@ impl State {
                     let at = (*at).max(horizon);
                     shard.closed_at.is_none_or(|closed| closed >= at)
                 }
-                Some(other) => return Err(invalid(format!("unsupported shard filter {other:?}"))),
             })
         };
         let page_size = usize::try_from(self.page_size).unwrap_or(usize::MAX);
@@ -892,7 +891,6 @@ impl State {
                     .records
                     .partition_point(|stored| stored.value <= value)
             }
-            other => return Err(invalid(format!("unsupported iterator position {other:?}"))),
         };
         Ok(IteratorToken {
             stream: name.to_owned(),

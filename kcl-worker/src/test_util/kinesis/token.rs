@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use kcl_worker::stream::ShardFilter;
+use crate::stream::ShardFilter;
 
 const ITERATOR_TAG: &str = "kit1";
 const TOKEN_TAG: &str = "knt1";
@@ -123,8 +123,6 @@ fn encode_filter(filter: Option<&ShardFilter>) -> String {
         Some(ShardFilter::AtLatest) => "L".to_owned(),
         Some(ShardFilter::AtTimestamp(at)) => format!("T{:x}", nanos_since_epoch(*at)),
         Some(ShardFilter::FromTimestamp(at)) => format!("S{:x}", nanos_since_epoch(*at)),
-        // A filter added to the trait later: list without it rather than fail.
-        Some(_) => "n".to_owned(),
     }
 }
 

@@ -23,8 +23,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use kcl_lease::Clock;
-//! use kcl_testkit::clock::ManualClock;
+//! use crate::Clock;
+//! use kcl_lease::test_util::clock::ManualClock;
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! let clock = ManualClock::new();
@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
-use kcl_lease::{BoxFuture, Clock};
+use crate::{BoxFuture, Clock};
 
 /// The wall-clock time a [`ManualClock`] starts at by default: 2024-01-01T00:00:00Z.
 pub const DEFAULT_SYSTEM_TIME_SECS: u64 = 1_704_067_200;
