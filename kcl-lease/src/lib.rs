@@ -52,9 +52,11 @@ mod lease;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+pub mod timeouts;
 
 pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
 pub use error::{BoxError, ErrorChain, LeaseError};
 pub use kcl_kpl::ExtendedSequenceNumber;
 pub use lease::Lease;
 pub use store::{BillingMode, LeaseStore};
+pub use timeouts::CallTimeouts;

@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use crate::Clock;
+//! use kcl_lease::Clock;
 //! use kcl_lease::test_util::clock::ManualClock;
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {

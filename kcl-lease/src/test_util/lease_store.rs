@@ -24,7 +24,7 @@
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use kcl_kpl::ExtendedSequenceNumber;
-//! use crate::{BillingMode, Lease, LeaseStore};
+//! use kcl_lease::{BillingMode, Lease, LeaseStore};
 //! use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 //!
 //! let store = InMemoryLeaseStore::new();

@@ -8,7 +8,7 @@
 //! ```
 //! use bytes::Bytes;
 //! use kcl_worker::test_util::kinesis::InMemoryKinesis;
-//! use crate::stream::{IteratorPosition, StreamClient};
+//! use kcl_worker::stream::{IteratorPosition, StreamClient};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let kinesis = InMemoryKinesis::new();
