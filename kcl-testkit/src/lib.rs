@@ -9,6 +9,8 @@
 //! - [`ManualClock`]: a clock the test moves, for lease and back-off logic.
 //! - [`conformance`]: the lease store conformance suite, to check your own `LeaseStore`.
 //! - [`emulators`]: start kinesis-local, dynalite or moto on 127.0.0.1 for integration tests.
+//! - [`fault_proxy`]: a loopback TCP proxy between a client and an emulator that delays,
+//!   black-holes (dead NAT), resets or refuses connections on demand.
 //! - [`simulation`]: several workers under random crashes, resharding and throttling, with
 //!   invariant checks (nothing lost, order per key, no zombie checkpoint).
 //!
@@ -54,6 +56,7 @@
 pub mod clock;
 pub mod conformance;
 pub mod emulators;
+pub mod fault_proxy;
 pub mod harness;
 pub mod kinesis;
 pub mod lease_store;
