@@ -28,6 +28,8 @@
 //! - [`ManualClock`]: a clock the test moves, for lease and back-off logic.
 //! - [`conformance`]: the lease store conformance suite, to check your own `LeaseStore`.
 //! - [`emulators`]: start kinesis-local, dynalite or moto on 127.0.0.1 for integration tests.
+//! - [`fault_proxy`]: a loopback TCP proxy between a client and an emulator that delays,
+//!   black-holes (dead NAT), resets or refuses connections on demand.
 //! - [`simulation`]: several workers under random crashes, resharding and throttling, with
 //!   invariant checks (nothing lost, order per key, no zombie checkpoint).
 //!
@@ -74,6 +76,8 @@
 pub mod conformance;
 #[cfg(feature = "emulators")]
 pub mod emulators;
+#[cfg(feature = "emulators")]
+pub mod fault_proxy;
 pub mod harness;
 #[cfg(feature = "simulation")]
 pub mod simulation;
