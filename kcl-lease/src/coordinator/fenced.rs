@@ -1,5 +1,5 @@
 //! Fenced writes of a held lease: serialized per lease, conditioned on the owner and the
-//! counter this worker last wrote, and applied to the held set.
+//! counter this worker last wrote, bounded by the call timeout, and applied to the held set.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -11,13 +11,15 @@ use super::events::LostReason;
 use crate::{Lease, LeaseError};
 
 impl LeaseCoordinator {
-    /// Runs one fenced write of a held lease under its write lock, and applies the outcome
-    /// to the held set: success updates the view; a failed condition or a missing lease
-    /// loses the lease (with an event); other errors change nothing.
+    /// Runs one fenced write of holding `generation` of `lease_key` under its write lock,
+    /// and applies the outcome to the held set: success updates the view; a failed condition
+    /// or a missing lease loses the lease (with an event); other errors change nothing.
+    /// [`LeaseError::NotHeld`] when that holding ended.
     pub(super) async fn fenced_write<F, Fut>(
         &self,
+        operation: &'static str,
         lease_key: &str,
-        holding: Option<u64>,
+        generation: u64,
         write: F,
     ) -> Result<Lease, LeaseError>
     where
@@ -27,27 +29,15 @@ impl LeaseCoordinator {
         let not_held = || LeaseError::NotHeld {
             lease_key: lease_key.to_owned(),
         };
-        let (generation, write_lock) = self
+        let (_, write_lock) = self
             .held_entry(lease_key)
-            .filter(|(g, _)| holding.is_none_or(|h| h == *g))
+            .filter(|(g, _)| *g == generation)
             .ok_or_else(not_held)?;
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
-        let result = write(lease.clone()).await;
+        let result = self.bounded(operation, write(lease.clone())).await;
         let result = self.recover_spurious_failure(&lease, result).await;
         self.apply_write_result(lease_key, generation, result).0
-    }
-
-    /// Runs `fut` for at most `limit` on the injected clock.
-    pub(super) async fn within<T>(
-        &self,
-        limit: std::time::Duration,
-        fut: impl Future<Output = T>,
-    ) -> Option<T> {
-        tokio::select! {
-            out = fut => Some(out),
-            _ = self.clock.sleep(limit) => None,
-        }
     }
 
     /// A conditional write that failed its condition may in fact have been applied: the
@@ -55,6 +45,8 @@ impl LeaseCoordinator {
     /// by the first attempt. Writes of one lease by this worker are serialised, and another
     /// worker can only change the row by taking it (a new owner), so a row that still names
     /// the owner seen, one counter above the value seen, was written by this very call.
+    /// The re-read is bounded like any other store call; when it fails the original
+    /// failure stands.
     pub(super) async fn recover_spurious_failure(
         &self,
         seen: &Lease,
@@ -63,7 +55,10 @@ impl LeaseCoordinator {
         let Err(LeaseError::ConditionFailed { .. }) = &result else {
             return result;
         };
-        match self.store.get_lease(&seen.lease_key).await {
+        let reread = self
+            .bounded("get_lease", self.store.get_lease(&seen.lease_key))
+            .await;
+        match reread {
             Ok(Some(row))
                 if row.lease_owner.is_some()
                     && row.lease_owner == seen.lease_owner
@@ -105,107 +100,56 @@ impl LeaseCoordinator {
         }
     }
 
-    /// Writes a checkpoint into a held lease (fenced on owner and the counter last written by
-    /// this worker), removing any pending checkpoint. On success returns the new row. A
-    /// failed condition loses the lease ([`LeaseEvent::Lost`]) and returns the error;
-    /// [`LeaseError::NotHeld`] when the lease is not held.
-    pub async fn checkpoint(
-        &self,
-        lease_key: &str,
-        checkpoint: &ExtendedSequenceNumber,
-    ) -> Result<Lease, LeaseError> {
-        self.checkpoint_write(lease_key, None, checkpoint).await
-    }
-
-    /// [`LeaseCoordinator::checkpoint`] within one holding (see
-    /// [`LeaseCoordinator::holding`]).
-    pub async fn checkpoint_in(
-        &self,
-        lease_key: &str,
-        holding: u64,
-        checkpoint: &ExtendedSequenceNumber,
-    ) -> Result<Lease, LeaseError> {
-        self.checkpoint_write(lease_key, Some(holding), checkpoint)
-            .await
-    }
-
+    /// The checkpoint write of [`Holding::checkpoint`](super::Holding::checkpoint).
     pub(super) async fn checkpoint_write(
         &self,
         lease_key: &str,
-        holding: Option<u64>,
+        generation: u64,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
         let store = &self.store;
-        self.fenced_write(lease_key, holding, |lease| async move {
-            store.update_checkpoint(&lease, checkpoint).await
-        })
+        self.fenced_write(
+            "update_checkpoint",
+            lease_key,
+            generation,
+            |lease| async move { store.update_checkpoint(&lease, checkpoint).await },
+        )
         .await
     }
 
-    /// Writes (`Some`) or removes (`None`) the pending checkpoint of a held lease; fenced and
-    /// reported as [`LeaseCoordinator::checkpoint`].
-    pub async fn prepare_checkpoint(
-        &self,
-        lease_key: &str,
-        pending: Option<&ExtendedSequenceNumber>,
-    ) -> Result<Lease, LeaseError> {
-        self.prepare_write(lease_key, None, pending).await
-    }
-
-    /// [`LeaseCoordinator::prepare_checkpoint`] within one holding.
-    pub async fn prepare_checkpoint_in(
-        &self,
-        lease_key: &str,
-        holding: u64,
-        pending: Option<&ExtendedSequenceNumber>,
-    ) -> Result<Lease, LeaseError> {
-        self.prepare_write(lease_key, Some(holding), pending).await
-    }
-
+    /// The pending checkpoint write of
+    /// [`Holding::prepare_checkpoint`](super::Holding::prepare_checkpoint).
     pub(super) async fn prepare_write(
         &self,
         lease_key: &str,
-        holding: Option<u64>,
+        generation: u64,
         pending: Option<&ExtendedSequenceNumber>,
     ) -> Result<Lease, LeaseError> {
         let store = &self.store;
-        self.fenced_write(lease_key, holding, |lease| async move {
-            store.update_pending_checkpoint(&lease, pending).await
-        })
+        self.fenced_write(
+            "update_pending_checkpoint",
+            lease_key,
+            generation,
+            |lease| async move { store.update_pending_checkpoint(&lease, pending).await },
+        )
         .await
     }
 
-    /// Records the child shard ids of a held lease; fenced and reported as
-    /// [`LeaseCoordinator::checkpoint`].
-    pub async fn update_child_shard_ids(
-        &self,
-        lease_key: &str,
-        children: &BTreeSet<String>,
-    ) -> Result<Lease, LeaseError> {
-        self.children_write(lease_key, None, children).await
-    }
-
-    /// [`LeaseCoordinator::update_child_shard_ids`] within one holding.
-    pub async fn update_child_shard_ids_in(
-        &self,
-        lease_key: &str,
-        holding: u64,
-        children: &BTreeSet<String>,
-    ) -> Result<Lease, LeaseError> {
-        self.children_write(lease_key, Some(holding), children)
-            .await
-    }
-
+    /// The child shard ids write of
+    /// [`Holding::update_child_shard_ids`](super::Holding::update_child_shard_ids).
     pub(super) async fn children_write(
         &self,
         lease_key: &str,
-        holding: Option<u64>,
+        generation: u64,
         children: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError> {
         let store = &self.store;
-        self.fenced_write(lease_key, holding, |lease| async move {
-            store.update_child_shard_ids(&lease, children).await
-        })
+        self.fenced_write(
+            "update_child_shard_ids",
+            lease_key,
+            generation,
+            |lease| async move { store.update_child_shard_ids(&lease, children).await },
+        )
         .await
     }
 }

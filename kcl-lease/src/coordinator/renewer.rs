@@ -4,6 +4,7 @@ use super::events::{LostReason, RenewReport};
 use super::join::join_all_limited;
 use super::{LeaseCoordinator, MAX_CONCURRENT_WRITES};
 use crate::LeaseError;
+use crate::timeouts::within;
 
 /// What happened to one lease in a renewal round.
 enum RenewOutcome {
@@ -41,9 +42,13 @@ impl LeaseCoordinator {
             return RenewOutcome::NotHeld;
         };
         // Bounded waits: a write of this lease in flight (a slow checkpoint) or a hung store
-        // call must not stall the whole renewal round.
-        let bound = self.config.renew_interval();
-        let Some(_guard) = self.within(bound, write_lock.lock()).await else {
+        // call must not stall the whole renewal round. The round's deadline is one renewal
+        // interval, and a renewal call is never given longer than any other store call.
+        let bound = self
+            .config
+            .renew_interval()
+            .min(self.config.call_timeouts.call);
+        let Some(_guard) = within(self.clock.as_ref(), bound, write_lock.lock()).await else {
             // Another write of this lease is stuck. Past the deadline since the last
             // successful write the lease is lost: others are about to take it.
             let stale = self.view(key, generation).is_some_and(|(_, last_write)| {
@@ -62,10 +67,12 @@ impl LeaseCoordinator {
         if since_write < self.config.renew_interval() / 2 {
             return RenewOutcome::Skipped;
         }
-        let result = match self.within(bound, self.store.renew_lease(&lease)).await {
+        let result = match within(self.clock.as_ref(), bound, self.store.renew_lease(&lease)).await
+        {
             Some(result) => self.recover_spurious_failure(&lease, result).await,
-            None => Err(LeaseError::Unreachable {
-                source: format!("renewal took longer than {bound:?}").into(),
+            None => Err(LeaseError::Timeout {
+                operation: "renew_lease",
+                after: bound,
             }),
         };
         let succeeded = result.is_ok();

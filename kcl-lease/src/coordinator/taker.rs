@@ -122,7 +122,8 @@ pub(crate) struct PlanInput<'a> {
     pub(crate) now: Instant,
 }
 
-/// Decides what to take (SPEC section 5, details in the module docs of the coordinator).
+/// Decides what to take and what to steal (the rules are in the module docs of the
+/// coordinator).
 pub(crate) fn plan_take(
     leases: &[Lease],
     tracker: &ExpiryTracker,
@@ -217,7 +218,9 @@ impl LeaseCoordinator {
     /// lease, or steals (see the module docs). Fails only when the table cannot be listed.
     pub async fn take_once(&self) -> Result<TakeReport, LeaseError> {
         let _serial = self.take_lock.lock().await;
-        let leases = self.store.list_leases().await?;
+        let leases = self
+            .bounded("list_leases", self.store.list_leases())
+            .await?;
         let now = self.clock.now();
         let plan = {
             let held = lock(&self.held);
@@ -253,7 +256,9 @@ impl LeaseCoordinator {
                 break;
             }
             let results = join_all_limited(
-                batch.iter().map(|l| self.store.take_lease(l, me)),
+                batch
+                    .iter()
+                    .map(|l| self.bounded("take_lease", self.store.take_lease(l, me))),
                 MAX_CONCURRENT_WRITES,
             )
             .await;
@@ -285,7 +290,10 @@ impl LeaseCoordinator {
         }
 
         for lease in plan.steal {
-            match self.store.take_lease(&lease, me).await {
+            match self
+                .bounded("take_lease", self.store.take_lease(&lease, me))
+                .await
+            {
                 Ok(taken) => {
                     tracing::info!(
                         worker_id = %me,

@@ -1,6 +1,6 @@
 //! The lease table in DynamoDB: [`DynamoLeaseStore`].
 //!
-//! The table has the Java KCL 2.x layout (SPEC section 4; attribute names in [`attr`]), so a
+//! The table has the Java KCL 2.x layout (attribute names in [`attr`]), so a
 //! Rust worker and a Java worker can read each other's rows.
 //!
 //! Every write is one conditional call with a `ConditionExpression`, using expression

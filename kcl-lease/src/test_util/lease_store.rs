@@ -5,9 +5,11 @@
 //! starts with no table, so code that works against it works against DynamoDB. On top it
 //! offers what a test needs:
 //!
-//! - deterministic fault injection: throttle or fail the next N calls ([`Fault`]), optionally
-//!   only for one [`LeaseOperation`] or one lease key; make the store unreachable; add latency
-//!   to every call (slept on an injected [`Clock`]);
+//! - deterministic fault injection: throttle, fail or hang the next N calls ([`Fault`],
+//!   [`FaultKind`]), optionally only for one [`LeaseOperation`] or one lease key; make the
+//!   store unreachable (every call fails at once) or hanging (every call started meanwhile
+//!   stays pending until dropped, as behind a dead NAT); add latency to every call (slept on
+//!   an injected [`Clock`]);
 //! - call, read and write counters per operation ([`InMemoryLeaseStore::stats`]), the way
 //!   DynamoDB would bill them: every `get_lease` and every page of `list_leases` is a read,
 //!   every attempted conditional write is a write (a failed condition consumes a write too),
@@ -17,9 +19,11 @@
 //! A `std::sync::Mutex` guards the rows; it is never held across an `await`, so the store is
 //! cheap enough for simulations with many workers sharing one `Arc<InMemoryLeaseStore>`.
 //!
-//! Faults are decided when a call starts, in call order: the first registered fault that
-//! matches the call and still has a count left fires and its count goes down by one. A call
-//! that is not matched by any fault (or the "unreachable" switch) runs normally.
+//! Faults are decided when a call starts, in call order: the hanging switch first, then the
+//! unreachable switch, then the first registered fault that matches the call and still has a
+//! count left (its count goes down by one). A call matched by none of them runs normally.
+//! A hanging call never reaches the table: dropping it (a caller's timeout) leaves no trace
+//! but its counts in [`InMemoryLeaseStore::stats`].
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -155,6 +159,9 @@ pub enum FaultKind {
     ServiceError,
     /// [`LeaseError::Unreachable`] (a network failure).
     Unreachable,
+    /// No answer at all: the call stays pending until it is dropped (a dead NAT or load
+    /// balancer that keeps the connection open). Only a caller's timeout ends it.
+    Hang,
 }
 
 /// A fault for the next `count` matching calls.
@@ -163,7 +170,7 @@ pub struct Fault {
     kind: FaultKind,
     remaining: u32,
     operation: Option<LeaseOperation>,
-    lease_key: Option<String>,
+    key: Option<String>,
 }
 
 impl Fault {
@@ -173,7 +180,7 @@ impl Fault {
             kind,
             remaining: count,
             operation: None,
-            lease_key: None,
+            key: None,
         }
     }
 
@@ -184,8 +191,8 @@ impl Fault {
     }
 
     /// Only calls about this lease key match (so never `list_leases` or the table calls).
-    pub fn for_lease_key(mut self, lease_key: impl Into<String>) -> Self {
-        self.lease_key = Some(lease_key.into());
+    pub fn for_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
         self
     }
 
@@ -202,10 +209,7 @@ impl Fault {
     fn matches(&self, operation: LeaseOperation, lease_key: Option<&str>) -> bool {
         self.remaining > 0
             && self.operation.is_none_or(|op| op == operation)
-            && self
-                .lease_key
-                .as_deref()
-                .is_none_or(|key| Some(key) == lease_key)
+            && self.key.as_deref().is_none_or(|key| Some(key) == lease_key)
     }
 }
 
@@ -231,7 +235,8 @@ pub struct OperationStats {
     pub writes: u64,
     /// Writes whose condition did not hold (and creates that found the row).
     pub condition_failures: u64,
-    /// Calls answered by an injected fault (or the unreachable switch).
+    /// Calls answered by an injected fault (or the unreachable switch), and calls left
+    /// hanging.
     pub faults: u64,
 }
 
@@ -286,6 +291,7 @@ struct State {
     page_size: usize,
     latency: Duration,
     unreachable: bool,
+    hanging: bool,
     faults: Vec<Fault>,
     stats: LeaseStoreStats,
 }
@@ -331,6 +337,7 @@ impl fmt::Debug for InMemoryLeaseStore {
             .field("page_size", &state.page_size)
             .field("latency", &state.latency)
             .field("unreachable", &state.unreachable)
+            .field("hanging", &state.hanging)
             .field("pending_faults", &state.faults.len())
             .finish_non_exhaustive()
     }
@@ -354,6 +361,7 @@ impl InMemoryLeaseStore {
                 page_size: DEFAULT_PAGE_SIZE,
                 latency: Duration::ZERO,
                 unreachable: false,
+                hanging: false,
                 faults: Vec::new(),
                 stats: LeaseStoreStats::default(),
             }),
@@ -407,6 +415,18 @@ impl InMemoryLeaseStore {
         self.lock().unreachable = unreachable;
     }
 
+    /// While `true`, every call started hangs for good ([`FaultKind::Hang`]): it stays
+    /// pending until dropped, even after the switch is turned off again. Calls started
+    /// after it was turned off answer normally.
+    pub fn set_hanging(&self, hanging: bool) {
+        self.lock().hanging = hanging;
+    }
+
+    /// The next `count` calls hang for good ([`FaultKind::Hang`]).
+    pub fn hang_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::Hang, count));
+    }
+
     /// The next `count` calls fail with [`LeaseError::Throttled`].
     pub fn throttle_next(&self, count: u32) {
         self.inject(Fault::new(FaultKind::Throttle, count));
@@ -424,11 +444,13 @@ impl InMemoryLeaseStore {
         }
     }
 
-    /// Removes every registered fault, turns the unreachable switch off and the latency to 0.
+    /// Removes every registered fault, turns the unreachable and hanging switches off and
+    /// the latency to 0 (calls already hanging stay pending).
     pub fn clear_faults(&self) {
         let mut state = self.lock();
         state.faults.clear();
         state.unreachable = false;
+        state.hanging = false;
         state.latency = Duration::ZERO;
     }
 
@@ -471,7 +493,8 @@ impl InMemoryLeaseStore {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts the call, decides its fault, sleeps the latency. `Err` when a fault fires.
+    /// Counts the call, decides its fault, sleeps the latency. `Err` when a fault fires;
+    /// never returns when the fault is [`FaultKind::Hang`].
     async fn begin(
         &self,
         operation: LeaseOperation,
@@ -481,7 +504,9 @@ impl InMemoryLeaseStore {
             let mut state = self.lock();
             let stats = state.stats.operations.entry(operation).or_default();
             stats.calls += 1;
-            let fault = if state.unreachable {
+            let fault = if state.hanging {
+                Some(FaultKind::Hang)
+            } else if state.unreachable {
                 Some(FaultKind::Unreachable)
             } else if let Some(fault) = state
                 .faults
@@ -504,13 +529,18 @@ impl InMemoryLeaseStore {
         }
         match fault {
             None => Ok(()),
+            Some(FaultKind::Hang) => {
+                tracing::debug!(%operation, ?lease_key, "injected lease store hang");
+                std::future::pending::<()>().await;
+                Ok(())
+            }
             Some(kind) => {
                 tracing::debug!(%operation, ?lease_key, ?kind, "injected lease store fault");
                 let source = Box::new(InjectedFault { kind, operation });
                 Err(match kind {
                     FaultKind::Throttle => LeaseError::Throttled { source },
                     FaultKind::ServiceError => LeaseError::Service { source },
-                    FaultKind::Unreachable => LeaseError::Unreachable { source },
+                    FaultKind::Unreachable | FaultKind::Hang => LeaseError::Unreachable { source },
                 })
             }
         }
@@ -918,7 +948,7 @@ mod tests {
         let err = s.get_lease("a").await.unwrap_err();
         assert!(matches!(err, LeaseError::Service { .. }));
         assert!(err.is_retryable());
-        s.inject(Fault::new(FaultKind::Throttle, 1).for_lease_key("b"));
+        s.inject(Fault::new(FaultKind::Throttle, 1).for_key("b"));
         s.inject(Fault::new(FaultKind::ServiceError, 1).for_operation(LeaseOperation::RenewLease));
         assert!(s.get_lease("a").await.is_ok());
         assert!(s.list_leases().await.is_ok());
@@ -960,5 +990,38 @@ mod tests {
         s.create_lease_if_not_exists(&lease("a")).await.unwrap();
         s.get_lease("a").await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hangs_stay_pending_until_dropped() {
+        let s = store();
+        s.create_lease_if_not_exists(&lease("a")).await.unwrap();
+        let a = s.take_lease(&lease("a"), "w").await.unwrap();
+        let wait = Duration::from_secs(3600);
+        s.hang_next(1);
+        assert!(tokio::time::timeout(wait, s.get_lease("a")).await.is_err());
+        assert!(s.get_lease("a").await.unwrap().is_some());
+        // Scoped to one operation and one key.
+        s.inject(
+            Fault::new(FaultKind::Hang, 1)
+                .for_operation(LeaseOperation::RenewLease)
+                .for_key("a"),
+        );
+        assert!(s.get_lease("a").await.is_ok());
+        assert!(tokio::time::timeout(wait, s.renew_lease(&a)).await.is_err());
+        // The hung renewal never reached the table.
+        let a = s.renew_lease(&a).await.unwrap();
+        assert_eq!(a.lease_counter, 2);
+        // The switch: calls started while it is on hang for good.
+        s.set_hanging(true);
+        let mut hung = Box::pin(s.list_leases());
+        assert!(tokio::time::timeout(wait, &mut hung).await.is_err());
+        s.set_hanging(false);
+        assert!(tokio::time::timeout(wait, &mut hung).await.is_err());
+        assert_eq!(s.list_leases().await.unwrap().len(), 1);
+        let stats = s.stats();
+        assert_eq!(stats.operation(LeaseOperation::ListLeases).faults, 1);
+        assert_eq!(stats.operation(LeaseOperation::RenewLease).writes, 1);
+        assert_eq!(stats.total_faults(), 3);
     }
 }
