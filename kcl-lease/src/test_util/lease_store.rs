@@ -1,8 +1,9 @@
 //! An in-memory [`LeaseStore`] with the semantics of the DynamoDB lease table.
 //!
-//! [`InMemoryLeaseStore`] evaluates the same conditions as
-//! [`crate::dynamo::DynamoLeaseStore`] on every write, increments the same counters and
-//! starts with no table, so code that works against it works against DynamoDB. On top it
+//! [`InMemoryLeaseStore`] makes every write from its description in [`crate::write`], as
+//! the DynamoDB store does: it evaluates the write's fence on the stored row and applies the
+//! write's change through it, so both stores share one definition of every write. It starts
+//! with no table, so code that works against it works against DynamoDB. On top it
 //! offers what a test needs:
 //!
 //! - deterministic fault injection: throttle, fail or hang the next N calls ([`Fault`],
@@ -52,7 +53,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
+use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, LeaseWrite, SystemClock};
 use async_trait::async_trait;
 use kcl_kpl::ExtendedSequenceNumber;
 
@@ -296,29 +297,6 @@ struct State {
     stats: LeaseStoreStats,
 }
 
-/// The condition a write is guarded by, evaluated on the stored row.
-enum Condition<'a> {
-    /// `attribute_not_exists(leaseKey)`.
-    NotExists,
-    /// `leaseCounter = :seen`.
-    Counter(u64),
-    /// `leaseCounter = :seen AND leaseOwner = :owner` (owner absent when `None`).
-    CounterAndOwner(u64, Option<&'a str>),
-}
-
-impl Condition<'_> {
-    fn holds(&self, row: Option<&Lease>) -> bool {
-        match (self, row) {
-            (Condition::NotExists, row) => row.is_none(),
-            (_, None) => false,
-            (Condition::Counter(seen), Some(row)) => row.lease_counter == *seen,
-            (Condition::CounterAndOwner(seen, owner), Some(row)) => {
-                row.lease_counter == *seen && row.lease_owner.as_deref() == *owner
-            }
-        }
-    }
-}
-
 /// An in-memory lease table with DynamoDB's conditional-write semantics and injectable
 /// faults. See the [module documentation](self).
 pub struct InMemoryLeaseStore {
@@ -552,66 +530,50 @@ impl InMemoryLeaseStore {
         }
     }
 
-    /// Evaluates `condition` on the row of `lease_key` and, when it holds, applies `update`
-    /// to it (a copy of the row, or of `seen` when the row is absent and the condition is
-    /// `NotExists`). Returns the new row.
-    fn conditional_update(
+    /// Makes one conditional write: evaluates its fence (before the call is counted, a
+    /// write that cannot name its owner is [`LeaseError::NotHeld`]), then, under the
+    /// table's lock, checks the fence against the stored row and applies the write's change
+    /// to it. Returns the row after the write (`None` when it was removed).
+    async fn write(
         &self,
         operation: LeaseOperation,
-        lease_key: &str,
-        condition: Condition<'_>,
-        update: impl FnOnce(&mut Lease),
-    ) -> Result<Lease, LeaseError> {
+        write: LeaseWrite<'_>,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let fence = write.fence()?;
+        let lease_key = write.lease_key();
+        self.begin(operation, Some(lease_key)).await?;
         let mut state = self.lock();
         let State { table, stats, .. } = &mut *state;
         let table = table.as_mut().ok_or_else(|| self.table_missing())?;
         let counters = stats.operations.entry(operation).or_default();
         counters.writes += 1;
         let row = table.rows.get(lease_key);
-        if !condition.holds(row) {
+        if !fence.holds(row) {
             counters.condition_failures += 1;
             tracing::debug!(%operation, lease_key, "in-memory conditional write failed");
             return Err(LeaseError::ConditionFailed {
                 lease_key: lease_key.to_owned(),
             });
         }
-        let mut new_row = match row {
-            Some(row) => row.clone(),
-            None => Lease::new(lease_key, ExtendedSequenceNumber::TRIM_HORIZON),
+        let new_row = write.apply(row);
+        match &new_row {
+            Some(new_row) => table.rows.insert(lease_key.to_owned(), new_row.clone()),
+            None => table.rows.remove(lease_key),
         };
-        update(&mut new_row);
-        table.rows.insert(lease_key.to_owned(), new_row.clone());
         Ok(new_row)
     }
 
-    /// The owner a renew-like write is fenced on; a lease seen without owner cannot be
-    /// renewed, released or checkpointed by anyone.
-    fn seen_owner(lease: &Lease) -> Result<&str, LeaseError> {
-        lease
-            .lease_owner
-            .as_deref()
-            .ok_or_else(|| LeaseError::NotHeld {
-                lease_key: lease.lease_key.clone(),
-            })
-    }
-
-    async fn owner_fenced_update(
+    /// A write that leaves a row behind (every write but delete).
+    async fn update(
         &self,
         operation: LeaseOperation,
-        lease: &Lease,
-        update: impl FnOnce(&mut Lease),
+        write: LeaseWrite<'_>,
     ) -> Result<Lease, LeaseError> {
-        let owner = Self::seen_owner(lease)?;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        self.conditional_update(
-            operation,
-            &lease.lease_key,
-            Condition::CounterAndOwner(lease.lease_counter, Some(owner)),
-            |row| {
-                update(row);
-                row.lease_counter = row.lease_counter.saturating_add(1);
-            },
-        )
+        self.write(operation, write)
+            .await?
+            .ok_or_else(|| LeaseError::NotFound {
+                lease_key: write.lease_key().to_owned(),
+            })
     }
 }
 
@@ -636,13 +598,10 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        let operation = LeaseOperation::CreateLease;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        let result =
-            self.conditional_update(operation, &lease.lease_key, Condition::NotExists, |row| {
-                *row = lease.clone()
-            });
-        match result {
+        match self
+            .write(LeaseOperation::CreateLease, LeaseWrite::Create { lease })
+            .await
+        {
             Ok(_) => Ok(true),
             Err(LeaseError::ConditionFailed { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -696,33 +655,26 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::RenewLease, lease, |_| {})
-            .await
+        self.update(
+            LeaseOperation::RenewLease,
+            LeaseWrite::Renew { seen: lease },
+        )
+        .await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
-        let operation = LeaseOperation::TakeLease;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        let seen_owner = lease.lease_owner.as_deref();
-        self.conditional_update(
-            operation,
-            &lease.lease_key,
-            Condition::CounterAndOwner(lease.lease_counter, seen_owner),
-            |row| {
-                if seen_owner != Some(new_owner) {
-                    row.owner_switches_since_checkpoint =
-                        row.owner_switches_since_checkpoint.saturating_add(1);
-                }
-                row.lease_owner = Some(new_owner.to_owned());
-                row.lease_counter = row.lease_counter.saturating_add(1);
-            },
-        )
+        let write = LeaseWrite::Take {
+            seen: lease,
+            new_owner,
+        };
+        self.update(LeaseOperation::TakeLease, write).await
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::ReleaseLease, lease, |row| {
-            row.lease_owner = None;
-        })
+        self.update(
+            LeaseOperation::ReleaseLease,
+            LeaseWrite::Release { seen: lease },
+        )
         .await
     }
 
@@ -731,12 +683,11 @@ impl LeaseStore for InMemoryLeaseStore {
         lease: &Lease,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::UpdateCheckpoint, lease, |row| {
-            row.checkpoint = checkpoint.clone();
-            row.pending_checkpoint = None;
-            row.owner_switches_since_checkpoint = 0;
-        })
-        .await
+        let write = LeaseWrite::Checkpoint {
+            seen: lease,
+            checkpoint,
+        };
+        self.update(LeaseOperation::UpdateCheckpoint, write).await
     }
 
     async fn update_pending_checkpoint(
@@ -744,10 +695,12 @@ impl LeaseStore for InMemoryLeaseStore {
         lease: &Lease,
         pending: Option<&ExtendedSequenceNumber>,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::UpdatePendingCheckpoint, lease, |row| {
-            row.pending_checkpoint = pending.cloned();
-        })
-        .await
+        let write = LeaseWrite::PrepareCheckpoint {
+            seen: lease,
+            pending,
+        };
+        self.update(LeaseOperation::UpdatePendingCheckpoint, write)
+            .await
     }
 
     async fn update_child_shard_ids(
@@ -755,28 +708,21 @@ impl LeaseStore for InMemoryLeaseStore {
         lease: &Lease,
         child_shard_ids: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::UpdateChildShardIds, lease, |row| {
-            row.child_shard_ids = child_shard_ids.clone();
-        })
-        .await
+        let write = LeaseWrite::ChildShardIds {
+            seen: lease,
+            child_shard_ids,
+        };
+        self.update(LeaseOperation::UpdateChildShardIds, write)
+            .await
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
-        let operation = LeaseOperation::DeleteLease;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        let mut state = self.lock();
-        let State { table, stats, .. } = &mut *state;
-        let table = table.as_mut().ok_or_else(|| self.table_missing())?;
-        let counters = stats.operations.entry(operation).or_default();
-        counters.writes += 1;
-        if !Condition::Counter(lease.lease_counter).holds(table.rows.get(&lease.lease_key)) {
-            counters.condition_failures += 1;
-            return Err(LeaseError::ConditionFailed {
-                lease_key: lease.lease_key.clone(),
-            });
-        }
-        table.rows.remove(&lease.lease_key);
-        Ok(())
+        self.write(
+            LeaseOperation::DeleteLease,
+            LeaseWrite::Delete { seen: lease },
+        )
+        .await
+        .map(|_| ())
     }
 }
 
