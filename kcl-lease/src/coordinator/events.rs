@@ -44,7 +44,7 @@ impl fmt::Display for LostReason {
     }
 }
 
-/// A change of the held set, reported on [`LeaseCoordinator::events`].
+/// A change of the held set, reported on [`LeaseCoordinator::events`](super::LeaseCoordinator::events).
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
 pub enum LeaseEvent {
@@ -69,7 +69,7 @@ impl LeaseEvent {
     }
 }
 
-/// What one [`LeaseCoordinator::renew_once`] round did.
+/// What one [`LeaseCoordinator::renew_once`](super::LeaseCoordinator::renew_once) round did.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct RenewReport {
@@ -83,7 +83,7 @@ pub struct RenewReport {
     pub lost: Vec<String>,
 }
 
-/// What one [`LeaseCoordinator::take_once`] pass did.
+/// What one [`LeaseCoordinator::take_once`](super::LeaseCoordinator::take_once) pass did.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct TakeReport {
@@ -101,7 +101,7 @@ pub struct TakeReport {
     pub held: usize,
 }
 
-/// What [`LeaseCoordinator::release_all`] did. Every lease left the held set.
+/// What [`LeaseCoordinator::release_all`](super::LeaseCoordinator::release_all) did. Every lease left the held set.
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct ReleaseReport {

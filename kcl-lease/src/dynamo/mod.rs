@@ -249,12 +249,13 @@ impl Expression {
             }
         }
         match *write {
-            LeaseWrite::Take { seen, new_owner } => {
-                if seen.lease_owner.as_deref() != Some(new_owner) {
-                    e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
-                    e.value(":zero", n(0));
-                    set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
-                }
+            // A take counts an owner switch when the owner changes.
+            LeaseWrite::Take { seen, new_owner }
+                if seen.lease_owner.as_deref() != Some(new_owner) =>
+            {
+                e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
+                e.value(":zero", n(0));
+                set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
             }
             LeaseWrite::Release { .. } => {
                 e.name("#owner", attr::LEASE_OWNER);
