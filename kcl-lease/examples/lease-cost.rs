@@ -155,7 +155,9 @@ async fn simulate(checkpoint_every: Option<Duration>) -> Figures {
                     n += 1;
                     let esn = ExtendedSequenceNumber::parse(&n.to_string(), 0).unwrap();
                     for key in c.held_keys() {
-                        let _ = c.checkpoint(&key, &esn).await;
+                        if let Some(held) = c.holding(&key) {
+                            let _ = held.checkpoint(&esn).await;
+                        }
                     }
                 }
             });

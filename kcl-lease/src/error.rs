@@ -1,6 +1,7 @@
 //! The error type of this crate.
 
 use std::error::Error as StdError;
+use std::time::Duration;
 
 /// A boxed error cause.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -41,6 +42,15 @@ pub enum LeaseError {
         /// The transport error.
         #[source]
         source: BoxError,
+    },
+    /// A store call did not answer within its bound (`call_timeout`, or the renewal
+    /// round's deadline) and was abandoned; retry later.
+    #[error("lease store call {operation} did not answer within {after:?}")]
+    Timeout {
+        /// The store call, e.g. `renew_lease`.
+        operation: &'static str,
+        /// The bound that passed.
+        after: Duration,
     },
     /// The store answered with another error.
     #[error("lease store error")]
@@ -89,6 +99,7 @@ impl LeaseError {
             LeaseError::Throttled { .. }
                 | LeaseError::Unreachable { .. }
                 | LeaseError::Service { .. }
+                | LeaseError::Timeout { .. }
         )
     }
 

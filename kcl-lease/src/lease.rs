@@ -6,7 +6,7 @@ use kcl_kpl::{ExtendedSequenceNumber, HashKeyRange};
 
 /// One lease: the right to process one shard, and the shard's checkpoint.
 ///
-/// Field by field this is the Java KCL 2.x lease table row (SPEC section 4).
+/// Field by field this is a row of the Java KCL 2.x lease table.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Lease {
     /// `leaseKey`: the shard id.

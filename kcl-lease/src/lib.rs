@@ -53,6 +53,7 @@ mod store;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 pub mod timeouts;
+pub mod write;
 
 pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
 pub use error::{BoxError, ErrorChain, LeaseError};
@@ -60,3 +61,4 @@ pub use kcl_kpl::ExtendedSequenceNumber;
 pub use lease::Lease;
 pub use store::{BillingMode, LeaseStore};
 pub use timeouts::CallTimeouts;
+pub use write::{Fence, LeaseWrite};

@@ -354,9 +354,12 @@ async fn released_lease_taken_by_next_take_once() {
     b.take_once().await.unwrap(); // both owned by a and live: b only steals one
     assert_eq!(counts(&store, &[a.clone(), b.clone()]), vec![1, 1]);
     let k = a.held_keys().pop().unwrap();
-    a.release(&k).await.unwrap();
+    let held = a.holding(&k).unwrap();
+    held.release().await.unwrap();
+    assert!(!held.is_current());
+    assert!(a.holding(&k).is_none());
     assert!(matches!(
-        a.release(&k).await,
+        held.release().await,
         Err(LeaseError::NotHeld { .. })
     ));
     let report = b.take_once().await.unwrap();
@@ -439,7 +442,8 @@ async fn zombie_cannot_renew_or_checkpoint_after_its_lease_was_taken() {
     zombie.take_once().await.unwrap();
     let k = key(0);
     let seq = |s: &str| ExtendedSequenceNumber::parse(s, 0).unwrap();
-    zombie.checkpoint(&k, &seq("100")).await.unwrap();
+    let zombie_holding = zombie.holding(&k).unwrap();
+    zombie_holding.checkpoint(&seq("100")).await.unwrap();
     assert!(matches!(
         drain(&mut events).as_slice(),
         [LeaseEvent::Gained(_)]
@@ -452,11 +456,16 @@ async fn zombie_cannot_renew_or_checkpoint_after_its_lease_was_taken() {
     assert!(other.take_once().await.unwrap().taken.is_empty());
     clock.advance(Duration::from_millis(1));
     assert_eq!(other.take_once().await.unwrap().taken, vec![k.clone()]);
-    other.checkpoint(&k, &seq("200")).await.unwrap();
+    other
+        .holding(&k)
+        .unwrap()
+        .checkpoint(&seq("200"))
+        .await
+        .unwrap();
 
     // The zombie still believes it holds the lease; its checkpoint is fenced off.
     assert!(zombie.held_lease(&k).is_some());
-    let err = zombie.checkpoint(&k, &seq("150")).await.unwrap_err();
+    let err = zombie_holding.checkpoint(&seq("150")).await.unwrap_err();
     assert!(err.is_condition_failed(), "{err:?}");
     assert!(zombie.held_lease(&k).is_none());
     assert_eq!(
@@ -471,7 +480,7 @@ async fn zombie_cannot_renew_or_checkpoint_after_its_lease_was_taken() {
     assert!(row.is_owned_by("other"));
     // Once lost, further writes are refused locally.
     assert!(matches!(
-        zombie.checkpoint(&k, &seq("160")).await,
+        zombie_holding.checkpoint(&seq("160")).await,
         Err(LeaseError::NotHeld { .. })
     ));
     assert!(zombie.renew_once().await.lost.is_empty());
@@ -512,13 +521,14 @@ async fn fenced_writes_update_the_held_view() {
     c.take_once().await.unwrap();
     let k = key(0);
     let esn = ExtendedSequenceNumber::parse("42", 3).unwrap();
-    let pending = c.prepare_checkpoint(&k, Some(&esn)).await.unwrap();
+    let held = c.holding(&k).unwrap();
+    let pending = held.prepare_checkpoint(Some(&esn)).await.unwrap();
     assert_eq!(pending.pending_checkpoint, Some(esn.clone()));
     let children: BTreeSet<String> = ["c1".to_owned(), "c2".to_owned()].into();
-    let with_children = c.update_child_shard_ids(&k, &children).await.unwrap();
+    let with_children = held.update_child_shard_ids(&children).await.unwrap();
     assert_eq!(with_children.child_shard_ids, children);
-    let done = c
-        .checkpoint(&k, &ExtendedSequenceNumber::SHARD_END)
+    let done = held
+        .checkpoint(&ExtendedSequenceNumber::SHARD_END)
         .await
         .unwrap();
     assert_eq!(done.pending_checkpoint, None);
@@ -536,7 +546,9 @@ async fn renewals_skip_recently_written_leases() {
     let r = c.renew_once().await;
     assert_eq!((r.renewed, r.skipped), (0, 2), "just taken");
     clock.advance(F / 3);
-    c.checkpoint(&key(0), &ExtendedSequenceNumber::LATEST)
+    c.holding(&key(0))
+        .unwrap()
+        .checkpoint(&ExtendedSequenceNumber::LATEST)
         .await
         .unwrap();
     let r = c.renew_once().await;
@@ -651,13 +663,13 @@ async fn checkpoint_and_renewal_of_one_lease_never_collide() {
             clock.advance_and_settle(Duration::from_millis(500)).await;
             let checkpoint = tokio::spawn({
                 let (c, k) = (Arc::clone(&c), k.clone());
-                async move { c.checkpoint(&k, &esn).await }
+                async move { c.holding(&k).unwrap().checkpoint(&esn).await }
             });
             (renew, checkpoint)
         } else {
             let checkpoint = tokio::spawn({
                 let (c, k) = (Arc::clone(&c), k.clone());
-                async move { c.checkpoint(&k, &esn).await }
+                async move { c.holding(&k).unwrap().checkpoint(&esn).await }
             });
             clock.advance_and_settle(Duration::from_millis(500)).await;
             let renew = tokio::spawn({

@@ -336,7 +336,11 @@ impl Sim {
                     }
                     (Op::Checkpoint, Some(k)) => {
                         let esn = ExtendedSequenceNumber::parse(&seq.to_string(), 0).unwrap();
-                        match c.checkpoint(&k, &esn).await {
+                        let result = match c.holding(&k) {
+                            Some(held) => held.checkpoint(&esn).await,
+                            None => Err(LeaseError::NotHeld { lease_key: k }),
+                        };
+                        match result {
                             Ok(l) => assert_eq!(l.checkpoint, esn),
                             Err(e) => assert!(
                                 e.is_retryable()
@@ -348,10 +352,14 @@ impl Sim {
                     }
                     (Op::Prepare, Some(k)) => {
                         let esn = ExtendedSequenceNumber::parse(&seq.to_string(), 1).unwrap();
-                        let _ = c.prepare_checkpoint(&k, Some(&esn)).await;
+                        if let Some(held) = c.holding(&k) {
+                            let _ = held.prepare_checkpoint(Some(&esn)).await;
+                        }
                     }
                     (Op::Release, Some(k)) => {
-                        let _ = c.release(&k).await;
+                        if let Some(held) = c.holding(&k) {
+                            let _ = held.release().await;
+                        }
                         assert!(c.held_lease(&k).is_none());
                     }
                     (Op::ReleaseAll, _) => {

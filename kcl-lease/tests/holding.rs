@@ -37,40 +37,50 @@ async fn a_lost_and_regained_lease_refuses_writes_of_the_old_holding() {
     )
     .unwrap();
     c.take_once().await.unwrap();
-    let (_, first) = c.holding("shard-1").unwrap();
+    let first = c.holding("shard-1").unwrap();
+    assert!(first.is_current());
+    assert_eq!(first.lease_key(), "shard-1");
 
     // Another worker steals it; w1 learns at its next write, then takes it back.
     let row = store.get_lease("shard-1").await.unwrap().unwrap();
     store.take_lease(&row, "w2").await.unwrap();
     let seq: ExtendedSequenceNumber = "100".parse().unwrap();
     assert!(matches!(
-        c.checkpoint_in("shard-1", first, &seq).await,
+        first.checkpoint(&seq).await,
         Err(LeaseError::ConditionFailed { .. })
     ));
     assert!(c.holding("shard-1").is_none());
     let row = store.get_lease("shard-1").await.unwrap().unwrap();
     store.release_lease(&row).await.unwrap();
     c.take_once().await.unwrap();
-    let (_, second) = c.holding("shard-1").unwrap();
+    let second = c.holding("shard-1").unwrap();
     assert_ne!(first, second);
 
     // The old holding's writes are refused without touching the table.
     let before = store.get_lease("shard-1").await.unwrap().unwrap();
     assert!(matches!(
-        c.checkpoint_in("shard-1", first, &seq).await,
+        first.checkpoint(&seq).await,
         Err(LeaseError::NotHeld { .. })
     ));
     assert!(matches!(
-        c.prepare_checkpoint_in("shard-1", first, Some(&seq)).await,
+        first.prepare_checkpoint(Some(&seq)).await,
         Err(LeaseError::NotHeld { .. })
     ));
     assert!(matches!(
-        c.release_in("shard-1", first).await,
+        first.release().await,
         Err(LeaseError::NotHeld { .. })
     ));
     assert_eq!(store.get_lease("shard-1").await.unwrap().unwrap(), before);
     // The new holding writes.
-    let written = c.checkpoint_in("shard-1", second, &seq).await.unwrap();
+    assert!(matches!(
+        first.update_child_shard_ids(&["c".to_owned()].into()).await,
+        Err(LeaseError::NotHeld { .. })
+    ));
+    assert!(!first.is_current());
+    assert_eq!(first.lease(), None);
+    assert!(second.is_current());
+    let written = second.checkpoint(&seq).await.unwrap();
     assert_eq!(written.checkpoint, seq);
     assert!(c.is_held("shard-1"));
+    assert_eq!(second.lease(), Some(written));
 }

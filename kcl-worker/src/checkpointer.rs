@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kcl_interfaces::{BoxFuture, CheckpointBackend, CheckpointError, CheckpointTarget};
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::LeaseError;
-use kcl_lease::coordinator::LeaseCoordinator;
+use kcl_lease::coordinator::Holding;
 
 use crate::stream::{IteratorPosition, StreamClient, StreamError};
 
@@ -31,9 +31,8 @@ pub(crate) struct ShardCheckpointer {
     shard_id: String,
     /// The holding of the lease this processor works in: writes fail once it was lost,
     /// even if the lease was gained again since.
-    holding: u64,
+    holding: Holding,
     stream_name: String,
-    coordinator: Arc<LeaseCoordinator>,
     stream: Arc<dyn StreamClient>,
     validate_with_stream: bool,
     state: Mutex<State>,
@@ -45,9 +44,8 @@ impl ShardCheckpointer {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shard_id: String,
-        holding: u64,
+        holding: Holding,
         stream_name: String,
-        coordinator: Arc<LeaseCoordinator>,
         stream: Arc<dyn StreamClient>,
         validate_with_stream: bool,
         checkpoint: ExtendedSequenceNumber,
@@ -57,7 +55,6 @@ impl ShardCheckpointer {
             shard_id,
             holding,
             stream_name,
-            coordinator,
             stream,
             validate_with_stream,
             state: Mutex::new(State {
@@ -206,13 +203,9 @@ impl ShardCheckpointer {
             }
         }
         let result = if prepare {
-            self.coordinator
-                .prepare_checkpoint_in(&self.shard_id, self.holding, Some(&position))
-                .await
+            self.holding.prepare_checkpoint(Some(&position)).await
         } else {
-            self.coordinator
-                .checkpoint_in(&self.shard_id, self.holding, &position)
-                .await
+            self.holding.checkpoint(&position).await
         };
         match result {
             Ok(_) => {
@@ -250,11 +243,11 @@ pub(crate) fn map_lease_error(e: LeaseError) -> CheckpointError {
         LeaseError::TableMissing { .. } => CheckpointError::InvalidState {
             message: e.to_string(),
         },
-        LeaseError::Unreachable { .. } | LeaseError::Service { .. } => {
-            CheckpointError::Dependency {
-                source: Box::new(e),
-            }
-        }
+        LeaseError::Unreachable { .. }
+        | LeaseError::Service { .. }
+        | LeaseError::Timeout { .. } => CheckpointError::Dependency {
+            source: Box::new(e),
+        },
         other => CheckpointError::InvalidState {
             message: other.to_string(),
         },

@@ -10,7 +10,7 @@ use kcl_interfaces::{
     Checkpointer, InitializationInput, ProcessRecordsInput, RecordProcessor,
     RecordProcessorFactory, ShutdownInput, ShutdownReason,
 };
-use kcl_lease::coordinator::LeaseCoordinator;
+use kcl_lease::coordinator::{Holding, LeaseCoordinator};
 use kcl_lease::{Clock, Lease, RandomSource};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -62,7 +62,7 @@ pub(crate) struct ShardConsumer<F> {
     pub(crate) ctx: ConsumerContext,
     pub(crate) lease: Lease,
     /// The holding of the lease this consumer works in (see `LeaseCoordinator::holding`).
-    pub(crate) holding: u64,
+    pub(crate) holding: Holding,
     pub(crate) factory: Arc<F>,
     pub(crate) signal: watch::Receiver<Signal>,
 }
@@ -83,9 +83,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         let key = self.lease.lease_key.clone();
         // The freshest view of the lease (checkpoint, pending checkpoint). Lost while waiting
         // for the parents: no processor is created at all.
-        let lease = match self.ctx.coordinator.holding(&key) {
-            Some((lease, holding)) if holding == self.holding => lease,
-            _ => return Outcome::LeaseLost,
+        let Some(lease) = self.holding.lease() else {
+            return Outcome::LeaseLost;
         };
         if lease.checkpoint.is_shard_end() {
             return Outcome::ShardFinished;
@@ -93,9 +92,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         let mut processor = self.factory.create_processor();
         let backend = Arc::new(ShardCheckpointer::new(
             key.clone(),
-            self.holding,
+            self.holding.clone(),
             self.ctx.config.stream_name.clone(),
-            self.ctx.coordinator.clone(),
             self.ctx.stream.clone(),
             self.ctx
                 .config
@@ -273,10 +271,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
 
     /// True while this consumer's holding of the lease lasts.
     fn holds(&self, key: &str) -> bool {
-        self.ctx
-            .coordinator
-            .holding(key)
-            .is_some_and(|(_, holding)| holding == self.holding)
+        self.holding.lease_key() == key && self.holding.is_current()
     }
 
     /// Blocks until every parent is finished. `Some(outcome)` when stopped while waiting.
@@ -344,12 +339,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         }
         if !children.is_empty() {
             let ids: BTreeSet<String> = children.iter().map(|c| c.shard_id.clone()).collect();
-            if let Err(e) = self
-                .ctx
-                .coordinator
-                .update_child_shard_ids_in(key, self.holding, &ids)
-                .await
-            {
+            if let Err(e) = self.holding.update_child_shard_ids(&ids).await {
                 warn!(error = %kcl_lease::ErrorChain(&e), "recording child shard ids failed");
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kcl_interfaces::RecordProcessorFactory;
-use kcl_lease::coordinator::{LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent};
+use kcl_lease::coordinator::{Holding, LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent};
 #[cfg(feature = "dynamodb")]
 use kcl_lease::dynamo::DynamoLeaseStore;
 use kcl_lease::{Clock, Lease, LeaseStore, RandomSource, SeededRandom, SystemClock};
@@ -389,7 +389,7 @@ struct WorkerLoop<F> {
     /// lease key -> signal sender of its running consumer
     running: HashMap<String, watch::Sender<Signal>>,
     /// task -> (lease key, holding)
-    by_task: HashMap<Id, (String, u64)>,
+    by_task: HashMap<Id, (String, Holding)>,
     /// Leases gained again while their previous consumer was still stopping.
     regained: HashMap<String, Lease>,
 }
@@ -462,14 +462,14 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             return;
         }
         // Lost again before we got here: the Lost event follows.
-        let Some((_, holding)) = self.ctx.coordinator.holding(&key) else {
+        let Some(holding) = self.ctx.coordinator.holding(&key) else {
             return;
         };
         let (tx, rx) = watch::channel(Signal::Run);
         let consumer = ShardConsumer {
             ctx: self.ctx.clone(),
             lease,
-            holding,
+            holding: holding.clone(),
             factory: self.factory.clone(),
             signal: rx,
         };
@@ -508,7 +508,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 // Give the lease up so another consumer (here or elsewhere) can proceed; a
                 // finished lease is never taken again.
                 // Only this consumer's holding: a lease lost and gained again meanwhile stays.
-                match self.ctx.coordinator.release_in(&key, holding).await {
+                match holding.release().await {
                     Ok(()) | Err(kcl_lease::LeaseError::NotHeld { .. }) => {}
                     Err(e) => {
                         warn!(lease_key = %key, error = %kcl_lease::ErrorChain(&e), "releasing the lease failed; it will expire")

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::LeaseError;
+use crate::{CallTimeouts, LeaseError};
 
 /// The shortest accepted `failover_time`.
 pub const MIN_FAILOVER_TIME: Duration = Duration::from_millis(100);
@@ -16,7 +16,7 @@ pub const DEFAULT_FAILOVER_TIME: Duration = Duration::from_secs(10);
 
 /// Settings of a [`LeaseCoordinator`](super::LeaseCoordinator).
 ///
-/// Names follow the Java KCL (SPEC section 9). Build with [`LeaseCoordinatorConfig::new`]
+/// Option names are those of the Java KCL. Build with [`LeaseCoordinatorConfig::new`]
 /// and the `with_*` methods; [`LeaseCoordinatorConfig::validate`] (also called by
 /// [`LeaseCoordinator::new`](super::LeaseCoordinator::new)) rejects bad values with
 /// [`LeaseError::InvalidConfig`] naming the option.
@@ -32,6 +32,11 @@ pub struct LeaseCoordinatorConfig {
     pub max_leases_for_worker: usize,
     /// The most leases stolen from another worker in one taker pass (default 1). At least 1.
     pub max_leases_to_steal_at_one_time: usize,
+    /// The bounds on every lease store call the coordinator makes (default
+    /// [`CallTimeouts::default`]): a call still pending after `call_timeouts.call` is
+    /// abandoned as [`LeaseError::Timeout`], a retryable error. Renewals are also bounded
+    /// by the renewal round's deadline (one renewal interval), whichever is shorter.
+    pub call_timeouts: CallTimeouts,
 }
 
 impl LeaseCoordinatorConfig {
@@ -42,6 +47,7 @@ impl LeaseCoordinatorConfig {
             failover_time: DEFAULT_FAILOVER_TIME,
             max_leases_for_worker: usize::MAX,
             max_leases_to_steal_at_one_time: 1,
+            call_timeouts: CallTimeouts::default(),
         }
     }
 
@@ -60,6 +66,12 @@ impl LeaseCoordinatorConfig {
     /// Sets `max_leases_to_steal_at_one_time`.
     pub fn with_max_leases_to_steal_at_one_time(mut self, max: usize) -> Self {
         self.max_leases_to_steal_at_one_time = max;
+        self
+    }
+
+    /// Sets `call_timeouts`.
+    pub fn with_call_timeouts(mut self, call_timeouts: CallTimeouts) -> Self {
+        self.call_timeouts = call_timeouts;
         self
     }
 
@@ -101,7 +113,7 @@ impl LeaseCoordinatorConfig {
                 reason: "must be at least 1".to_owned(),
             });
         }
-        Ok(())
+        self.call_timeouts.validate()
     }
 
     /// Time between two renewal rounds: `failover_time / 3`.
@@ -139,6 +151,7 @@ mod tests {
         assert_eq!(config.failover_time, Duration::from_secs(10));
         assert_eq!(config.max_leases_for_worker, usize::MAX);
         assert_eq!(config.max_leases_to_steal_at_one_time, 1);
+        assert_eq!(config.call_timeouts, CallTimeouts::default());
         assert_eq!(config.renew_interval(), Duration::from_secs(10) / 3);
         assert_eq!(config.take_interval(), Duration::from_secs(5));
         assert_eq!(config.take_jitter(), Duration::from_secs(1));
@@ -166,8 +179,30 @@ mod tests {
             "max_leases_for_worker"
         );
         assert_eq!(
-            option_of(&base.with_max_leases_to_steal_at_one_time(0)),
+            option_of(&base.clone().with_max_leases_to_steal_at_one_time(0)),
             "max_leases_to_steal_at_one_time"
+        );
+        let zero = Duration::ZERO;
+        let secs = Duration::from_secs;
+        assert_eq!(
+            option_of(
+                &base
+                    .clone()
+                    .with_call_timeouts(CallTimeouts::new(zero, secs(10)))
+            ),
+            "call_attempt_timeout"
+        );
+        assert_eq!(
+            option_of(
+                &base
+                    .clone()
+                    .with_call_timeouts(CallTimeouts::new(secs(4), zero))
+            ),
+            "call_timeout"
+        );
+        assert_eq!(
+            option_of(&base.with_call_timeouts(CallTimeouts::new(secs(4), secs(2)))),
+            "call_timeout"
         );
     }
 

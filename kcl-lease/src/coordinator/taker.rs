@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::{Lease, RandomSource};
+use super::events::TakeReport;
+use super::join::join_all_limited;
+use super::{LeaseCoordinator, MAX_CONCURRENT_WRITES, lock};
+use crate::{Lease, LeaseError, RandomSource};
 
 /// What this worker last saw of one lease, and since when.
 #[derive(Clone, Debug)]
@@ -119,7 +122,8 @@ pub(crate) struct PlanInput<'a> {
     pub(crate) now: Instant,
 }
 
-/// Decides what to take (SPEC section 5, details in the module docs of the coordinator).
+/// Decides what to take and what to steal (the rules are in the module docs of the
+/// coordinator).
 pub(crate) fn plan_take(
     leases: &[Lease],
     tracker: &ExpiryTracker,
@@ -207,6 +211,127 @@ pub(crate) fn plan_take(
         plan.steal.push(pool.swap_remove(index).clone());
     }
     plan
+}
+
+impl LeaseCoordinator {
+    /// One taker pass: lists the table, updates the expiry bookkeeping, takes every owed free
+    /// lease, or steals (see the module docs). Fails only when the table cannot be listed.
+    pub async fn take_once(&self) -> Result<TakeReport, LeaseError> {
+        let _serial = self.take_lock.lock().await;
+        let leases = self
+            .bounded("list_leases", self.store.list_leases())
+            .await?;
+        let now = self.clock.now();
+        let plan = {
+            let held = lock(&self.held);
+            let held_keys: HashSet<String> = held.keys().cloned().collect();
+            let held_active = held.values().filter(|h| !h.lease.is_finished()).count();
+            drop(held);
+            let mut tracker = lock(&self.tracker);
+            tracker.observe(&leases, now);
+            let input = PlanInput {
+                me: &self.config.worker_id,
+                held: &held_keys,
+                held_active,
+                failover_time: self.config.failover_time,
+                max_leases_for_worker: self.config.max_leases_for_worker,
+                max_leases_to_steal: self.config.max_leases_to_steal_at_one_time,
+                now,
+            };
+            plan_take(&leases, &tracker, &input, self.random.as_ref())
+        };
+        let mut report = TakeReport {
+            leases_in_table: leases.len(),
+            workers: plan.workers,
+            target: plan.target,
+            ..TakeReport::default()
+        };
+
+        let me = self.config.worker_id.as_str();
+        let mut needed = plan.needed;
+        let mut free = plan.candidates.into_iter();
+        while needed > 0 {
+            let batch: Vec<Lease> = free.by_ref().take(needed).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let results = join_all_limited(
+                batch
+                    .iter()
+                    .map(|l| self.bounded("take_lease", self.store.take_lease(l, me))),
+                MAX_CONCURRENT_WRITES,
+            )
+            .await;
+            let mut store_failing = false;
+            for (lease, result) in batch.iter().zip(results) {
+                match result {
+                    Ok(taken) => {
+                        report.taken.push(taken.lease_key.clone());
+                        self.gain(taken, false);
+                        needed = needed.saturating_sub(1);
+                    }
+                    Err(err) => {
+                        store_failing |= !matches!(
+                            err,
+                            LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }
+                        );
+                        tracing::debug!(
+                            worker_id = %me,
+                            lease_key = %lease.lease_key,
+                            error = %crate::ErrorChain(&err),
+                            "take failed; skipped"
+                        );
+                    }
+                }
+            }
+            if store_failing {
+                break;
+            }
+        }
+
+        for lease in plan.steal {
+            match self
+                .bounded("take_lease", self.store.take_lease(&lease, me))
+                .await
+            {
+                Ok(taken) => {
+                    tracing::info!(
+                        worker_id = %me,
+                        lease_key = %lease.lease_key,
+                        from = lease.lease_owner.as_deref().unwrap_or(""),
+                        "lease stolen"
+                    );
+                    report.stolen.push(taken.lease_key.clone());
+                    self.gain(taken, true);
+                }
+                Err(err) => tracing::debug!(
+                    worker_id = %me,
+                    lease_key = %lease.lease_key,
+                    error = %crate::ErrorChain(&err),
+                    "steal failed; skipped"
+                ),
+            }
+        }
+        report.held = lock(&self.held).len();
+        Ok(report)
+    }
+
+    /// When the taker should run next, at the latest `latest`: earlier if a lease of another
+    /// worker expires before that.
+    pub(super) fn next_take_at(&self, latest: Instant) -> Instant {
+        let now = self.clock.now();
+        let held: HashSet<String> = lock(&self.held).keys().cloned().collect();
+        let expiry = lock(&self.tracker).next_expiry(
+            &self.config.worker_id,
+            &held,
+            self.config.failover_time,
+            now,
+        );
+        match expiry {
+            Some(at) if at < latest => at,
+            _ => latest,
+        }
+    }
 }
 
 #[cfg(test)]

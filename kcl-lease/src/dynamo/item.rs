@@ -1,4 +1,4 @@
-//! The lease table's row format (SPEC section 4, the Java KCL 2.x table): attribute names,
+//! The lease table's row format (that of the Java KCL 2.x lease table): attribute names,
 //! and conversion between [`Lease`] and DynamoDB items.
 
 use std::collections::{BTreeSet, HashMap};

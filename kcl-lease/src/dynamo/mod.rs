@@ -1,29 +1,37 @@
 //! The lease table in DynamoDB: [`DynamoLeaseStore`].
 //!
-//! The table has the Java KCL 2.x layout (SPEC section 4; attribute names in [`attr`]), so a
+//! The table has the Java KCL 2.x layout (attribute names in [`attr`]), so a
 //! Rust worker and a Java worker can read each other's rows.
 //!
-//! Every write is one conditional call with a `ConditionExpression`, using expression
-//! attribute names and values:
+//! Every write is one conditional call translating one [`LeaseWrite`] (the table of writes,
+//! with the fields each changes and its fence, is in [`crate::write`]): the
+//! `ConditionExpression` is derived from [`LeaseWrite::fence`] and the update expression
+//! from the write's change, with expression attribute names and values:
 //!
-//! | call | request | condition |
-//! |---|---|---|
-//! | create | `UpdateItem` | `attribute_not_exists(leaseKey)` |
-//! | renew | `UpdateItem`, counter + 1 | `leaseCounter = :seen AND leaseOwner = :owner` |
-//! | take (owner seen) | `UpdateItem`, owner, counter + 1, switches + 1 if the owner changes | `leaseCounter = :seen AND leaseOwner = :seen_owner` |
-//! | take (seen free) | same | `leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, NULL))` |
-//! | release | `UpdateItem`, `REMOVE leaseOwner`, counter + 1 | as renew |
-//! | checkpoint | `UpdateItem`, checkpoint fields, switches = 0, `REMOVE` pending, counter + 1 | as renew |
-//! | pending checkpoint | `UpdateItem`, `SET` or `REMOVE` pending, counter + 1 | as renew |
-//! | child shard ids | `UpdateItem`, `SET` or `REMOVE childShardIds`, counter + 1 | as renew |
-//! | delete | `DeleteItem` | `leaseCounter = :seen` |
+//! | fence | condition |
+//! |---|---|
+//! | [`Fence::NotExists`] | `attribute_not_exists(leaseKey)` |
+//! | [`Fence::Counter`] | `leaseCounter = :seen` |
+//! | [`Fence::CounterAndOwner`] with an owner | `leaseCounter = :seen AND leaseOwner = :owner` |
+//! | [`Fence::CounterAndOwner`] without owner | `leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, NULL))` |
+//!
+//! | write | request |
+//! |---|---|
+//! | create | `UpdateItem`, `SET` every attribute of the row |
+//! | renew | `UpdateItem`, counter + 1 |
+//! | take | `UpdateItem`, owner, counter + 1, switches + 1 if the owner changes |
+//! | release | `UpdateItem`, `REMOVE leaseOwner`, counter + 1 |
+//! | checkpoint | `UpdateItem`, checkpoint fields, switches = 0, `REMOVE` pending, counter + 1 |
+//! | pending checkpoint | `UpdateItem`, `SET` or `REMOVE` pending, counter + 1 |
+//! | child shard ids | `UpdateItem`, `SET` or `REMOVE childShardIds`, counter + 1 |
+//! | delete | `DeleteItem` |
 //!
 //! No `PutItem` is ever sent. Updates ask for `ReturnValues::AllNew` and return the new row.
 //! Reads are consistent (`GetItem` and `Scan` with `ConsistentRead`); a list follows
 //! `LastEvaluatedKey` through every page.
 //!
-//! Renew, release and the checkpoint writes need to name the owner: given a lease seen
-//! without owner they fail with [`LeaseError::NotHeld`] without calling DynamoDB.
+//! Renew, release and the checkpoint writes are fenced on the owner: given a lease seen
+//! without owner their fence is [`LeaseError::NotHeld`] and DynamoDB is not called.
 //!
 //! # Reading rows written by others
 //!
@@ -63,6 +71,7 @@ use kcl_kpl::ExtendedSequenceNumber;
 pub use item::attr;
 use item::{lease_attributes, lease_from_item, n, s, ss};
 
+use crate::write::{Fence, LeaseWrite};
 use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
 
 /// Default interval between `DescribeTable` polls while waiting for a table to be ACTIVE.
@@ -142,14 +151,165 @@ impl fmt::Debug for DynamoLeaseStore {
     }
 }
 
-/// One conditional `UpdateItem`.
-struct Update {
-    operation: &'static str,
-    lease_key: String,
+/// One [`LeaseWrite`] as DynamoDB expressions.
+#[derive(Debug, Default)]
+struct Expression {
+    /// The update expression (empty for a delete).
     update: String,
+    /// The condition expression, from the write's fence.
     condition: String,
     names: Vec<(&'static str, &'static str)>,
     values: Vec<(&'static str, AttributeValue)>,
+}
+
+impl Expression {
+    fn name(&mut self, placeholder: &'static str, attribute: &'static str) {
+        if !self.names.iter().any(|(p, _)| *p == placeholder) {
+            self.names.push((placeholder, attribute));
+        }
+    }
+
+    fn value(&mut self, placeholder: &'static str, value: AttributeValue) {
+        if !self.values.iter().any(|(p, _)| *p == placeholder) {
+            self.values.push((placeholder, value));
+        }
+    }
+
+    /// Translates `write`: its condition from its fence, its update from its change.
+    fn of(write: &LeaseWrite<'_>) -> Result<Self, LeaseError> {
+        const PLACEHOLDERS: [(&str, &str); 11] = [
+            ("#a0", ":a0"),
+            ("#a1", ":a1"),
+            ("#a2", ":a2"),
+            ("#a3", ":a3"),
+            ("#a4", ":a4"),
+            ("#a5", ":a5"),
+            ("#a6", ":a6"),
+            ("#a7", ":a7"),
+            ("#a8", ":a8"),
+            ("#a9", ":a9"),
+            ("#a10", ":a10"),
+        ];
+        let mut e = Self::default();
+        e.condition = match write.fence()? {
+            Fence::NotExists => {
+                e.name("#key", attr::LEASE_KEY);
+                "attribute_not_exists(#key)".to_owned()
+            }
+            Fence::Counter(counter) => {
+                e.name("#counter", attr::LEASE_COUNTER);
+                e.value(":seen", n(counter));
+                "#counter = :seen".to_owned()
+            }
+            Fence::CounterAndOwner { counter, owner } => {
+                e.name("#counter", attr::LEASE_COUNTER);
+                e.name("#owner", attr::LEASE_OWNER);
+                e.value(":seen", n(counter));
+                match owner {
+                    // A take also names the new owner: the one seen gets its own name.
+                    Some(owner) if matches!(write, LeaseWrite::Take { .. }) => {
+                        e.value(":seen_owner", s(owner));
+                        "#counter = :seen AND #owner = :seen_owner".to_owned()
+                    }
+                    Some(owner) => {
+                        e.value(":owner", s(owner));
+                        "#counter = :seen AND #owner = :owner".to_owned()
+                    }
+                    None => {
+                        e.value(":null_type", s("NULL"));
+                        "#counter = :seen AND (attribute_not_exists(#owner) OR attribute_type(#owner, :null_type))"
+                            .to_owned()
+                    }
+                }
+            }
+        };
+        let mut set: Vec<String> = Vec::new();
+        let mut remove: Vec<&str> = Vec::new();
+        match *write {
+            LeaseWrite::Create { lease } => {
+                for ((name, value), (name_ph, value_ph)) in
+                    lease_attributes(lease).into_iter().zip(PLACEHOLDERS)
+                {
+                    set.push(format!("{name_ph} = {value_ph}"));
+                    e.name(name_ph, name);
+                    e.value(value_ph, value);
+                }
+            }
+            LeaseWrite::Delete { .. } => {}
+            _ => {
+                if let LeaseWrite::Take { new_owner, .. } = *write {
+                    e.name("#owner", attr::LEASE_OWNER);
+                    e.value(":new_owner", s(new_owner));
+                    set.push("#owner = :new_owner".to_owned());
+                }
+                // Every other write moves the counter.
+                e.name("#counter", attr::LEASE_COUNTER);
+                e.value(":one", n(1));
+                set.push("#counter = #counter + :one".to_owned());
+            }
+        }
+        match *write {
+            // A take counts an owner switch when the owner changes.
+            LeaseWrite::Take { seen, new_owner }
+                if seen.lease_owner.as_deref() != Some(new_owner) =>
+            {
+                e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
+                e.value(":zero", n(0));
+                set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
+            }
+            LeaseWrite::Release { .. } => {
+                e.name("#owner", attr::LEASE_OWNER);
+                remove.push("#owner");
+            }
+            LeaseWrite::Checkpoint { checkpoint, .. } => {
+                e.name("#cp", attr::CHECKPOINT);
+                e.name("#cpsub", attr::CHECKPOINT_SUB_SEQUENCE_NUMBER);
+                e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
+                e.name("#pcp", attr::PENDING_CHECKPOINT);
+                e.name("#pcpsub", attr::PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER);
+                e.value(":cp", s(checkpoint.sequence_str()));
+                e.value(":cpsub", n(checkpoint.sub_sequence_number()));
+                e.value(":zero", n(0));
+                set.extend(
+                    ["#cp = :cp", "#cpsub = :cpsub", "#switches = :zero"].map(str::to_owned),
+                );
+                remove.extend(["#pcp", "#pcpsub"]);
+            }
+            LeaseWrite::PrepareCheckpoint { pending, .. } => {
+                e.name("#pcp", attr::PENDING_CHECKPOINT);
+                e.name("#pcpsub", attr::PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER);
+                match pending {
+                    Some(pending) => {
+                        e.value(":pcp", s(pending.sequence_str()));
+                        e.value(":pcpsub", n(pending.sub_sequence_number()));
+                        set.extend(["#pcp = :pcp", "#pcpsub = :pcpsub"].map(str::to_owned));
+                    }
+                    None => remove.extend(["#pcp", "#pcpsub"]),
+                }
+            }
+            LeaseWrite::ChildShardIds {
+                child_shard_ids, ..
+            } => {
+                e.name("#children", attr::CHILD_SHARD_IDS);
+                if child_shard_ids.is_empty() {
+                    remove.push("#children");
+                } else {
+                    e.value(":children", ss(child_shard_ids));
+                    set.push("#children = :children".to_owned());
+                }
+            }
+            _ => {}
+        }
+        let mut clauses = Vec::new();
+        if !set.is_empty() {
+            clauses.push(format!("SET {}", set.join(", ")));
+        }
+        if !remove.is_empty() {
+            clauses.push(format!("REMOVE {}", remove.join(", ")));
+        }
+        e.update = clauses.join(" ");
+        Ok(e)
+    }
 }
 
 impl DynamoLeaseStore {
@@ -319,17 +479,19 @@ impl DynamoLeaseStore {
         })
     }
 
-    async fn update(&self, update: Update) -> Result<Lease, LeaseError> {
-        let Update {
-            operation,
-            lease_key,
+    /// One conditional `UpdateItem` translating `write` (every write but delete); returns
+    /// the new row.
+    async fn update(&self, write: LeaseWrite<'_>) -> Result<Lease, LeaseError> {
+        let operation = write.operation();
+        let lease_key = write.lease_key();
+        let Expression {
             update,
             condition,
             names,
             values,
-        } = update;
+        } = Expression::of(&write)?;
         tracing::debug!(table = %self.table_name, lease_key, operation, "lease table update");
-        let (key_name, key_value) = Self::key(&lease_key);
+        let (key_name, key_value) = Self::key(lease_key);
         let mut request = self
             .client
             .update_item()
@@ -347,57 +509,16 @@ impl DynamoLeaseStore {
         let out = request
             .send()
             .await
-            .map_err(|err| self.map_err(err, Some(&lease_key)))?;
+            .map_err(|err| self.map_err(err, Some(lease_key)))?;
         match out.attributes() {
             Some(item) => lease_from_item(item),
             None => Err(LeaseError::Service {
                 source: Box::new(DynamoStoreError::NoItemReturned {
                     operation,
-                    lease_key,
+                    lease_key: lease_key.to_owned(),
                 }),
             }),
         }
-    }
-
-    /// An update fenced on the owner and counter seen in `lease` (renew, release,
-    /// checkpoints, child shard ids). `set` and `remove` are the expression's clauses besides
-    /// the counter increment; `names`/`values` their placeholders.
-    async fn owner_fenced(
-        &self,
-        operation: &'static str,
-        lease: &Lease,
-        set: &[&str],
-        remove: &[&str],
-        mut names: Vec<(&'static str, &'static str)>,
-        mut values: Vec<(&'static str, AttributeValue)>,
-    ) -> Result<Lease, LeaseError> {
-        let owner = lease
-            .lease_owner
-            .as_deref()
-            .ok_or_else(|| LeaseError::NotHeld {
-                lease_key: lease.lease_key.clone(),
-            })?;
-        let mut set_clauses = vec!["#counter = #counter + :one"];
-        set_clauses.extend_from_slice(set);
-        let mut update = format!("SET {}", set_clauses.join(", "));
-        if !remove.is_empty() {
-            update.push_str(" REMOVE ");
-            update.push_str(&remove.join(", "));
-        }
-        names.push(("#counter", attr::LEASE_COUNTER));
-        names.push(("#owner", attr::LEASE_OWNER));
-        values.push((":one", n(1)));
-        values.push((":seen", n(lease.lease_counter)));
-        values.push((":owner", s(owner)));
-        self.update(Update {
-            operation,
-            lease_key: lease.lease_key.clone(),
-            update,
-            condition: "#counter = :seen AND #owner = :owner".to_owned(),
-            names,
-            values,
-        })
-        .await
     }
 }
 
@@ -459,39 +580,7 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        const PLACEHOLDERS: [(&str, &str); 11] = [
-            ("#a0", ":a0"),
-            ("#a1", ":a1"),
-            ("#a2", ":a2"),
-            ("#a3", ":a3"),
-            ("#a4", ":a4"),
-            ("#a5", ":a5"),
-            ("#a6", ":a6"),
-            ("#a7", ":a7"),
-            ("#a8", ":a8"),
-            ("#a9", ":a9"),
-            ("#a10", ":a10"),
-        ];
-        let attributes = lease_attributes(lease);
-        let mut clauses = Vec::with_capacity(attributes.len());
-        let mut names = vec![("#key", attr::LEASE_KEY)];
-        let mut values = Vec::with_capacity(attributes.len());
-        for ((name, value), (name_ph, value_ph)) in attributes.into_iter().zip(PLACEHOLDERS) {
-            clauses.push(format!("{name_ph} = {value_ph}"));
-            names.push((name_ph, name));
-            values.push((value_ph, value));
-        }
-        let result = self
-            .update(Update {
-                operation: "create_lease_if_not_exists",
-                lease_key: lease.lease_key.clone(),
-                update: format!("SET {}", clauses.join(", ")),
-                condition: "attribute_not_exists(#key)".to_owned(),
-                names,
-                values,
-            })
-            .await;
-        match result {
+        match self.update(LeaseWrite::Create { lease }).await {
             Ok(_) => Ok(true),
             Err(LeaseError::ConditionFailed { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -553,50 +642,19 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.owner_fenced("renew_lease", lease, &[], &[], vec![], vec![])
-            .await
+        self.update(LeaseWrite::Renew { seen: lease }).await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
-        let mut update = String::from("SET #owner = :new_owner, #counter = #counter + :one");
-        let mut names = vec![
-            ("#owner", attr::LEASE_OWNER),
-            ("#counter", attr::LEASE_COUNTER),
-        ];
-        let mut values = vec![
-            (":new_owner", s(new_owner)),
-            (":one", n(1)),
-            (":seen", n(lease.lease_counter)),
-        ];
-        if lease.lease_owner.as_deref() != Some(new_owner) {
-            update.push_str(", #switches = if_not_exists(#switches, :zero) + :one");
-            names.push(("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT));
-            values.push((":zero", n(0)));
-        }
-        let condition = match &lease.lease_owner {
-            Some(seen_owner) => {
-                values.push((":seen_owner", s(seen_owner)));
-                "#counter = :seen AND #owner = :seen_owner"
-            }
-            None => {
-                values.push((":null_type", s("NULL")));
-                "#counter = :seen AND (attribute_not_exists(#owner) OR attribute_type(#owner, :null_type))"
-            }
-        };
-        self.update(Update {
-            operation: "take_lease",
-            lease_key: lease.lease_key.clone(),
-            update,
-            condition: condition.to_owned(),
-            names,
-            values,
+        self.update(LeaseWrite::Take {
+            seen: lease,
+            new_owner,
         })
         .await
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.owner_fenced("release_lease", lease, &[], &["#owner"], vec![], vec![])
-            .await
+        self.update(LeaseWrite::Release { seen: lease }).await
     }
 
     async fn update_checkpoint(
@@ -604,24 +662,10 @@ impl LeaseStore for DynamoLeaseStore {
         lease: &Lease,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced(
-            "update_checkpoint",
-            lease,
-            &["#cp = :cp", "#cpsub = :cpsub", "#switches = :zero"],
-            &["#pcp", "#pcpsub"],
-            vec![
-                ("#cp", attr::CHECKPOINT),
-                ("#cpsub", attr::CHECKPOINT_SUB_SEQUENCE_NUMBER),
-                ("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT),
-                ("#pcp", attr::PENDING_CHECKPOINT),
-                ("#pcpsub", attr::PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER),
-            ],
-            vec![
-                (":cp", s(checkpoint.sequence_str())),
-                (":cpsub", n(checkpoint.sub_sequence_number())),
-                (":zero", n(0)),
-            ],
-        )
+        self.update(LeaseWrite::Checkpoint {
+            seen: lease,
+            checkpoint,
+        })
         .await
     }
 
@@ -630,37 +674,11 @@ impl LeaseStore for DynamoLeaseStore {
         lease: &Lease,
         pending: Option<&ExtendedSequenceNumber>,
     ) -> Result<Lease, LeaseError> {
-        let names = vec![
-            ("#pcp", attr::PENDING_CHECKPOINT),
-            ("#pcpsub", attr::PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER),
-        ];
-        match pending {
-            Some(pending) => {
-                self.owner_fenced(
-                    "update_pending_checkpoint",
-                    lease,
-                    &["#pcp = :pcp", "#pcpsub = :pcpsub"],
-                    &[],
-                    names,
-                    vec![
-                        (":pcp", s(pending.sequence_str())),
-                        (":pcpsub", n(pending.sub_sequence_number())),
-                    ],
-                )
-                .await
-            }
-            None => {
-                self.owner_fenced(
-                    "update_pending_checkpoint",
-                    lease,
-                    &[],
-                    &["#pcp", "#pcpsub"],
-                    names,
-                    vec![],
-                )
-                .await
-            }
-        }
+        self.update(LeaseWrite::PrepareCheckpoint {
+            seen: lease,
+            pending,
+        })
+        .await
     }
 
     async fn update_child_shard_ids(
@@ -668,40 +686,35 @@ impl LeaseStore for DynamoLeaseStore {
         lease: &Lease,
         child_shard_ids: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError> {
-        let names = vec![("#children", attr::CHILD_SHARD_IDS)];
-        if child_shard_ids.is_empty() {
-            self.owner_fenced(
-                "update_child_shard_ids",
-                lease,
-                &[],
-                &["#children"],
-                names,
-                vec![],
-            )
-            .await
-        } else {
-            self.owner_fenced(
-                "update_child_shard_ids",
-                lease,
-                &["#children = :children"],
-                &[],
-                names,
-                vec![(":children", ss(child_shard_ids))],
-            )
-            .await
-        }
+        self.update(LeaseWrite::ChildShardIds {
+            seen: lease,
+            child_shard_ids,
+        })
+        .await
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
         tracing::debug!(table = %self.table_name, lease_key = %lease.lease_key, "deleting lease");
+        let Expression {
+            condition,
+            names,
+            values,
+            ..
+        } = Expression::of(&LeaseWrite::Delete { seen: lease })?;
         let (key_name, key_value) = Self::key(&lease.lease_key);
-        self.client
+        let mut request = self
+            .client
             .delete_item()
             .table_name(&self.table_name)
             .key(key_name, key_value)
-            .condition_expression("#counter = :seen")
-            .expression_attribute_names("#counter", attr::LEASE_COUNTER)
-            .expression_attribute_values(":seen", n(lease.lease_counter))
+            .condition_expression(condition);
+        for (placeholder, name) in names {
+            request = request.expression_attribute_names(placeholder, name);
+        }
+        for (placeholder, value) in values {
+            request = request.expression_attribute_values(placeholder, value);
+        }
+        request
             .send()
             .await
             .map_err(|err| self.map_err(err, Some(&lease.lease_key)))?;

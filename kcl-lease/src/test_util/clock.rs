@@ -1,7 +1,7 @@
 //! A clock moved by the test: [`ManualClock`].
 //!
 //! Lease expiry, back-off and the coordinator's loops all sleep on a
-//! [`kcl_lease::Clock`]. Giving them a [`ManualClock`] makes time stand still until the test
+//! [`Clock`]. Giving them a [`ManualClock`] makes time stand still until the test
 //! moves it, so a test of "a lease expires after 10 s" runs in microseconds and always sees
 //! the same interleaving.
 //!

@@ -1,13 +1,16 @@
 //! An in-memory [`LeaseStore`] with the semantics of the DynamoDB lease table.
 //!
-//! [`InMemoryLeaseStore`] evaluates the same conditions as
-//! [`crate::dynamo::DynamoLeaseStore`] on every write, increments the same counters and
-//! starts with no table, so code that works against it works against DynamoDB. On top it
+//! [`InMemoryLeaseStore`] makes every write from its description in [`crate::write`], as
+//! the DynamoDB store does: it evaluates the write's fence on the stored row and applies the
+//! write's change through it, so both stores share one definition of every write. It starts
+//! with no table, so code that works against it works against DynamoDB. On top it
 //! offers what a test needs:
 //!
-//! - deterministic fault injection: throttle or fail the next N calls ([`Fault`]), optionally
-//!   only for one [`LeaseOperation`] or one lease key; make the store unreachable; add latency
-//!   to every call (slept on an injected [`Clock`]);
+//! - deterministic fault injection: throttle, fail or hang the next N calls ([`Fault`],
+//!   [`FaultKind`]), optionally only for one [`LeaseOperation`] or one lease key; make the
+//!   store unreachable (every call fails at once) or hanging (every call started meanwhile
+//!   stays pending until dropped, as behind a dead NAT); add latency to every call (slept on
+//!   an injected [`Clock`]);
 //! - call, read and write counters per operation ([`InMemoryLeaseStore::stats`]), the way
 //!   DynamoDB would bill them: every `get_lease` and every page of `list_leases` is a read,
 //!   every attempted conditional write is a write (a failed condition consumes a write too),
@@ -17,9 +20,11 @@
 //! A `std::sync::Mutex` guards the rows; it is never held across an `await`, so the store is
 //! cheap enough for simulations with many workers sharing one `Arc<InMemoryLeaseStore>`.
 //!
-//! Faults are decided when a call starts, in call order: the first registered fault that
-//! matches the call and still has a count left fires and its count goes down by one. A call
-//! that is not matched by any fault (or the "unreachable" switch) runs normally.
+//! Faults are decided when a call starts, in call order: the hanging switch first, then the
+//! unreachable switch, then the first registered fault that matches the call and still has a
+//! count left (its count goes down by one). A call matched by none of them runs normally.
+//! A hanging call never reaches the table: dropping it (a caller's timeout) leaves no trace
+//! but its counts in [`InMemoryLeaseStore::stats`].
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -48,7 +53,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
+use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, LeaseWrite, SystemClock};
 use async_trait::async_trait;
 use kcl_kpl::ExtendedSequenceNumber;
 
@@ -155,6 +160,9 @@ pub enum FaultKind {
     ServiceError,
     /// [`LeaseError::Unreachable`] (a network failure).
     Unreachable,
+    /// No answer at all: the call stays pending until it is dropped (a dead NAT or load
+    /// balancer that keeps the connection open). Only a caller's timeout ends it.
+    Hang,
 }
 
 /// A fault for the next `count` matching calls.
@@ -163,7 +171,7 @@ pub struct Fault {
     kind: FaultKind,
     remaining: u32,
     operation: Option<LeaseOperation>,
-    lease_key: Option<String>,
+    key: Option<String>,
 }
 
 impl Fault {
@@ -173,7 +181,7 @@ impl Fault {
             kind,
             remaining: count,
             operation: None,
-            lease_key: None,
+            key: None,
         }
     }
 
@@ -184,8 +192,8 @@ impl Fault {
     }
 
     /// Only calls about this lease key match (so never `list_leases` or the table calls).
-    pub fn for_lease_key(mut self, lease_key: impl Into<String>) -> Self {
-        self.lease_key = Some(lease_key.into());
+    pub fn for_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
         self
     }
 
@@ -202,10 +210,7 @@ impl Fault {
     fn matches(&self, operation: LeaseOperation, lease_key: Option<&str>) -> bool {
         self.remaining > 0
             && self.operation.is_none_or(|op| op == operation)
-            && self
-                .lease_key
-                .as_deref()
-                .is_none_or(|key| Some(key) == lease_key)
+            && self.key.as_deref().is_none_or(|key| Some(key) == lease_key)
     }
 }
 
@@ -231,7 +236,8 @@ pub struct OperationStats {
     pub writes: u64,
     /// Writes whose condition did not hold (and creates that found the row).
     pub condition_failures: u64,
-    /// Calls answered by an injected fault (or the unreachable switch).
+    /// Calls answered by an injected fault (or the unreachable switch), and calls left
+    /// hanging.
     pub faults: u64,
 }
 
@@ -286,31 +292,9 @@ struct State {
     page_size: usize,
     latency: Duration,
     unreachable: bool,
+    hanging: bool,
     faults: Vec<Fault>,
     stats: LeaseStoreStats,
-}
-
-/// The condition a write is guarded by, evaluated on the stored row.
-enum Condition<'a> {
-    /// `attribute_not_exists(leaseKey)`.
-    NotExists,
-    /// `leaseCounter = :seen`.
-    Counter(u64),
-    /// `leaseCounter = :seen AND leaseOwner = :owner` (owner absent when `None`).
-    CounterAndOwner(u64, Option<&'a str>),
-}
-
-impl Condition<'_> {
-    fn holds(&self, row: Option<&Lease>) -> bool {
-        match (self, row) {
-            (Condition::NotExists, row) => row.is_none(),
-            (_, None) => false,
-            (Condition::Counter(seen), Some(row)) => row.lease_counter == *seen,
-            (Condition::CounterAndOwner(seen, owner), Some(row)) => {
-                row.lease_counter == *seen && row.lease_owner.as_deref() == *owner
-            }
-        }
-    }
 }
 
 /// An in-memory lease table with DynamoDB's conditional-write semantics and injectable
@@ -331,6 +315,7 @@ impl fmt::Debug for InMemoryLeaseStore {
             .field("page_size", &state.page_size)
             .field("latency", &state.latency)
             .field("unreachable", &state.unreachable)
+            .field("hanging", &state.hanging)
             .field("pending_faults", &state.faults.len())
             .finish_non_exhaustive()
     }
@@ -354,6 +339,7 @@ impl InMemoryLeaseStore {
                 page_size: DEFAULT_PAGE_SIZE,
                 latency: Duration::ZERO,
                 unreachable: false,
+                hanging: false,
                 faults: Vec::new(),
                 stats: LeaseStoreStats::default(),
             }),
@@ -407,6 +393,18 @@ impl InMemoryLeaseStore {
         self.lock().unreachable = unreachable;
     }
 
+    /// While `true`, every call started hangs for good ([`FaultKind::Hang`]): it stays
+    /// pending until dropped, even after the switch is turned off again. Calls started
+    /// after it was turned off answer normally.
+    pub fn set_hanging(&self, hanging: bool) {
+        self.lock().hanging = hanging;
+    }
+
+    /// The next `count` calls hang for good ([`FaultKind::Hang`]).
+    pub fn hang_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::Hang, count));
+    }
+
     /// The next `count` calls fail with [`LeaseError::Throttled`].
     pub fn throttle_next(&self, count: u32) {
         self.inject(Fault::new(FaultKind::Throttle, count));
@@ -424,11 +422,13 @@ impl InMemoryLeaseStore {
         }
     }
 
-    /// Removes every registered fault, turns the unreachable switch off and the latency to 0.
+    /// Removes every registered fault, turns the unreachable and hanging switches off and
+    /// the latency to 0 (calls already hanging stay pending).
     pub fn clear_faults(&self) {
         let mut state = self.lock();
         state.faults.clear();
         state.unreachable = false;
+        state.hanging = false;
         state.latency = Duration::ZERO;
     }
 
@@ -471,7 +471,8 @@ impl InMemoryLeaseStore {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts the call, decides its fault, sleeps the latency. `Err` when a fault fires.
+    /// Counts the call, decides its fault, sleeps the latency. `Err` when a fault fires;
+    /// never returns when the fault is [`FaultKind::Hang`].
     async fn begin(
         &self,
         operation: LeaseOperation,
@@ -481,7 +482,9 @@ impl InMemoryLeaseStore {
             let mut state = self.lock();
             let stats = state.stats.operations.entry(operation).or_default();
             stats.calls += 1;
-            let fault = if state.unreachable {
+            let fault = if state.hanging {
+                Some(FaultKind::Hang)
+            } else if state.unreachable {
                 Some(FaultKind::Unreachable)
             } else if let Some(fault) = state
                 .faults
@@ -504,13 +507,18 @@ impl InMemoryLeaseStore {
         }
         match fault {
             None => Ok(()),
+            Some(FaultKind::Hang) => {
+                tracing::debug!(%operation, ?lease_key, "injected lease store hang");
+                std::future::pending::<()>().await;
+                Ok(())
+            }
             Some(kind) => {
                 tracing::debug!(%operation, ?lease_key, ?kind, "injected lease store fault");
                 let source = Box::new(InjectedFault { kind, operation });
                 Err(match kind {
                     FaultKind::Throttle => LeaseError::Throttled { source },
                     FaultKind::ServiceError => LeaseError::Service { source },
-                    FaultKind::Unreachable => LeaseError::Unreachable { source },
+                    FaultKind::Unreachable | FaultKind::Hang => LeaseError::Unreachable { source },
                 })
             }
         }
@@ -522,66 +530,50 @@ impl InMemoryLeaseStore {
         }
     }
 
-    /// Evaluates `condition` on the row of `lease_key` and, when it holds, applies `update`
-    /// to it (a copy of the row, or of `seen` when the row is absent and the condition is
-    /// `NotExists`). Returns the new row.
-    fn conditional_update(
+    /// Makes one conditional write: evaluates its fence (before the call is counted, a
+    /// write that cannot name its owner is [`LeaseError::NotHeld`]), then, under the
+    /// table's lock, checks the fence against the stored row and applies the write's change
+    /// to it. Returns the row after the write (`None` when it was removed).
+    async fn write(
         &self,
         operation: LeaseOperation,
-        lease_key: &str,
-        condition: Condition<'_>,
-        update: impl FnOnce(&mut Lease),
-    ) -> Result<Lease, LeaseError> {
+        write: LeaseWrite<'_>,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let fence = write.fence()?;
+        let lease_key = write.lease_key();
+        self.begin(operation, Some(lease_key)).await?;
         let mut state = self.lock();
         let State { table, stats, .. } = &mut *state;
         let table = table.as_mut().ok_or_else(|| self.table_missing())?;
         let counters = stats.operations.entry(operation).or_default();
         counters.writes += 1;
         let row = table.rows.get(lease_key);
-        if !condition.holds(row) {
+        if !fence.holds(row) {
             counters.condition_failures += 1;
             tracing::debug!(%operation, lease_key, "in-memory conditional write failed");
             return Err(LeaseError::ConditionFailed {
                 lease_key: lease_key.to_owned(),
             });
         }
-        let mut new_row = match row {
-            Some(row) => row.clone(),
-            None => Lease::new(lease_key, ExtendedSequenceNumber::TRIM_HORIZON),
+        let new_row = write.apply(row);
+        match &new_row {
+            Some(new_row) => table.rows.insert(lease_key.to_owned(), new_row.clone()),
+            None => table.rows.remove(lease_key),
         };
-        update(&mut new_row);
-        table.rows.insert(lease_key.to_owned(), new_row.clone());
         Ok(new_row)
     }
 
-    /// The owner a renew-like write is fenced on; a lease seen without owner cannot be
-    /// renewed, released or checkpointed by anyone.
-    fn seen_owner(lease: &Lease) -> Result<&str, LeaseError> {
-        lease
-            .lease_owner
-            .as_deref()
-            .ok_or_else(|| LeaseError::NotHeld {
-                lease_key: lease.lease_key.clone(),
-            })
-    }
-
-    async fn owner_fenced_update(
+    /// A write that leaves a row behind (every write but delete).
+    async fn update(
         &self,
         operation: LeaseOperation,
-        lease: &Lease,
-        update: impl FnOnce(&mut Lease),
+        write: LeaseWrite<'_>,
     ) -> Result<Lease, LeaseError> {
-        let owner = Self::seen_owner(lease)?;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        self.conditional_update(
-            operation,
-            &lease.lease_key,
-            Condition::CounterAndOwner(lease.lease_counter, Some(owner)),
-            |row| {
-                update(row);
-                row.lease_counter = row.lease_counter.saturating_add(1);
-            },
-        )
+        self.write(operation, write)
+            .await?
+            .ok_or_else(|| LeaseError::NotFound {
+                lease_key: write.lease_key().to_owned(),
+            })
     }
 }
 
@@ -606,13 +598,10 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        let operation = LeaseOperation::CreateLease;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        let result =
-            self.conditional_update(operation, &lease.lease_key, Condition::NotExists, |row| {
-                *row = lease.clone()
-            });
-        match result {
+        match self
+            .write(LeaseOperation::CreateLease, LeaseWrite::Create { lease })
+            .await
+        {
             Ok(_) => Ok(true),
             Err(LeaseError::ConditionFailed { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -666,33 +655,26 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::RenewLease, lease, |_| {})
-            .await
+        self.update(
+            LeaseOperation::RenewLease,
+            LeaseWrite::Renew { seen: lease },
+        )
+        .await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
-        let operation = LeaseOperation::TakeLease;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        let seen_owner = lease.lease_owner.as_deref();
-        self.conditional_update(
-            operation,
-            &lease.lease_key,
-            Condition::CounterAndOwner(lease.lease_counter, seen_owner),
-            |row| {
-                if seen_owner != Some(new_owner) {
-                    row.owner_switches_since_checkpoint =
-                        row.owner_switches_since_checkpoint.saturating_add(1);
-                }
-                row.lease_owner = Some(new_owner.to_owned());
-                row.lease_counter = row.lease_counter.saturating_add(1);
-            },
-        )
+        let write = LeaseWrite::Take {
+            seen: lease,
+            new_owner,
+        };
+        self.update(LeaseOperation::TakeLease, write).await
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::ReleaseLease, lease, |row| {
-            row.lease_owner = None;
-        })
+        self.update(
+            LeaseOperation::ReleaseLease,
+            LeaseWrite::Release { seen: lease },
+        )
         .await
     }
 
@@ -701,12 +683,11 @@ impl LeaseStore for InMemoryLeaseStore {
         lease: &Lease,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::UpdateCheckpoint, lease, |row| {
-            row.checkpoint = checkpoint.clone();
-            row.pending_checkpoint = None;
-            row.owner_switches_since_checkpoint = 0;
-        })
-        .await
+        let write = LeaseWrite::Checkpoint {
+            seen: lease,
+            checkpoint,
+        };
+        self.update(LeaseOperation::UpdateCheckpoint, write).await
     }
 
     async fn update_pending_checkpoint(
@@ -714,10 +695,12 @@ impl LeaseStore for InMemoryLeaseStore {
         lease: &Lease,
         pending: Option<&ExtendedSequenceNumber>,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::UpdatePendingCheckpoint, lease, |row| {
-            row.pending_checkpoint = pending.cloned();
-        })
-        .await
+        let write = LeaseWrite::PrepareCheckpoint {
+            seen: lease,
+            pending,
+        };
+        self.update(LeaseOperation::UpdatePendingCheckpoint, write)
+            .await
     }
 
     async fn update_child_shard_ids(
@@ -725,28 +708,21 @@ impl LeaseStore for InMemoryLeaseStore {
         lease: &Lease,
         child_shard_ids: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError> {
-        self.owner_fenced_update(LeaseOperation::UpdateChildShardIds, lease, |row| {
-            row.child_shard_ids = child_shard_ids.clone();
-        })
-        .await
+        let write = LeaseWrite::ChildShardIds {
+            seen: lease,
+            child_shard_ids,
+        };
+        self.update(LeaseOperation::UpdateChildShardIds, write)
+            .await
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
-        let operation = LeaseOperation::DeleteLease;
-        self.begin(operation, Some(&lease.lease_key)).await?;
-        let mut state = self.lock();
-        let State { table, stats, .. } = &mut *state;
-        let table = table.as_mut().ok_or_else(|| self.table_missing())?;
-        let counters = stats.operations.entry(operation).or_default();
-        counters.writes += 1;
-        if !Condition::Counter(lease.lease_counter).holds(table.rows.get(&lease.lease_key)) {
-            counters.condition_failures += 1;
-            return Err(LeaseError::ConditionFailed {
-                lease_key: lease.lease_key.clone(),
-            });
-        }
-        table.rows.remove(&lease.lease_key);
-        Ok(())
+        self.write(
+            LeaseOperation::DeleteLease,
+            LeaseWrite::Delete { seen: lease },
+        )
+        .await
+        .map(|_| ())
     }
 }
 
@@ -918,7 +894,7 @@ mod tests {
         let err = s.get_lease("a").await.unwrap_err();
         assert!(matches!(err, LeaseError::Service { .. }));
         assert!(err.is_retryable());
-        s.inject(Fault::new(FaultKind::Throttle, 1).for_lease_key("b"));
+        s.inject(Fault::new(FaultKind::Throttle, 1).for_key("b"));
         s.inject(Fault::new(FaultKind::ServiceError, 1).for_operation(LeaseOperation::RenewLease));
         assert!(s.get_lease("a").await.is_ok());
         assert!(s.list_leases().await.is_ok());
@@ -960,5 +936,38 @@ mod tests {
         s.create_lease_if_not_exists(&lease("a")).await.unwrap();
         s.get_lease("a").await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hangs_stay_pending_until_dropped() {
+        let s = store();
+        s.create_lease_if_not_exists(&lease("a")).await.unwrap();
+        let a = s.take_lease(&lease("a"), "w").await.unwrap();
+        let wait = Duration::from_secs(3600);
+        s.hang_next(1);
+        assert!(tokio::time::timeout(wait, s.get_lease("a")).await.is_err());
+        assert!(s.get_lease("a").await.unwrap().is_some());
+        // Scoped to one operation and one key.
+        s.inject(
+            Fault::new(FaultKind::Hang, 1)
+                .for_operation(LeaseOperation::RenewLease)
+                .for_key("a"),
+        );
+        assert!(s.get_lease("a").await.is_ok());
+        assert!(tokio::time::timeout(wait, s.renew_lease(&a)).await.is_err());
+        // The hung renewal never reached the table.
+        let a = s.renew_lease(&a).await.unwrap();
+        assert_eq!(a.lease_counter, 2);
+        // The switch: calls started while it is on hang for good.
+        s.set_hanging(true);
+        let mut hung = Box::pin(s.list_leases());
+        assert!(tokio::time::timeout(wait, &mut hung).await.is_err());
+        s.set_hanging(false);
+        assert!(tokio::time::timeout(wait, &mut hung).await.is_err());
+        assert_eq!(s.list_leases().await.unwrap().len(), 1);
+        let stats = s.stats();
+        assert_eq!(stats.operation(LeaseOperation::ListLeases).faults, 1);
+        assert_eq!(stats.operation(LeaseOperation::RenewLease).writes, 1);
+        assert_eq!(stats.total_faults(), 3);
     }
 }

@@ -1,0 +1,74 @@
+//! Releasing held leases on graceful shutdown.
+
+use super::events::ReleaseReport;
+use super::join::join_all_limited;
+use super::{LeaseCoordinator, MAX_CONCURRENT_WRITES};
+use crate::LeaseError;
+
+impl LeaseCoordinator {
+    /// The release of [`Holding::release`](super::Holding::release): fenced on owner and
+    /// counter, removes the owner. The holding leaves the held set whatever the outcome and
+    /// no [`LeaseEvent::Lost`](super::LeaseEvent::Lost) is sent.
+    pub(super) async fn release_write(
+        &self,
+        lease_key: &str,
+        generation: u64,
+    ) -> Result<(), LeaseError> {
+        let not_held = || LeaseError::NotHeld {
+            lease_key: lease_key.to_owned(),
+        };
+        let (_, write_lock) = self
+            .held_entry(lease_key)
+            .filter(|(g, _)| *g == generation)
+            .ok_or_else(not_held)?;
+        let _guard = write_lock.lock().await;
+        let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
+        let result = self
+            .bounded("release_lease", self.store.release_lease(&lease))
+            .await;
+        self.remove(lease_key, Some(generation));
+        match &result {
+            Ok(_) => {
+                tracing::info!(worker_id = %self.config.worker_id, lease_key, "lease released")
+            }
+            Err(err) => tracing::warn!(
+                worker_id = %self.config.worker_id,
+                lease_key,
+                error = %crate::ErrorChain(&err),
+                "lease release failed"
+            ),
+        }
+        result.map(|_| ())
+    }
+
+    /// Releases every held lease concurrently (each as
+    /// [`Holding::release`](super::Holding::release)). The held set is empty afterwards.
+    pub async fn release_all(&self) -> ReleaseReport {
+        let holdings: Vec<_> = self
+            .held_keys()
+            .iter()
+            .filter_map(|key| self.holding(key))
+            .collect();
+        let results = join_all_limited(
+            holdings
+                .iter()
+                .map(|h| self.release_write(h.lease_key(), h.generation())),
+            MAX_CONCURRENT_WRITES,
+        )
+        .await;
+        let mut report = ReleaseReport::default();
+        for (holding, result) in holdings.into_iter().zip(results) {
+            let key = holding.lease_key().to_owned();
+            match result {
+                Ok(()) => report.released.push(key),
+                Err(
+                    LeaseError::ConditionFailed { .. }
+                    | LeaseError::NotFound { .. }
+                    | LeaseError::NotHeld { .. },
+                ) => report.already_lost.push(key),
+                Err(err) => report.failed.push((key, err)),
+            }
+        }
+        report
+    }
+}

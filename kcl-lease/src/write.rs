@@ -1,0 +1,320 @@
+//! The conditional writes of a lease row, described once: which fields each write changes
+//! and the condition (its *fence*) the stored row must meet for the write to happen.
+//!
+//! Every [`LeaseStore`](crate::LeaseStore) implements its writes from this description: the
+//! in-memory store of `test_util` evaluates [`LeaseWrite::fence`] on its row and applies
+//! [`LeaseWrite::apply`]; the DynamoDB store translates each write into one conditional
+//! `UpdateItem` (or `DeleteItem`) whose condition expression is derived from the fence.
+//!
+//! In the table, `seen` is the caller's last view of the row (the `lease` argument of the
+//! store call) and `me` the owner in that view:
+//!
+//! | write | changes | fence |
+//! |---|---|---|
+//! | [create](LeaseWrite::Create) | the whole row, as given | the row does not exist |
+//! | [renew](LeaseWrite::Renew) | counter + 1 | counter = seen, owner = me |
+//! | [take](LeaseWrite::Take) | owner = new owner, counter + 1, owner switches + 1 when the owner changes | counter = seen, owner = the owner seen (or no owner when seen free) |
+//! | [release](LeaseWrite::Release) | no owner, counter + 1 | counter = seen, owner = me |
+//! | [checkpoint](LeaseWrite::Checkpoint) | checkpoint, no pending checkpoint, owner switches = 0, counter + 1 | counter = seen, owner = me |
+//! | [prepare checkpoint](LeaseWrite::PrepareCheckpoint) | pending checkpoint set or removed, counter + 1 | counter = seen, owner = me |
+//! | [child shard ids](LeaseWrite::ChildShardIds) | child shard ids (removed when empty), counter + 1 | counter = seen, owner = me |
+//! | [delete](LeaseWrite::Delete) | the row is removed | counter = seen |
+//!
+//! A write whose fence names `me` needs an owner in `seen`: given a lease seen without owner,
+//! [`LeaseWrite::fence`] is [`LeaseError::NotHeld`] and no store call is made. A fence that
+//! does not hold is [`LeaseError::ConditionFailed`] (for a create: the row existed, which the
+//! store reports as `false`).
+
+use std::collections::BTreeSet;
+
+use kcl_kpl::ExtendedSequenceNumber;
+
+use crate::{Lease, LeaseError};
+
+/// One conditional write of a lease row. See the [module documentation](self).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum LeaseWrite<'a> {
+    /// Creates the row `lease` if no row with its key exists.
+    Create {
+        /// The row to write.
+        lease: &'a Lease,
+    },
+    /// Renews: only the counter moves.
+    Renew {
+        /// The caller's view of the row.
+        seen: &'a Lease,
+    },
+    /// Takes the lease for `new_owner`.
+    Take {
+        /// The caller's view of the row (its owner, or none, is fenced on).
+        seen: &'a Lease,
+        /// The taking worker.
+        new_owner: &'a str,
+    },
+    /// Releases the lease: no owner any more.
+    Release {
+        /// The caller's view of the row.
+        seen: &'a Lease,
+    },
+    /// Writes a checkpoint.
+    Checkpoint {
+        /// The caller's view of the row.
+        seen: &'a Lease,
+        /// The new checkpoint.
+        checkpoint: &'a ExtendedSequenceNumber,
+    },
+    /// Writes (`Some`) or removes (`None`) the pending checkpoint.
+    PrepareCheckpoint {
+        /// The caller's view of the row.
+        seen: &'a Lease,
+        /// The pending checkpoint.
+        pending: Option<&'a ExtendedSequenceNumber>,
+    },
+    /// Records the child shard ids of a shard that ended.
+    ChildShardIds {
+        /// The caller's view of the row.
+        seen: &'a Lease,
+        /// The child shard ids (none removes them).
+        child_shard_ids: &'a BTreeSet<String>,
+    },
+    /// Deletes the row.
+    Delete {
+        /// The caller's view of the row.
+        seen: &'a Lease,
+    },
+}
+
+/// The condition the stored row must meet for a [`LeaseWrite`] to happen.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum Fence<'a> {
+    /// No row with the key exists (`attribute_not_exists(leaseKey)`).
+    NotExists,
+    /// The row exists with this counter (`leaseCounter = :seen`).
+    Counter(u64),
+    /// The row exists with this counter and this owner, or with no owner at all when
+    /// `owner` is `None` (`leaseCounter = :seen AND leaseOwner = :owner`, or the owner
+    /// attribute absent or NULL).
+    CounterAndOwner {
+        /// The counter.
+        counter: u64,
+        /// The owner, `None` for "no owner".
+        owner: Option<&'a str>,
+    },
+}
+
+impl Fence<'_> {
+    /// Whether the fence holds for the stored row (`None` when there is none).
+    pub fn holds(&self, row: Option<&Lease>) -> bool {
+        match (self, row) {
+            (Fence::NotExists, row) => row.is_none(),
+            (_, None) => false,
+            (Fence::Counter(counter), Some(row)) => row.lease_counter == *counter,
+            (Fence::CounterAndOwner { counter, owner }, Some(row)) => {
+                row.lease_counter == *counter && row.lease_owner.as_deref() == *owner
+            }
+        }
+    }
+}
+
+impl<'a> LeaseWrite<'a> {
+    /// The key of the row written.
+    pub fn lease_key(&self) -> &'a str {
+        match *self {
+            LeaseWrite::Create { lease } => &lease.lease_key,
+            LeaseWrite::Renew { seen }
+            | LeaseWrite::Take { seen, .. }
+            | LeaseWrite::Release { seen }
+            | LeaseWrite::Checkpoint { seen, .. }
+            | LeaseWrite::PrepareCheckpoint { seen, .. }
+            | LeaseWrite::ChildShardIds { seen, .. }
+            | LeaseWrite::Delete { seen } => &seen.lease_key,
+        }
+    }
+
+    /// The name of the [`LeaseStore`](crate::LeaseStore) method making this write, e.g.
+    /// `renew_lease`.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            LeaseWrite::Create { .. } => "create_lease_if_not_exists",
+            LeaseWrite::Renew { .. } => "renew_lease",
+            LeaseWrite::Take { .. } => "take_lease",
+            LeaseWrite::Release { .. } => "release_lease",
+            LeaseWrite::Checkpoint { .. } => "update_checkpoint",
+            LeaseWrite::PrepareCheckpoint { .. } => "update_pending_checkpoint",
+            LeaseWrite::ChildShardIds { .. } => "update_child_shard_ids",
+            LeaseWrite::Delete { .. } => "delete_lease",
+        }
+    }
+
+    /// The fence of this write. [`LeaseError::NotHeld`] for a write fenced on the owner
+    /// (renew, release, the checkpoint writes) of a lease seen without owner.
+    pub fn fence(&self) -> Result<Fence<'a>, LeaseError> {
+        match *self {
+            LeaseWrite::Create { .. } => Ok(Fence::NotExists),
+            LeaseWrite::Delete { seen } => Ok(Fence::Counter(seen.lease_counter)),
+            LeaseWrite::Take { seen, .. } => Ok(Fence::CounterAndOwner {
+                counter: seen.lease_counter,
+                owner: seen.lease_owner.as_deref(),
+            }),
+            LeaseWrite::Renew { seen }
+            | LeaseWrite::Release { seen }
+            | LeaseWrite::Checkpoint { seen, .. }
+            | LeaseWrite::PrepareCheckpoint { seen, .. }
+            | LeaseWrite::ChildShardIds { seen, .. } => match seen.lease_owner.as_deref() {
+                Some(owner) => Ok(Fence::CounterAndOwner {
+                    counter: seen.lease_counter,
+                    owner: Some(owner),
+                }),
+                None => Err(LeaseError::NotHeld {
+                    lease_key: seen.lease_key.clone(),
+                }),
+            },
+        }
+    }
+
+    /// The row after the write, given the stored row its fence held for (`None` for a
+    /// create, which has none). `None` when the write removes the row (a delete), or when a
+    /// write other than a create is given no row.
+    pub fn apply(&self, row: Option<&Lease>) -> Option<Lease> {
+        if let LeaseWrite::Create { lease } = *self {
+            return Some(lease.clone());
+        }
+        let mut row = row?.clone();
+        match *self {
+            LeaseWrite::Create { .. } | LeaseWrite::Delete { .. } => return None,
+            LeaseWrite::Renew { .. } => {}
+            LeaseWrite::Take { seen, new_owner } => {
+                if seen.lease_owner.as_deref() != Some(new_owner) {
+                    row.owner_switches_since_checkpoint =
+                        row.owner_switches_since_checkpoint.saturating_add(1);
+                }
+                row.lease_owner = Some(new_owner.to_owned());
+            }
+            LeaseWrite::Release { .. } => row.lease_owner = None,
+            LeaseWrite::Checkpoint { checkpoint, .. } => {
+                row.checkpoint = checkpoint.clone();
+                row.pending_checkpoint = None;
+                row.owner_switches_since_checkpoint = 0;
+            }
+            LeaseWrite::PrepareCheckpoint { pending, .. } => {
+                row.pending_checkpoint = pending.cloned();
+            }
+            LeaseWrite::ChildShardIds {
+                child_shard_ids, ..
+            } => row.child_shard_ids = child_shard_ids.clone(),
+        }
+        row.lease_counter = row.lease_counter.saturating_add(1);
+        Some(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned(owner: &str, counter: u64) -> Lease {
+        let mut lease = Lease::new("k", ExtendedSequenceNumber::TRIM_HORIZON);
+        lease.lease_owner = Some(owner.to_owned());
+        lease.lease_counter = counter;
+        lease
+    }
+
+    #[test]
+    fn fences() {
+        let free = Lease::new("k", ExtendedSequenceNumber::TRIM_HORIZON);
+        let mine = owned("w", 3);
+        assert_eq!(
+            LeaseWrite::Create { lease: &free }.fence().unwrap(),
+            Fence::NotExists
+        );
+        assert_eq!(
+            LeaseWrite::Delete { seen: &mine }.fence().unwrap(),
+            Fence::Counter(3)
+        );
+        let take = LeaseWrite::Take {
+            seen: &free,
+            new_owner: "w",
+        };
+        assert_eq!(
+            take.fence().unwrap(),
+            Fence::CounterAndOwner {
+                counter: 0,
+                owner: None
+            }
+        );
+        assert!(matches!(
+            LeaseWrite::Renew { seen: &free }.fence(),
+            Err(LeaseError::NotHeld { .. })
+        ));
+        let fence = LeaseWrite::Renew { seen: &mine }.fence().unwrap();
+        assert!(fence.holds(Some(&mine)));
+        assert!(!fence.holds(Some(&owned("w", 4))));
+        assert!(!fence.holds(Some(&owned("v", 3))));
+        assert!(!fence.holds(None));
+        assert!(Fence::NotExists.holds(None));
+        assert!(!Fence::NotExists.holds(Some(&mine)));
+    }
+
+    #[test]
+    fn changes() {
+        let mine = owned("w", 3);
+        let esn: ExtendedSequenceNumber = "12".parse().unwrap();
+        let renewed = LeaseWrite::Renew { seen: &mine }
+            .apply(Some(&mine))
+            .unwrap();
+        assert_eq!(renewed, owned("w", 4));
+        let taken = LeaseWrite::Take {
+            seen: &mine,
+            new_owner: "v",
+        }
+        .apply(Some(&mine))
+        .unwrap();
+        assert_eq!(
+            (taken.lease_owner.as_deref(), taken.lease_counter),
+            (Some("v"), 4)
+        );
+        assert_eq!(taken.owner_switches_since_checkpoint, 1);
+        let retaken = LeaseWrite::Take {
+            seen: &mine,
+            new_owner: "w",
+        }
+        .apply(Some(&mine))
+        .unwrap();
+        assert_eq!(retaken.owner_switches_since_checkpoint, 0);
+        let pending = LeaseWrite::PrepareCheckpoint {
+            seen: &taken,
+            pending: Some(&esn),
+        }
+        .apply(Some(&taken))
+        .unwrap();
+        assert_eq!(pending.pending_checkpoint.as_ref(), Some(&esn));
+        let done = LeaseWrite::Checkpoint {
+            seen: &pending,
+            checkpoint: &esn,
+        }
+        .apply(Some(&pending))
+        .unwrap();
+        assert_eq!(
+            (
+                &done.checkpoint,
+                &done.pending_checkpoint,
+                done.owner_switches_since_checkpoint,
+                done.lease_counter
+            ),
+            (&esn, &None, 0, 6)
+        );
+        let released = LeaseWrite::Release { seen: &done }
+            .apply(Some(&done))
+            .unwrap();
+        assert_eq!((released.lease_owner, released.lease_counter), (None, 7));
+        assert_eq!(LeaseWrite::Delete { seen: &done }.apply(Some(&done)), None);
+        assert_eq!(LeaseWrite::Renew { seen: &done }.apply(None), None);
+        assert_eq!(LeaseWrite::Delete { seen: &done }.lease_key(), "k");
+        assert_eq!(
+            LeaseWrite::Delete { seen: &done }.operation(),
+            "delete_lease"
+        );
+    }
+}
