@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kcl_interfaces::checkpoint::{resolve_target, validate_position};
 use kcl_interfaces::{BoxFuture, CheckpointBackend, CheckpointError, CheckpointTarget};
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::LeaseError;
@@ -117,37 +118,13 @@ impl ShardCheckpointer {
                 reason: reason.to_owned(),
             });
         }
-        let position = match target {
-            CheckpointTarget::LargestDelivered if s.shard_ended => {
-                ExtendedSequenceNumber::SHARD_END
-            }
-            CheckpointTarget::LargestDelivered => s.largest_delivered.clone(),
-            CheckpointTarget::At(p) => p.clone(),
-            _ => {
-                return Err(CheckpointError::IllegalArgument {
-                    message: "unsupported checkpoint target".to_owned(),
-                });
-            }
-        };
-        if position.is_shard_end() && !s.shard_ended {
-            return Err(CheckpointError::IllegalArgument {
-                message: "SHARD_END can only be checkpointed after the shard ended".to_owned(),
-            });
-        }
-        let lower = &s.last_checkpoint;
-        if position < *lower {
-            return Err(CheckpointError::IllegalArgument {
-                message: format!("{position} is before the last checkpoint {lower}"),
-            });
-        }
-        if !position.is_shard_end() && position > s.largest_delivered {
-            return Err(CheckpointError::IllegalArgument {
-                message: format!(
-                    "{position} is after the largest delivered position {}",
-                    s.largest_delivered
-                ),
-            });
-        }
+        let position = resolve_target(target, &s.largest_delivered, s.shard_ended);
+        validate_position(
+            &s.last_checkpoint,
+            &position,
+            &s.largest_delivered,
+            s.shard_ended,
+        )?;
         Ok(position)
     }
 
