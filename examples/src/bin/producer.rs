@@ -366,7 +366,8 @@ async fn run(args: Args) -> Result<Summary, ProducerError> {
     let timeouts = kcl_lease::CallTimeouts::new(
         args.call_attempt_timeout
             .map_or(defaults.attempt, Duration::from_millis),
-        args.call_timeout.map_or(defaults.call, Duration::from_millis),
+        args.call_timeout
+            .map_or(defaults.call, Duration::from_millis),
     );
     let mut options = kcl_worker::aws::AwsOptions::new()
         .with_region(args.region.clone())
