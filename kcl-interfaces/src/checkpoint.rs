@@ -48,12 +48,18 @@ pub enum CheckpointError {
     Shutdown {
         /// What happened.
         reason: String,
+        /// The lease store's error that showed it, if any.
+        #[source]
+        source: Option<BoxError>,
     },
     /// The checkpoint cannot be stored (for example the lease table does not exist).
     #[error("cannot store checkpoint: {message}")]
     InvalidState {
         /// What is wrong.
         message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
     },
     /// The lease store failed or could not be reached. Retrying later may succeed.
     #[error("lease store failed while checkpointing")]

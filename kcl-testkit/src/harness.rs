@@ -145,11 +145,13 @@ impl RecordingCheckpointer {
         if s.lease_lost {
             return Err(CheckpointError::Shutdown {
                 reason: "the lease was lost".into(),
+                source: None,
             });
         }
         if s.shut_down {
             return Err(CheckpointError::Shutdown {
                 reason: "the processor was shut down".into(),
+                source: None,
             });
         }
         if !s.fail_next.is_empty() {
@@ -181,6 +183,7 @@ fn injected(kind: CheckpointErrorKind) -> CheckpointError {
         },
         CheckpointErrorKind::Shutdown => CheckpointError::Shutdown {
             reason: "injected shutdown".into(),
+            source: None,
         },
         CheckpointErrorKind::Dependency => CheckpointError::Dependency {
             source: "injected dependency failure".into(),
@@ -190,6 +193,7 @@ fn injected(kind: CheckpointErrorKind) -> CheckpointError {
         },
         _ => CheckpointError::InvalidState {
             message: "injected invalid state".into(),
+            source: None,
         },
     }
 }

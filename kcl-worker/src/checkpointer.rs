@@ -116,6 +116,7 @@ impl ShardCheckpointer {
         if let Some(reason) = s.shut_down {
             return Err(CheckpointError::Shutdown {
                 reason: reason.to_owned(),
+                source: None,
             });
         }
         let position = resolve_target(target, &s.largest_delivered, s.shard_ended);
@@ -162,7 +163,8 @@ impl ShardCheckpointer {
                 source: Box::new(e),
             }),
             Err(e) => Err(CheckpointError::InvalidState {
-                message: format!("validating {seq} with kinesis failed: {e}"),
+                message: format!("validating {seq} with kinesis failed"),
+                source: Some(Box::new(e)),
             }),
         }
     }
@@ -219,13 +221,15 @@ pub(crate) fn map_lease_error(e: LeaseError) -> CheckpointError {
         LeaseError::ConditionFailed { .. }
         | LeaseError::NotHeld { .. }
         | LeaseError::NotFound { .. } => CheckpointError::Shutdown {
-            reason: e.to_string(),
+            reason: "the lease was lost to another worker".to_owned(),
+            source: Some(Box::new(e)),
         },
         LeaseError::Throttled { .. } => CheckpointError::Throttling {
             source: Box::new(e),
         },
         LeaseError::TableMissing { .. } => CheckpointError::InvalidState {
-            message: e.to_string(),
+            message: "the lease table is missing".to_owned(),
+            source: Some(Box::new(e)),
         },
         LeaseError::Unreachable { .. } | LeaseError::Service { .. } => {
             CheckpointError::Dependency {
@@ -233,7 +237,8 @@ pub(crate) fn map_lease_error(e: LeaseError) -> CheckpointError {
             }
         }
         other => CheckpointError::InvalidState {
-            message: other.to_string(),
+            message: "the lease store cannot store it".to_owned(),
+            source: Some(Box::new(other)),
         },
     }
 }
