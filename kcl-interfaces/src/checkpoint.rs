@@ -15,7 +15,7 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The five kinds of checkpoint failure (as in the seed interface).
+/// The five kinds of checkpoint failure.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[non_exhaustive]
 pub enum CheckpointErrorKind {

@@ -26,7 +26,7 @@ use crate::backoff::{Backoff, Retry};
 use crate::config::{InitialPosition, WorkerConfig};
 use crate::health::HealthRegistry;
 use crate::metrics as m;
-use crate::stream::{ChildShard, IteratorPosition, StreamClient, StreamError};
+use crate::stream::{ChildShard, IteratorPosition, StreamClient, StreamError, limits};
 
 /// A batch handed from the fetcher to the consumer.
 #[derive(Debug)]
@@ -122,9 +122,19 @@ impl Fetcher {
         let mut iterator: Option<String> = None;
         let mut latest_started_at: Option<SystemTime> = None;
         let mut streak = Streak::default();
+        // When the current iterator was issued.
+        let mut iterator_at: Option<Instant> = None;
         loop {
             if tx.is_closed() {
                 return;
+            }
+            // An iterator older than its service lifetime is dead: get a new one instead of
+            // spending a call on it.
+            if iterator_at.is_some_and(|at| {
+                self.clock.now().saturating_duration_since(at) >= limits::SHARD_ITERATOR_LIFETIME
+            }) && iterator.take().is_some()
+            {
+                debug!(shard_id = %self.shard_id, "shard iterator outlived its lifetime; getting a new one");
             }
             let it = match iterator.take() {
                 Some(it) => it,
@@ -165,6 +175,7 @@ impl Fetcher {
                         .await;
                     match got {
                         Ok(Some(it)) => {
+                            iterator_at = Some(self.clock.now());
                             if position == IteratorPosition::Latest {
                                 latest_started_at = Some(asked_at);
                             }
@@ -314,7 +325,10 @@ impl Fetcher {
             }
             match (shard_end, output.next_shard_iterator) {
                 (Some(_), _) | (_, None) => return,
-                (None, Some(next)) => iterator = Some(next),
+                (None, Some(next)) => {
+                    iterator = Some(next);
+                    iterator_at = Some(self.clock.now());
+                }
             }
             if caught_up {
                 self.clock.sleep(self.config.idle_time_between_reads).await;
