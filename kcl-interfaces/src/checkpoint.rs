@@ -15,7 +15,7 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The five kinds of checkpoint failure (as in the seed interface).
+/// The five kinds of checkpoint failure.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[non_exhaustive]
 pub enum CheckpointErrorKind {
@@ -48,12 +48,18 @@ pub enum CheckpointError {
     Shutdown {
         /// What happened.
         reason: String,
+        /// The lease store's error that showed it, if any.
+        #[source]
+        source: Option<BoxError>,
     },
     /// The checkpoint cannot be stored (for example the lease table does not exist).
     #[error("cannot store checkpoint: {message}")]
     InvalidState {
         /// What is wrong.
         message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
     },
     /// The lease store failed or could not be reached. Retrying later may succeed.
     #[error("lease store failed while checkpointing")]
@@ -90,6 +96,54 @@ impl CheckpointError {
             CheckpointError::Throttling { .. } | CheckpointError::Dependency { .. }
         )
     }
+}
+
+/// The position a [`CheckpointTarget`] means, given the largest position delivered to the
+/// processor and whether the closed shard was read to its end: `LargestDelivered` is the
+/// largest delivered position, or `SHARD_END` once the shard ended.
+pub fn resolve_target(
+    target: &CheckpointTarget,
+    largest_delivered: &ExtendedSequenceNumber,
+    shard_ended: bool,
+) -> ExtendedSequenceNumber {
+    match target {
+        CheckpointTarget::LargestDelivered if shard_ended => ExtendedSequenceNumber::SHARD_END,
+        CheckpointTarget::LargestDelivered => largest_delivered.clone(),
+        CheckpointTarget::At(p) => p.clone(),
+    }
+}
+
+/// The rules of a checkpoint position, the same for the worker and for test doubles:
+///
+/// * `SHARD_END` only once every record of the closed shard was delivered (`shard_ended`);
+/// * never before the `last` checkpoint (checkpoints only move forward);
+/// * never after the largest position delivered to the processor (except `SHARD_END`).
+///
+/// Each broken rule is [`CheckpointError::IllegalArgument`] saying which.
+pub fn validate_position(
+    last: &ExtendedSequenceNumber,
+    requested: &ExtendedSequenceNumber,
+    largest_delivered: &ExtendedSequenceNumber,
+    shard_ended: bool,
+) -> Result<(), CheckpointError> {
+    if requested.is_shard_end() && !shard_ended {
+        return Err(CheckpointError::IllegalArgument {
+            message: "SHARD_END can only be checkpointed after the shard ended".to_owned(),
+        });
+    }
+    if requested < last {
+        return Err(CheckpointError::IllegalArgument {
+            message: format!("{requested} is before the last checkpoint {last}"),
+        });
+    }
+    if !requested.is_shard_end() && requested > largest_delivered {
+        return Err(CheckpointError::IllegalArgument {
+            message: format!(
+                "{requested} is after the largest delivered position {largest_delivered}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Which position a checkpoint call means.

@@ -62,7 +62,7 @@
 //! # let _ = factory();
 //! ```
 
-mod checkpoint;
+pub mod checkpoint;
 mod processor;
 
 pub use checkpoint::{

@@ -37,6 +37,7 @@ impl CheckpointBackend for Recording {
             if *self.fail_with_shutdown.lock().unwrap() {
                 return Err(CheckpointError::Shutdown {
                     reason: "lease lost".into(),
+                    source: None,
                 });
             }
             self.calls
@@ -204,6 +205,7 @@ fn error_kinds_and_retryability() {
     assert!(dep.is_retryable());
     let inv = CheckpointError::InvalidState {
         message: "table missing".into(),
+        source: None,
     };
     assert!(!inv.is_retryable());
     assert_eq!(inv.kind(), CheckpointErrorKind::InvalidState);

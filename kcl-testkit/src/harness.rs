@@ -34,6 +34,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use kcl_interfaces::checkpoint::{resolve_target, validate_position};
 use kcl_interfaces::{
     BoxFuture, CheckpointBackend, CheckpointError, CheckpointErrorKind, CheckpointTarget,
     Checkpointer, ExtendedSequenceNumber, InitializationInput, ProcessRecordsInput, Record,
@@ -144,11 +145,13 @@ impl RecordingCheckpointer {
         if s.lease_lost {
             return Err(CheckpointError::Shutdown {
                 reason: "the lease was lost".into(),
+                source: None,
             });
         }
         if s.shut_down {
             return Err(CheckpointError::Shutdown {
                 reason: "the processor was shut down".into(),
+                source: None,
             });
         }
         if !s.fail_next.is_empty() {
@@ -159,36 +162,8 @@ impl RecordingCheckpointer {
             }
             return Err(injected(kind));
         }
-        let position = match target {
-            CheckpointTarget::LargestDelivered if s.shard_ended => {
-                ExtendedSequenceNumber::SHARD_END
-            }
-            CheckpointTarget::LargestDelivered => s.largest_delivered.clone(),
-            CheckpointTarget::At(p) => p,
-            _ => {
-                return Err(CheckpointError::IllegalArgument {
-                    message: "unsupported target".into(),
-                });
-            }
-        };
-        if position.is_shard_end() && !s.shard_ended {
-            return Err(CheckpointError::IllegalArgument {
-                message: "SHARD_END before the shard ended".into(),
-            });
-        }
-        if position < s.last {
-            return Err(CheckpointError::IllegalArgument {
-                message: format!("{position} is before the last checkpoint {}", s.last),
-            });
-        }
-        if !position.is_shard_end() && position > s.largest_delivered {
-            return Err(CheckpointError::IllegalArgument {
-                message: format!(
-                    "{position} is after the largest delivered {}",
-                    s.largest_delivered
-                ),
-            });
-        }
+        let position = resolve_target(&target, &s.largest_delivered, s.shard_ended);
+        validate_position(&s.last, &position, &s.largest_delivered, s.shard_ended)?;
         if prepare {
             s.pending = Some(position.clone());
             s.prepared.push(position.clone());
@@ -208,6 +183,7 @@ fn injected(kind: CheckpointErrorKind) -> CheckpointError {
         },
         CheckpointErrorKind::Shutdown => CheckpointError::Shutdown {
             reason: "injected shutdown".into(),
+            source: None,
         },
         CheckpointErrorKind::Dependency => CheckpointError::Dependency {
             source: "injected dependency failure".into(),
@@ -217,6 +193,7 @@ fn injected(kind: CheckpointErrorKind) -> CheckpointError {
         },
         _ => CheckpointError::InvalidState {
             message: "injected invalid state".into(),
+            source: None,
         },
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kcl_interfaces::checkpoint::{resolve_target, validate_position};
 use kcl_interfaces::{BoxFuture, CheckpointBackend, CheckpointError, CheckpointTarget};
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::LeaseError;
@@ -112,39 +113,16 @@ impl ShardCheckpointer {
         if let Some(reason) = s.shut_down {
             return Err(CheckpointError::Shutdown {
                 reason: reason.to_owned(),
+                source: None,
             });
         }
-        let position = match target {
-            CheckpointTarget::LargestDelivered if s.shard_ended => {
-                ExtendedSequenceNumber::SHARD_END
-            }
-            CheckpointTarget::LargestDelivered => s.largest_delivered.clone(),
-            CheckpointTarget::At(p) => p.clone(),
-            _ => {
-                return Err(CheckpointError::IllegalArgument {
-                    message: "unsupported checkpoint target".to_owned(),
-                });
-            }
-        };
-        if position.is_shard_end() && !s.shard_ended {
-            return Err(CheckpointError::IllegalArgument {
-                message: "SHARD_END can only be checkpointed after the shard ended".to_owned(),
-            });
-        }
-        let lower = &s.last_checkpoint;
-        if position < *lower {
-            return Err(CheckpointError::IllegalArgument {
-                message: format!("{position} is before the last checkpoint {lower}"),
-            });
-        }
-        if !position.is_shard_end() && position > s.largest_delivered {
-            return Err(CheckpointError::IllegalArgument {
-                message: format!(
-                    "{position} is after the largest delivered position {}",
-                    s.largest_delivered
-                ),
-            });
-        }
+        let position = resolve_target(target, &s.largest_delivered, s.shard_ended);
+        validate_position(
+            &s.last_checkpoint,
+            &position,
+            &s.largest_delivered,
+            s.shard_ended,
+        )?;
         Ok(position)
     }
 
@@ -182,7 +160,8 @@ impl ShardCheckpointer {
                 source: Box::new(e),
             }),
             Err(e) => Err(CheckpointError::InvalidState {
-                message: format!("validating {seq} with kinesis failed: {e}"),
+                message: format!("validating {seq} with kinesis failed"),
+                source: Some(Box::new(e)),
             }),
         }
     }
@@ -235,13 +214,15 @@ pub(crate) fn map_lease_error(e: LeaseError) -> CheckpointError {
         LeaseError::ConditionFailed { .. }
         | LeaseError::NotHeld { .. }
         | LeaseError::NotFound { .. } => CheckpointError::Shutdown {
-            reason: e.to_string(),
+            reason: "the lease was lost to another worker".to_owned(),
+            source: Some(Box::new(e)),
         },
         LeaseError::Throttled { .. } => CheckpointError::Throttling {
             source: Box::new(e),
         },
         LeaseError::TableMissing { .. } => CheckpointError::InvalidState {
-            message: e.to_string(),
+            message: "the lease table is missing".to_owned(),
+            source: Some(Box::new(e)),
         },
         LeaseError::Unreachable { .. }
         | LeaseError::Service { .. }
@@ -249,7 +230,8 @@ pub(crate) fn map_lease_error(e: LeaseError) -> CheckpointError {
             source: Box::new(e),
         },
         other => CheckpointError::InvalidState {
-            message: other.to_string(),
+            message: "the lease store cannot store it".to_owned(),
+            source: Some(Box::new(other)),
         },
     }
 }

@@ -1,10 +1,15 @@
-//! Worker configuration: every option of SPEC section 9, validated by a builder.
+//! Worker configuration: every option (named as in the Java KCL where it has one),
+//! validated by a builder. The lease coordinator's part is a
+//! [`LeaseCoordinatorConfig`], embedded as [`WorkerConfig::lease`] with its own defaults and
+//! bounds. How AWS clients are built (region, endpoints) is not here: see `crate::aws`.
 
 use std::time::{Duration, SystemTime};
 
-use kcl_lease::BillingMode;
+use kcl_lease::coordinator::LeaseCoordinatorConfig;
+use kcl_lease::{BillingMode, CallTimeouts, LeaseError};
 
 use crate::error::ConfigError;
+use crate::stream::limits;
 
 /// The longest duration any option accepts.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -39,13 +44,15 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Where shards without a checkpoint start (default `LATEST`).
     pub initial_position: InitialPosition,
-    /// A lease not renewed for this long is expired (default 10 s).
-    pub failover_time: Duration,
-    /// The most leases this worker holds (default unlimited).
-    pub max_leases_for_worker: usize,
-    /// The most leases stolen in one taker pass (default 1).
-    pub max_leases_to_steal_at_one_time: usize,
-    /// The most records one GetRecords call returns (default 10000, at most 10000).
+    /// The lease coordinator's settings: `worker_id` (the same as [`WorkerConfig::worker_id`]),
+    /// `failover_time` (default 10 s), `max_leases_for_worker` (default unlimited) and
+    /// `max_leases_to_steal_at_one_time` (default 1), with the coordinator's own defaults and
+    /// bounds.
+    pub lease: LeaseCoordinatorConfig,
+    /// The bounds on every Kinesis and lease store call: `call_attempt_timeout` (one attempt,
+    /// default 4 s) and `call_timeout` (the whole call, retries included, default 10 s).
+    pub call_timeouts: CallTimeouts,
+    /// The most records one GetRecords call returns (default and most 10000).
     pub max_records: u32,
     /// Sleep between reads when a shard is caught up and the last call returned nothing
     /// (default 1 s).
@@ -83,12 +90,6 @@ pub struct WorkerConfig {
     /// Deliver KPL aggregates with sub-records outside the shard's hash key range instead of
     /// dropping them (default false, as the Java KCL).
     pub deliver_out_of_range_aggregates: bool,
-    /// Kinesis endpoint override (for emulators).
-    pub kinesis_endpoint: Option<String>,
-    /// DynamoDB endpoint override (for emulators).
-    pub dynamodb_endpoint: Option<String>,
-    /// AWS region override.
-    pub region: Option<String>,
 }
 
 impl WorkerConfig {
@@ -130,9 +131,8 @@ pub struct WorkerConfigBuilder {
     max_prefetch_records: Option<usize>,
     max_prefetch_bytes: Option<usize>,
     deliver_out_of_range_aggregates: Option<bool>,
-    kinesis_endpoint: Option<String>,
-    dynamodb_endpoint: Option<String>,
-    region: Option<String>,
+    call_attempt_timeout: Option<Duration>,
+    call_timeout: Option<Duration>,
 }
 
 macro_rules! setters {
@@ -209,12 +209,11 @@ impl WorkerConfigBuilder {
         max_prefetch_bytes, set_max_prefetch_bytes: usize;
         /// Deliver out-of-range KPL aggregates (default false).
         deliver_out_of_range_aggregates, set_deliver_out_of_range_aggregates: bool;
-        /// Kinesis endpoint URL (for emulators).
-        kinesis_endpoint, set_kinesis_endpoint: String;
-        /// DynamoDB endpoint URL (for emulators).
-        dynamodb_endpoint, set_dynamodb_endpoint: String;
-        /// AWS region.
-        region, set_region: String;
+        /// Bound on one attempt of a Kinesis or lease store call (default 4 s, 50 ms..=5 min).
+        call_attempt_timeout, set_call_attempt_timeout: Duration;
+        /// Bound on a whole Kinesis or lease store call, retries included (default 10 s,
+        /// 50 ms..=5 min, at least `call_attempt_timeout`).
+        call_timeout, set_call_timeout: Duration;
     }
 
     /// Validates every option and builds the configuration. The error names the option.
@@ -239,21 +238,8 @@ impl WorkerConfigBuilder {
                 Ok(d)
             }
         }
-        fn endpoint(
-            option: &'static str,
-            v: Option<String>,
-        ) -> Result<Option<String>, ConfigError> {
-            match v {
-                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => Err(
-                    invalid(option, format!("{url:?} is not an http:// or https:// URL")),
-                ),
-                other => Ok(other),
-            }
-        }
-
         // Durations beyond a week are certainly mistakes (and would overflow clock arithmetic).
         for (option, value) in [
-            ("failover_time", self.failover_time),
             ("idle_time_between_reads", self.idle_time_between_reads),
             (
                 "parent_shard_poll_interval",
@@ -293,24 +279,47 @@ impl WorkerConfigBuilder {
             }
             None => default_worker_id(),
         };
-        let failover_time = self.failover_time.unwrap_or(Duration::from_secs(10));
-        if failover_time < Duration::from_millis(100) {
-            return Err(invalid("failover_time", "must be at least 100 ms"));
+        // The coordinator's options keep the coordinator's defaults and bounds; an invalid
+        // one is reported under the same option name.
+        fn from_lease(e: LeaseError) -> ConfigError {
+            match e {
+                LeaseError::InvalidConfig { option, reason } => {
+                    ConfigError::Invalid { option, reason }
+                }
+                other => ConfigError::Invalid {
+                    option: "lease",
+                    reason: kcl_lease::ErrorChain(&other).to_string(),
+                },
+            }
         }
-        let max_leases_for_worker = self.max_leases_for_worker.unwrap_or(usize::MAX);
-        if max_leases_for_worker == 0 {
-            return Err(invalid("max_leases_for_worker", "must be at least 1"));
+        let mut lease = LeaseCoordinatorConfig::new(worker_id.clone());
+        if let Some(v) = self.failover_time {
+            lease = lease.with_failover_time(v);
         }
-        let max_leases_to_steal_at_one_time = self.max_leases_to_steal_at_one_time.unwrap_or(1);
-        if max_leases_to_steal_at_one_time == 0 {
+        if let Some(v) = self.max_leases_for_worker {
+            lease = lease.with_max_leases_for_worker(v);
+        }
+        if let Some(v) = self.max_leases_to_steal_at_one_time {
+            lease = lease.with_max_leases_to_steal_at_one_time(v);
+        }
+        lease.validate().map_err(from_lease)?;
+        let defaults = CallTimeouts::default();
+        let call_timeouts = CallTimeouts::new(
+            self.call_attempt_timeout.unwrap_or(defaults.attempt),
+            self.call_timeout.unwrap_or(defaults.call),
+        );
+        call_timeouts.validate().map_err(from_lease)?;
+        let max_records = self
+            .max_records
+            .unwrap_or(limits::MAX_RECORDS_PER_GET_RECORDS);
+        if !(1..=limits::MAX_RECORDS_PER_GET_RECORDS).contains(&max_records) {
             return Err(invalid(
-                "max_leases_to_steal_at_one_time",
-                "must be at least 1",
+                "max_records",
+                format!(
+                    "must be between 1 and {}",
+                    limits::MAX_RECORDS_PER_GET_RECORDS
+                ),
             ));
-        }
-        let max_records = self.max_records.unwrap_or(10_000);
-        if !(1..=10_000).contains(&max_records) {
-            return Err(invalid("max_records", "must be between 1 and 10000"));
         }
         let task_backoff = not_zero(
             "task_backoff",
@@ -322,11 +331,15 @@ impl WorkerConfigBuilder {
         if max_backoff < task_backoff {
             return Err(invalid("max_backoff", "must be at least task_backoff"));
         }
-        let max_get_records_per_second = self.max_get_records_per_second.unwrap_or(5);
+        let max_get_records_per_second = self
+            .max_get_records_per_second
+            .unwrap_or(limits::GET_RECORDS_PER_SECOND_PER_SHARD);
         if max_get_records_per_second == 0 {
             return Err(invalid("max_get_records_per_second", "must be at least 1"));
         }
-        let max_bytes_per_second = self.max_bytes_per_second.unwrap_or(2 * 1024 * 1024);
+        let max_bytes_per_second = self
+            .max_bytes_per_second
+            .unwrap_or(limits::READ_BYTES_PER_SECOND_PER_SHARD);
         if max_bytes_per_second == 0 {
             return Err(invalid("max_bytes_per_second", "must be at least 1"));
         }
@@ -364,18 +377,14 @@ impl WorkerConfigBuilder {
                 "provisioned capacity units must be at least 1",
             ));
         }
-        if let Some(region) = &self.region {
-            non_empty("region", region)?;
-        }
         Ok(WorkerConfig {
             application_name: self.application_name,
             stream_name: self.stream_name,
             table_name,
             worker_id,
             initial_position: self.initial_position.unwrap_or_default(),
-            failover_time,
-            max_leases_for_worker,
-            max_leases_to_steal_at_one_time,
+            lease,
+            call_timeouts,
             max_records,
             idle_time_between_reads: self
                 .idle_time_between_reads
@@ -408,9 +417,6 @@ impl WorkerConfigBuilder {
             max_prefetch_records,
             max_prefetch_bytes,
             deliver_out_of_range_aggregates: self.deliver_out_of_range_aggregates.unwrap_or(false),
-            kinesis_endpoint: endpoint("kinesis_endpoint", self.kinesis_endpoint)?,
-            dynamodb_endpoint: endpoint("dynamodb_endpoint", self.dynamodb_endpoint)?,
-            region: self.region,
         })
     }
 }
@@ -437,13 +443,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_follow_the_spec() {
+    fn defaults() {
         let c = WorkerConfig::builder("app", "stream").build().unwrap();
         assert_eq!(c.table_name, "app");
         assert_eq!(c.initial_position, InitialPosition::Latest);
-        assert_eq!(c.failover_time, Duration::from_secs(10));
-        assert_eq!(c.max_leases_for_worker, usize::MAX);
-        assert_eq!(c.max_leases_to_steal_at_one_time, 1);
+        assert_eq!(c.lease.failover_time, Duration::from_secs(10));
+        assert_eq!(c.lease.max_leases_for_worker, usize::MAX);
+        assert_eq!(c.lease.max_leases_to_steal_at_one_time, 1);
+        assert_eq!(c.lease.worker_id, c.worker_id);
+        assert_eq!(c.call_timeouts, CallTimeouts::default());
         assert_eq!(c.max_records, 10_000);
         assert_eq!(c.idle_time_between_reads, Duration::from_secs(1));
         assert!(!c.call_process_records_even_for_empty_list);
@@ -537,12 +545,18 @@ mod tests {
                 "failover_time",
             ),
             (
-                WorkerConfig::builder("app", "s").kinesis_endpoint("localhost:4567"),
-                "kinesis_endpoint",
+                WorkerConfig::builder("app", "s").call_timeout(Duration::from_millis(1)),
+                "call_timeout",
             ),
             (
-                WorkerConfig::builder("app", "s").dynamodb_endpoint("ftp://x"),
-                "dynamodb_endpoint",
+                WorkerConfig::builder("app", "s").call_attempt_timeout(Duration::from_secs(3600)),
+                "call_attempt_timeout",
+            ),
+            (
+                WorkerConfig::builder("app", "s")
+                    .call_attempt_timeout(Duration::from_secs(5))
+                    .call_timeout(Duration::from_secs(4)),
+                "call_timeout",
             ),
             (
                 WorkerConfig::builder("app", "s").billing_mode(BillingMode::Provisioned {
@@ -564,6 +578,9 @@ mod tests {
     fn set_none_restores_default() {
         let mut b = WorkerConfig::builder("app", "s").failover_time(Duration::from_secs(3));
         b.set_failover_time(None);
-        assert_eq!(b.build().unwrap().failover_time, Duration::from_secs(10));
+        assert_eq!(
+            b.build().unwrap().lease.failover_time,
+            Duration::from_secs(10)
+        );
     }
 }

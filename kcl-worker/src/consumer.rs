@@ -1,10 +1,9 @@
 //! One shard consumer: waits for the parents, then runs a processor through its lifecycle
-//! (SPEC section 2) fed by a [`Fetcher`].
+//! (`initialize`, `process_records` for each batch in order, `shutdown` exactly once) fed by
+//! a [`Fetcher`].
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use kcl_interfaces::{
     Checkpointer, InitializationInput, ProcessRecordsInput, RecordProcessor,
@@ -15,9 +14,11 @@ use kcl_lease::{Clock, Lease, RandomSource};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::backoff::{Backoff, Retry};
 use crate::checkpointer::ShardCheckpointer;
 use crate::config::WorkerConfig;
 use crate::fetcher::{FetchedBatch, Fetcher};
+use crate::health::HealthRegistry;
 use crate::metrics as m;
 use crate::shard_sync::{ShardSyncer, has_started};
 use crate::stream::{ChildShard, StreamClient};
@@ -55,6 +56,7 @@ pub(crate) struct ConsumerContext {
     pub(crate) syncer: Arc<ShardSyncer>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) random: Arc<dyn RandomSource>,
+    pub(crate) health: Arc<HealthRegistry>,
 }
 
 /// One shard's consumer.
@@ -110,6 +112,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         processor.initialize(init).await;
 
         // 3. records
+        let _health = self.ctx.health.track(&key);
         let (tx, mut rx) = mpsc::channel::<FetchedBatch>(4);
         let fetcher = Fetcher {
             stream: self.ctx.stream.clone(),
@@ -120,6 +123,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             config: self.ctx.config.clone(),
             clock: self.ctx.clock.clone(),
             random: self.ctx.random.clone(),
+            health: self.ctx.health.clone(),
         };
         let fetch_task = tokio::spawn(fetcher.run(tx).instrument(tracing::Span::current()));
         let _abort_fetch = AbortOnDrop(fetch_task);
@@ -318,23 +322,27 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         for child in &children {
             // Retry a few times with a back-off (the store may be throttled); the periodic
             // shard sync creates whatever is still missing.
-            let mut backoff = crate::backoff::Backoff::new(
+            let mut backoff = Backoff::new(
                 self.ctx.config.task_backoff,
                 self.ctx.config.max_backoff,
                 self.ctx.random.clone(),
             );
-            for attempt in 1..=5 {
-                match self.ctx.syncer.create_child_lease(child).await {
-                    Ok(_) => break,
-                    Err(e) if attempt < 5 && e.is_retryable() => {
-                        self.ctx.clock.sleep(backoff.next_delay()).await;
-                    }
-                    Err(e) => {
-                        warn!(child = %child.shard_id, error = %kcl_lease::ErrorChain(&e),
-                            "creating a child lease failed; the next shard sync creates it");
-                        break;
-                    }
-                }
+            let created = backoff
+                .retry(
+                    &*self.ctx.clock,
+                    |_| self.ctx.syncer.create_child_lease(child),
+                    |e, attempt| {
+                        if attempt < 5 && e.is_retryable() {
+                            Retry::After
+                        } else {
+                            Retry::GiveUp
+                        }
+                    },
+                )
+                .await;
+            if let Err(e) = created {
+                warn!(child = %child.shard_id, error = %kcl_lease::ErrorChain(&e),
+                    "creating a child lease failed; the next shard sync creates it");
             }
         }
         if !children.is_empty() {
@@ -375,12 +383,13 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
     ) -> bool {
         info!(?reason, "shutting down processor");
         let grace = self.ctx.config.shutdown_grace;
-        let finished = with_timeout(
+        let finished = kcl_lease::timeouts::within(
             &*self.ctx.clock,
             grace,
             processor.shutdown(ShutdownInput::new(reason, checkpointer)),
         )
-        .await;
+        .await
+        .is_some();
         if !finished {
             metrics::counter!(m::PROCESSOR_FAILURES_TOTAL).increment(1);
             error!(
@@ -390,18 +399,6 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             );
         }
         finished
-    }
-}
-
-/// Runs `fut` for at most `limit` on `clock`; true when it finished.
-pub(crate) async fn with_timeout<F: Future<Output = ()>>(
-    clock: &dyn Clock,
-    limit: Duration,
-    fut: F,
-) -> bool {
-    tokio::select! {
-        _ = fut => true,
-        _ = clock.sleep(limit) => false,
     }
 }
 

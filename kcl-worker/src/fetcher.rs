@@ -1,5 +1,15 @@
 //! Polling one shard: iterators, GetRecords, client-side rate limits, back-off, expired
-//! iterator recovery, deaggregation and the bounded prefetch (SPEC section 7).
+//! iterator recovery, deaggregation and the bounded prefetch.
+//!
+//! Rules:
+//! - A failed call never advances the position: a retryable `GetRecords` failure (throttled,
+//!   unreachable, timed out, service error) retries the same iterator; any other failure
+//!   gets a new iterator after the last record read, so nothing is skipped or read twice.
+//! - Failures are retried with capped, jittered back-off. A shard whose calls keep failing
+//!   is logged at `warn` when the failure streak starts and then at most once per
+//!   `max_backoff`, counted in [`crate::metrics::SHARD_STALLED_TOTAL`], and shown in its
+//!   [`crate::ShardHealth`].
+//! - Reads are paced to `max_get_records_per_second` and `max_bytes_per_second` per shard.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -10,12 +20,13 @@ use kcl_kpl::{
 };
 use kcl_lease::{Clock, RandomSource};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Retry};
 use crate::config::{InitialPosition, WorkerConfig};
+use crate::health::HealthRegistry;
 use crate::metrics as m;
-use crate::stream::{ChildShard, IteratorPosition, StreamClient, StreamError};
+use crate::stream::{ChildShard, IteratorPosition, StreamClient, StreamError, limits};
 
 /// A batch handed from the fetcher to the consumer.
 #[derive(Debug)]
@@ -61,6 +72,13 @@ pub(crate) struct Fetcher {
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) random: Arc<dyn RandomSource>,
+    pub(crate) health: Arc<HealthRegistry>,
+}
+
+/// When the current failure streak of a shard was last reported at `warn`.
+#[derive(Debug, Default)]
+struct Streak {
+    last_warned: Option<Instant>,
 }
 
 struct RateLimiter {
@@ -103,9 +121,20 @@ impl Fetcher {
         };
         let mut iterator: Option<String> = None;
         let mut latest_started_at: Option<SystemTime> = None;
+        let mut streak = Streak::default();
+        // When the current iterator was issued.
+        let mut iterator_at: Option<Instant> = None;
         loop {
             if tx.is_closed() {
                 return;
+            }
+            // An iterator older than its service lifetime is dead: get a new one instead of
+            // spending a call on it.
+            if iterator_at.is_some_and(|at| {
+                self.clock.now().saturating_duration_since(at) >= limits::SHARD_ITERATOR_LIFETIME
+            }) && iterator.take().is_some()
+            {
+                debug!(shard_id = %self.shard_id, "shard iterator outlived its lifetime; getting a new one");
             }
             let it = match iterator.take() {
                 Some(it) => it,
@@ -118,60 +147,98 @@ impl Fetcher {
                         (None, None) => initial.clone(),
                     };
                     let asked_at = self.clock.system_time();
-                    match self
-                        .stream
-                        .get_shard_iterator(&self.stream_name, &self.shard_id, &position)
-                        .await
-                    {
-                        Ok(it) => {
+                    let this = &self;
+                    let pos = &position;
+                    let got = backoff
+                        .retry(
+                            &*self.clock,
+                            |_| async move {
+                                match this
+                                    .stream
+                                    .get_shard_iterator(&this.stream_name, &this.shard_id, pos)
+                                    .await
+                                {
+                                    Ok(it) => Ok(Some(it)),
+                                    Err(e) if this.shard_is_gone(&e).await => Ok(None),
+                                    Err(e) => Err(e),
+                                }
+                            },
+                            |e, _| {
+                                self.failed(e, &mut streak);
+                                if tx.is_closed() {
+                                    Retry::GiveUp
+                                } else {
+                                    Retry::After
+                                }
+                            },
+                        )
+                        .await;
+                    match got {
+                        Ok(Some(it)) => {
+                            iterator_at = Some(self.clock.now());
                             if position == IteratorPosition::Latest {
                                 latest_started_at = Some(asked_at);
                             }
                             it
                         }
-                        Err(e) => {
-                            if self.shard_is_gone(&e).await {
-                                let _ = tx.send(self.gone_batch()).await;
-                                return;
-                            }
-                            self.failed(&e, &mut backoff).await;
-                            continue;
+                        Ok(None) => {
+                            let _ = tx.send(self.gone_batch()).await;
+                            return;
                         }
+                        Err(_) => return,
                     }
                 }
             };
-            if let Some(at) = limiter.next_allowed {
-                let now = self.clock.now();
-                if at > now {
-                    self.clock.sleep(at - now).await;
-                }
-            }
-            let started = self.clock.now();
-            let result = self.stream.get_records(&it, self.config.max_records).await;
-            metrics::histogram!(m::GET_RECORDS_SECONDS, "shard_id" => self.shard_id.clone())
-                .record(
-                    self.clock
-                        .now()
-                        .saturating_duration_since(started)
-                        .as_secs_f64(),
-                );
-            let output = match result {
+            let next_allowed = limiter.next_allowed;
+            let this = &self;
+            let it_ref = &it;
+            // Retryable failures retry the same iterator; anything else leaves the retry.
+            let result = backoff
+                .retry(
+                    &*self.clock,
+                    |_| async move {
+                        if let Some(at) = next_allowed {
+                            let now = this.clock.now();
+                            if at > now {
+                                this.clock.sleep(at - now).await;
+                            }
+                        }
+                        let started = this.clock.now();
+                        let result = this.stream.get_records(it_ref, this.config.max_records).await;
+                        metrics::histogram!(m::GET_RECORDS_SECONDS, "shard_id" => this.shard_id.clone())
+                            .record(
+                                this.clock
+                                    .now()
+                                    .saturating_duration_since(started)
+                                    .as_secs_f64(),
+                            );
+                        result.map(|o| (o, started))
+                    },
+                    |e, _| {
+                        if !e.is_retryable() {
+                            return Retry::GiveUp;
+                        }
+                        self.failed(e, &mut streak);
+                        if tx.is_closed() { Retry::GiveUp } else { Retry::After }
+                    },
+                )
+                .await;
+            let (output, started) = match result {
                 Ok(o) => o,
                 Err(StreamError::ExpiredIterator) => {
                     debug!(shard_id = %self.shard_id, "shard iterator expired; getting a new one");
                     metrics::counter!(m::EXPIRED_ITERATORS_TOTAL).increment(1);
                     continue;
                 }
+                Err(e) if e.is_retryable() => return, // only when the receiver is gone
                 Err(e) => {
                     if self.shard_is_gone(&e).await {
                         let _ = tx.send(self.gone_batch()).await;
                         return;
                     }
-                    // Keep the iterator for retryable errors; get a new one otherwise.
-                    if e.is_retryable() {
-                        iterator = Some(it);
-                    }
-                    self.failed(&e, &mut backoff).await;
+                    // Not retryable with this iterator: a new one after a back-off.
+                    self.failed(&e, &mut streak);
+                    self.clock.sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
@@ -207,6 +274,18 @@ impl Fetcher {
                 records.retain(|r| r.extended_sequence_number() > *floor);
             }
             let millis_behind_latest = output.millis_behind_latest.unwrap_or(0);
+            let ended_streak = self.health.success(
+                &self.shard_id,
+                self.clock.system_time(),
+                millis_behind_latest,
+            );
+            if ended_streak > 0 {
+                streak.last_warned = None;
+                info!(shard_id = %self.shard_id, failures = ended_streak,
+                    "reading the shard succeeded again");
+            }
+            metrics::gauge!(m::SHARD_CONSECUTIVE_FAILURES, "shard_id" => self.shard_id.clone())
+                .set(0.0);
             metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard_id" => self.shard_id.clone())
                 .set(millis_behind_latest as f64);
             let shard_end = output
@@ -246,7 +325,10 @@ impl Fetcher {
             }
             match (shard_end, output.next_shard_iterator) {
                 (Some(_), _) | (_, None) => return,
-                (None, Some(next)) => iterator = Some(next),
+                (None, Some(next)) => {
+                    iterator = Some(next);
+                    iterator_at = Some(self.clock.now());
+                }
             }
             if caught_up {
                 self.clock.sleep(self.config.idle_time_between_reads).await;
@@ -283,17 +365,36 @@ impl Fetcher {
         }
     }
 
-    async fn failed(&self, e: &StreamError, backoff: &mut Backoff) {
-        let delay = backoff.next_delay();
-        if matches!(e, StreamError::Throttled { .. }) {
+    /// Records a failed call (health, metrics) and reports the streak at `warn` when it
+    /// starts and then at most once per `max_backoff`. A throttled call alone is normal
+    /// (debug); a streak of them is reported like any other.
+    fn failed(&self, e: &StreamError, streak: &mut Streak) {
+        let failures = self
+            .health
+            .failure(&self.shard_id, e, self.clock.system_time());
+        metrics::gauge!(m::SHARD_CONSECUTIVE_FAILURES, "shard_id" => self.shard_id.clone())
+            .set(f64::from(failures));
+        let throttled = matches!(e, StreamError::Throttled { .. });
+        if throttled {
             metrics::counter!(m::THROTTLES_TOTAL, "shard_id" => self.shard_id.clone()).increment(1);
-            debug!(shard_id = %self.shard_id, ?delay, "kinesis throttled; backing off");
         } else {
             metrics::counter!(m::STREAM_ERRORS_TOTAL, "shard_id" => self.shard_id.clone())
                 .increment(1);
-            warn!(shard_id = %self.shard_id, error = %kcl_lease::ErrorChain(e), ?delay,
-                "reading the shard failed; backing off and retrying");
         }
-        self.clock.sleep(delay).await;
+        let now = self.clock.now();
+        let due = match streak.last_warned {
+            None => !throttled || failures > 1,
+            Some(at) => now.saturating_duration_since(at) >= self.config.max_backoff,
+        };
+        if due {
+            streak.last_warned = Some(now);
+            metrics::counter!(m::SHARD_STALLED_TOTAL, "shard_id" => self.shard_id.clone())
+                .increment(1);
+            warn!(shard_id = %self.shard_id, error = %kcl_lease::ErrorChain(e), failures,
+                "reading the shard failed; no progress until a call succeeds; backing off and retrying");
+        } else {
+            debug!(shard_id = %self.shard_id, error = %kcl_lease::ErrorChain(e), failures,
+                "reading the shard failed again; backing off and retrying");
+        }
     }
 }

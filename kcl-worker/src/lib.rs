@@ -13,9 +13,9 @@
 //! # Example
 //!
 //! A processor, and a worker on the in-memory Kinesis and lease table of the `test-util`
-//! feature (with
-//! no `stream_client` / `lease_store` given, [`WorkerBuilder::build`] creates the AWS ones
-//! from the environment and the configuration's endpoints and region):
+//! feature (with no `stream_client` / `lease_store` given, [`WorkerBuilder::build`] creates
+//! the AWS ones, from the environment and the `aws::AwsOptions` given to
+//! [`WorkerBuilder::aws`]):
 //!
 //! ```
 //! use std::sync::Arc;
@@ -72,6 +72,7 @@ mod config;
 mod consumer;
 mod error;
 mod fetcher;
+mod health;
 pub mod metrics;
 mod shard_sync;
 pub mod stream;
@@ -80,7 +81,8 @@ pub mod test_util;
 mod worker;
 
 pub use config::{InitialPosition, WorkerConfig, WorkerConfigBuilder};
-pub use error::{ConfigError, WorkerError};
+pub use error::{CallTimedOut, ConfigError, WorkerError};
+pub use health::{ShardFailure, ShardHealth};
 pub use shard_sync::SyncReport;
 pub use worker::{ShutdownReport, Worker, WorkerBuilder, WorkerHandle};
 

@@ -29,3 +29,13 @@ pub const PROCESSOR_FAILURES_TOTAL: &str = "kcl_processor_failures_total";
 pub const SHARD_CONSUMERS: &str = "kcl_shard_consumers";
 /// Counter: shards found gone from the stream (all records expired) and treated as ended.
 pub const SHARDS_GONE_TOTAL: &str = "kcl_shards_gone_total";
+/// Counter: warnings that a shard makes no progress because its calls keep failing (label
+/// `shard_id`): one when a failure streak starts, then at most one per `max_backoff` while it
+/// lasts (a single throttled call does not count; a streak of them does).
+pub const SHARD_STALLED_TOTAL: &str = "kcl_shard_stalled_total";
+/// Gauge: calls to Kinesis failed in a row for the shard (label `shard_id`); 0 after a
+/// successful read.
+pub const SHARD_CONSECUTIVE_FAILURES: &str = "kcl_shard_consecutive_failures";
+/// Counter: lease store calls of graceful shutdown (renewal, release, coordinator stop) that
+/// did not finish within their bound.
+pub const SHUTDOWN_STEPS_TIMED_OUT_TOTAL: &str = "kcl_shutdown_steps_timed_out_total";

@@ -1,5 +1,8 @@
-//! Shard discovery, lease creation, the parent check and finished-lease cleanup (SPEC
-//! section 6).
+//! Shard discovery, lease creation, the parent check and finished-lease cleanup.
+//!
+//! Every lease store call made here is bounded by `call_timeout` on the injected clock (a
+//! call that does not finish is [`LeaseError::Unreachable`] with a [`CallTimedOut`]
+//! cause); stream calls are bounded by the worker's stream client.
 //!
 //! Decisions, where the Java KCL leaves room:
 //! - A shard without a lease gets one unless a descendant of it has a lease that started
@@ -18,14 +21,15 @@
 //!   TRIM_HORIZON (or the child left the stream without a lease).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::Arc;
 
 use kcl_kpl::{ExtendedSequenceNumber, Position};
-use kcl_lease::{Lease, LeaseError, LeaseStore};
+use kcl_lease::{Clock, Lease, LeaseError, LeaseStore};
 use tracing::{debug, info, warn};
 
 use crate::config::{InitialPosition, WorkerConfig};
-use crate::error::WorkerError;
+use crate::error::{CallTimedOut, WorkerError};
 use crate::stream::{ChildShard, Shard, StreamClient, StreamError};
 
 /// What one sync did.
@@ -45,7 +49,7 @@ pub(crate) struct ShardSyncer {
     config: Arc<WorkerConfig>,
     stream: Arc<dyn StreamClient>,
     store: Arc<dyn LeaseStore>,
-    shards: Mutex<Option<Arc<Vec<Shard>>>>,
+    clock: Arc<dyn Clock>,
 }
 
 fn initial_checkpoint(initial: InitialPosition) -> ExtendedSequenceNumber {
@@ -164,34 +168,40 @@ impl ShardSyncer {
         config: Arc<WorkerConfig>,
         stream: Arc<dyn StreamClient>,
         store: Arc<dyn LeaseStore>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             config,
             stream,
             store,
-            shards: Mutex::new(None),
+            clock,
         }
     }
 
-    /// Lists every shard (and caches the listing).
-    pub(crate) async fn list_shards(&self) -> Result<Arc<Vec<Shard>>, StreamError> {
-        let shards = Arc::new(
-            self.stream
-                .list_all_shards(&self.config.stream_name, None)
-                .await?,
-        );
-        if let Ok(mut cache) = self.shards.lock() {
-            *cache = Some(shards.clone());
-        }
-        Ok(shards)
+    /// Runs one lease store call for at most `call_timeout`.
+    async fn store_call<T>(
+        &self,
+        call: &'static str,
+        fut: impl Future<Output = Result<T, LeaseError>>,
+    ) -> Result<T, LeaseError> {
+        let limit = self.config.call_timeouts.call;
+        kcl_lease::timeouts::within(&*self.clock, limit, fut)
+            .await
+            .unwrap_or_else(|| Err(CallTimedOut::lease_error(call, limit)))
+    }
+
+    /// Lists every shard.
+    pub(crate) async fn list_shards(&self) -> Result<Vec<Shard>, StreamError> {
+        self.stream
+            .list_all_shards(&self.config.stream_name, None)
+            .await
     }
 
     /// One sync: create missing leases, then delete finished ones whose children started.
     pub(crate) async fn sync(&self) -> Result<SyncReport, WorkerError> {
         let shards = self.list_shards().await?;
         let leases: BTreeMap<String, Lease> = self
-            .store
-            .list_leases()
+            .store_call("list_leases", self.store.list_leases())
             .await?
             .into_iter()
             .map(|l| (l.lease_key.clone(), l))
@@ -201,7 +211,13 @@ impl ShardSyncer {
             ..SyncReport::default()
         };
         for lease in plan_new_leases(&shards, &leases, self.config.initial_position) {
-            if self.store.create_lease_if_not_exists(&lease).await? {
+            if self
+                .store_call(
+                    "create_lease_if_not_exists",
+                    self.store.create_lease_if_not_exists(&lease),
+                )
+                .await?
+            {
                 info!(lease_key = %lease.lease_key, checkpoint = %lease.checkpoint, "created lease");
                 report.leases_created += 1;
             }
@@ -234,7 +250,10 @@ impl ShardSyncer {
             if !all_started {
                 continue;
             }
-            match self.store.delete_lease(lease).await {
+            match self
+                .store_call("delete_lease", self.store.delete_lease(lease))
+                .await
+            {
                 Ok(()) => {
                     info!(lease_key = %lease.lease_key, "deleted finished lease");
                     deleted += 1;
@@ -251,11 +270,13 @@ impl ShardSyncer {
     /// Whether every parent is finished (see the module docs).
     pub(crate) async fn parents_finished(&self, parents: &[String]) -> Result<bool, WorkerError> {
         for parent in parents {
-            match self.store.get_lease(parent).await? {
+            match self
+                .store_call("get_lease", self.store.get_lease(parent))
+                .await?
+            {
                 Some(l) if l.is_finished() => continue,
                 Some(_) => return Ok(false),
                 None => {
-                    // A cached listing may predate the parent: always ask the stream.
                     let listed = self.list_shards().await?;
                     if listed.iter().any(|s| &s.shard_id == parent) {
                         return Ok(false);
@@ -286,7 +307,11 @@ impl ShardSyncer {
         let lease = Lease::new(child.shard_id.clone(), ExtendedSequenceNumber::TRIM_HORIZON)
             .with_parents(child.parent_shard_ids.iter().cloned())
             .with_hash_key_range(child.hash_key_range);
-        self.store.create_lease_if_not_exists(&lease).await
+        self.store_call(
+            "create_lease_if_not_exists",
+            self.store.create_lease_if_not_exists(&lease),
+        )
+        .await
     }
 }
 

@@ -4,11 +4,30 @@
 //! `test_util::InMemoryKinesis` (feature `test-util`) implements it in memory.
 
 use std::fmt::Debug;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use kcl_kpl::{HashKeyRange, Record, SequenceNumber};
 use kcl_lease::BoxError;
+
+/// The Kinesis service limits the worker and its configuration are built around, in one
+/// place.
+pub mod limits {
+    use std::time::Duration;
+
+    /// The most records one `GetRecords` call returns (and the largest `Limit` it accepts).
+    pub const MAX_RECORDS_PER_GET_RECORDS: u32 = 10_000;
+    /// `GetRecords` calls per second a shard serves.
+    pub const GET_RECORDS_PER_SECOND_PER_SHARD: u32 = 5;
+    /// Bytes per second a shard serves to `GetRecords` (2 MiB).
+    pub const READ_BYTES_PER_SECOND_PER_SHARD: u64 = 2 * 1024 * 1024;
+    /// How long a shard iterator stays valid after `GetShardIterator` returned it.
+    pub const SHARD_ITERATOR_LIFETIME: Duration = Duration::from_secs(300);
+    /// The largest `MaxResults` `ListShards` accepts.
+    pub const MAX_LIST_SHARDS_PAGE_SIZE: u32 = 10_000;
+    /// The largest data blob of one record (1 MiB).
+    pub const MAX_RECORD_DATA_BYTES: usize = 1024 * 1024;
+}
 
 /// One shard as `ListShards` describes it.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -176,6 +195,57 @@ pub enum StreamError {
         /// What is wrong.
         message: String,
     },
+    /// The call did not finish within the worker's `call_timeout` (it was cancelled). The
+    /// service may be unreachable (a hung connection): retry after a back-off.
+    #[error("{call} did not finish within {limit:?}")]
+    TimedOut {
+        /// The call (`GetRecords`, `GetShardIterator`, ...).
+        call: &'static str,
+        /// The bound that passed.
+        limit: Duration,
+    },
+}
+
+/// What kind of failure a [`StreamError`] is, without its details (for health reports and
+/// metrics labels).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum StreamErrorKind {
+    /// [`StreamError::Throttled`].
+    Throttled,
+    /// [`StreamError::ExpiredIterator`].
+    ExpiredIterator,
+    /// [`StreamError::StreamNotFound`].
+    StreamNotFound,
+    /// [`StreamError::ResourceNotFound`].
+    ResourceNotFound,
+    /// [`StreamError::InvalidArgument`].
+    InvalidArgument,
+    /// [`StreamError::Unreachable`].
+    Unreachable,
+    /// [`StreamError::Service`].
+    Service,
+    /// [`StreamError::MalformedResponse`].
+    MalformedResponse,
+    /// [`StreamError::TimedOut`].
+    TimedOut,
+}
+
+impl StreamErrorKind {
+    /// A short lowercase name (`throttled`, `timed_out`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamErrorKind::Throttled => "throttled",
+            StreamErrorKind::ExpiredIterator => "expired_iterator",
+            StreamErrorKind::StreamNotFound => "stream_not_found",
+            StreamErrorKind::ResourceNotFound => "resource_not_found",
+            StreamErrorKind::InvalidArgument => "invalid_argument",
+            StreamErrorKind::Unreachable => "unreachable",
+            StreamErrorKind::Service => "service",
+            StreamErrorKind::MalformedResponse => "malformed_response",
+            StreamErrorKind::TimedOut => "timed_out",
+        }
+    }
 }
 
 impl StreamError {
@@ -186,7 +256,95 @@ impl StreamError {
             StreamError::Throttled { .. }
                 | StreamError::Unreachable { .. }
                 | StreamError::Service { .. }
+                | StreamError::TimedOut { .. }
         )
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> StreamErrorKind {
+        match self {
+            StreamError::Throttled { .. } => StreamErrorKind::Throttled,
+            StreamError::ExpiredIterator => StreamErrorKind::ExpiredIterator,
+            StreamError::StreamNotFound { .. } => StreamErrorKind::StreamNotFound,
+            StreamError::ResourceNotFound { .. } => StreamErrorKind::ResourceNotFound,
+            StreamError::InvalidArgument { .. } => StreamErrorKind::InvalidArgument,
+            StreamError::Unreachable { .. } => StreamErrorKind::Unreachable,
+            StreamError::Service { .. } => StreamErrorKind::Service,
+            StreamError::MalformedResponse { .. } => StreamErrorKind::MalformedResponse,
+            StreamError::TimedOut { .. } => StreamErrorKind::TimedOut,
+        }
+    }
+}
+
+/// A [`StreamClient`] that bounds every call of another with a timeout on the injected
+/// clock ([`kcl_lease::timeouts::within`]); a call that does not finish in time is
+/// cancelled and fails with [`StreamError::TimedOut`]. The worker wraps every stream client
+/// it is given in one.
+#[derive(Debug)]
+pub(crate) struct BoundedStreamClient {
+    pub(crate) inner: std::sync::Arc<dyn StreamClient>,
+    pub(crate) clock: std::sync::Arc<dyn kcl_lease::Clock>,
+    pub(crate) limit: Duration,
+}
+
+impl BoundedStreamClient {
+    async fn bound<T>(
+        &self,
+        call: &'static str,
+        fut: impl std::future::Future<Output = Result<T, StreamError>>,
+    ) -> Result<T, StreamError> {
+        kcl_lease::timeouts::within(&*self.clock, self.limit, fut)
+            .await
+            .unwrap_or(Err(StreamError::TimedOut {
+                call,
+                limit: self.limit,
+            }))
+    }
+}
+
+#[async_trait]
+impl StreamClient for BoundedStreamClient {
+    async fn list_shards_page(
+        &self,
+        stream: &str,
+        next_token: Option<&str>,
+        filter: Option<&ShardFilter>,
+    ) -> Result<ShardPage, StreamError> {
+        self.bound(
+            "ListShards",
+            self.inner.list_shards_page(stream, next_token, filter),
+        )
+        .await
+    }
+
+    async fn describe_stream_summary(&self, stream: &str) -> Result<StreamSummary, StreamError> {
+        self.bound(
+            "DescribeStreamSummary",
+            self.inner.describe_stream_summary(stream),
+        )
+        .await
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<String, StreamError> {
+        self.bound(
+            "GetShardIterator",
+            self.inner.get_shard_iterator(stream, shard_id, position),
+        )
+        .await
+    }
+
+    async fn get_records(
+        &self,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, StreamError> {
+        self.bound("GetRecords", self.inner.get_records(shard_iterator, limit))
+            .await
     }
 }
 

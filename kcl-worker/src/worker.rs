@@ -5,23 +5,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kcl_interfaces::RecordProcessorFactory;
-use kcl_lease::coordinator::{Holding, LeaseCoordinator, LeaseCoordinatorConfig, LeaseEvent};
-#[cfg(feature = "dynamodb")]
-use kcl_lease::dynamo::DynamoLeaseStore;
-use kcl_lease::{Clock, Lease, LeaseStore, RandomSource, SeededRandom, SystemClock};
+use kcl_lease::coordinator::{Holding, LeaseCoordinator, LeaseEvent};
+use kcl_lease::timeouts::within;
+use kcl_lease::{Clock, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom, SystemClock};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{Id, JoinSet};
 use tracing::{Instrument, error, info, info_span, warn};
 
-#[cfg(feature = "kinesis")]
-use crate::aws::AwsStreamClient;
-use crate::backoff::Backoff;
+#[cfg(any(feature = "kinesis", feature = "dynamodb"))]
+use crate::aws::AwsOptions;
+use crate::backoff::{Backoff, Retry};
 use crate::config::WorkerConfig;
 use crate::consumer::{ConsumerContext, Outcome, ShardConsumer, Signal};
-use crate::error::{ConfigError, WorkerError};
+use crate::error::{CallTimedOut, ConfigError, WorkerError};
+use crate::health::{HealthRegistry, ShardHealth};
 use crate::metrics as m;
 use crate::shard_sync::ShardSyncer;
-use crate::stream::StreamClient;
+use crate::stream::{BoundedStreamClient, StreamClient};
 
 /// Builds a [`Worker`].
 pub struct WorkerBuilder<F> {
@@ -32,7 +32,7 @@ pub struct WorkerBuilder<F> {
     clock: Option<Arc<dyn Clock>>,
     random: Option<Arc<dyn RandomSource>>,
     #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
-    sdk_config: Option<aws_config::SdkConfig>,
+    aws: Option<AwsOptions>,
 }
 
 impl<F> std::fmt::Debug for WorkerBuilder<F> {
@@ -46,8 +46,8 @@ impl<F> std::fmt::Debug for WorkerBuilder<F> {
 }
 
 impl<F: RecordProcessorFactory> WorkerBuilder<F> {
-    /// Uses this stream client instead of the AWS one (e.g. the in-memory one of `test_util`
-    /// Kinesis).
+    /// Uses this stream client instead of the AWS one (e.g. the in-memory Kinesis of
+    /// `test_util`). The worker bounds each of its calls by `call_timeout`.
     pub fn stream_client(mut self, stream: Arc<dyn StreamClient>) -> Self {
         self.stream = Some(stream);
         self
@@ -71,45 +71,42 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
         self
     }
 
-    /// Uses this AWS configuration for the clients the worker creates (default: loaded from
-    /// the environment). The configuration's endpoint and region options still apply.
+    /// How to build the AWS clients for what is not given as [`WorkerBuilder::stream_client`]
+    /// or [`WorkerBuilder::lease_store`] (default: [`AwsOptions::default`], everything from
+    /// the environment). Options without call timeouts get the worker's
+    /// `call_attempt_timeout` and `call_timeout`.
     #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
-    pub fn aws_config(mut self, sdk_config: aws_config::SdkConfig) -> Self {
-        self.sdk_config = Some(sdk_config);
+    pub fn aws(mut self, options: AwsOptions) -> Self {
+        self.aws = Some(options);
         self
     }
 
-    /// Builds the worker, creating AWS clients for what was not given.
+    /// Builds the worker, creating AWS clients for what was not given. Without the
+    /// `kinesis` / `dynamodb` features, a missing stream client or lease store is
+    /// [`ConfigError::Missing`].
     pub async fn build(self) -> Result<Worker<F>, WorkerError> {
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
-        let sdk = if self.stream.is_none() || self.store.is_none() {
-            let base = match self.sdk_config {
-                Some(c) => c,
-                None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
-            };
-            let mut b = base.into_builder();
-            if let Some(region) = &self.config.region {
-                b.set_region(Some(aws_config::Region::new(region.clone())));
+        let aws = if self.stream.is_none() || self.store.is_none() {
+            let mut options = self.aws.unwrap_or_default();
+            if options.call_timeouts.is_none() {
+                options.call_timeouts = Some(self.config.call_timeouts);
             }
-            Some(b.build())
+            let sdk = options.load_sdk_config().await?;
+            Some((options, sdk))
         } else {
             None
         };
         let stream = match self.stream {
             Some(s) => s,
             #[cfg(feature = "kinesis")]
-            None if sdk.is_some() => {
-                let sdk = sdk.as_ref().ok_or(ConfigError::Missing {
+            None if aws.is_some() => {
+                let (options, sdk) = aws.as_ref().ok_or(ConfigError::Missing {
                     what: "stream client",
                 })?;
-                let mut kb = aws_sdk_kinesis::config::Builder::from(sdk);
-                if let Some(url) = &self.config.kinesis_endpoint {
-                    kb = kb.endpoint_url(url);
-                }
-                Arc::new(AwsStreamClient::new(aws_sdk_kinesis::Client::from_conf(
-                    kb.build(),
-                )))
+                Arc::new(crate::aws::AwsStreamClient::new(
+                    options.kinesis_client_from(sdk),
+                ))
             }
             None => {
                 return Err(ConfigError::Missing {
@@ -121,17 +118,13 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
         let store = match self.store {
             Some(s) => s,
             #[cfg(feature = "dynamodb")]
-            None if sdk.is_some() => {
-                let sdk = sdk.as_ref().ok_or(ConfigError::Missing {
+            None if aws.is_some() => {
+                let (options, sdk) = aws.as_ref().ok_or(ConfigError::Missing {
                     what: "lease store",
                 })?;
-                let mut db = aws_sdk_dynamodb::config::Builder::from(sdk);
-                if let Some(url) = &self.config.dynamodb_endpoint {
-                    db = db.endpoint_url(url);
-                }
                 Arc::new(
-                    DynamoLeaseStore::new(
-                        aws_sdk_dynamodb::Client::from_conf(db.build()),
+                    kcl_lease::dynamo::DynamoLeaseStore::new(
+                        options.dynamodb_client_from(sdk),
                         self.config.table_name.clone(),
                     )
                     .with_clock(clock.clone()),
@@ -144,6 +137,12 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
                 .into());
             }
         };
+        // Every stream call is bounded on the injected clock, whatever the client.
+        let stream: Arc<dyn StreamClient> = Arc::new(BoundedStreamClient {
+            inner: stream,
+            clock: clock.clone(),
+            limit: self.config.call_timeouts.call,
+        });
         Ok(Worker {
             config: Arc::new(self.config),
             factory: Arc::new(self.factory),
@@ -196,7 +195,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             clock: None,
             random: None,
             #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
-            sdk_config: None,
+            aws: None,
         }
     }
 
@@ -215,6 +214,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 self.config.clone(),
                 self.stream.clone(),
                 self.store.clone(),
+                self.clock.clone(),
             ));
             // Retryable failures (throttling, a store or stream briefly unreachable) are
             // retried with a back-off a few times; anything else fails the start at once.
@@ -223,40 +223,37 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 self.config.max_backoff,
                 self.random.clone(),
             );
-            let mut attempt = 0;
-            let report = loop {
-                attempt += 1;
-                let result = async {
-                    self.store
-                        .create_table_if_not_exists(self.config.billing_mode)
-                        .await?;
-                    syncer.sync().await
-                }
-                .await;
-                match result {
-                    Ok(report) => break report,
-                    Err(e) if e.is_retryable() && attempt < 6 => {
-                        warn!(error = %kcl_lease::ErrorChain(&e), attempt, "starting the worker failed; retrying");
-                        self.clock.sleep(backoff.next_delay()).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
+            let report = backoff
+                .retry(
+                    &*self.clock,
+                    |_| async {
+                        self.store
+                            .create_table_if_not_exists(self.config.billing_mode)
+                            .await?;
+                        syncer.sync().await
+                    },
+                    |e: &WorkerError, attempt| {
+                        if e.is_retryable() && attempt < 6 {
+                            warn!(error = %kcl_lease::ErrorChain(e), attempt, "starting the worker failed; retrying");
+                            Retry::After
+                        } else {
+                            Retry::GiveUp
+                        }
+                    },
+                )
+                .await?;
             info!(
                 shards = report.shards,
                 created = report.leases_created,
                 "worker starting"
             );
-            let mut lc = LeaseCoordinatorConfig::new(self.config.worker_id.clone());
-            lc.failover_time = self.config.failover_time;
-            lc.max_leases_for_worker = self.config.max_leases_for_worker;
-            lc.max_leases_to_steal_at_one_time = self.config.max_leases_to_steal_at_one_time;
             let coordinator = LeaseCoordinator::new(
                 self.store.clone(),
-                lc,
+                self.config.lease.clone(),
                 self.clock.clone(),
                 self.random.clone(),
             )?;
+            let health = Arc::new(HealthRegistry::default());
             let events = coordinator.events().ok_or_else(|| WorkerError::Task {
                 message: "lease events already taken".to_owned(),
             })?;
@@ -267,6 +264,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 syncer,
                 clock: self.clock.clone(),
                 random: self.random.clone(),
+                health: health.clone(),
             };
             let coordinator_handle = coordinator.spawn();
             let (stop_tx, stop_rx) = oneshot::channel();
@@ -287,6 +285,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 stop: Some(stop_tx),
                 task: Some(task),
                 coordinator,
+                health,
                 _coordinator_handle: coordinator_handle,
             })
         }
@@ -296,7 +295,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
 }
 
 /// What a graceful shutdown did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct ShutdownReport {
     /// Processors still running when `shutdown_grace` ran out: they were aborted (their
@@ -304,9 +303,10 @@ pub struct ShutdownReport {
     pub aborted_processors: usize,
     /// Leases released in the table.
     pub leases_released: Vec<String>,
-    /// Leases whose release failed, with the error: other workers take them after
-    /// `failover_time`.
-    pub leases_not_released: Vec<(String, String)>,
+    /// Leases whose release failed or did not finish within `call_timeout`, with the error
+    /// (a [`CallTimedOut`](crate::CallTimedOut) cause for the latter): other workers take
+    /// them after `failover_time`.
+    pub leases_not_released: Vec<(String, LeaseError)>,
 }
 
 impl ShutdownReport {
@@ -323,10 +323,18 @@ pub struct WorkerHandle {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<ShutdownReport>>,
     coordinator: Arc<LeaseCoordinator>,
+    health: Arc<HealthRegistry>,
     _coordinator_handle: kcl_lease::coordinator::CoordinatorHandle,
 }
 
 impl WorkerHandle {
+    /// The health of every shard this worker reads now, in shard id order: the last
+    /// successful read, the last error, the failures in a row and how far behind the tip
+    /// it is. See [`ShardHealth`].
+    pub fn shard_health(&self) -> Vec<ShardHealth> {
+        self.health.snapshot()
+    }
+
     /// This worker's id.
     pub fn worker_id(&self) -> &str {
         &self.worker_id
@@ -340,14 +348,16 @@ impl WorkerHandle {
     /// Graceful shutdown: every processor gets `ShutdownReason::Requested` (and may
     /// checkpoint), the worker waits at most `shutdown_grace`, releases its leases, and
     /// returns once no processor callback can run any more.
+    ///
+    /// It returns within `shutdown_grace` plus one `call_timeout` even while Kinesis or the
+    /// lease store hangs: every step is bounded, and the leases it could not release are
+    /// named in [`ShutdownReport::leases_not_released`].
     pub async fn shutdown(mut self) -> Result<ShutdownReport, WorkerError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         match self.task.take() {
-            Some(task) => task.await.map_err(|e| WorkerError::Task {
-                message: e.to_string(),
-            }),
+            Some(task) => task.await.map_err(WorkerError::Join),
             None => Ok(ShutdownReport::default()),
         }
     }
@@ -403,11 +413,6 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         let sync_interval = self.ctx.config.shard_sync_interval;
         let mut next_sync = self.ctx.clock.sleep(sync_interval);
         let mut syncing: JoinSet<Result<crate::SyncReport, WorkerError>> = JoinSet::new();
-        let mut sync_backoff = Backoff::new(
-            self.ctx.config.task_backoff,
-            self.ctx.config.max_backoff,
-            self.ctx.random.clone(),
-        );
         loop {
             tokio::select! {
                 request = &mut stop => {
@@ -428,21 +433,29 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 },
                 // The sync runs in its own task so lease events and stop requests are
                 // handled while it lists shards and scans the table.
+                // A failed sync is retried with a back-off inside its task.
                 _ = &mut next_sync, if syncing.is_empty() => {
                     let syncer = self.ctx.syncer.clone();
-                    syncing.spawn(async move { syncer.sync().await }.instrument(tracing::Span::current()));
+                    let clock = self.ctx.clock.clone();
+                    let mut backoff = Backoff::new(
+                        self.ctx.config.task_backoff,
+                        self.ctx.config.max_backoff,
+                        self.ctx.random.clone(),
+                    );
+                    syncing.spawn(async move {
+                        backoff.retry(&*clock, |_| syncer.sync(), |e, _| {
+                            warn!(error = %kcl_lease::ErrorChain(e),
+                                "shard sync failed; retrying after a back-off");
+                            Retry::After
+                        }).await
+                    }.instrument(tracing::Span::current()));
                 }
                 Some(done) = syncing.join_next(), if !syncing.is_empty() => {
                     let delay = match done {
-                        Ok(Ok(_)) => { sync_backoff.reset(); sync_interval }
-                        Ok(Err(e)) => {
-                            warn!(error = %kcl_lease::ErrorChain(&e),
-                                "shard sync failed; retrying after a back-off");
-                            sync_backoff.next_delay()
-                        }
+                        Ok(_) => sync_interval,
                         Err(e) => {
                             error!(error = %kcl_lease::ErrorChain(&e), "shard sync task failed; retrying after a back-off");
-                            sync_backoff.next_delay()
+                            self.ctx.config.task_backoff
                         }
                     };
                     next_sync = self.ctx.clock.sleep(delay);
@@ -508,6 +521,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 // Give the lease up so another consumer (here or elsewhere) can proceed; a
                 // finished lease is never taken again.
                 // Only this consumer's holding: a lease lost and gained again meanwhile stays.
+                // The coordinator bounds the write by `call_timeout`.
                 match holding.release().await {
                     Ok(()) | Err(kcl_lease::LeaseError::NotHeld { .. }) => {}
                     Err(e) => {
@@ -524,9 +538,30 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         }
     }
 
+    /// Forgets a consumer task that ended during shutdown.
+    fn forget(&mut self, done: &Result<(Id, Outcome), tokio::task::JoinError>) {
+        let entry = match done {
+            Ok((id, _)) => self.by_task.remove(id),
+            Err(e) => self.by_task.remove(&e.id()),
+        };
+        if let Some((key, _)) = entry {
+            self.running.remove(&key);
+        }
+    }
+
+    /// Shuts every processor down within `shutdown_grace`, then releases the leases within
+    /// one `call_timeout`: the whole takes at most `shutdown_grace + call_timeout`, whatever
+    /// Kinesis or the lease store do. Every step is bounded on the injected clock.
     async fn graceful_shutdown(&mut self) -> ShutdownReport {
         info!("graceful shutdown: stopping processors");
-        self.ctx.coordinator.stop().await;
+        let clock = self.ctx.clock.clone();
+        let start = clock.now();
+        let grace = self.ctx.config.shutdown_grace;
+        let call_timeout = self.ctx.config.call_timeouts.call;
+        let remaining_grace =
+            |clock: &dyn Clock| grace.saturating_sub(clock.now().saturating_duration_since(start));
+        // Processors first, so they use the whole grace even if stopping the coordinator
+        // waits for a lease store call in progress.
         for tx in self.running.values() {
             // A consumer already told its lease is lost stays a zombie.
             tx.send_if_modified(|s| {
@@ -538,28 +573,34 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 }
             });
         }
-        let clock = self.ctx.clock.clone();
-        let start = clock.now();
-        let grace = self.ctx.config.shutdown_grace;
-        let renew_every = (self.ctx.config.failover_time / 3).max(Duration::from_millis(1));
-        let mut since_renew = Duration::ZERO;
-        let mut last_tick = start;
+        // No lease is taken or renewed by the coordinator's loops from now on.
+        if within(
+            &*clock,
+            remaining_grace(&*clock),
+            self.ctx.coordinator.stop(),
+        )
+        .await
+        .is_none()
+        {
+            metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
+            warn!(
+                ?grace,
+                "the lease coordinator did not stop within the shutdown grace"
+            );
+        }
+        let renew_every = (self.ctx.config.lease.failover_time / 3).max(Duration::from_millis(1));
+        let mut since_renew = clock.now().saturating_duration_since(start);
+        let mut last_tick = clock.now();
         while !self.consumers.is_empty() {
-            let elapsed = clock.now().saturating_duration_since(start);
-            if elapsed >= grace {
+            let left = remaining_grace(&*clock);
+            if left.is_zero() {
                 break;
             }
-            let wait = (grace - elapsed)
+            let wait = left
                 .min(renew_every.saturating_sub(since_renew))
                 .max(Duration::from_millis(1));
             tokio::select! {
-                Some(done) = self.consumers.join_next_with_id() => {
-                    let entry = match &done {
-                        Ok((id, _)) => self.by_task.remove(id),
-                        Err(e) => self.by_task.remove(&e.id()),
-                    };
-                    if let Some((key, _)) = entry { self.running.remove(&key); }
-                }
+                Some(done) = self.consumers.join_next_with_id() => self.forget(&done),
                 _ = clock.sleep(wait) => {}
             }
             // One renewal deadline for the whole wait, however often consumers finish.
@@ -568,9 +609,19 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             last_tick = now;
             if since_renew >= renew_every {
                 since_renew = Duration::ZERO;
-                // Keep the leases alive while processors finish.
-                self.ctx.coordinator.renew_once().await;
+                // Keep the leases alive while processors finish (never beyond the grace).
+                let left = remaining_grace(&*clock);
+                if within(&*clock, left, self.ctx.coordinator.renew_once())
+                    .await
+                    .is_none()
+                {
+                    metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
+                    warn!("renewing the leases during shutdown did not finish within the grace");
+                }
             }
+        }
+        while let Some(done) = self.consumers.try_join_next_with_id() {
+            self.forget(&done);
         }
         let aborted_processors = self.consumers.len();
         if aborted_processors > 0 {
@@ -581,16 +632,34 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             self.consumers.abort_all();
             while self.consumers.join_next().await.is_some() {}
         }
-        let released = self.ctx.coordinator.release_all().await;
+        let held = self.ctx.coordinator.held_keys();
+        let (leases_released, leases_not_released) =
+            match within(&*clock, call_timeout, self.ctx.coordinator.release_all()).await {
+                Some(released) => (released.released, released.failed),
+                None => {
+                    metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
+                    // Whatever is still held was not released in time.
+                    let still_held = self.ctx.coordinator.held_keys();
+                    let released = held
+                        .into_iter()
+                        .filter(|k| !still_held.contains(k))
+                        .collect();
+                    let failed = still_held
+                        .into_iter()
+                        .map(|k| (k, CallTimedOut::lease_error("release", call_timeout)))
+                        .collect();
+                    (released, failed)
+                }
+            };
         metrics::gauge!(m::SHARD_CONSUMERS).set(0.0);
+        for (key, e) in &leases_not_released {
+            warn!(lease_key = %key, error = %kcl_lease::ErrorChain(e),
+                "releasing the lease failed; other workers take it after failover_time");
+        }
         let report = ShutdownReport {
             aborted_processors,
-            leases_released: released.released,
-            leases_not_released: released
-                .failed
-                .into_iter()
-                .map(|(key, e)| (key, e.to_string()))
-                .collect(),
+            leases_released,
+            leases_not_released,
         };
         info!(?report, "worker stopped");
         report

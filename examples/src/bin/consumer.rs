@@ -5,8 +5,12 @@
 //! ```text
 //! cargo run -q -p kcl-examples --bin consumer -- --stream NAME --application NAME --region REGION \
 //!     [--kinesis-endpoint URL] [--dynamodb-endpoint URL] \
-//!     [--initial-position trim-horizon|latest|at-timestamp:RFC3339] [--worker-id ID] [--failover-time-ms N]
+//!     [--initial-position trim-horizon|latest|at-timestamp:RFC3339] [--worker-id ID] [--failover-time-ms N] \
+//!     [--call-timeout MS] [--call-attempt-timeout MS]
 //! ```
+//!
+//! It exits 0 after SIGINT or SIGTERM even when Kinesis or DynamoDB hang: shutdown is bounded
+//! (`shutdown_grace` plus one call timeout) and leases it could not release are logged.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -18,6 +22,7 @@ use kcl_interfaces::{
     CheckpointErrorKind, InitializationInput, ProcessRecordsInput, RecordProcessor, ShutdownInput,
     ShutdownReason,
 };
+use kcl_worker::aws::AwsOptions;
 use kcl_worker::{InitialPosition, Worker, WorkerConfig};
 use tracing::{error, info, warn};
 
@@ -48,6 +53,13 @@ struct Args {
     /// Lease failover time in milliseconds.
     #[arg(long)]
     failover_time_ms: Option<u64>,
+    /// Bound on a whole Kinesis or DynamoDB call, retries included, in milliseconds
+    /// (default 10000).
+    #[arg(long)]
+    call_timeout: Option<u64>,
+    /// Bound on one attempt of a Kinesis or DynamoDB call, in milliseconds (default 4000).
+    #[arg(long)]
+    call_attempt_timeout: Option<u64>,
 }
 
 fn parse_position(s: &str) -> Result<InitialPosition, String> {
@@ -160,22 +172,32 @@ async fn shutdown_signal() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut b = WorkerConfig::builder(args.application, args.stream)
-        .region(args.region)
         .initial_position(args.initial_position);
-    b.set_kinesis_endpoint(args.kinesis_endpoint);
-    b.set_dynamodb_endpoint(args.dynamodb_endpoint);
     b.set_worker_id(args.worker_id);
     b.set_failover_time(args.failover_time_ms.map(Duration::from_millis));
+    b.set_call_timeout(args.call_timeout.map(Duration::from_millis));
+    b.set_call_attempt_timeout(args.call_attempt_timeout.map(Duration::from_millis));
     let config = b.build()?;
+    let mut aws = AwsOptions::new().with_region(args.region);
+    aws.kinesis_endpoint = args.kinesis_endpoint;
+    aws.dynamodb_endpoint = args.dynamodb_endpoint;
     info!(worker_id = %config.worker_id, "starting");
     let handle = Worker::builder(config, JsonLines::default)
+        .aws(aws)
         .build()
         .await?
         .start()
         .await?;
     shutdown_signal().await;
     info!("signal received; shutting down gracefully");
-    handle.shutdown().await?;
+    let report = handle.shutdown().await?;
+    if !report.is_clean() {
+        warn!(
+            aborted_processors = report.aborted_processors,
+            leases_not_released = report.leases_not_released.len(),
+            "shutdown was not clean; unreleased leases are taken by other workers after the failover time"
+        );
+    }
     Ok(())
 }
 

@@ -4,8 +4,12 @@
 //! ```text
 //! cargo run -q -p kcl-examples --bin producer -- --stream NAME --region REGION \
 //!     [--kinesis-endpoint URL] --count N [--partition-keys k1,k2,...] [--payload-prefix P] \
-//!     [--aggregate [--records-per-aggregate M]] [--create-stream [--shards S]]
+//!     [--aggregate [--records-per-aggregate M]] [--create-stream [--shards S]] \
+//!     [--call-timeout MS] [--call-attempt-timeout MS]
 //! ```
+//!
+//! Every Kinesis call is bounded like the worker's: one attempt by `--call-attempt-timeout`
+//! (default 4 s), the whole call, retries included, by `--call-timeout` (default 10 s).
 //!
 //! Record `i` (from 0) carries the payload `{prefix}{i:06}` (`record-000042` by default) and
 //! the partition key `keys[i % keys.len()]` (`key-0` .. `key-9` by default). With
@@ -59,6 +63,12 @@ struct Args {
     /// Kinesis endpoint URL (e.g. an emulator on http://127.0.0.1:4567).
     #[arg(long)]
     kinesis_endpoint: Option<String>,
+    /// Bound on a whole Kinesis call, retries included, in milliseconds (default 10000).
+    #[arg(long)]
+    call_timeout: Option<u64>,
+    /// Bound on one attempt of a Kinesis call, in milliseconds (default 4000).
+    #[arg(long)]
+    call_attempt_timeout: Option<u64>,
     /// Number of user records to put.
     #[arg(long)]
     count: u64,
@@ -352,15 +362,24 @@ struct Summary {
 }
 
 async fn run(args: Args) -> Result<Summary, ProducerError> {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(args.region.clone()))
-        .load()
-        .await;
-    let mut config = aws_sdk_kinesis::config::Builder::from(&sdk);
-    if let Some(url) = &args.kinesis_endpoint {
-        config = config.endpoint_url(url);
-    }
-    let client = aws_sdk_kinesis::Client::from_conf(config.build());
+    let defaults = kcl_lease::CallTimeouts::default();
+    let timeouts = kcl_lease::CallTimeouts::new(
+        args.call_attempt_timeout
+            .map_or(defaults.attempt, Duration::from_millis),
+        args.call_timeout
+            .map_or(defaults.call, Duration::from_millis),
+    );
+    let mut options = kcl_worker::aws::AwsOptions::new()
+        .with_region(args.region.clone())
+        .with_call_timeouts(timeouts);
+    options.kinesis_endpoint = args.kinesis_endpoint.clone();
+    let client = options
+        .kinesis_client()
+        .await
+        .map_err(|e| ProducerError::Aws {
+            action: "configuring the Kinesis client".to_owned(),
+            source: Box::new(e),
+        })?;
 
     if args.create_stream {
         ensure_stream(&client, &args.stream, args.shards).await?;

@@ -19,8 +19,7 @@ use crate::stream::{
     StreamError, StreamSummary,
 };
 
-/// The largest `MaxResults` `ListShards` accepts.
-const MAX_LIST_SHARDS_PAGE_SIZE: u32 = 10_000;
+use crate::stream::limits::MAX_LIST_SHARDS_PAGE_SIZE;
 
 /// A [`StreamClient`] backed by the AWS SDK for Kinesis.
 ///
