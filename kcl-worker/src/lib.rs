@@ -8,7 +8,7 @@
 //!
 //! AWS SDK types appear only in [`aws`]; everything else speaks this crate's own types, so
 //! any [`stream::StreamClient`] and [`kcl_lease::LeaseStore`] can be plugged in
-//! (in-memory ones are in [`test_util`] and `kcl_lease::test_util`, feature `test-util`).
+//! (in-memory ones are in `test_util` and `kcl_lease::test_util`, feature `test-util`).
 //!
 //! # Example
 //!
