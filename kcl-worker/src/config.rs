@@ -44,14 +44,13 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Where shards without a checkpoint start (default `LATEST`).
     pub initial_position: InitialPosition,
-    /// The lease coordinator's settings: `worker_id` (the same as [`WorkerConfig::worker_id`]),
-    /// `failover_time` (default 10 s), `max_leases_for_worker` (default unlimited) and
-    /// `max_leases_to_steal_at_one_time` (default 1), with the coordinator's own defaults and
-    /// bounds.
+    /// The lease coordinator's settings, with the coordinator's own defaults and bounds:
+    /// `worker_id` (the same as [`WorkerConfig::worker_id`]), `failover_time` (default 10 s),
+    /// `max_leases_for_worker` (default unlimited), `max_leases_to_steal_at_one_time`
+    /// (default 1), and `call_timeouts`: the bounds on every Kinesis and lease store call,
+    /// `call_attempt_timeout` (one attempt, default 4 s) and `call_timeout` (the whole call,
+    /// retries included, default 10 s). See [`WorkerConfig::call_timeouts`].
     pub lease: LeaseCoordinatorConfig,
-    /// The bounds on every Kinesis and lease store call: `call_attempt_timeout` (one attempt,
-    /// default 4 s) and `call_timeout` (the whole call, retries included, default 10 s).
-    pub call_timeouts: CallTimeouts,
     /// The most records one GetRecords call returns (default and most 10000).
     pub max_records: u32,
     /// Sleep between reads when a shard is caught up and the last call returned nothing
@@ -93,6 +92,13 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The bounds on every Kinesis and lease store call (`call_attempt_timeout`,
+    /// `call_timeout`); they live in [`WorkerConfig::lease`], so the coordinator and the
+    /// worker use the same values.
+    pub fn call_timeouts(&self) -> CallTimeouts {
+        self.lease.call_timeouts
+    }
+
     /// A builder for `application_name` consuming `stream_name`.
     pub fn builder(
         application_name: impl Into<String>,
@@ -302,13 +308,12 @@ impl WorkerConfigBuilder {
         if let Some(v) = self.max_leases_to_steal_at_one_time {
             lease = lease.with_max_leases_to_steal_at_one_time(v);
         }
-        lease.validate().map_err(from_lease)?;
         let defaults = CallTimeouts::default();
-        let call_timeouts = CallTimeouts::new(
+        lease = lease.with_call_timeouts(CallTimeouts::new(
             self.call_attempt_timeout.unwrap_or(defaults.attempt),
             self.call_timeout.unwrap_or(defaults.call),
-        );
-        call_timeouts.validate().map_err(from_lease)?;
+        ));
+        lease.validate().map_err(from_lease)?;
         let max_records = self
             .max_records
             .unwrap_or(limits::MAX_RECORDS_PER_GET_RECORDS);
@@ -384,7 +389,6 @@ impl WorkerConfigBuilder {
             worker_id,
             initial_position: self.initial_position.unwrap_or_default(),
             lease,
-            call_timeouts,
             max_records,
             idle_time_between_reads: self
                 .idle_time_between_reads
@@ -451,7 +455,7 @@ mod tests {
         assert_eq!(c.lease.max_leases_for_worker, usize::MAX);
         assert_eq!(c.lease.max_leases_to_steal_at_one_time, 1);
         assert_eq!(c.lease.worker_id, c.worker_id);
-        assert_eq!(c.call_timeouts, CallTimeouts::default());
+        assert_eq!(c.call_timeouts(), CallTimeouts::default());
         assert_eq!(c.max_records, 10_000);
         assert_eq!(c.idle_time_between_reads, Duration::from_secs(1));
         assert!(!c.call_process_records_even_for_empty_list);

@@ -184,7 +184,7 @@ impl ShardSyncer {
         call: &'static str,
         fut: impl Future<Output = Result<T, LeaseError>>,
     ) -> Result<T, LeaseError> {
-        let limit = self.config.call_timeouts.call;
+        let limit = self.config.call_timeouts().call;
         kcl_lease::timeouts::within(&*self.clock, limit, fut)
             .await
             .unwrap_or_else(|| Err(CallTimedOut::lease_error(call, limit)))

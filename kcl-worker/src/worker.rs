@@ -90,7 +90,7 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
         let aws = if self.stream.is_none() || self.store.is_none() {
             let mut options = self.aws.unwrap_or_default();
             if options.call_timeouts.is_none() {
-                options.call_timeouts = Some(self.config.call_timeouts);
+                options.call_timeouts = Some(self.config.call_timeouts());
             }
             let sdk = options.load_sdk_config().await?;
             Some((options, sdk))
@@ -141,7 +141,7 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
         let stream: Arc<dyn StreamClient> = Arc::new(BoundedStreamClient {
             inner: stream,
             clock: clock.clone(),
-            limit: self.config.call_timeouts.call,
+            limit: self.config.call_timeouts().call,
         });
         Ok(Worker {
             config: Arc::new(self.config),
@@ -557,7 +557,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         let clock = self.ctx.clock.clone();
         let start = clock.now();
         let grace = self.ctx.config.shutdown_grace;
-        let call_timeout = self.ctx.config.call_timeouts.call;
+        let call_timeout = self.ctx.config.call_timeouts().call;
         let remaining_grace =
             |clock: &dyn Clock| grace.saturating_sub(clock.now().saturating_duration_since(start));
         // Processors first, so they use the whole grace even if stopping the coordinator

@@ -122,7 +122,8 @@ mod tests {
     async fn a_lost_lease_stops_checkpoints_and_throttling_is_retried() {
         let mut h = ProcessorHarness::new(WordCount::new(1));
         h.initialize("shardId-000000000000").await;
-        h.checkpointer().fail_next([CheckpointErrorKind::Throttling]);
+        h.checkpointer()
+            .fail_next([CheckpointErrorKind::Throttling]);
         h.deliver_data(&[("k", b"x")]).await;
         assert_eq!(h.processor().checkpoints, 0);
         h.deliver_data(&[("k", b"y")]).await;
