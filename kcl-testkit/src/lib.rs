@@ -75,6 +75,8 @@ pub mod conformance;
 #[cfg(feature = "emulators")]
 pub mod emulators;
 pub mod harness;
+#[cfg(feature = "java-interop")]
+pub mod java_kcl;
 #[cfg(feature = "simulation")]
 pub mod simulation;
 
