@@ -96,7 +96,7 @@ pub struct JavaKclOptions {
     pub worker_id: String,
     /// `kinesisClient.endpointOverride`.
     pub kinesis_endpoint: String,
-    /// `dynamoDBClient.endpointOverride`.
+    /// `dynamoDbClient.endpointOverride`.
     pub dynamodb_endpoint: String,
     /// `failoverTimeMillis`.
     pub failover_time: Duration,
@@ -184,7 +184,7 @@ impl JavaKclOptions {
             ("streamName", self.stream_name.clone()),
             ("workerId", self.worker_id.clone()),
             ("kinesisClient.endpointOverride", self.kinesis_endpoint.clone()),
-            ("dynamoDBClient.endpointOverride", self.dynamodb_endpoint.clone()),
+            ("dynamoDbClient.endpointOverride", self.dynamodb_endpoint.clone()),
             ("cloudWatchClient.endpointOverride", "http://127.0.0.1:9".to_owned()),
             ("regionName", REGION.to_owned()),
             (
@@ -840,7 +840,7 @@ mod tests {
             "streamName = stream",
             "workerId = j1",
             "kinesisClient.endpointOverride = http://127.0.0.1:1",
-            "dynamoDBClient.endpointOverride = http://127.0.0.1:2",
+            "dynamoDbClient.endpointOverride = http://127.0.0.1:2",
             "cloudWatchClient.endpointOverride = http://127.0.0.1:9",
             "retrievalMode = POLLING",
             "failoverTimeMillis = 3000",
