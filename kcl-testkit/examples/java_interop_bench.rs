@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
-    Projection, ProjectionType, ScalarAttributeType,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType,
 };
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -101,7 +101,8 @@ impl RecordProcessor for LoggingProcessor {
             );
         }
         if !input.records.is_empty() && input.checkpointer.checkpoint().await.is_ok() {
-            self.log.write(&self.shard, "checkpoint", serde_json::json!({}));
+            self.log
+                .write(&self.shard, "checkpoint", serde_json::json!({}));
         }
     }
 
@@ -111,8 +112,11 @@ impl RecordProcessor for LoggingProcessor {
             ShutdownReason::Terminate => "shard_ended",
             _ => "lease_lost",
         };
-        self.log
-            .write(&self.shard, "shutdown", serde_json::json!({"reason": reason}));
+        self.log.write(
+            &self.shard,
+            "shutdown",
+            serde_json::json!({"reason": reason}),
+        );
         if input.shutdown_reason != ShutdownReason::Zombie {
             let _ = input.checkpointer.checkpoint().await;
         }
@@ -132,7 +136,11 @@ fn rust_worker_main(args: &[String]) {
         .unwrap();
     runtime.block_on(async {
         let file = Arc::new(Mutex::new(
-            OpenOptions::new().create(true).append(true).open(log).unwrap(),
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
         ));
         let config = WorkerConfig::builder(app.clone(), app.clone())
             .table_name(app.clone())
@@ -155,7 +163,10 @@ fn rust_worker_main(args: &[String]) {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         let handle = Worker::builder(config, factory)
             .stream_client(Arc::new(AwsStreamClient::new(kinesis_client(kinesis))))
-            .lease_store(Arc::new(DynamoLeaseStore::new(dynamodb_client(dynamodb), app)))
+            .lease_store(Arc::new(DynamoLeaseStore::new(
+                dynamodb_client(dynamodb),
+                app,
+            )))
             .build()
             .await
             .unwrap()
@@ -205,7 +216,9 @@ impl Side {
     fn peak_rss_kib(&mut self) -> u64 {
         match self {
             Side::Java(j) => j.peak_rss_kib(),
-            Side::Rust { child, peak_kib, .. } => {
+            Side::Rust {
+                child, peak_kib, ..
+            } => {
                 *peak_kib = (*peak_kib).max(vm_hwm_kib(child.id()));
                 *peak_kib
             }
@@ -421,7 +434,11 @@ async fn wait_first_record(side: &mut Side) -> Duration {
         if !side.records().is_empty() {
             return side.started().elapsed();
         }
-        assert!(side.started().elapsed() < LIMIT, "{}: no record", side.name());
+        assert!(
+            side.started().elapsed() < LIMIT,
+            "{}: no record",
+            side.name()
+        );
         tokio::time::sleep(POLL).await;
     }
 }
@@ -541,9 +558,21 @@ async fn bench_main() {
         let _ = worker.peak_rss_kib();
         worker.kill();
     }
-    figure("start to first record, table with free leases", secs(start_free[0]), secs(start_free[1]));
-    figure("start to first record, empty table", secs(start_empty[0]), secs(start_empty[1]));
-    figure("peak RSS (Java: JVM + its Python children)", mib(rss[0]), mib(rss[1]));
+    figure(
+        "start to first record, table with free leases",
+        secs(start_free[0]),
+        secs(start_free[1]),
+    );
+    figure(
+        "start to first record, empty table",
+        secs(start_empty[0]),
+        secs(start_empty[1]),
+    );
+    figure(
+        "peak RSS (Java: JVM + its Python children)",
+        mib(rss[0]),
+        mib(rss[1]),
+    );
     figure("SIGTERM to exit", secs(sigterm[0]), secs(sigterm[1]));
 
     // The other side resumes after each side's graceful stop and crash.
@@ -562,7 +591,18 @@ async fn bench_main() {
         } else {
             java.kill();
         }
-        resumed.push(wait_resumed(&bench, name, "j1", &mut rust, at, &shards, &format!("jstop{round}")).await);
+        resumed.push(
+            wait_resumed(
+                &bench,
+                name,
+                "j1",
+                &mut rust,
+                at,
+                &shards,
+                &format!("jstop{round}"),
+            )
+            .await,
+        );
         java = bench.start_side(true, name, "j1");
         wait_split(&bench, name, "j1", "r1", &mut [&mut java, &mut rust]).await;
     }
@@ -574,7 +614,18 @@ async fn bench_main() {
         } else {
             rust.kill();
         }
-        resumed.push(wait_resumed(&bench, name, "r1", &mut java, at, &shards, &format!("rstop{round}")).await);
+        resumed.push(
+            wait_resumed(
+                &bench,
+                name,
+                "r1",
+                &mut java,
+                at,
+                &shards,
+                &format!("rstop{round}"),
+            )
+            .await,
+        );
         rust = bench.start_side(false, name, "r1");
         wait_split(&bench, name, "j1", "r1", &mut [&mut java, &mut rust]).await;
     }
@@ -583,7 +634,11 @@ async fn bench_main() {
         secs(resumed[0]),
         secs(resumed[2]),
     );
-    figure("other side resumes after a crash (SIGKILL) of", secs(resumed[1]), secs(resumed[3]));
+    figure(
+        "other side resumes after a crash (SIGKILL) of",
+        secs(resumed[1]),
+        secs(resumed[3]),
+    );
     println!(
         "(failover 3 s on both sides; the Java taker runs every 6.05 s, ours every 1.5 s; a row \
          names the side that was started, stopped or crashed)"

@@ -183,9 +183,18 @@ impl JavaKclOptions {
             ("applicationName", self.application_name.clone()),
             ("streamName", self.stream_name.clone()),
             ("workerId", self.worker_id.clone()),
-            ("kinesisClient.endpointOverride", self.kinesis_endpoint.clone()),
-            ("dynamoDbClient.endpointOverride", self.dynamodb_endpoint.clone()),
-            ("cloudWatchClient.endpointOverride", "http://127.0.0.1:9".to_owned()),
+            (
+                "kinesisClient.endpointOverride",
+                self.kinesis_endpoint.clone(),
+            ),
+            (
+                "dynamoDbClient.endpointOverride",
+                self.dynamodb_endpoint.clone(),
+            ),
+            (
+                "cloudWatchClient.endpointOverride",
+                "http://127.0.0.1:9".to_owned(),
+            ),
             ("regionName", REGION.to_owned()),
             (
                 "AWSCredentialsProvider",
@@ -257,7 +266,9 @@ pub enum JavaKclError {
         source: io::Error,
     },
     /// The daemon did not exit within the time given after SIGTERM.
-    #[error("the Java KCL (pid {pid}) did not exit within {waited:?} of SIGTERM; last lines:\n{log_tail}")]
+    #[error(
+        "the Java KCL (pid {pid}) did not exit within {waited:?} of SIGTERM; last lines:\n{log_tail}"
+    )]
     DidNotExit {
         /// The JVM's pid.
         pid: u32,
@@ -408,7 +419,9 @@ pub fn read_record_log(path: &Path) -> Result<Vec<JavaEvent>, JavaKclError> {
         Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
     };
     let text = String::from_utf8_lossy(&bytes);
-    let complete = text.rfind('\n').map_or("", |end| text.get(..end).unwrap_or(""));
+    let complete = text
+        .rfind('\n')
+        .map_or("", |end| text.get(..end).unwrap_or(""));
     complete
         .lines()
         .enumerate()
@@ -542,9 +555,10 @@ impl JavaKclWorker {
             .map_err(io_error(format!("writing {}", properties_path.display())))?;
         let output_path = dir.join("daemon.log");
         let record_log = dir.join("records.jsonl");
-        File::create(&record_log).map_err(io_error(format!("creating {}", record_log.display())))?;
-        let output =
-            File::create(&output_path).map_err(io_error(format!("creating {}", output_path.display())))?;
+        File::create(&record_log)
+            .map_err(io_error(format!("creating {}", record_log.display())))?;
+        let output = File::create(&output_path)
+            .map_err(io_error(format!("creating {}", output_path.display())))?;
         let output_err = output
             .try_clone()
             .map_err(io_error(format!("opening {}", output_path.display())))?;
@@ -756,7 +770,10 @@ fn group_vm_hwm_kib(group: u32) -> u64 {
     let mut total = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -766,7 +783,10 @@ fn group_vm_hwm_kib(group: u32) -> u64 {
         let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
             continue;
         };
-        let pgrp = rest.split_whitespace().nth(2).and_then(|p| p.parse::<u32>().ok());
+        let pgrp = rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse::<u32>().ok());
         if pgrp != Some(group) {
             continue;
         }
@@ -830,9 +850,15 @@ mod tests {
 
     #[test]
     fn properties_name_the_endpoints_and_the_mode() {
-        let options = JavaKclOptions::new("app", "stream", "j1", "http://127.0.0.1:1", "http://127.0.0.1:2")
-            .client_version(ClientVersion::V3x)
-            .property("maxLeasesForWorker", "3");
+        let options = JavaKclOptions::new(
+            "app",
+            "stream",
+            "j1",
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+        )
+        .client_version(ClientVersion::V3x)
+        .property("maxLeasesForWorker", "3");
         let text = options.properties("python3 p.py");
         for line in [
             "executableName = python3 p.py",
@@ -852,7 +878,10 @@ mod tests {
             "initialPositionInStream = TRIM_HORIZON",
             "maxLeasesForWorker = 3",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
         }
     }
 
@@ -886,14 +915,17 @@ mod tests {
                 data: b"hi".to_vec(),
             })
         );
-        assert!(matches!(&events[2], JavaEvent::Shutdown { reason, .. } if reason == "shard_ended"));
+        assert!(
+            matches!(&events[2], JavaEvent::Shutdown { reason, .. } if reason == "shard_ended")
+        );
     }
 
     #[test]
     fn the_fixture_refuses_outside_a_loopback_only_namespace() {
         let interfaces = network_interfaces().unwrap();
         let only_lo = interfaces.iter().all(|i| i == "lo");
-        let options = JavaKclOptions::new("a", "s", "j", "http://127.0.0.1:1", "http://127.0.0.1:2");
+        let options =
+            JavaKclOptions::new("a", "s", "j", "http://127.0.0.1:1", "http://127.0.0.1:2");
         if !only_lo {
             let err = JavaKclWorker::start(&options).unwrap_err();
             assert!(
