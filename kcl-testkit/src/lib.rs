@@ -79,6 +79,8 @@ pub mod emulators;
 #[cfg(feature = "emulators")]
 pub mod fault_proxy;
 pub mod harness;
+#[cfg(feature = "java-interop")]
+pub mod java_kcl;
 #[cfg(feature = "simulation")]
 pub mod simulation;
 
