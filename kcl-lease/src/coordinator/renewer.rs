@@ -67,14 +67,17 @@ impl LeaseCoordinator {
         if since_write < self.config.renew_interval() / 2 {
             return RenewOutcome::Skipped;
         }
-        let result = match within(self.clock.as_ref(), bound, self.store.renew_lease(&lease)).await
-        {
-            Some(result) => self.recover_spurious_failure(&lease, result).await,
-            None => Err(LeaseError::Timeout {
+        // The renewal and the re-read after a failed condition both fit in the deadline.
+        let renewal = async {
+            let result = self.store.renew_lease(&lease).await;
+            self.recover_spurious_failure(&lease, result).await
+        };
+        let result = within(self.clock.as_ref(), bound, renewal)
+            .await
+            .unwrap_or(Err(LeaseError::Timeout {
                 operation: "renew_lease",
                 after: bound,
-            }),
-        };
+            }));
         let succeeded = result.is_ok();
         metrics::counter!(
             "kcl_lease_renewals_total",
