@@ -99,8 +99,12 @@
 //! [`InMemoryKinesis::stats`] counts the calls of each operation.
 
 mod faults;
+mod iterators;
+mod records;
 mod sequence;
-mod state;
+mod shard;
+mod stream;
+mod streams;
 mod token;
 
 use std::fmt;
@@ -119,7 +123,7 @@ use kcl_kpl::SequenceNumber;
 use kcl_lease::{Clock, SystemClock};
 
 pub use faults::{Fault, KinesisStats, Operation, SimulatedError};
-use state::{Now, State};
+use streams::{Now, State};
 
 /// Where a record went: what `PutRecord` answers.
 #[derive(Clone, PartialEq, Eq, Debug)]
