@@ -16,7 +16,9 @@ use super::checker::*;
 use super::config::*;
 use super::journal::*;
 use super::*;
-use crate::kinesis::{Fault, InMemoryKinesis, Operation, PutRecordsEntry};
+use crate::kinesis::{
+    Fault, FaultKind as KinesisFault, InMemoryKinesis, Operation, PutRecordsEntry,
+};
 use crate::lease_store::InMemoryLeaseStore;
 use crate::recording::{Behaviour, Event, EventLog, RecordingFactory};
 
@@ -433,8 +435,10 @@ impl Simulation {
                     }
                     FaultKind::ThrottleGetRecords => {
                         let n = between(&self.rng, 3, 30) as u32;
-                        self.kinesis
-                            .fail_next(Operation::GetRecords, Fault::Throttled, n);
+                        self.kinesis.inject(
+                            Fault::new(KinesisFault::Throttle, n)
+                                .for_operation(Operation::GetRecords),
+                        );
                         self.note(
                             report,
                             started,
@@ -444,8 +448,10 @@ impl Simulation {
                     FaultKind::ExpireIterators => {
                         self.kinesis.expire_iterators();
                         let n = between(&self.rng, 1, 5) as u32;
-                        self.kinesis
-                            .fail_next(Operation::GetRecords, Fault::ExpiredIterator, n);
+                        self.kinesis.inject(
+                            Fault::new(KinesisFault::ExpiredIterator, n)
+                                .for_operation(Operation::GetRecords),
+                        );
                         // And as many answers of "no records yet" while records are there
                         // (no extra draw: the seeds' schedules stay as they were).
                         self.kinesis.empty_reads_next(n);

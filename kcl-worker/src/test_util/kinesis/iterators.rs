@@ -5,7 +5,6 @@ use std::time::Duration;
 use crate::stream::{IteratorPosition, StreamError};
 use kcl_kpl::SequenceNumber;
 
-use super::faults::Operation;
 use super::sequence::{self};
 use super::shard::*;
 use super::streams::*;
@@ -25,7 +24,6 @@ impl State {
         let stream = self.stream(name)?;
         let index = stream.find_shard(shard_id, now.wall)?;
         let incarnation = stream.incarnation;
-        self.take_shard_fault(Operation::GetShardIterator, name, index)?;
         let last_issued = self.sequence.last_value();
         let key = self.key;
         let stream = self.stream_mut(name)?;

@@ -6,7 +6,7 @@ use crate::stream::{ChildShard, GetRecordsOutput, StreamError};
 use bytes::Bytes;
 use kcl_kpl::{Record, effective_hash_key};
 
-use super::faults::{Fault, Operation};
+use super::faults::{Operation, throttled};
 use super::iterators::*;
 use super::shard::*;
 use super::streams::*;
@@ -213,7 +213,6 @@ impl State {
                 return Err(StreamError::ExpiredIterator);
             }
         }
-        self.take_shard_fault(Operation::GetRecords, &token.stream, token.shard)?;
         let Self {
             streams,
             stats,
@@ -235,7 +234,7 @@ impl State {
             }
             if shard.recent_reads.len() >= usize::try_from(limit_per_second).unwrap_or(usize::MAX) {
                 stats.read_rate_throttled += 1;
-                return Err(Fault::Throttled.to_error(Operation::GetRecords));
+                return Err(throttled(Operation::GetRecords));
             }
             shard.recent_reads.push_back(now.mono);
         }

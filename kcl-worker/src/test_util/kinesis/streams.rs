@@ -13,7 +13,7 @@ use super::faults::{Faults, KinesisStats, Operation};
 use super::sequence::SequenceAllocator;
 use super::shard::*;
 use super::stream::*;
-use super::token::PageToken;
+use super::token::{IteratorToken, PageToken};
 
 /// How long a `ListShards` next token stays valid.
 pub(crate) const NEXT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
@@ -89,26 +89,33 @@ impl State {
             .ok_or_else(|| stream_not_found(name))
     }
 
-    /// Takes an injected fault, counting it.
-    pub(crate) fn take_fault(&mut self, operation: Operation) -> Option<StreamError> {
-        let fault = self.faults.take(operation)?;
-        self.stats.faults_injected += 1;
-        Some(fault.to_error(operation))
-    }
-
-    pub(super) fn take_shard_fault(
+    /// Takes the injected fault for one call on the shard `key` (if known), counting it:
+    /// `Err` with its error, or `Ok(true)` when the call is to hang for good.
+    pub(crate) fn take_fault(
         &mut self,
         operation: Operation,
-        stream: &str,
-        shard: usize,
-    ) -> Result<(), StreamError> {
-        match self.faults.take_for_shard(operation, stream, shard) {
-            Some(fault) => {
+        key: Option<&str>,
+        can_hang: bool,
+    ) -> Result<bool, StreamError> {
+        let Some(kind) = self.faults.take(operation, key, can_hang) else {
+            return Ok(false);
+        };
+        match kind.to_error(operation) {
+            Some(error) => {
                 self.stats.faults_injected += 1;
-                Err(fault.to_error(operation))
+                Err(error)
             }
-            None => Ok(()),
+            None => {
+                self.stats.calls_hung += 1;
+                Ok(true)
+            }
         }
+    }
+
+    /// The shard id an iterator this fake issued is for (`None` for any other text).
+    pub(crate) fn iterator_shard_id(&self, iterator: &str) -> Option<String> {
+        IteratorToken::decode(self.key, iterator)
+            .map(|token| format!("{SHARD_ID_PREFIX}{:012}", token.shard))
     }
 
     pub(crate) fn create_stream(
@@ -290,15 +297,5 @@ impl State {
             _ => None,
         };
         Ok(ShardPage { shards, next_token })
-    }
-
-    /// The index of a visible shard (for per-shard faults).
-    pub(crate) fn shard_index_of(
-        &self,
-        name: &str,
-        shard_id: &str,
-        now: Now,
-    ) -> Result<usize, StreamError> {
-        self.stream(name)?.find_shard(shard_id, now.wall)
     }
 }
