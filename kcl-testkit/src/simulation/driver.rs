@@ -10,17 +10,15 @@ use kcl_interfaces::ShutdownReason;
 use kcl_kpl::Aggregator;
 use kcl_lease::{Lease, RandomSource, SeededRandom, SystemClock};
 use kcl_worker::stream::{Shard, StreamClient};
-use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerHandle};
+use kcl_worker::test_util::Fleet;
+use kcl_worker::{WorkerError, WorkerHandle};
 
 use super::checker::*;
 use super::config::*;
 use super::journal::*;
 use super::*;
-use crate::kinesis::{
-    Fault, FaultKind as KinesisFault, InMemoryKinesis, Operation, PutRecordsEntry,
-};
-use crate::lease_store::InMemoryLeaseStore;
-use crate::recording::{Behaviour, Event, EventLog, RecordingFactory};
+use crate::kinesis::{Fault, FaultKind as KinesisFault, Operation, PutRecordsEntry};
+use crate::recording::{Behaviour, Event, RecordingFactory};
 
 pub(super) const STREAM: &str = "simulation";
 pub(super) const APPLICATION: &str = "simulation-app";
@@ -88,11 +86,10 @@ pub(super) struct Simulation {
     pub(super) config: SimulationConfig,
     pub(super) rng: SeededRandom,
     pub(super) timings: Timings,
-    pub(super) kinesis: InMemoryKinesis,
-    pub(super) store: Arc<InMemoryLeaseStore>,
-    pub(super) journaled_store: Arc<JournalingLeaseStore>,
+    /// The in-memory Kinesis and lease store, and the workers' event log; its workers
+    /// write to the lease store through a [`JournalingLeaseStore`].
+    pub(super) fleet: Fleet,
     pub(super) journal: Journal,
-    pub(super) log: EventLog,
     pub(super) workers: Vec<RunningWorker>,
     pub(super) workers_started: usize,
     /// Workers stopped gracefully at the very end: none may own a lease afterwards.
@@ -131,22 +128,38 @@ impl Simulation {
             rounds: between(&rng, 20, 40) as usize,
             max_records: between(&rng, 20, 200) as u32,
         };
-        let kinesis = InMemoryKinesis::new();
-        let store = Arc::new(InMemoryLeaseStore::new());
         let journal = Journal::default();
+        let fleet = Fleet::without_stream(STREAM).with_application(APPLICATION);
         let journaled_store = Arc::new(JournalingLeaseStore {
-            inner: store.clone(),
+            inner: fleet.store().clone(),
             journal: journal.clone(),
         });
+        let (failover, idle, shard_sync, parent_poll, max_records) = (
+            timings.failover,
+            timings.idle,
+            timings.shard_sync,
+            timings.parent_poll,
+            timings.max_records,
+        );
+        let fleet = fleet
+            .with_workers_lease_store(journaled_store)
+            .with_defaults(move |builder| {
+                builder
+                    .failover_time(failover)
+                    .idle_time_between_reads(idle)
+                    .shard_sync_interval(shard_sync)
+                    .parent_shard_poll_interval(parent_poll)
+                    .shutdown_grace(Duration::from_secs(3))
+                    .task_backoff(Duration::from_millis(100))
+                    .max_backoff(Duration::from_secs(2))
+                    .max_records(max_records)
+            });
         Self {
             config,
             rng,
             timings,
-            kinesis,
-            store,
-            journaled_store,
+            fleet,
             journal,
-            log: EventLog::new(),
             workers: Vec::new(),
             workers_started: 0,
             stopped_at_end: Vec::new(),
@@ -169,30 +182,17 @@ impl Simulation {
     pub(super) async fn start_worker(&mut self) -> Result<(), String> {
         self.workers_started += 1;
         let id = format!("worker-{}", self.workers_started);
-        let t = &self.timings;
-        let config = WorkerConfig::builder(APPLICATION, STREAM)
-            .worker_id(id.clone())
-            .initial_position(InitialPosition::TrimHorizon)
-            .failover_time(t.failover)
-            .idle_time_between_reads(t.idle)
-            .shard_sync_interval(t.shard_sync)
-            .parent_shard_poll_interval(t.parent_poll)
-            .shutdown_grace(Duration::from_secs(3))
-            .task_backoff(Duration::from_millis(100))
-            .max_backoff(Duration::from_secs(2))
-            .max_records(t.max_records)
-            .build()
-            .map_err(|e| format!("worker config: {e}"))?;
         // One worker in three checkpoints at random records instead of the largest one.
         let partial_checkpoints = (self.rng.below(3) == 0).then(|| self.rng.next_u64());
         let behaviour = Behaviour::new().checkpoint_every_batch(partial_checkpoints.is_none());
-        let factory = RecordingFactory::new(id.clone(), self.log.clone(), behaviour.clone());
+        let factory =
+            RecordingFactory::new(id.clone(), self.fleet.log().clone(), behaviour.clone());
         let journaling = JournalingFactory {
             worker: id.clone(),
             inner: factory.clone(),
             journal: self.journal.clone(),
             partial_checkpoints,
-            log: self.log.clone(),
+            log: self.fleet.log().clone(),
         };
         let random_seed = self.config.seed ^ (self.workers_started as u64).wrapping_mul(0x9E37);
         // `start` fails at once on a lease store error (faults may be injected right now):
@@ -200,16 +200,13 @@ impl Simulation {
         let mut attempt = 0;
         let handle = loop {
             attempt += 1;
-            let worker = Worker::builder(config.clone(), journaling.clone())
-                .stream_client(Arc::new(self.kinesis.clone()))
-                .lease_store(self.journaled_store.clone())
-                .clock(Arc::new(SystemClock))
-                .random(Arc::new(SeededRandom::new(random_seed)))
-                .build()
+            match self
+                .fleet
+                .start_factory(&id, journaling.clone(), random_seed, |b| b)
                 .await
-                .map_err(|e| format!("building {id}: {e}"))?;
-            match worker.start().await {
+            {
                 Ok(handle) => break handle,
+                Err(e @ WorkerError::Config(_)) => return Err(format!("worker config: {e}")),
                 Err(e) if attempt < 20 => {
                     tracing::info!(worker_id = %id, error = %e, "starting the worker failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -259,7 +256,8 @@ impl Simulation {
                 let rec = agg
                     .finish()
                     .ok_or_else(|| "an aggregate came out empty".to_owned())?;
-                self.kinesis
+                self.fleet
+                    .kinesis()
                     .put_record(
                         STREAM,
                         &rec.partition_key,
@@ -286,14 +284,16 @@ impl Simulation {
         if plain.is_empty() {
             return Ok(());
         }
-        self.kinesis
+        self.fleet
+            .kinesis()
             .put_records(STREAM, std::mem::take(plain))
             .map(|_| ())
             .map_err(|e| format!("put_records: {e}"))
     }
 
     pub(super) async fn shards(&self) -> Result<Vec<Shard>, String> {
-        self.kinesis
+        self.fleet
+            .kinesis()
             .list_all_shards(STREAM, None)
             .await
             .map_err(|e| format!("listing shards: {e}"))
@@ -383,7 +383,8 @@ impl Simulation {
                                     | u128::from(self.rng.next_u64());
                                 let at = start + 1 + wide % (end - start);
                                 let children = self
-                                    .kinesis
+                                    .fleet
+                                    .kinesis()
                                     .split_shard(STREAM, &shard.shard_id, at)
                                     .map_err(|e| format!("split of {}: {e}", shard.shard_id))?;
                                 self.note(
@@ -412,7 +413,8 @@ impl Simulation {
                         match pairs.get(self.rng.below(pairs.len() as u64) as usize) {
                             Some((a, b)) => {
                                 let child = self
-                                    .kinesis
+                                    .fleet
+                                    .kinesis()
                                     .merge_shards(STREAM, &a.shard_id, &b.shard_id)
                                     .map_err(|e| {
                                         format!("merge of {} and {}: {e}", a.shard_id, b.shard_id)
@@ -435,7 +437,7 @@ impl Simulation {
                     }
                     FaultKind::ThrottleGetRecords => {
                         let n = between(&self.rng, 3, 30) as u32;
-                        self.kinesis.inject(
+                        self.fleet.kinesis().inject(
                             Fault::new(KinesisFault::Throttle, n)
                                 .for_operation(Operation::GetRecords),
                         );
@@ -446,15 +448,15 @@ impl Simulation {
                         );
                     }
                     FaultKind::ExpireIterators => {
-                        self.kinesis.expire_iterators();
+                        self.fleet.kinesis().expire_iterators();
                         let n = between(&self.rng, 1, 5) as u32;
-                        self.kinesis.inject(
+                        self.fleet.kinesis().inject(
                             Fault::new(KinesisFault::ExpiredIterator, n)
                                 .for_operation(Operation::GetRecords),
                         );
                         // And as many answers of "no records yet" while records are there
                         // (no extra draw: the seeds' schedules stay as they were).
-                        self.kinesis.empty_reads_next(n);
+                        self.fleet.kinesis().empty_reads_next(n);
                         self.note(
                             report,
                             started,
@@ -463,7 +465,7 @@ impl Simulation {
                     }
                     FaultKind::LeaseStoreThrottle => {
                         let n = between(&self.rng, 1, 8) as u32;
-                        self.store.throttle_next(n);
+                        self.fleet.store().throttle_next(n);
                         self.note(
                             report,
                             started,
@@ -472,7 +474,7 @@ impl Simulation {
                     }
                     FaultKind::LeaseStoreFailure => {
                         let n = between(&self.rng, 1, 8) as u32;
-                        self.store.fail_next(n);
+                        self.fleet.store().fail_next(n);
                         self.note(
                             report,
                             started,
@@ -504,7 +506,8 @@ impl Simulation {
 
     pub(super) async fn run(&mut self, report: &mut SimulationReport) -> Result<(), String> {
         let started = tokio::time::Instant::now();
-        self.kinesis
+        self.fleet
+            .kinesis()
             .create_stream(STREAM, self.config.shards)
             .map_err(|e| format!("create_stream: {e}"))?;
         for _ in 0..self.config.workers.max(1) {
@@ -548,8 +551,8 @@ impl Simulation {
             }
         }
         // Faults stop; at least one worker runs.
-        self.kinesis.clear_faults();
-        self.store.clear_faults();
+        self.fleet.kinesis().clear_faults();
+        self.fleet.store().clear_faults();
         for w in &self.workers {
             w.factory.set_behaviour(w.behaviour.clone());
         }
@@ -586,7 +589,8 @@ impl Simulation {
     /// Closed shards whose lease is neither at SHARD_END nor deleted.
     pub(super) async fn unfinished_closed_shards(&self) -> Result<Vec<String>, String> {
         let leases: HashMap<String, Lease> = self
-            .store
+            .fleet
+            .store()
             .snapshot()
             .into_iter()
             .map(|l| (l.lease_key.clone(), l))
@@ -635,7 +639,8 @@ impl Simulation {
     }
 
     pub(super) fn describe_leases(&self) -> String {
-        self.store
+        self.fleet
+            .store()
             .snapshot()
             .iter()
             .map(|l| {
@@ -713,7 +718,7 @@ impl Simulation {
             ));
         }
         // 3. No checkpoint succeeded in shutdown(Zombie) (from the recording processors).
-        for e in self.log.events() {
+        for e in self.fleet.log().events() {
             if let Event::Checkpointed {
                 worker,
                 shard,
@@ -729,7 +734,8 @@ impl Simulation {
         }
         // 5. Closed shards finished.
         let snapshot: HashMap<String, Lease> = self
-            .store
+            .fleet
+            .store()
             .snapshot()
             .into_iter()
             .map(|l| (l.lease_key.clone(), l))

@@ -77,10 +77,17 @@ impl Fleet {
     /// `TRIM_HORIZON`, failover time 10 s, 200 ms between idle reads, shard sync every 5 s,
     /// parent shards polled every 500 ms.
     pub fn new(stream: &str, shards: u32) -> Result<Self, StreamError> {
+        let fleet = Self::without_stream(stream);
+        fleet.kinesis.create_stream(stream, shards)?;
+        Ok(fleet)
+    }
+
+    /// A fleet as [`Fleet::new`] whose stream `stream` does not exist yet (create it with
+    /// [`InMemoryKinesis::create_stream`] on [`Fleet::kinesis`]).
+    pub fn without_stream(stream: &str) -> Self {
         let kinesis = InMemoryKinesis::new();
-        kinesis.create_stream(stream, shards)?;
         let store = Arc::new(InMemoryLeaseStore::new());
-        Ok(Self {
+        Self {
             kinesis,
             workers_store: store.clone(),
             store,
@@ -95,7 +102,7 @@ impl Fleet {
                     .shard_sync_interval(Duration::from_secs(5))
                     .parent_shard_poll_interval(Duration::from_millis(500))
             }),
-        })
+        }
     }
 
     /// Replaces the defaults every worker starts from (after the application, stream,
