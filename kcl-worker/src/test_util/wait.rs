@@ -6,7 +6,7 @@ use kcl_lease::Clock;
 use kcl_lease::timeouts::within;
 
 /// How often [`wait_until`] looks at its condition.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A condition that did not hold within its limit.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
