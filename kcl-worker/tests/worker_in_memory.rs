@@ -530,30 +530,50 @@ impl kcl_interfaces::RecordProcessor for BadOnShardZero {
     async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_panicking_processor_only_affects_its_own_shard() {
-    let env = env(4);
+/// Puts 200 records over 4 shards, starts a worker (with `shutdown_grace` when given) whose
+/// processor panics (or hangs) on shard 0, and waits until every record of the other shards is delivered. Returns the
+/// worker and how many records shard 0 holds.
+async fn misbehaving_on_shard_zero(
+    env: &Fleet,
+    hang: bool,
+    shutdown_grace: Option<Duration>,
+) -> (WorkerHandle, usize) {
     for i in 0..200 {
         env.put_plain(&format!("key-{i}"), &format!("r{i}"))
             .unwrap();
     }
     let log = env.log().clone();
     let factory = move || BadOnShardZero {
-        hang: false,
+        hang,
         shard: String::new(),
         log: log.clone(),
     };
     let handle = env
-        .start_factory("w1", factory, default_seed("w1"), |b| b)
+        .start_factory(
+            "w1",
+            factory,
+            default_seed("w1"),
+            |b| match shutdown_grace {
+                Some(grace) => b.shutdown_grace(grace),
+                None => b,
+            },
+        )
         .await
         .unwrap();
     // Every record not on shard 0 is delivered, and the worker keeps running.
-    let shard_zero_records = keys_on_shard_zero(&env, 200).await;
+    let on_zero = keys_on_shard_zero(env, 200).await;
     env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
-        e.delivered_payloads().len() == 200 - shard_zero_records
+        e.delivered_payloads().len() == 200 - on_zero
     })
     .await
     .unwrap();
+    (handle, on_zero)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_processor_only_affects_its_own_shard() {
+    let env = env(4);
+    let (handle, shard_zero_records) = misbehaving_on_shard_zero(&env, false, None).await;
     assert!(shard_zero_records > 0);
     assert!(!handle.is_finished());
     // Shard 0's lease was released after the panic (and is retried, panicking again).
@@ -793,28 +813,7 @@ async fn the_checkpointer_validates_positions() {
 #[tokio::test(start_paused = true)]
 async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_returns() {
     let env = env(4);
-    for i in 0..200 {
-        env.put_plain(&format!("key-{i}"), &format!("r{i}"))
-            .unwrap();
-    }
-    let log = env.log().clone();
-    let factory = move || BadOnShardZero {
-        hang: true,
-        shard: String::new(),
-        log: log.clone(),
-    };
-    let handle = env
-        .start_factory("w1", factory, default_seed("w1"), |b| {
-            b.shutdown_grace(Duration::from_secs(2))
-        })
-        .await
-        .unwrap();
-    let on_zero = keys_on_shard_zero(&env, 200).await;
-    env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
-        e.delivered_payloads().len() == 200 - on_zero
-    })
-    .await
-    .unwrap();
+    let (handle, _) = misbehaving_on_shard_zero(&env, true, Some(Duration::from_secs(2))).await;
     let stopping = Instant::now();
     let report = handle.shutdown().await.unwrap();
     assert!(
