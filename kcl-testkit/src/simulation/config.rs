@@ -20,6 +20,9 @@ pub struct SimulationConfig {
     pub keys: usize,
     /// Whether to inject faults (crashes, stops, resharding, throttling, ...).
     pub faults: bool,
+    /// Whether the faults include hangs: calls that never complete, and a path on which
+    /// every call started for a while hangs for good (on by default; only with `faults`).
+    pub hangs: bool,
     /// Most fault events in the schedule (at least one is drawn when `faults` is on).
     pub max_faults: usize,
     /// How long (virtual time) to wait for every record after the producer finished.
@@ -28,7 +31,7 @@ pub struct SimulationConfig {
 
 impl SimulationConfig {
     /// The configuration for `seed`: 3 workers, 4 shards, 300 to 800 records under 10 to
-    /// 40 keys, faults on (1 to 6 fault events).
+    /// 40 keys, faults on (1 to 6 fault events), hangs among them.
     pub fn new(seed: u64) -> Self {
         let rng = SeededRandom::new(seed ^ 0x5EED_C0F1_6000_0001);
         Self {
@@ -38,6 +41,7 @@ impl SimulationConfig {
             records: 300 + rng.below(501) as usize,
             keys: 10 + rng.below(31) as usize,
             faults: true,
+            hangs: true,
             max_faults: 6,
             drain_limit: Duration::from_secs(600),
         }
@@ -64,6 +68,12 @@ impl SimulationConfig {
     /// Sets the number of partition keys (at least 1).
     pub fn keys(mut self, keys: usize) -> Self {
         self.keys = keys.max(1);
+        self
+    }
+
+    /// Turns the hang faults on or off (the other faults stay as `faults` says).
+    pub fn hangs(mut self, hangs: bool) -> Self {
+        self.hangs = hangs;
         self
     }
 

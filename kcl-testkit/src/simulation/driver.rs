@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kcl_interfaces::ShutdownReason;
 use kcl_kpl::Aggregator;
+use kcl_lease::timeouts::within;
 use kcl_lease::{Lease, RandomSource, SeededRandom, SystemClock};
 use kcl_worker::stream::{Shard, StreamClient};
 use kcl_worker::test_util::Fleet;
@@ -26,6 +27,11 @@ pub(super) const APPLICATION: &str = "simulation-app";
 pub(super) const MAX_OPEN_SHARDS: usize = 8;
 /// How often the driver looks at the world while draining.
 pub(super) const DRAIN_POLL: Duration = Duration::from_millis(250);
+/// How long the driver waits for one of its own calls (listing shards, starting or
+/// stopping a worker) before it gives up on it: a hanging path hangs them too.
+pub(super) const DRIVER_CALL_LIMIT: Duration = Duration::from_secs(60);
+/// How often the driver asks again for a shard listing that hung.
+pub(super) const LISTING_ATTEMPTS: usize = 10;
 
 // ---------------------------------------------------------------------------------------
 // The fault schedule.
@@ -41,7 +47,16 @@ pub(super) enum FaultKind {
     LeaseStoreThrottle,
     LeaseStoreFailure,
     SlowProcessor,
+    /// The next few Kinesis calls never complete.
+    KinesisHang,
+    /// Every Kinesis call started for a while hangs for good (a dead path).
+    KinesisHangingPath,
 }
+
+/// The hang faults, drawn besides [`FAULT_KINDS`] when [`SimulationConfig::hangs`] is on
+/// (appended, so the schedules of runs without hangs stay as they were).
+pub(super) const HANG_KINDS: [FaultKind; 2] =
+    [FaultKind::KinesisHang, FaultKind::KinesisHangingPath];
 
 pub(super) const FAULT_KINDS: [FaultKind; 9] = [
     FaultKind::Crash,
@@ -200,18 +215,27 @@ impl Simulation {
         let mut attempt = 0;
         let handle = loop {
             attempt += 1;
-            match self
+            let start = self
                 .fleet
-                .start_factory(&id, journaling.clone(), random_seed, |b| b)
+                .start_factory(&id, journaling.clone(), random_seed, |b| b);
+            // A start whose calls hang (a hanging path) is given up and tried again.
+            let outcome = within(&SystemClock, DRIVER_CALL_LIMIT, start)
                 .await
-            {
-                Ok(handle) => break handle,
-                Err(e @ WorkerError::Config(_)) => return Err(format!("worker config: {e}")),
-                Err(e) if attempt < 20 => {
+                .ok_or_else(|| {
+                    format!("starting {id} did not return within {DRIVER_CALL_LIMIT:?}")
+                });
+            match outcome {
+                Ok(Ok(handle)) => break handle,
+                Err(hung) if attempt < 20 => {
+                    tracing::info!(worker_id = %id, %hung, "starting the worker hung; retrying");
+                }
+                Err(hung) => return Err(format!("{hung}, {attempt} times")),
+                Ok(Err(e @ WorkerError::Config(_))) => return Err(format!("worker config: {e}")),
+                Ok(Err(e)) if attempt < 20 => {
                     tracing::info!(worker_id = %id, error = %e, "starting the worker failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(format!("starting {id} failed {attempt} times: {e}")),
+                Ok(Err(e)) => return Err(format!("starting {id} failed {attempt} times: {e}")),
             }
         };
         self.workers.push(RunningWorker {
@@ -292,11 +316,15 @@ impl Simulation {
     }
 
     pub(super) async fn shards(&self) -> Result<Vec<Shard>, String> {
-        self.fleet
-            .kinesis()
-            .list_all_shards(STREAM, None)
-            .await
-            .map_err(|e| format!("listing shards: {e}"))
+        // A call started on a hanging path never answers: give up on it and ask again
+        // (the spells are shorter than the attempts).
+        for _ in 0..LISTING_ATTEMPTS {
+            let listing = self.fleet.kinesis().list_all_shards(STREAM, None);
+            if let Some(result) = within(&SystemClock, DRIVER_CALL_LIMIT / 6, listing).await {
+                return result.map_err(|e| format!("listing shards: {e}"));
+            }
+        }
+        Err(format!("listing shards hung {LISTING_ATTEMPTS} times"))
     }
 
     pub(super) async fn open_shards(&self) -> Result<Vec<Shard>, String> {
@@ -359,9 +387,14 @@ impl Simulation {
                                 w.handle.abort().await;
                                 self.note(report, started, format!("crashed {}", w.id));
                             } else {
-                                w.handle
-                                    .shutdown()
+                                within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown())
                                     .await
+                                    .ok_or_else(|| {
+                                        format!(
+                                            "graceful stop of {} did not return within {DRIVER_CALL_LIMIT:?}",
+                                            w.id
+                                        )
+                                    })?
                                     .map_err(|e| format!("graceful stop of {}: {e}", w.id))?;
                                 self.note(report, started, format!("stopped {} gracefully", w.id));
                             }
@@ -481,6 +514,35 @@ impl Simulation {
                             format!("failing the next {n} lease store calls"),
                         );
                     }
+                    FaultKind::KinesisHang => {
+                        let n = between(&self.rng, 1, 3) as u32;
+                        self.fleet.kinesis().inject(
+                            Fault::new(KinesisFault::Hang, n).for_operation(Operation::GetRecords),
+                        );
+                        self.note(
+                            report,
+                            started,
+                            format!("the next {n} GetRecords calls never complete"),
+                        );
+                    }
+                    FaultKind::KinesisHangingPath => {
+                        let spell = millis(&self.rng, 500, 5_000);
+                        self.fleet.kinesis().set_hanging(true);
+                        self.note(
+                            report,
+                            started,
+                            format!(
+                                "every Kinesis call started in the next {spell:?} hangs for good"
+                            ),
+                        );
+                        // Ended by a timer of its own: the driver's own calls may be the
+                        // ones hanging meanwhile.
+                        let kinesis = self.fleet.kinesis().clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(spell).await;
+                            kinesis.set_hanging(false);
+                        });
+                    }
                     FaultKind::SlowProcessor => {
                         if let Some(i) = self.pick_worker()
                             && let Some(w) = self.workers.get(i)
@@ -520,8 +582,13 @@ impl Simulation {
             let count = between(&self.rng, 1, self.config.max_faults.max(1) as u64);
             for _ in 0..count {
                 let at = Duration::from_millis(self.rng.below(production.as_millis() as u64 + 1));
-                let kind = FAULT_KINDS
-                    .get(self.rng.below(FAULT_KINDS.len() as u64) as usize)
+                let kinds: Vec<FaultKind> = if self.config.hangs {
+                    FAULT_KINDS.iter().chain(&HANG_KINDS).copied().collect()
+                } else {
+                    FAULT_KINDS.to_vec()
+                };
+                let kind = kinds
+                    .get(self.rng.below(kinds.len() as u64) as usize)
                     .copied()
                     .unwrap_or(FaultKind::Crash);
                 schedule.push((at, Action::Fault(kind)));
@@ -656,10 +723,14 @@ impl Simulation {
     pub(super) async fn stop_all(&mut self, report: &mut SimulationReport) {
         for w in std::mem::take(&mut self.workers) {
             let id = w.id.clone();
-            if let Err(e) = w.handle.shutdown().await {
-                report
+            match within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown()).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => report
                     .violations
-                    .push(format!("graceful shutdown of {id} failed: {e}"));
+                    .push(format!("graceful shutdown of {id} failed: {e}")),
+                None => report.violations.push(format!(
+                    "graceful shutdown of {id} did not return within {DRIVER_CALL_LIMIT:?}"
+                )),
             }
             self.stopped_at_end.push(id);
         }

@@ -7,7 +7,9 @@
 //! fault schedule derived from the seed crashes workers (no shutdown, no release) and
 //! restarts them under new ids, stops workers gracefully and restarts them, splits and
 //! merges shards, throttles `GetRecords`, expires iterators, fails or throttles lease store
-//! calls, and slows processors down. One worker in three checkpoints at a random record of
+//! calls, slows processors down, and (with [`SimulationConfig::hangs`], on by default) makes
+//! calls hang: a few calls that never complete, and a path on which every call started for
+//! a while hangs for good. One worker in three checkpoints at a random record of
 //! each batch (often inside a KPL aggregate) or skips the checkpoint, instead of
 //! checkpointing the largest delivered record. After the producer finishes, the faults stop, at least
 //! one worker keeps running, and the simulation waits (bounded, in virtual time) until every
