@@ -1,7 +1,8 @@
 //! A seeded multi-worker simulation with invariant checks.
 //!
 //! [`run_simulation`] runs several [`kcl_worker::Worker`]s in one process over one
-//! [`InMemoryKinesis`] and one [`InMemoryLeaseStore`], on tokio's clock (paused: virtual
+//! [`InMemoryKinesis`](crate::kinesis::InMemoryKinesis) and one
+//! [`InMemoryLeaseStore`](crate::lease_store::InMemoryLeaseStore), on tokio's clock (paused: virtual
 //! time, so simulated minutes take milliseconds). A producer writes plain and KPL-aggregated
 //! records under many partition keys, each payload carrying a per-key counter, while a
 //! fault schedule derived from the seed crashes workers (no shutdown, no release) and
@@ -32,8 +33,8 @@
 //!    is initialized only after every parent checkpointed `SHARD_END`.
 //!
 //! The checks read a journal written by a processor wrapper (around
-//! [`crate::recording::RecordingProcessor`], whose [`EventLog`] is kept too) and by a
-//! [`LeaseStore`] decorator that logs every successful write, in one total order.
+//! [`crate::recording::RecordingProcessor`], whose [`EventLog`](crate::recording::EventLog) is kept too) and by a
+//! [`LeaseStore`](kcl_lease::LeaseStore) decorator that logs every successful write, in one total order.
 //!
 //! Replaying a seed repeats its inputs (records, fault schedule, timings, worker random
 //! sources) exactly; the interleaving of tasks can still differ slightly between runs
