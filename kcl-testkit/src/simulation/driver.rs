@@ -51,12 +51,20 @@ pub(super) enum FaultKind {
     KinesisHang,
     /// Every Kinesis call started for a while hangs for good (a dead path).
     KinesisHangingPath,
+    /// The next few lease store calls never complete.
+    LeaseStoreHang,
+    /// Every lease store call started for a while hangs for good (a dead path).
+    LeaseStoreHangingPath,
 }
 
 /// The hang faults, drawn besides [`FAULT_KINDS`] when [`SimulationConfig::hangs`] is on
 /// (appended, so the schedules of runs without hangs stay as they were).
-pub(super) const HANG_KINDS: [FaultKind; 2] =
-    [FaultKind::KinesisHang, FaultKind::KinesisHangingPath];
+pub(super) const HANG_KINDS: [FaultKind; 4] = [
+    FaultKind::KinesisHang,
+    FaultKind::KinesisHangingPath,
+    FaultKind::LeaseStoreHang,
+    FaultKind::LeaseStoreHangingPath,
+];
 
 pub(super) const FAULT_KINDS: [FaultKind; 9] = [
     FaultKind::Crash,
@@ -541,6 +549,32 @@ impl Simulation {
                         tokio::spawn(async move {
                             tokio::time::sleep(spell).await;
                             kinesis.set_hanging(false);
+                        });
+                    }
+                    FaultKind::LeaseStoreHang => {
+                        let n = between(&self.rng, 1, 3) as u32;
+                        self.fleet.store().hang_next(n);
+                        self.note(
+                            report,
+                            started,
+                            format!("the next {n} lease store calls never complete"),
+                        );
+                    }
+                    FaultKind::LeaseStoreHangingPath => {
+                        let spell = millis(&self.rng, 500, 5_000);
+                        self.fleet.store().set_hanging(true);
+                        self.note(
+                            report,
+                            started,
+                            format!(
+                                "every lease store call started in the next {spell:?} hangs for good"
+                            ),
+                        );
+                        // Ended by a timer of its own, as the Kinesis path.
+                        let store = self.fleet.store().clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(spell).await;
+                            store.set_hanging(false);
                         });
                     }
                     FaultKind::SlowProcessor => {
