@@ -435,6 +435,197 @@ pub fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(&sdk_config(endpoint))
 }
 
+/// How often [`wait_stream_active`] and [`wait_table_active`] ask for the status.
+pub const ACTIVE_POLL: Duration = Duration::from_millis(20);
+
+/// A stream or table that could not be created, or did not become `ACTIVE`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// A call to the emulator failed.
+    #[error("{call} of {resource} failed")]
+    Call {
+        /// The API call (`CreateStream`, ...).
+        call: &'static str,
+        /// The stream or table.
+        resource: String,
+        /// The SDK's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The resource was not `ACTIVE` within the limit.
+    #[error("{resource} not ACTIVE after {waited:?} (last status: {status})")]
+    NotActive {
+        /// The stream or table.
+        resource: String,
+        /// How long it was waited for.
+        waited: Duration,
+        /// The last status seen.
+        status: String,
+    },
+}
+
+/// Asks `status` every [`ACTIVE_POLL`] (in real time) until it answers `Some`, for at most
+/// `limit`; the last status text seen goes into [`SetupError::NotActive`].
+async fn poll_active<T, F, Fut>(
+    resource: &str,
+    limit: Duration,
+    mut status: F,
+) -> Result<T, SetupError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(Option<T>, String), SetupError>>,
+{
+    let last = std::sync::Mutex::new(String::from("none yet"));
+    let polling = async {
+        loop {
+            let (active, seen) = status().await?;
+            if let Some(done) = active {
+                return Ok(done);
+            }
+            *last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = seen;
+            tokio::time::sleep(ACTIVE_POLL).await;
+        }
+    };
+    match kcl_lease::timeouts::within(&kcl_lease::SystemClock, limit, polling).await {
+        Some(result) => result,
+        None => Err(SetupError::NotActive {
+            resource: resource.to_owned(),
+            waited: limit,
+            status: last
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        }),
+    }
+}
+
+/// Waits (at most `limit`) until `stream` is `ACTIVE` (after a create, split or merge);
+/// returns its summary.
+pub async fn wait_stream_active(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    limit: Duration,
+) -> Result<aws_sdk_kinesis::types::StreamDescriptionSummary, SetupError> {
+    poll_active(stream, limit, || async {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(|e| SetupError::Call {
+                call: "DescribeStreamSummary",
+                resource: stream.to_owned(),
+                source: Box::new(e),
+            })?
+            .stream_description_summary;
+        let status = summary
+            .as_ref()
+            .map(|s| format!("{:?}", s.stream_status))
+            .unwrap_or_default();
+        Ok((
+            summary.filter(|s| s.stream_status == aws_sdk_kinesis::types::StreamStatus::Active),
+            status,
+        ))
+    })
+    .await
+}
+
+/// Creates `stream` with `shards` shards and waits (at most `limit`) until it is `ACTIVE`;
+/// returns its summary.
+pub async fn create_stream_and_wait(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shards: i32,
+    limit: Duration,
+) -> Result<aws_sdk_kinesis::types::StreamDescriptionSummary, SetupError> {
+    client
+        .create_stream()
+        .stream_name(stream)
+        .shard_count(shards)
+        .send()
+        .await
+        .map_err(|e| SetupError::Call {
+            call: "CreateStream",
+            resource: stream.to_owned(),
+            source: Box::new(e),
+        })?;
+    wait_stream_active(client, stream, limit).await
+}
+
+/// Waits (at most `limit`) until `table` is `ACTIVE`; returns its description.
+pub async fn wait_table_active(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    limit: Duration,
+) -> Result<aws_sdk_dynamodb::types::TableDescription, SetupError> {
+    poll_active(table, limit, || async {
+        let description = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| SetupError::Call {
+                call: "DescribeTable",
+                resource: table.to_owned(),
+                source: Box::new(e),
+            })?
+            .table;
+        let status = description
+            .as_ref()
+            .and_then(|t| t.table_status.as_ref())
+            .map(|s| format!("{s:?}"))
+            .unwrap_or_default();
+        Ok((
+            description
+                .filter(|t| t.table_status == Some(aws_sdk_dynamodb::types::TableStatus::Active)),
+            status,
+        ))
+    })
+    .await
+}
+
+/// Creates `table` shaped like a lease table (hash key `leaseKey`, a string; on-demand
+/// billing) and waits (at most `limit`) until it is `ACTIVE`; returns its description.
+pub async fn create_lease_table_and_wait(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    limit: Duration,
+) -> Result<aws_sdk_dynamodb::types::TableDescription, SetupError> {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let call_error = |call: &'static str| {
+        let resource = table.to_owned();
+        move |e: Box<dyn std::error::Error + Send + Sync>| SetupError::Call {
+            call,
+            resource,
+            source: e,
+        }
+    };
+    let attribute = AttributeDefinition::builder()
+        .attribute_name("leaseKey")
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .map_err(|e| call_error("CreateTable")(Box::new(e)))?;
+    let key = KeySchemaElement::builder()
+        .attribute_name("leaseKey")
+        .key_type(KeyType::Hash)
+        .build()
+        .map_err(|e| call_error("CreateTable")(Box::new(e)))?;
+    client
+        .create_table()
+        .table_name(table)
+        .attribute_definitions(attribute)
+        .key_schema(key)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .map_err(|e| call_error("CreateTable")(Box::new(e)))?;
+    wait_table_active(client, table, limit).await
+}
+
 /// The workspace root, known at compile time.
 fn workspace_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -20,10 +20,11 @@ use aws_sdk_kinesis::config::retry::RetryConfig;
 use aws_sdk_kinesis::config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::StreamStatus;
 use bytes::Bytes;
 use kcl_kpl::{HashKeyRange, MAX_HASH_KEY, Record, SequenceNumber};
-use kcl_testkit::emulators::{Emulator, EmulatorKind, kinesis_client, sdk_config};
+use kcl_testkit::emulators::{
+    Emulator, EmulatorKind, create_stream_and_wait, kinesis_client, sdk_config, wait_stream_active,
+};
 use kcl_testkit::kinesis::scenario::{StreamAdmin, error_kind, run_conformance_scenario};
 use kcl_testkit::kinesis::{InMemoryKinesis, PutResult};
 use kcl_worker::aws::AwsStreamClient;
@@ -75,28 +76,10 @@ impl SdkAdmin {
     }
 
     async fn wait_active(&self, stream: &str) -> Result<(), StreamError> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let summary = self
-                .client
-                .describe_stream_summary()
-                .stream_name(stream)
-                .send()
-                .await
-                .map_err(service)?;
-            let status = summary
-                .stream_description_summary
-                .map(|s| s.stream_status)
-                .unwrap_or(StreamStatus::Creating);
-            if status == StreamStatus::Active {
-                return Ok(());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{stream} not ACTIVE after 30 s ({status:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_stream_active(&self.client, stream, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(service)
     }
 }
 
@@ -109,14 +92,11 @@ fn service<E: std::error::Error + Send + Sync + 'static>(err: E) -> StreamError 
 #[async_trait]
 impl StreamAdmin for SdkAdmin {
     async fn create_stream(&self, stream: &str, shard_count: u32) -> Result<(), StreamError> {
-        self.client
-            .create_stream()
-            .stream_name(stream)
-            .shard_count(i32::try_from(shard_count).unwrap())
-            .send()
+        let shards = i32::try_from(shard_count).unwrap();
+        create_stream_and_wait(&self.client, stream, shards, Duration::from_secs(30))
             .await
-            .map_err(service)?;
-        self.wait_active(stream).await
+            .map(|_| ())
+            .map_err(service)
     }
 
     async fn put_record(

@@ -13,13 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType, TableStatus,
-};
-use aws_sdk_kinesis::types::StreamStatus;
+use aws_sdk_dynamodb::types::AttributeValue;
 use kcl_testkit::emulators::{
-    Emulator, EmulatorError, EmulatorKind, dynamodb_client, kinesis_client,
+    Emulator, EmulatorError, EmulatorKind, create_lease_table_and_wait, create_stream_and_wait,
+    dynamodb_client, kinesis_client,
 };
 
 /// Set in the environment of the child process of `emulator_dies_with_the_test_process`.
@@ -86,43 +83,9 @@ fn unique_name(prefix: &str) -> String {
 }
 
 async fn create_lease_like_table(client: &aws_sdk_dynamodb::Client, table: &str) {
-    client
-        .create_table()
-        .table_name(table)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("leaseKey")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("leaseKey")
-                .key_type(KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
+    create_lease_table_and_wait(client, table, Duration::from_secs(10))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let table = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .unwrap()
-            .table
-            .unwrap();
-        if table.table_status == Some(TableStatus::Active) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "table never became ACTIVE");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// CreateTable, ListTables, then a conditional write that must fail with the typed error.
@@ -162,29 +125,9 @@ async fn kinesis_local_serves_kinesis_and_stops_on_drop() {
     let before = client.list_streams().send().await.unwrap();
     assert!(before.stream_names().is_empty(), "{before:?}");
 
-    client
-        .create_stream()
-        .stream_name(&stream)
-        .shard_count(2)
-        .send()
+    let summary = create_stream_and_wait(&client, &stream, 2, Duration::from_secs(10))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let summary = loop {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(&stream)
-            .send()
-            .await
-            .unwrap()
-            .stream_description_summary
-            .unwrap();
-        if summary.stream_status == StreamStatus::Active {
-            break summary;
-        }
-        assert!(Instant::now() < deadline, "stream never became ACTIVE");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
     assert_eq!(summary.stream_name, stream);
     assert_eq!(summary.open_shard_count, 2);
     assert!(summary.stream_arn.ends_with(&format!(":stream/{stream}")));
@@ -209,11 +152,7 @@ async fn moto_serves_dynamodb_and_kinesis_and_stops_on_drop() {
 
     let kinesis = kinesis_client(emulator.endpoint());
     let stream = unique_name("kcl-testkit-moto-stream");
-    kinesis
-        .create_stream()
-        .stream_name(&stream)
-        .shard_count(1)
-        .send()
+    create_stream_and_wait(&kinesis, &stream, 1, Duration::from_secs(10))
         .await
         .unwrap();
     let listed = kinesis.list_streams().send().await.unwrap();

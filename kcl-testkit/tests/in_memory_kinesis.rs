@@ -8,7 +8,9 @@
 )]
 
 use std::num::NonZeroU32;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -16,7 +18,9 @@ use kcl_kpl::{HashKeyRange, MAX_HASH_KEY, Record, SequenceNumber, partition_key_
 use kcl_lease::Clock;
 use kcl_testkit::clock::ManualClock;
 use kcl_testkit::kinesis::scenario::{error_kind, run_conformance_scenario};
-use kcl_testkit::kinesis::{Fault, InMemoryKinesis, Operation, PutRecordsEntry, SimulatedError};
+use kcl_testkit::kinesis::{
+    Fault, FaultKind, InMemoryKinesis, Operation, PutRecordsEntry, SimulatedError,
+};
 use kcl_worker::stream::{
     GetRecordsOutput, IteratorPosition, Shard, ShardFilter, StreamClient, StreamError,
 };
@@ -47,6 +51,17 @@ fn shard_ids(shards: &[Shard]) -> Vec<&str> {
 
 fn sid(n: usize) -> String {
     format!("shardId-{n:012}")
+}
+
+/// How many faulted calls are still registered.
+fn pending(k: &InMemoryKinesis) -> u32 {
+    k.pending_faults().iter().map(Fault::remaining).sum()
+}
+
+/// Polls a future once (it does not need to be woken: nothing in the fake waits on time
+/// without latency).
+fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    future.poll(&mut Context::from_waker(Waker::noop()))
 }
 
 async fn iterator(
@@ -1181,8 +1196,8 @@ async fn injected_faults_are_deterministic() {
     k.put_record("s", "k", Some("0"), data("a")).unwrap();
     let it = iterator(&k, "s", &sid(0), IteratorPosition::TrimHorizon).await;
 
-    k.fail_next(Operation::GetRecords, Fault::Throttled, 2);
-    assert_eq!(k.pending_faults(), 2);
+    k.inject(Fault::new(FaultKind::Throttle, 2).for_operation(Operation::GetRecords));
+    assert_eq!(pending(&k), 2);
     // Other operations are not affected.
     k.list_all_shards("s", None).await.unwrap();
     for _ in 0..2 {
@@ -1194,23 +1209,23 @@ async fn injected_faults_are_deterministic() {
     }
     assert_eq!(texts(&k.get_records(&it, 10).await.unwrap().records), ["a"]);
 
-    k.fail_next_any(Fault::ServiceError, 1);
+    k.fail_next(1);
     assert!(matches!(
         k.describe_stream_summary("s").await,
         Err(StreamError::Service { .. })
     ));
     k.describe_stream_summary("s").await.unwrap();
-    k.fail_next_any(Fault::Unreachable, 1);
+    k.inject(Fault::new(FaultKind::Unreachable, 1));
     assert!(matches!(
         k.put_record("s", "k", None, data("x")),
         Err(StreamError::Unreachable { .. })
     ));
-    k.fail_next(Operation::GetRecords, Fault::ExpiredIterator, 1);
+    k.inject(Fault::new(FaultKind::ExpiredIterator, 1).for_operation(Operation::GetRecords));
     assert!(matches!(
         k.get_records(&it, 10).await,
         Err(StreamError::ExpiredIterator)
     ));
-    k.fail_next(Operation::ListShards, Fault::Unreachable, 1);
+    k.inject(Fault::new(FaultKind::Unreachable, 1).for_operation(Operation::ListShards));
     assert!(matches!(
         k.list_all_shards("s", None).await,
         Err(StreamError::Unreachable { .. })
@@ -1218,8 +1233,11 @@ async fn injected_faults_are_deterministic() {
 
     // Per shard: only that shard's GetRecords fail.
     let other = iterator(&k, "s", &sid(1), IteratorPosition::TrimHorizon).await;
-    k.fail_next_on_shard("s", &sid(0), Fault::Throttled, 3)
-        .unwrap();
+    k.inject(
+        Fault::new(FaultKind::Throttle, 3)
+            .for_operation(Operation::GetRecords)
+            .for_key(sid(0)),
+    );
     for _ in 0..3 {
         k.get_records(&other, 10).await.unwrap();
         assert!(matches!(
@@ -1228,8 +1246,11 @@ async fn injected_faults_are_deterministic() {
         ));
     }
     k.get_records(&it, 10).await.unwrap();
-    k.fail_next_get_shard_iterator_on_shard("s", &sid(1), Fault::ServiceError, 1)
-        .unwrap();
+    k.inject(
+        Fault::new(FaultKind::ServiceError, 1)
+            .for_operation(Operation::GetShardIterator)
+            .for_key(sid(1)),
+    );
     iterator(&k, "s", &sid(0), IteratorPosition::Latest).await;
     assert!(
         k.get_shard_iterator("s", &sid(1), &IteratorPosition::Latest)
@@ -1237,21 +1258,22 @@ async fn injected_faults_are_deterministic() {
             .is_err()
     );
     iterator(&k, "s", &sid(1), IteratorPosition::Latest).await;
-    assert!(
-        k.fail_next_on_shard("s", &sid(7), Fault::Throttled, 1)
-            .is_err()
-    );
+    // A fault for a shard no call is about never fires.
+    k.inject(Fault::new(FaultKind::Throttle, 1).for_key(sid(7)));
+    k.get_records(&it, 10).await.unwrap();
+    k.list_all_shards("s", None).await.unwrap();
+    assert_eq!(pending(&k), 1);
 
-    k.fail_next(Operation::GetRecords, Fault::Throttled, 5);
+    k.inject(Fault::new(FaultKind::Throttle, 5).for_operation(Operation::GetRecords));
     k.clear_faults();
-    assert_eq!(k.pending_faults(), 0);
+    assert_eq!(pending(&k), 0);
     k.get_records(&it, 10).await.unwrap();
 
     let stats = k.stats();
-    assert_eq!(stats.get_records, 12);
-    assert_eq!(stats.calls(Operation::GetRecords), 12);
+    assert_eq!(stats.get_records, 13);
+    assert_eq!(stats.calls(Operation::GetRecords), 13);
     assert_eq!(stats.describe_stream_summary, 2);
-    assert_eq!(stats.list_shards, 2);
+    assert_eq!(stats.list_shards, 3);
     assert_eq!(stats.put_record, 2);
     assert_eq!(stats.faults_injected, 10);
     assert_eq!(stats.records_put, 1);
@@ -1479,4 +1501,115 @@ async fn empty_reads_while_behind_keep_the_position() {
     let out = k.get_records(&iterator, 100).await.unwrap();
     assert_eq!(out.records.len(), 5);
     assert_eq!(out.millis_behind_latest, Some(0));
+}
+
+#[tokio::test]
+async fn a_hung_call_stays_pending_until_dropped() {
+    let (clock, k) = setup();
+    k.create_stream("s", 2).unwrap();
+    k.put_record("s", "k", Some("0"), data("a")).unwrap();
+    let it = iterator(&k, "s", &sid(0), IteratorPosition::TrimHorizon).await;
+
+    k.hang_next(1);
+    assert_eq!(pending(&k), 1);
+    {
+        let mut hung = pin!(k.get_records(&it, 10));
+        assert!(poll_once(hung.as_mut()).is_pending());
+        assert_eq!(pending(&k), 0, "the hang was taken by the call");
+        clock.advance(4 * MINUTE); // less than an iterator lives
+        assert!(
+            poll_once(hung.as_mut()).is_pending(),
+            "time does not end a hang"
+        );
+        assert!(poll_once(hung.as_mut()).is_pending());
+        // Dropped here, as a caller's timeout would.
+    }
+    assert_eq!(texts(&k.get_records(&it, 10).await.unwrap().records), ["a"]);
+
+    // Per operation and per shard: only the matching call hangs.
+    k.inject(
+        Fault::new(FaultKind::Hang, 1)
+            .for_operation(Operation::GetShardIterator)
+            .for_key(sid(1)),
+    );
+    iterator(&k, "s", &sid(0), IteratorPosition::Latest).await;
+    k.get_records(&it, 10).await.unwrap();
+    {
+        let shard = sid(1);
+        let mut hung = pin!(k.get_shard_iterator("s", &shard, &IteratorPosition::Latest));
+        assert!(poll_once(hung.as_mut()).is_pending());
+    }
+    iterator(&k, "s", &sid(1), IteratorPosition::Latest).await;
+
+    // Puts are synchronous and never hang: the fault waits for the next async call.
+    k.hang_next(1);
+    k.put_record("s", "k", Some("0"), data("b")).unwrap();
+    assert_eq!(pending(&k), 1);
+    {
+        let mut hung = pin!(k.describe_stream_summary("s"));
+        assert!(poll_once(hung.as_mut()).is_pending());
+    }
+    let stats = k.stats();
+    assert_eq!(stats.calls_hung, 3);
+    assert_eq!(stats.faults_injected, 0, "a hang is not an answered fault");
+}
+
+#[tokio::test]
+async fn set_hanging_hangs_the_calls_started_while_on_for_good() {
+    let (clock, k) = setup();
+    k.create_stream("s", 1).unwrap();
+    k.put_record("s", "k", None, data("a")).unwrap();
+    let it = iterator(&k, "s", &sid(0), IteratorPosition::TrimHorizon).await;
+
+    k.set_hanging(true);
+    let mut read = pin!(k.get_records(&it, 10));
+    assert!(poll_once(read.as_mut()).is_pending());
+    let mut list = pin!(k.list_all_shards("s", None));
+    assert!(poll_once(list.as_mut()).is_pending());
+    // Puts are synchronous: not affected.
+    k.put_record("s", "k", None, data("b")).unwrap();
+
+    k.set_hanging(false);
+    clock.advance(MINUTE);
+    // Calls started while the switch was on stay hung for good ...
+    assert!(poll_once(read.as_mut()).is_pending());
+    assert!(poll_once(list.as_mut()).is_pending());
+    // ... and calls started after it answer normally.
+    assert_eq!(
+        texts(&k.get_records(&it, 10).await.unwrap().records),
+        ["a", "b"]
+    );
+    assert_eq!(
+        shard_ids(&k.list_all_shards("s", None).await.unwrap()),
+        [sid(0)]
+    );
+    assert_eq!(k.stats().calls_hung, 2);
+
+    // clear_faults turns the switch off too.
+    k.set_hanging(true);
+    k.clear_faults();
+    k.describe_stream_summary("s").await.unwrap();
+}
+
+#[tokio::test]
+async fn set_unreachable_fails_every_call_until_cleared() {
+    let (_clock, k) = setup();
+    k.create_stream("s", 1).unwrap();
+    k.set_unreachable(true);
+    assert!(matches!(
+        k.describe_stream_summary("s").await,
+        Err(StreamError::Unreachable { .. })
+    ));
+    assert!(matches!(
+        k.put_record("s", "k", None, data("x")),
+        Err(StreamError::Unreachable { .. })
+    ));
+    k.set_unreachable(false);
+    k.describe_stream_summary("s").await.unwrap();
+    k.throttle_next(1);
+    assert!(matches!(
+        k.put_record("s", "k", None, data("x")),
+        Err(StreamError::Throttled { .. })
+    ));
+    assert_eq!(k.stats().faults_injected, 3);
 }

@@ -235,7 +235,7 @@ async fn faults_scoped_to_a_key_or_an_operation() {
     let (store, held) = store_with_lease().await;
     let other = Lease::new("shardId-000000000002", ExtendedSequenceNumber::TRIM_HORIZON);
     store.create_lease_if_not_exists(&other).await.unwrap();
-    store.inject(Fault::new(FaultKind::Throttle, 2).for_lease_key("shardId-000000000002"));
+    store.inject(Fault::new(FaultKind::Throttle, 2).for_key("shardId-000000000002"));
     store.inject(
         Fault::new(FaultKind::Unreachable, 1).for_operation(LeaseOperation::UpdateCheckpoint),
     );

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode as DynamoBillingMode, KeySchemaElement,
-    KeyType, ScalarAttributeType,
+    AttributeValue, BillingMode as DynamoBillingMode, KeyType, ScalarAttributeType,
 };
 use kcl_kpl::{ExtendedSequenceNumber, HashKeyRange};
 use kcl_lease::dynamo::{DynamoLeaseStore, MalformedRowPolicy};
 use kcl_lease::{BillingMode, Lease, LeaseError, LeaseStore};
-use kcl_testkit::emulators::{Emulator, EmulatorKind, dynamodb_client};
+use kcl_testkit::emulators::{
+    Emulator, EmulatorKind, create_lease_table_and_wait, dynamodb_client,
+};
 
 const BIG: &str = "49590338271490256608559692538361571095921575989136588898";
 const MAX_KEY: &str = "340282366920938463463374607431768211455";
@@ -349,25 +350,7 @@ async fn table_key_schema_and_billing() {
     assert_eq!(throughput.write_capacity_units(), Some(7));
 
     // A table someone else created is used as it is.
-    client
-        .create_table()
-        .table_name("format-foreign")
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("leaseKey")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("leaseKey")
-                .key_type(KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .billing_mode(DynamoBillingMode::PayPerRequest)
-        .send()
+    create_lease_table_and_wait(&client, "format-foreign", Duration::from_secs(10))
         .await
         .unwrap();
     let foreign = DynamoLeaseStore::new(client.clone(), "format-foreign");

@@ -9,7 +9,17 @@
 
 use std::time::{Duration, Instant};
 
-use kcl_testkit::simulation::{SimulationFailure, SimulationReport, run_seed};
+use kcl_testkit::simulation::{SimulationConfig, SimulationFailure, SimulationReport, run_config};
+
+/// The configuration of `seed`; `KCL_SIM_HANGS=0` leaves the hang faults out (they are in
+/// by default).
+fn config(seed: u64) -> SimulationConfig {
+    SimulationConfig::new(seed).hangs(env_number("KCL_SIM_HANGS") != Some(0))
+}
+
+fn run_seed(seed: u64) -> Result<SimulationReport, SimulationFailure> {
+    run_config(config(seed))
+}
 
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())

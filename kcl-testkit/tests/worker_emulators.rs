@@ -19,16 +19,20 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
 use kcl_interfaces::ShutdownReason;
 use kcl_kpl::{Aggregator, ExtendedSequenceNumber, Position, Record, partition_key_hash};
 use kcl_lease::dynamo::DynamoLeaseStore;
-use kcl_lease::{Lease, LeaseStore};
-use kcl_testkit::emulators::{Emulator, EmulatorKind, dynamodb_client, kinesis_client};
+use kcl_lease::{Lease, LeaseStore, SystemClock};
+use kcl_testkit::emulators::{
+    Emulator, EmulatorKind, create_stream_and_wait, dynamodb_client, kinesis_client,
+    wait_stream_active,
+};
 use kcl_testkit::recording::{Behaviour, Event, EventLog, RecordingFactory};
 use kcl_worker::aws::AwsStreamClient;
 use kcl_worker::stream::{Shard, StreamClient};
+use kcl_worker::test_util::wait_until;
 use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerConfigBuilder, WorkerHandle};
 
 /// The workers' failover time.
@@ -37,8 +41,6 @@ const FAILOVER: Duration = Duration::from_secs(3);
 const EMULATOR_MARGIN: Duration = Duration::from_secs(1);
 /// Bound of the waits that are not themselves measured.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// Interval of the polls in the waits.
-const POLL: Duration = Duration::from_millis(20);
 
 // ---------------------------------------------------------------------------------------------
 // Fixture
@@ -142,11 +144,7 @@ impl Env {
         let emulators = tokio::task::block_in_place(emulators);
         let kinesis = kinesis_client(emulators.kinesis.endpoint());
         let started = Instant::now();
-        kinesis
-            .create_stream()
-            .stream_name(name)
-            .shard_count(shards)
-            .send()
+        create_stream_and_wait(&kinesis, name, shards, PATIENCE)
             .await
             .unwrap();
         let table = format!("{name}-leases");
@@ -158,7 +156,6 @@ impl Env {
             table,
             log: EventLog::new(),
         };
-        env.wait_active().await;
         println!(
             "[{name}] stream of {shards} shards ACTIVE after {:?}",
             started.elapsed()
@@ -166,29 +163,11 @@ impl Env {
         env
     }
 
-    /// Waits until the stream is ACTIVE again (after create, split, merge).
+    /// Waits until the stream is ACTIVE again (after a split or merge).
     async fn wait_active(&self) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let status = self
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(&self.stream)
-                .send()
-                .await
-                .unwrap()
-                .stream_description_summary
-                .map(|s| s.stream_status);
-            if status == Some(StreamStatus::Active) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ACTIVE after {PATIENCE:?} ({status:?})",
-                self.stream
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_stream_active(&self.kinesis, &self.stream, PATIENCE)
+            .await
+            .unwrap();
     }
 
     async fn worker(&self, id: &str, behaviour: Behaviour) -> WorkerHandle {
@@ -310,15 +289,9 @@ impl Env {
         limit: Duration,
         mut cond: impl FnMut(&EventLog) -> bool,
     ) -> Duration {
-        let start = Instant::now();
-        while !cond(&self.log) {
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
-        start.elapsed()
+        wait_until(&SystemClock, limit, what, || cond(&self.log))
+            .await
+            .unwrap()
     }
 
     /// Waits (at most `limit`) until `cond` holds on the lease table; returns the table.

@@ -13,12 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kcl_kpl::Aggregator;
-use kcl_lease::SystemClock;
-use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
-use kcl_worker::test_util::kinesis::InMemoryKinesis;
-use kcl_worker::test_util::recording::{Behaviour, EventLog, RecordingFactory};
-use kcl_worker::{InitialPosition, Worker, WorkerConfig, metrics as m};
+use kcl_worker::metrics as m;
+use kcl_worker::test_util::fleet::Fleet;
+use kcl_worker::test_util::recording::Behaviour;
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
@@ -108,54 +105,35 @@ fn the_worker_reports_its_metrics() {
         .unwrap();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
-            let kinesis = InMemoryKinesis::new();
-            kinesis.create_stream("s", 2).unwrap();
+            // The worker's own defaults, but for a short idle time.
+            let fleet = Fleet::new("s", 2).unwrap().with_defaults(|b| b);
             for i in 0..100 {
-                kinesis
+                fleet
+                    .kinesis()
                     .put_record("s", &format!("k{i}"), None, Bytes::from(vec![b'x'; 10]))
                     .unwrap();
             }
             // An aggregate whose sub-records belong to different shards: dropped (Java KCL rule).
-            let mut agg = Aggregator::new();
             let mut keys = (0..).map(|i| format!("spread-{i}"));
             let shard_of = |k: &str| kcl_kpl::partition_key_hash(k) >> 127;
             let first = keys.next().unwrap();
             let other = keys.find(|k| shard_of(k) != shard_of(&first)).unwrap();
-            agg.add(&first, None, Bytes::from_static(b"a")).unwrap();
-            agg.add(&other, None, Bytes::from_static(b"b")).unwrap();
-            let rec = agg.finish().unwrap();
-            kinesis
-                .put_record(
-                    "s",
-                    &rec.partition_key,
-                    rec.explicit_hash_key.as_deref(),
-                    rec.data,
-                )
+            fleet
+                .put_aggregate(&[(&first, "a".to_owned()), (&other, "b".to_owned())])
                 .unwrap();
 
-            let log = EventLog::new();
-            let config = WorkerConfig::builder("app", "s")
-                .worker_id("w1")
-                .initial_position(InitialPosition::TrimHorizon)
-                .idle_time_between_reads(Duration::from_millis(100))
-                .build()
+            let (handle, _) = fleet
+                .start_with("w1", Behaviour::new(), |b| {
+                    b.idle_time_between_reads(Duration::from_millis(100))
+                })
+                .await
                 .unwrap();
-            let handle = Worker::builder(
-                config,
-                RecordingFactory::new("w1", log.clone(), Behaviour::new()),
-            )
-            .stream_client(Arc::new(kinesis.clone()))
-            .lease_store(Arc::new(InMemoryLeaseStore::new()))
-            .clock(Arc::new(SystemClock))
-            .build()
-            .await
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
-            while log.delivered_count() < 100 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            fleet
+                .wait_until("every record", Duration::from_secs(600), |f| {
+                    f.log().delivered_count() >= 100
+                })
+                .await
+                .unwrap();
             // Long enough for renewals.
             tokio::time::sleep(Duration::from_secs(10)).await;
             assert_eq!(recorder.gauge("kcl_leases_held"), 2);

@@ -12,150 +12,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kcl_kpl::{Aggregator, ExtendedSequenceNumber};
-use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
-use kcl_lease::{LeaseStore, SeededRandom, SystemClock};
-use kcl_worker::test_util::kinesis::InMemoryKinesis;
+use kcl_kpl::ExtendedSequenceNumber;
+use kcl_lease::LeaseStore;
+use kcl_worker::test_util::fleet::{Fleet, default_seed};
 use kcl_worker::test_util::recording::{Behaviour, Event, EventLog, RecordingFactory};
-use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerHandle};
+use kcl_worker::{Worker, WorkerConfig, WorkerHandle};
 use tokio::time::Instant;
 
 const STREAM: &str = "orders";
 const FAILOVER: Duration = Duration::from_secs(10);
 
-struct Env {
-    kinesis: InMemoryKinesis,
-    store: Arc<InMemoryLeaseStore>,
-    log: EventLog,
+/// How many of the keys `key-0 .. key-{n-1}` shard 0 owns.
+async fn keys_on_shard_zero(env: &Fleet, n: usize) -> usize {
+    let lease = env
+        .store()
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
+    let range = lease.hash_key_range.unwrap();
+    (0..n)
+        .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
+        .count()
 }
 
-impl Env {
-    fn new(shards: u32) -> Self {
-        let kinesis = InMemoryKinesis::new();
-        kinesis.create_stream(STREAM, shards).unwrap();
-        Self {
-            kinesis,
-            store: Arc::new(InMemoryLeaseStore::new()),
-            log: EventLog::new(),
-        }
-    }
-
-    async fn worker(&self, id: &str, behaviour: Behaviour) -> (WorkerHandle, RecordingFactory) {
-        self.worker_with(id, behaviour, |b| b).await
-    }
-
-    async fn worker_with(
-        &self,
-        id: &str,
-        behaviour: Behaviour,
-        tweak: impl FnOnce(kcl_worker::WorkerConfigBuilder) -> kcl_worker::WorkerConfigBuilder,
-    ) -> (WorkerHandle, RecordingFactory) {
-        let factory = RecordingFactory::new(id, self.log.clone(), behaviour);
-        (self.start(id, factory.clone(), tweak).await, factory)
-    }
-
-    /// A worker with any processor factory, on this environment's defaults plus `tweak`.
-    async fn start<F: kcl_interfaces::RecordProcessorFactory>(
-        &self,
-        id: &str,
-        factory: F,
-        tweak: impl FnOnce(kcl_worker::WorkerConfigBuilder) -> kcl_worker::WorkerConfigBuilder,
-    ) -> WorkerHandle {
-        let config = tweak(
-            WorkerConfig::builder("app", STREAM)
-                .worker_id(id)
-                .initial_position(InitialPosition::TrimHorizon)
-                .failover_time(FAILOVER)
-                .idle_time_between_reads(Duration::from_millis(200))
-                .shard_sync_interval(Duration::from_secs(5))
-                .parent_shard_poll_interval(Duration::from_millis(500)),
-        )
-        .build()
-        .unwrap();
-        Worker::builder(config, factory)
-            .stream_client(Arc::new(self.kinesis.clone()))
-            .lease_store(self.store.clone())
-            .clock(Arc::new(SystemClock))
-            .random(Arc::new(SeededRandom::new(id.len() as u64 * 31 + 7)))
-            .build()
-            .await
-            .unwrap()
-            .start()
-            .await
-            .unwrap()
-    }
-
-    /// How many of the keys `key-0 .. key-{n-1}` shard 0 owns.
-    async fn keys_on_shard_zero(&self, n: usize) -> usize {
-        let lease = self
-            .store
-            .get_lease("shardId-000000000000")
-            .await
-            .unwrap()
-            .unwrap();
-        let range = lease.hash_key_range.unwrap();
-        (0..n)
-            .filter(|i| range.contains(kcl_kpl::partition_key_hash(&format!("key-{i}"))))
-            .count()
-    }
-
-    fn put_plain(&self, key: &str, data: &str) {
-        self.kinesis
-            .put_record(STREAM, key, None, Bytes::from(data.to_owned()))
-            .unwrap();
-    }
-
-    fn put_aggregate(&self, items: &[(&str, String)]) {
-        let mut agg = Aggregator::new();
-        for (k, d) in items {
-            assert!(agg.add(k, None, Bytes::from(d.clone())).unwrap().is_none());
-        }
-        let rec = agg.finish().unwrap();
-        self.kinesis
-            .put_record(
-                STREAM,
-                &rec.partition_key,
-                rec.explicit_hash_key.as_deref(),
-                rec.data,
-            )
-            .unwrap();
-    }
-
-    /// Distinct payloads delivered.
-    fn delivered_payloads(&self) -> BTreeSet<String> {
-        self.log
-            .deliveries()
-            .into_iter()
-            .map(|(_, _, r)| String::from_utf8(r.data.to_vec()).unwrap())
-            .collect()
-    }
-
-    async fn wait_until(
-        &self,
-        what: &str,
-        limit: Duration,
-        mut cond: impl FnMut(&Env) -> bool,
-    ) -> Duration {
-        let start = Instant::now();
-        while !cond(self) {
-            assert!(
-                start.elapsed() < limit,
-                "timed out (virtual {limit:?}) waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        start.elapsed()
-    }
-
-    async fn owners(&self) -> BTreeMap<String, Option<String>> {
-        self.store
-            .list_leases()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| (l.lease_key, l.lease_owner))
-            .collect()
-    }
+fn env(shards: u32) -> Fleet {
+    Fleet::new(STREAM, shards).unwrap()
 }
 
 fn payloads(prefix: &str, n: usize) -> Vec<String> {
@@ -164,10 +46,10 @@ fn payloads(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(start_paused = true)]
 async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records() {
-    let env = Env::new(4);
+    let env = env(4);
     let mut expected = BTreeSet::new();
     for (i, p) in payloads("plain", 200).into_iter().enumerate() {
-        env.put_plain(&format!("key-{}", i % 23), &p);
+        env.put_plain(&format!("key-{}", i % 23), &p).unwrap();
         expected.insert(p);
     }
     // The KPL aggregates only records bound for one shard: one key per aggregate here.
@@ -177,24 +59,26 @@ async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records(
             .iter()
             .map(|p| (keys[c].as_str(), p.clone()))
             .collect();
-        env.put_aggregate(&items);
+        env.put_aggregate(&items).unwrap();
         expected.extend(chunk.iter().cloned());
     }
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
-    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
     env.wait_until("every record", Duration::from_secs(120), |e| {
         e.delivered_payloads().len() == expected.len()
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(env.delivered_payloads(), expected);
     // Balanced: 2 and 2 once the taker settled.
     env.wait_until("balance", Duration::from_secs(120), |_| {
         w1.held_leases().len() == 2 && w2.held_leases().len() == 2
     })
-    .await;
+    .await
+    .unwrap();
     // Aggregated records came out with sub-sequence numbers and the aggregated flag.
     let aggregated: Vec<_> = env
-        .log
+        .log()
         .deliveries()
         .into_iter()
         .filter(|(_, _, r)| r.aggregated)
@@ -206,7 +90,7 @@ async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records(
             .any(|(_, _, r)| r.sub_sequence_number == 29)
     );
     // Checkpoints landed: every lease's checkpoint is a real sequence number now.
-    for lease in env.store.list_leases().await.unwrap() {
+    for lease in env.store().list_leases().await.unwrap() {
         assert!(lease.checkpoint.sequence_number().is_some(), "{lease:?}");
     }
     w1.shutdown().await.unwrap();
@@ -215,22 +99,23 @@ async fn two_workers_share_four_shards_and_deliver_plain_and_aggregated_records(
 
 #[tokio::test(start_paused = true)]
 async fn a_crashed_workers_shards_resume_elsewhere_within_one_and_a_half_failover_times() {
-    let env = Env::new(4);
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
-    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    let env = env(4);
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
     env.wait_until("balance", Duration::from_secs(120), |_| {
         w1.held_leases().len() == 2 && w2.held_leases().len() == 2
     })
-    .await;
+    .await
+    .unwrap();
     let w1_shards: BTreeSet<String> = w1.held_leases().into_iter().map(|l| l.lease_key).collect();
     w1.abort().await; // crash: no shutdown, no release
     let crashed_at = Instant::now();
     for (i, p) in payloads("after-crash", 100).into_iter().enumerate() {
-        env.put_plain(&format!("k{i}"), &p);
+        env.put_plain(&format!("k{i}"), &p).unwrap();
     }
     env.wait_until("takeover", 3 * FAILOVER, |e| {
         let inits: BTreeSet<String> = e
-            .log
+            .log()
             .events()
             .into_iter()
             .filter_map(|ev| match ev {
@@ -240,7 +125,8 @@ async fn a_crashed_workers_shards_resume_elsewhere_within_one_and_a_half_failove
             .collect();
         w1_shards.is_subset(&inits)
     })
-    .await;
+    .await
+    .unwrap();
     let takeover = crashed_at.elapsed();
     println!("takeover after crash: {takeover:?} (failover_time {FAILOVER:?})");
     assert!(takeover <= FAILOVER * 3 / 2, "takeover took {takeover:?}");
@@ -251,31 +137,33 @@ async fn a_crashed_workers_shards_resume_elsewhere_within_one_and_a_half_failove
             .count()
             == 100
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(w2.held_leases().len(), 4);
     w2.shutdown().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn graceful_shutdown_releases_leases_and_another_worker_takes_them_at_its_next_taker_run() {
-    let env = Env::new(4);
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
-    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    let env = env(4);
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
     env.wait_until("balance", Duration::from_secs(120), |_| {
         w1.held_leases().len() == 2 && w2.held_leases().len() == 2
     })
-    .await;
+    .await
+    .unwrap();
     let stopped_at = Instant::now();
     w1.shutdown().await.unwrap();
     // Released: no owner on w1's leases right after shutdown returns, unless w2 already took them.
-    let owners = env.owners().await;
+    let owners = env.owners().await.unwrap();
     assert!(
         owners.values().all(|o| o.as_deref() != Some("w1")),
         "{owners:?}"
     );
     // Every w1 processor got Requested.
     let requested = env
-        .log
+        .log()
         .events()
         .into_iter()
         .filter(|e| matches!(e, Event::Shutdown { worker, reason: kcl_interfaces::ShutdownReason::Requested, .. } if worker == "w1"))
@@ -284,7 +172,8 @@ async fn graceful_shutdown_releases_leases_and_another_worker_takes_them_at_its_
     env.wait_until("handover", Duration::from_secs(60), |_| {
         w2.held_leases().len() == 4
     })
-    .await;
+    .await
+    .unwrap();
     let handover = stopped_at.elapsed();
     println!(
         "handover after graceful stop: {handover:?} (taker interval {:?})",
@@ -297,18 +186,18 @@ async fn graceful_shutdown_releases_leases_and_another_worker_takes_them_at_its_
 
 #[tokio::test(start_paused = true)]
 async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
-    let env = Env::new(1);
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let env = env(1);
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
     let keys: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
     let mut produced: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for round in 0..20 {
         for k in &keys {
             let p = format!("{k}/{round:03}");
-            env.put_plain(k, &p);
+            env.put_plain(k, &p).unwrap();
             produced.entry(k.clone()).or_default().push(p);
         }
         if round == 10 {
-            env.kinesis
+            env.kinesis()
                 .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
                 .unwrap();
         }
@@ -318,11 +207,12 @@ async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
     env.wait_until("all records", Duration::from_secs(120), |e| {
         e.delivered_payloads().len() == total
     })
-    .await;
+    .await
+    .unwrap();
     // Per key: first deliveries in produced order.
     let mut first_seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut seen = BTreeSet::new();
-    for (_, _, r) in env.log.deliveries() {
+    for (_, _, r) in env.log().deliveries() {
         let p = String::from_utf8(r.data.to_vec()).unwrap();
         if seen.insert(p.clone()) {
             first_seen
@@ -333,7 +223,7 @@ async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
     }
     assert_eq!(first_seen, produced);
     // The parent ended at SHARD_END (or was cleaned up) and children started after it.
-    let events = env.log.events();
+    let events = env.log().events();
     let parent_end = events
         .iter()
         .position(|e| matches!(e, Event::Checkpointed { shard, error: None, during: Some(kcl_interfaces::ShutdownReason::Terminate), .. } if shard == "shardId-000000000000"))
@@ -353,44 +243,47 @@ async fn split_while_records_flow_children_after_parent_per_key_order_kept() {
 
 #[tokio::test(start_paused = true)]
 async fn restart_resumes_inside_an_aggregate() {
-    let env = Env::new(1);
+    let env = env(1);
     let items: Vec<(&str, String)> = (0..10).map(|i| ("k", format!("sub-{i}"))).collect();
-    env.put_aggregate(&items);
+    env.put_aggregate(&items).unwrap();
     // Checkpoint in the middle of the aggregate by hand: sub-record 3.
     let (w1, _) = env
-        .worker("w1", Behaviour::new().checkpoint_every_batch(false))
-        .await;
+        .start("w1", Behaviour::new().checkpoint_every_batch(false))
+        .await
+        .unwrap();
     env.wait_until("the aggregate", Duration::from_secs(30), |e| {
-        e.log.delivered_count() == 10
+        e.log().delivered_count() == 10
     })
-    .await;
-    let (_, _, fourth) = env.log.deliveries()[3].clone();
+    .await
+    .unwrap();
+    let (_, _, fourth) = env.log().deliveries()[3].clone();
     assert_eq!(fourth.sub_sequence_number, 3);
     // A fenced checkpoint through the store, as the processor would make it.
     let lease = env
-        .store
+        .store()
         .get_lease("shardId-000000000000")
         .await
         .unwrap()
         .unwrap();
-    env.store
+    env.store()
         .update_checkpoint(&lease, &fourth.extended_sequence_number())
         .await
         .unwrap();
     w1.abort().await;
-    let before = env.log.delivered_count();
-    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    let before = env.log().delivered_count();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
     env.wait_until("redelivery", 3 * FAILOVER, |e| {
-        e.log.delivered_count() > before
+        e.log().delivered_count() > before
     })
-    .await;
-    let redelivered: Vec<u64> = env.log.deliveries()[before..]
+    .await
+    .unwrap();
+    let redelivered: Vec<u64> = env.log().deliveries()[before..]
         .iter()
         .map(|(_, _, r)| r.sub_sequence_number)
         .collect();
     assert_eq!(redelivered, vec![4, 5, 6, 7, 8, 9]);
     let init = env
-        .log
+        .log()
         .events()
         .into_iter()
         .find_map(|e| match e {
@@ -406,22 +299,24 @@ async fn restart_resumes_inside_an_aggregate() {
 
 #[tokio::test(start_paused = true)]
 async fn terminate_without_checkpoint_blocks_children_until_auto_checkpoint() {
-    let env = Env::new(1);
-    env.put_plain("k", "before");
+    let env = env(1);
+    env.put_plain("k", "before").unwrap();
     let (w1, _) = env
-        .worker("w1", Behaviour::new().checkpoint_on_terminate(false))
-        .await;
+        .start("w1", Behaviour::new().checkpoint_on_terminate(false))
+        .await
+        .unwrap();
     env.wait_until("first record", Duration::from_secs(30), |e| {
-        e.log.delivered_count() == 1
+        e.log().delivered_count() == 1
     })
-    .await;
-    env.kinesis
+    .await
+    .unwrap();
+    env.kinesis()
         .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
         .unwrap();
-    env.put_plain("k", "after");
+    env.put_plain("k", "after").unwrap();
     // Several Terminate attempts, no SHARD_END, no child started.
     env.wait_until("terminate retries", Duration::from_secs(60), |e| {
-        e.log
+        e.log()
             .events()
             .iter()
             .filter(|ev| {
@@ -436,10 +331,11 @@ async fn terminate_without_checkpoint_blocks_children_until_auto_checkpoint() {
             .count()
             >= 3
     })
-    .await;
+    .await
+    .unwrap();
     assert!(!env.delivered_payloads().contains("after"));
     let parent = env
-        .store
+        .store()
         .get_lease("shardId-000000000000")
         .await
         .unwrap()
@@ -450,38 +346,41 @@ async fn terminate_without_checkpoint_blocks_children_until_auto_checkpoint() {
 
     // With auto_checkpoint_at_shard_end the worker writes SHARD_END itself.
     let (w2, _) = env
-        .worker_with("w2", Behaviour::new().checkpoint_on_terminate(false), |b| {
+        .start_with("w2", Behaviour::new().checkpoint_on_terminate(false), |b| {
             b.auto_checkpoint_at_shard_end(true)
         })
-        .await;
+        .await
+        .unwrap();
     env.wait_until("child records", Duration::from_secs(60), |e| {
         e.delivered_payloads().contains("after")
     })
-    .await;
-    let parent = env.store.get_lease("shardId-000000000000").await.unwrap();
+    .await
+    .unwrap();
+    let parent = env.store().get_lease("shardId-000000000000").await.unwrap();
     assert!(parent.is_none_or(|p| p.checkpoint == ExtendedSequenceNumber::SHARD_END));
     w2.shutdown().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_zombie_is_told_and_cannot_checkpoint() {
-    let env = Env::new(1);
-    env.put_plain("k", "one");
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let env = env(1);
+    env.put_plain("k", "one").unwrap();
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
     env.wait_until("first record", Duration::from_secs(30), |e| {
-        e.log.delivered_count() == 1
+        e.log().delivered_count() == 1
     })
-    .await;
+    .await
+    .unwrap();
     // Another worker takes the lease behind w1's back.
     let lease = env
-        .store
+        .store()
         .get_lease("shardId-000000000000")
         .await
         .unwrap()
         .unwrap();
-    env.store.take_lease(&lease, "thief").await.unwrap();
+    env.store().take_lease(&lease, "thief").await.unwrap();
     env.wait_until("zombie shutdown", Duration::from_secs(30), |e| {
-        e.log.events().iter().any(|ev| {
+        e.log().events().iter().any(|ev| {
             matches!(
                 ev,
                 Event::Shutdown {
@@ -491,9 +390,10 @@ async fn a_zombie_is_told_and_cannot_checkpoint() {
             )
         })
     })
-    .await;
+    .await
+    .unwrap();
     let zombie_checkpoint = env
-        .log
+        .log()
         .events()
         .into_iter()
         .find_map(|e| match e {
@@ -510,7 +410,7 @@ async fn a_zombie_is_told_and_cannot_checkpoint() {
         Some(kcl_interfaces::CheckpointErrorKind::Shutdown)
     );
     let after = env
-        .store
+        .store()
         .get_lease("shardId-000000000000")
         .await
         .unwrap()
@@ -521,22 +421,24 @@ async fn a_zombie_is_told_and_cannot_checkpoint() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lone_worker_starts_processing_64_fresh_shards_within_3_seconds() {
-    let env = Env::new(64);
+    let env = env(64);
     for i in 0..640 {
-        env.put_plain(&format!("key-{i}"), &format!("r{i}"));
+        env.put_plain(&format!("key-{i}"), &format!("r{i}"))
+            .unwrap();
     }
     let started = Instant::now();
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
     let took = env
         .wait_until("64 initialized shards", Duration::from_secs(30), |e| {
-            e.log
+            e.log()
                 .events()
                 .iter()
                 .filter(|ev| matches!(ev, Event::Initialized { .. }))
                 .count()
                 == 64
         })
-        .await;
+        .await
+        .unwrap();
     println!(
         "64 fresh shards processing after {took:?} (virtual, from start {:?})",
         started.elapsed()
@@ -545,44 +447,48 @@ async fn a_lone_worker_starts_processing_64_fresh_shards_within_3_seconds() {
     env.wait_until("all records", Duration::from_secs(30), |e| {
         e.delivered_payloads().len() == 640
     })
-    .await;
+    .await
+    .unwrap();
     w1.shutdown().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_pending_checkpoint_is_shown_to_the_next_owner() {
-    let env = Env::new(1);
-    env.put_plain("k", "one");
-    env.put_plain("k", "two");
+    let env = env(1);
+    env.put_plain("k", "one").unwrap();
+    env.put_plain("k", "two").unwrap();
     let (w1, _) = env
-        .worker("w1", Behaviour::new().checkpoint_every_batch(false))
-        .await;
+        .start("w1", Behaviour::new().checkpoint_every_batch(false))
+        .await
+        .unwrap();
     env.wait_until("records", Duration::from_secs(30), |e| {
-        e.log.delivered_count() == 2
+        e.log().delivered_count() == 2
     })
-    .await;
-    let (_, _, first) = env.log.deliveries()[0].clone();
+    .await
+    .unwrap();
+    let (_, _, first) = env.log().deliveries()[0].clone();
     let lease = env
-        .store
+        .store()
         .get_lease("shardId-000000000000")
         .await
         .unwrap()
         .unwrap();
-    env.store
+    env.store()
         .update_pending_checkpoint(&lease, Some(&first.extended_sequence_number()))
         .await
         .unwrap();
     w1.abort().await;
-    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
     env.wait_until("w2 initialized", 3 * FAILOVER, |e| {
-        e.log
+        e.log()
             .events()
             .iter()
             .any(|ev| matches!(ev, Event::Initialized { worker, .. } if worker == "w2"))
     })
-    .await;
+    .await
+    .unwrap();
     let pending = env
-        .log
+        .log()
         .events()
         .into_iter()
         .find_map(|e| match e {
@@ -624,25 +530,50 @@ impl kcl_interfaces::RecordProcessor for BadOnShardZero {
     async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_panicking_processor_only_affects_its_own_shard() {
-    let env = Env::new(4);
+/// Puts 200 records over 4 shards, starts a worker (with `shutdown_grace` when given) whose
+/// processor panics (or hangs) on shard 0, and waits until every record of the other shards is delivered. Returns the
+/// worker and how many records shard 0 holds.
+async fn misbehaving_on_shard_zero(
+    env: &Fleet,
+    hang: bool,
+    shutdown_grace: Option<Duration>,
+) -> (WorkerHandle, usize) {
     for i in 0..200 {
-        env.put_plain(&format!("key-{i}"), &format!("r{i}"));
+        env.put_plain(&format!("key-{i}"), &format!("r{i}"))
+            .unwrap();
     }
-    let log = env.log.clone();
+    let log = env.log().clone();
     let factory = move || BadOnShardZero {
-        hang: false,
+        hang,
         shard: String::new(),
         log: log.clone(),
     };
-    let handle = env.start("w1", factory, |b| b).await;
+    let handle = env
+        .start_factory(
+            "w1",
+            factory,
+            default_seed("w1"),
+            |b| match shutdown_grace {
+                Some(grace) => b.shutdown_grace(grace),
+                None => b,
+            },
+        )
+        .await
+        .unwrap();
     // Every record not on shard 0 is delivered, and the worker keeps running.
-    let shard_zero_records = env.keys_on_shard_zero(200).await;
+    let on_zero = keys_on_shard_zero(env, 200).await;
     env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
-        e.delivered_payloads().len() == 200 - shard_zero_records
+        e.delivered_payloads().len() == 200 - on_zero
     })
-    .await;
+    .await
+    .unwrap();
+    (handle, on_zero)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_processor_only_affects_its_own_shard() {
+    let env = env(4);
+    let (handle, shard_zero_records) = misbehaving_on_shard_zero(&env, false, None).await;
     assert!(shard_zero_records > 0);
     assert!(!handle.is_finished());
     // Shard 0's lease was released after the panic (and is retried, panicking again).
@@ -651,17 +582,17 @@ async fn a_panicking_processor_only_affects_its_own_shard() {
 
 #[tokio::test(start_paused = true)]
 async fn a_missing_stream_is_a_clear_error_at_start() {
-    let env = Env::new(1);
+    let env = env(1);
     let config = WorkerConfig::builder("app", "no-such-stream")
         .worker_id("w1")
         .build()
         .unwrap();
     let err = Worker::builder(
         config,
-        RecordingFactory::new("w1", env.log.clone(), Behaviour::new()),
+        RecordingFactory::new("w1", env.log().clone(), Behaviour::new()),
     )
-    .stream_client(Arc::new(env.kinesis.clone()))
-    .lease_store(env.store.clone())
+    .stream_client(Arc::new(env.kinesis().clone()))
+    .lease_store(env.store().clone())
     .build()
     .await
     .unwrap()
@@ -683,43 +614,45 @@ async fn a_missing_stream_is_a_clear_error_at_start() {
 
 #[tokio::test(start_paused = true)]
 async fn a_closed_shard_gone_from_the_stream_counts_as_ended_and_children_start() {
-    let env = Env::new(1);
-    env.put_plain("k", "before-split");
-    let (w1, _) = env.worker("w1", Behaviour::new()).await;
+    let env = env(1);
+    env.put_plain("k", "before-split").unwrap();
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
     env.wait_until("first record", Duration::from_secs(30), |e| {
-        e.log.delivered_count() == 1
+        e.log().delivered_count() == 1
     })
-    .await;
+    .await
+    .unwrap();
     w1.shutdown().await.unwrap();
     // While the application is down the shard splits and, after the retention period, the
     // closed parent (with its records) leaves the stream; its lease still says "not finished".
-    env.kinesis
+    env.kinesis()
         .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
         .unwrap();
-    env.kinesis
+    env.kinesis()
         .set_retention_period(STREAM, Duration::from_secs(3600))
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
     let parent = env
-        .store
+        .store()
         .get_lease("shardId-000000000000")
         .await
         .unwrap()
         .unwrap();
     assert!(!parent.is_finished());
-    env.put_plain("k", "after-split");
-    let (w2, _) = env.worker("w2", Behaviour::new()).await;
+    env.put_plain("k", "after-split").unwrap();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
     env.wait_until("the child's record", Duration::from_secs(120), |e| {
         e.delivered_payloads().contains("after-split")
     })
-    .await;
-    let parent = env.store.get_lease("shardId-000000000000").await.unwrap();
+    .await
+    .unwrap();
+    let parent = env.store().get_lease("shardId-000000000000").await.unwrap();
     assert!(
         parent.as_ref().is_none_or(|p| p.is_finished()),
         "{parent:?}"
     );
     // w2 ended the gone parent (Terminate, SHARD_END) before the children started.
-    assert!(env.log.events().iter().any(|e| matches!(e,
+    assert!(env.log().events().iter().any(|e| matches!(e,
         Event::Shutdown { worker, shard, reason: kcl_interfaces::ShutdownReason::Terminate }
             if worker == "w2" && shard == "shardId-000000000000")));
     w2.shutdown().await.unwrap();
@@ -729,14 +662,14 @@ fn assert_send<T: Send>(_: &T) {}
 
 #[test]
 fn public_futures_are_send() {
-    let env = Env::new(1);
+    let env = env(1);
     let config = WorkerConfig::builder("app", STREAM).build().unwrap();
     let builder = Worker::builder(
         config,
-        RecordingFactory::new("w", env.log.clone(), Behaviour::new()),
+        RecordingFactory::new("w", env.log().clone(), Behaviour::new()),
     )
-    .stream_client(Arc::new(env.kinesis.clone()))
-    .lease_store(env.store.clone());
+    .stream_client(Arc::new(env.kinesis().clone()))
+    .lease_store(env.store().clone());
     let build = builder.build();
     assert_send(&build);
     drop(build);
@@ -824,14 +757,14 @@ impl kcl_interfaces::RecordProcessor for CheckpointProbe {
 
 #[tokio::test(start_paused = true)]
 async fn the_checkpointer_validates_positions() {
-    let env = Env::new(2);
+    let env = env(2);
     // Records on both shards, interleaved in time, so shard 1 has sequence numbers between
     // shard 0's.
     let mut on_zero = Vec::new();
     let mut foreign = None;
     for i in 0..40 {
         let put = env
-            .kinesis
+            .kinesis()
             .put_record(
                 STREAM,
                 &format!("key-{i}"),
@@ -855,7 +788,10 @@ async fn the_checkpointer_validates_positions() {
         foreign_sequence: foreign.clone(),
         done: false,
     };
-    let handle = env.start("w1", factory, |b| b).await;
+    let handle = env
+        .start_factory("w1", factory, default_seed("w1"), |b| b)
+        .await
+        .unwrap();
     let start = Instant::now();
     while results.lock().unwrap().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(60));
@@ -876,24 +812,8 @@ async fn the_checkpointer_validates_positions() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_returns() {
-    let env = Env::new(4);
-    for i in 0..200 {
-        env.put_plain(&format!("key-{i}"), &format!("r{i}"));
-    }
-    let log = env.log.clone();
-    let factory = move || BadOnShardZero {
-        hang: true,
-        shard: String::new(),
-        log: log.clone(),
-    };
-    let handle = env
-        .start("w1", factory, |b| b.shutdown_grace(Duration::from_secs(2)))
-        .await;
-    let on_zero = env.keys_on_shard_zero(200).await;
-    env.wait_until("the other shards' records", Duration::from_secs(60), |e| {
-        e.delivered_payloads().len() == 200 - on_zero
-    })
-    .await;
+    let env = env(4);
+    let (handle, _) = misbehaving_on_shard_zero(&env, true, Some(Duration::from_secs(2))).await;
     let stopping = Instant::now();
     let report = handle.shutdown().await.unwrap();
     assert!(
@@ -904,29 +824,31 @@ async fn a_hanging_processor_only_affects_its_own_shard_and_shutdown_still_retur
     assert_eq!(report.aborted_processors, 1);
     assert_eq!(report.leases_released.len(), 4);
     assert!(!report.is_clean());
-    let owners = env.owners().await;
+    let owners = env.owners().await.unwrap();
     assert!(owners.values().all(Option::is_none), "{owners:?}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn empty_reads_while_behind_do_not_stall_or_skip() {
-    let env = Env::new(1);
+    let env = env(1);
     for i in 0..50 {
-        env.put_plain("k", &format!("r{i:02}"));
+        env.put_plain("k", &format!("r{i:02}")).unwrap();
     }
-    env.kinesis.empty_reads_next(20);
+    env.kinesis().empty_reads_next(20);
     let started = Instant::now();
     // A long idle time: were the empty answers taken for "caught up", this would take
     // minutes.
     let (w1, _) = env
-        .worker_with("w1", Behaviour::new(), |b| {
+        .start_with("w1", Behaviour::new(), |b| {
             b.idle_time_between_reads(Duration::from_secs(10))
         })
-        .await;
+        .await
+        .unwrap();
     env.wait_until("every record", Duration::from_secs(60), |e| {
         e.delivered_payloads().len() == 50
     })
-    .await;
+    .await
+    .unwrap();
     // Behind the tip the worker keeps reading (no idle sleeps between the empty answers);
     // only the client-side rate limit (5 calls/s) spaces the 21 calls.
     assert!(
@@ -935,7 +857,7 @@ async fn empty_reads_while_behind_do_not_stall_or_skip() {
         started.elapsed()
     );
     let order: Vec<String> = env
-        .log
+        .log()
         .deliveries()
         .into_iter()
         .map(|(_, _, r)| String::from_utf8(r.data.to_vec()).unwrap())

@@ -90,17 +90,29 @@
 //!
 //! # Faults and statistics
 //!
-//! [`InMemoryKinesis::fail_next`] makes the next N calls of an operation fail with a
-//! [`Fault`] (throttling, a service error, a connection failure, an expired iterator);
-//! [`InMemoryKinesis::fail_next_any`] does it for any operation and
-//! [`InMemoryKinesis::fail_next_on_shard`] for `GetRecords` and `GetShardIterator` on one
-//! shard. [`InMemoryKinesis::set_latency`] delays an operation on the clock;
+//! Faults follow the design of the in-memory lease store: [`InMemoryKinesis::inject`]
+//! registers a [`Fault`] of a [`FaultKind`] for the next N calls, optionally only of one
+//! [`Operation`] ([`Fault::for_operation`]) and only on one shard ([`Fault::for_key`] with
+//! the shard id: `GetShardIterator` on it, `GetRecords` with its iterators). The shortcuts
+//! [`throttle_next`](InMemoryKinesis::throttle_next),
+//! [`fail_next`](InMemoryKinesis::fail_next) and [`hang_next`](InMemoryKinesis::hang_next)
+//! register a fault for any call. A [`FaultKind::Hang`] call never completes: it stays
+//! pending until the caller drops it. The switches
+//! [`set_unreachable`](InMemoryKinesis::set_unreachable) (every call fails as unreachable)
+//! and [`set_hanging`](InMemoryKinesis::set_hanging) (every call started while it is on
+//! hangs for good, like a dead NAT) hold until turned off.
+//! [`InMemoryKinesis::set_latency`] delays an operation on the clock;
 //! [`InMemoryKinesis::expire_iterators`] expires every outstanding iterator at once.
-//! [`InMemoryKinesis::stats`] counts the calls of each operation.
+//! [`InMemoryKinesis::stats`] counts the calls of each operation, the injected faults and
+//! the hung calls. Puts are synchronous: they can fail by a fault but never hang or wait.
 
 mod faults;
+mod iterators;
+mod records;
 mod sequence;
-mod state;
+mod shard;
+mod stream;
+mod streams;
 mod token;
 
 use std::fmt;
@@ -118,8 +130,8 @@ use bytes::Bytes;
 use kcl_kpl::SequenceNumber;
 use kcl_lease::{Clock, SystemClock};
 
-pub use faults::{Fault, KinesisStats, Operation, SimulatedError};
-use state::{Now, State};
+pub use faults::{Fault, FaultKind, KinesisStats, Operation, SimulatedError};
+use streams::{Now, State};
 
 /// Where a record went: what `PutRecord` answers.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -237,28 +249,35 @@ impl InMemoryKinesis {
         }
     }
 
-    /// Counts the call, applies its latency, and takes an injected fault if one is pending.
-    async fn begin(&self, operation: Operation) -> Result<(), StreamError> {
-        let latency = {
+    /// Counts the call; hangs for good when the hanging switch is on; applies its latency;
+    /// then takes an injected fault for it (on the shard `key` when the call is about one).
+    async fn begin(&self, operation: Operation, key: Option<&str>) -> Result<(), StreamError> {
+        let (hanging, latency) = {
             let mut state = self.state();
             state.stats.count_call(operation);
-            state.faults.latency(operation)
+            let hanging = state.faults.hanging();
+            if hanging {
+                state.stats.calls_hung += 1;
+            }
+            (hanging, state.faults.latency(operation))
         };
+        if hanging {
+            return std::future::pending().await;
+        }
         if !latency.is_zero() {
             self.inner.clock.sleep(latency).await;
         }
-        match self.state().take_fault(operation) {
-            Some(error) => Err(error),
-            None => Ok(()),
+        let hang = self.state().take_fault(operation, key, true)?;
+        if hang {
+            tracing::debug!(%operation, ?key, "in-memory Kinesis call hangs (injected)");
+            return std::future::pending().await;
         }
+        Ok(())
     }
 
     fn begin_sync(&self, state: &mut State, operation: Operation) -> Result<(), StreamError> {
         state.stats.count_call(operation);
-        match state.take_fault(operation) {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        state.take_fault(operation, None, false).map(|_| ())
     }
 
     /// Creates a stream with `shard_count` shards covering the hash key space evenly. It is
@@ -350,63 +369,48 @@ impl InMemoryKinesis {
         self.state().read_limit = calls_per_second.map(NonZeroU32::get);
     }
 
-    /// Makes the next `count` calls of `operation` fail with `fault`.
-    pub fn fail_next(&self, operation: Operation, fault: Fault, count: u32) {
-        self.state().faults.add(Some(operation), None, fault, count);
+    /// Registers a fault (after the ones already registered): the next
+    /// [`Fault::remaining`] matching calls get its [`FaultKind`].
+    pub fn inject(&self, fault: Fault) {
+        self.state().faults.add(fault);
     }
 
-    /// Makes the next `count` calls, of any operation, fail with `fault`.
-    pub fn fail_next_any(&self, fault: Fault, count: u32) {
-        self.state().faults.add(None, None, fault, count);
+    /// The next `count` calls (puts included) fail with [`StreamError::Throttled`].
+    pub fn throttle_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::Throttle, count));
     }
 
-    /// Makes the next `count` `GetRecords` calls on one shard fail with `fault`; calls on
-    /// other shards are not affected.
-    pub fn fail_next_on_shard(
-        &self,
-        stream: &str,
-        shard_id: &str,
-        fault: Fault,
-        count: u32,
-    ) -> Result<(), StreamError> {
-        let now = self.now();
-        let mut state = self.state();
-        let index = state.shard_index_of(stream, shard_id, now)?;
-        state.faults.add(
-            Some(Operation::GetRecords),
-            Some((stream.to_owned(), index)),
-            fault,
-            count,
-        );
-        Ok(())
+    /// The next `count` calls (puts included) fail with [`StreamError::Service`].
+    pub fn fail_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::ServiceError, count));
     }
 
-    /// Makes the next `count` `GetShardIterator` calls on one shard fail with `fault`.
-    pub fn fail_next_get_shard_iterator_on_shard(
-        &self,
-        stream: &str,
-        shard_id: &str,
-        fault: Fault,
-        count: u32,
-    ) -> Result<(), StreamError> {
-        let now = self.now();
-        let mut state = self.state();
-        let index = state.shard_index_of(stream, shard_id, now)?;
-        state.faults.add(
-            Some(Operation::GetShardIterator),
-            Some((stream.to_owned(), index)),
-            fault,
-            count,
-        );
-        Ok(())
+    /// The next `count` calls (puts excepted: they are synchronous) never complete: each
+    /// stays pending until its caller drops it.
+    pub fn hang_next(&self, count: u32) {
+        self.inject(Fault::new(FaultKind::Hang, count));
     }
 
-    /// Faults injected but not yet returned.
-    pub fn pending_faults(&self) -> u64 {
+    /// While `true`, every call fails with [`StreamError::Unreachable`].
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.state().faults.set_unreachable(unreachable);
+    }
+
+    /// While `true`, every call that starts hangs for good, as behind a dead NAT: it stays
+    /// pending until its caller drops it, even after the switch is turned off again. Calls
+    /// started after the switch is off answer normally. Puts are synchronous and are not
+    /// affected.
+    pub fn set_hanging(&self, hanging: bool) {
+        self.state().faults.set_hanging(hanging);
+    }
+
+    /// The faults still registered, with their remaining counts.
+    pub fn pending_faults(&self) -> Vec<Fault> {
         self.state().faults.pending()
     }
 
-    /// Drops every pending fault.
+    /// Removes every registered fault, turns the unreachable and hanging switches off and
+    /// every latency to zero.
     pub fn clear_faults(&self) {
         self.state().faults.clear();
     }
@@ -456,13 +460,13 @@ impl StreamClient for InMemoryKinesis {
         next_token: Option<&str>,
         filter: Option<&ShardFilter>,
     ) -> Result<ShardPage, StreamError> {
-        self.begin(Operation::ListShards).await?;
+        self.begin(Operation::ListShards, None).await?;
         let now = self.now();
         self.state().list_shards(stream, next_token, filter, now)
     }
 
     async fn describe_stream_summary(&self, stream: &str) -> Result<StreamSummary, StreamError> {
-        self.begin(Operation::DescribeStreamSummary).await?;
+        self.begin(Operation::DescribeStreamSummary, None).await?;
         self.state().describe(stream)
     }
 
@@ -472,7 +476,8 @@ impl StreamClient for InMemoryKinesis {
         shard_id: &str,
         position: &IteratorPosition,
     ) -> Result<String, StreamError> {
-        self.begin(Operation::GetShardIterator).await?;
+        self.begin(Operation::GetShardIterator, Some(shard_id))
+            .await?;
         let now = self.now();
         self.state()
             .get_shard_iterator(stream, shard_id, position, now)
@@ -483,7 +488,9 @@ impl StreamClient for InMemoryKinesis {
         shard_iterator: &str,
         limit: u32,
     ) -> Result<GetRecordsOutput, StreamError> {
-        self.begin(Operation::GetRecords).await?;
+        let shard_id = self.state().iterator_shard_id(shard_iterator);
+        self.begin(Operation::GetRecords, shard_id.as_deref())
+            .await?;
         let now = self.now();
         let mut state = self.state();
         let out = state.get_records(shard_iterator, limit, now)?;

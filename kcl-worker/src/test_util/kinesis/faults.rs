@@ -64,43 +64,106 @@ impl fmt::Display for Operation {
     }
 }
 
-/// A failure the in-memory Kinesis can be told to return.
+/// What an injected fault makes a call do.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[non_exhaustive]
-pub enum Fault {
+pub enum FaultKind {
     /// `ProvisionedThroughputExceededException`: [`StreamError::Throttled`].
-    Throttled,
+    Throttle,
     /// `InternalFailure` (HTTP 500): [`StreamError::Service`].
     ServiceError,
     /// The connection failed: [`StreamError::Unreachable`].
     Unreachable,
+    /// The call never completes: it stays pending until the caller drops it (a request
+    /// whose answer never comes). Puts are synchronous and never hang: a `Hang` fault does
+    /// not match them.
+    Hang,
     /// `ExpiredIteratorException`: [`StreamError::ExpiredIterator`] (meant for `GetRecords`).
     ExpiredIterator,
 }
 
-impl Fault {
-    pub(crate) fn to_error(self, operation: Operation) -> StreamError {
-        match self {
-            Fault::Throttled => StreamError::Throttled {
-                source: Box::new(SimulatedError::new(
-                    "ProvisionedThroughputExceededException",
-                    format!("Rate exceeded (injected into {operation})"),
-                )),
-            },
-            Fault::ServiceError => StreamError::Service {
+impl FaultKind {
+    /// The error a call hit by this kind returns; `None` for [`FaultKind::Hang`].
+    pub(crate) fn to_error(self, operation: Operation) -> Option<StreamError> {
+        Some(match self {
+            FaultKind::Throttle => throttled(operation),
+            FaultKind::ServiceError => StreamError::Service {
                 source: Box::new(SimulatedError::new(
                     "InternalFailure",
                     format!("internal failure (injected into {operation})"),
                 )),
             },
-            Fault::Unreachable => StreamError::Unreachable {
+            FaultKind::Unreachable => StreamError::Unreachable {
                 source: Box::new(SimulatedError::new(
                     "ConnectionRefused",
                     format!("connection refused (injected into {operation})"),
                 )),
             },
-            Fault::ExpiredIterator => StreamError::ExpiredIterator,
+            FaultKind::ExpiredIterator => StreamError::ExpiredIterator,
+            FaultKind::Hang => return None,
+        })
+    }
+}
+
+/// `ProvisionedThroughputExceededException` on `operation`.
+pub(crate) fn throttled(operation: Operation) -> StreamError {
+    StreamError::Throttled {
+        source: Box::new(SimulatedError::new(
+            "ProvisionedThroughputExceededException",
+            format!("Rate exceeded (injected into {operation})"),
+        )),
+    }
+}
+
+/// A fault for the next `count` matching calls: any call, or only calls of one operation
+/// ([`Fault::for_operation`]) and/or on one shard ([`Fault::for_key`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Fault {
+    kind: FaultKind,
+    remaining: u32,
+    operation: Option<Operation>,
+    key: Option<String>,
+}
+
+impl Fault {
+    /// `kind` for the next `count` calls, whatever they are.
+    pub fn new(kind: FaultKind, count: u32) -> Self {
+        Self {
+            kind,
+            remaining: count,
+            operation: None,
+            key: None,
         }
+    }
+
+    /// Only calls of this operation match (and consume the count).
+    pub fn for_operation(mut self, operation: Operation) -> Self {
+        self.operation = Some(operation);
+        self
+    }
+
+    /// Only calls on this shard id match: `GetShardIterator` on it and `GetRecords` with
+    /// one of its iterators (so never `ListShards`, `DescribeStreamSummary` or the puts).
+    pub fn for_key(mut self, shard_id: impl Into<String>) -> Self {
+        self.key = Some(shard_id.into());
+        self
+    }
+
+    /// The kind of fault.
+    pub fn kind(&self) -> FaultKind {
+        self.kind
+    }
+
+    /// How many more calls it affects.
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+
+    fn matches(&self, operation: Operation, key: Option<&str>, can_hang: bool) -> bool {
+        self.remaining > 0
+            && (can_hang || self.kind != FaultKind::Hang)
+            && self.operation.is_none_or(|op| op == operation)
+            && self.key.as_deref().is_none_or(|k| Some(k) == key)
     }
 }
 
@@ -159,8 +222,10 @@ pub struct KinesisStats {
     pub records_put: u64,
     /// Records returned by `GetRecords`.
     pub records_returned: u64,
-    /// Calls answered with an injected fault.
+    /// Calls answered with an injected fault (or the unreachable switch).
     pub faults_injected: u64,
+    /// Calls that hang for good (a `Hang` fault or the hanging switch): never answered.
+    pub calls_hung: u64,
     /// `GetRecords` calls refused by the per-shard read rate limit.
     pub read_rate_throttled: u64,
 }
@@ -191,93 +256,65 @@ impl KinesisStats {
     }
 }
 
-/// One "fail the next N calls" instruction.
-#[derive(Clone, Debug)]
-struct FaultRule {
-    /// `None`: any operation.
-    operation: Option<Operation>,
-    /// `(stream, shard index)`: only calls on that shard.
-    shard: Option<(String, usize)>,
-    fault: Fault,
-    remaining: u32,
-}
-
-/// Pending faults and latencies.
+/// Registered faults, the unreachable and hanging switches, and latencies.
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
-    rules: Vec<FaultRule>,
+    rules: Vec<Fault>,
+    unreachable: bool,
+    hanging: bool,
     latency: [Duration; 6],
 }
 
 impl Faults {
-    pub(crate) fn add(
-        &mut self,
-        operation: Option<Operation>,
-        shard: Option<(String, usize)>,
-        fault: Fault,
-        count: u32,
-    ) {
-        if count > 0 {
-            self.rules.push(FaultRule {
-                operation,
-                shard,
-                fault,
-                remaining: count,
-            });
+    pub(crate) fn add(&mut self, fault: Fault) {
+        if fault.remaining > 0 {
+            self.rules.push(fault);
         }
     }
 
+    /// Removes every fault, turns both switches off and every latency to zero.
     pub(crate) fn clear(&mut self) {
-        self.rules.clear();
+        *self = Self::default();
     }
 
-    /// Takes one fault for a call that is not (yet) tied to a shard: rules without a shard.
-    pub(crate) fn take(&mut self, operation: Operation) -> Option<Fault> {
-        self.take_matching(operation, None)
+    pub(crate) fn set_unreachable(&mut self, unreachable: bool) {
+        self.unreachable = unreachable;
     }
 
-    /// Takes one fault for a call on a shard: only rules aimed at that shard.
-    pub(crate) fn take_for_shard(
+    pub(crate) fn set_hanging(&mut self, hanging: bool) {
+        self.hanging = hanging;
+    }
+
+    /// Whether a call starting now hangs for good (the hanging switch is on).
+    pub(crate) fn hanging(&self) -> bool {
+        self.hanging
+    }
+
+    /// Takes the fault for one call: the unreachable switch, else the first registered
+    /// fault that matches (consuming one of its count). `can_hang` is false for the
+    /// synchronous puts, which `Hang` faults do not match.
+    pub(crate) fn take(
         &mut self,
         operation: Operation,
-        stream: &str,
-        shard: usize,
-    ) -> Option<Fault> {
-        self.take_matching(operation, Some((stream, shard)))
-    }
-
-    fn take_matching(
-        &mut self,
-        operation: Operation,
-        shard: Option<(&str, usize)>,
-    ) -> Option<Fault> {
-        if self.rules.is_empty() {
-            return None;
+        key: Option<&str>,
+        can_hang: bool,
+    ) -> Option<FaultKind> {
+        if self.unreachable {
+            return Some(FaultKind::Unreachable);
         }
-        let position = self.rules.iter().position(|rule| {
-            rule.operation.is_none_or(|op| op == operation)
-                && match (&rule.shard, shard) {
-                    (None, None) => true,
-                    (Some((rule_stream, rule_shard)), Some((stream, index))) => {
-                        rule_stream == stream && *rule_shard == index
-                    }
-                    _ => false,
-                }
-        })?;
-        let rule = self.rules.get_mut(position)?;
-        let fault = rule.fault;
+        let rule = self
+            .rules
+            .iter_mut()
+            .find(|rule| rule.matches(operation, key, can_hang))?;
         rule.remaining = rule.remaining.saturating_sub(1);
-        if rule.remaining == 0 {
-            self.rules.remove(position);
-        }
-        Some(fault)
+        let kind = rule.kind;
+        self.rules.retain(|rule| rule.remaining > 0);
+        Some(kind)
     }
 
-    pub(crate) fn pending(&self) -> u64 {
-        self.rules
-            .iter()
-            .map(|rule| u64::from(rule.remaining))
-            .sum()
+    /// The faults still registered, with their remaining counts.
+    pub(crate) fn pending(&self) -> Vec<Fault> {
+        self.rules.clone()
     }
 
     pub(crate) fn set_latency(&mut self, operation: Operation, latency: Duration) {

@@ -1,0 +1,85 @@
+//! The configuration of a simulation run.
+
+use std::time::Duration;
+
+use kcl_lease::{RandomSource, SeededRandom};
+
+/// What one simulation run does. [`SimulationConfig::new`] derives the sizes from the seed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SimulationConfig {
+    /// The seed every random choice derives from.
+    pub seed: u64,
+    /// Workers running at the start (the schedule keeps at least one running).
+    pub workers: usize,
+    /// Shards of the stream at the start.
+    pub shards: u32,
+    /// User records the producer writes.
+    pub records: usize,
+    /// Distinct partition keys.
+    pub keys: usize,
+    /// Whether to inject faults (crashes, stops, resharding, throttling, ...).
+    pub faults: bool,
+    /// Whether the faults include hangs: calls that never complete, and a path on which
+    /// every call started for a while hangs for good (on by default; only with `faults`).
+    pub hangs: bool,
+    /// Most fault events in the schedule (at least one is drawn when `faults` is on).
+    pub max_faults: usize,
+    /// How long (virtual time) to wait for every record after the producer finished.
+    pub drain_limit: Duration,
+}
+
+impl SimulationConfig {
+    /// The configuration for `seed`: 3 workers, 4 shards, 300 to 800 records under 10 to
+    /// 40 keys, faults on (1 to 6 fault events), hangs among them.
+    pub fn new(seed: u64) -> Self {
+        let rng = SeededRandom::new(seed ^ 0x5EED_C0F1_6000_0001);
+        Self {
+            seed,
+            workers: 3,
+            shards: 4,
+            records: 300 + rng.below(501) as usize,
+            keys: 10 + rng.below(31) as usize,
+            faults: true,
+            hangs: true,
+            max_faults: 6,
+            drain_limit: Duration::from_secs(600),
+        }
+    }
+
+    /// Sets the number of workers at the start (at least 1).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Sets the number of shards at the start (at least 1).
+    pub fn shards(mut self, shards: u32) -> Self {
+        self.shards = shards.max(1);
+        self
+    }
+
+    /// Sets the number of records.
+    pub fn records(mut self, records: usize) -> Self {
+        self.records = records;
+        self
+    }
+
+    /// Sets the number of partition keys (at least 1).
+    pub fn keys(mut self, keys: usize) -> Self {
+        self.keys = keys.max(1);
+        self
+    }
+
+    /// Turns the hang faults on or off (the other faults stay as `faults` says).
+    pub fn hangs(mut self, hangs: bool) -> Self {
+        self.hangs = hangs;
+        self
+    }
+
+    /// Turns fault injection on or off.
+    pub fn faults(mut self, faults: bool) -> Self {
+        self.faults = faults;
+        self
+    }
+}

@@ -1,0 +1,880 @@
+//! The driver of a simulation run: starts, crashes and stops workers, injects faults, reshards,
+//! produces records, drains, and hands the journal to the checker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kcl_interfaces::ShutdownReason;
+use kcl_kpl::Aggregator;
+use kcl_lease::timeouts::within;
+use kcl_lease::{Lease, RandomSource, SeededRandom, SystemClock};
+use kcl_worker::stream::{Shard, StreamClient};
+use kcl_worker::test_util::Fleet;
+use kcl_worker::{WorkerError, WorkerHandle};
+
+use super::checker::*;
+use super::config::*;
+use super::journal::*;
+use super::*;
+use crate::kinesis::{Fault, FaultKind as KinesisFault, Operation, PutRecordsEntry};
+use crate::recording::{Behaviour, Event, RecordingFactory};
+
+pub(super) const STREAM: &str = "simulation";
+pub(super) const APPLICATION: &str = "simulation-app";
+/// Most open shards the schedule lets splits create.
+pub(super) const MAX_OPEN_SHARDS: usize = 8;
+/// How often the driver looks at the world while draining.
+pub(super) const DRAIN_POLL: Duration = Duration::from_millis(250);
+/// How long the driver waits for one of its own calls (listing shards, starting or
+/// stopping a worker) before it gives up on it: a hanging path hangs them too.
+pub(super) const DRIVER_CALL_LIMIT: Duration = Duration::from_secs(60);
+/// How often the driver asks again for a shard listing that hung.
+pub(super) const LISTING_ATTEMPTS: usize = 10;
+
+// ---------------------------------------------------------------------------------------
+// The fault schedule.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FaultKind {
+    Crash,
+    GracefulStop,
+    Split,
+    Merge,
+    ThrottleGetRecords,
+    ExpireIterators,
+    LeaseStoreThrottle,
+    LeaseStoreFailure,
+    SlowProcessor,
+    /// The next few Kinesis calls never complete.
+    KinesisHang,
+    /// Every Kinesis call started for a while hangs for good (a dead path).
+    KinesisHangingPath,
+    /// The next few lease store calls never complete.
+    LeaseStoreHang,
+    /// Every lease store call started for a while hangs for good (a dead path).
+    LeaseStoreHangingPath,
+}
+
+/// The hang faults, drawn besides [`FAULT_KINDS`] when [`SimulationConfig::hangs`] is on
+/// (appended, so the schedules of runs without hangs stay as they were).
+pub(super) const HANG_KINDS: [FaultKind; 4] = [
+    FaultKind::KinesisHang,
+    FaultKind::KinesisHangingPath,
+    FaultKind::LeaseStoreHang,
+    FaultKind::LeaseStoreHangingPath,
+];
+
+pub(super) const FAULT_KINDS: [FaultKind; 9] = [
+    FaultKind::Crash,
+    FaultKind::GracefulStop,
+    FaultKind::Split,
+    FaultKind::Merge,
+    FaultKind::ThrottleGetRecords,
+    FaultKind::ExpireIterators,
+    FaultKind::LeaseStoreThrottle,
+    FaultKind::LeaseStoreFailure,
+    FaultKind::SlowProcessor,
+];
+
+#[derive(Clone, Debug)]
+pub(super) enum Action {
+    Fault(FaultKind),
+    /// Start a new worker (after a crash or a stop).
+    StartWorker,
+    /// Back to the default behaviour for this worker's processors.
+    Restore(String),
+}
+
+pub(super) struct Timings {
+    pub(super) failover: Duration,
+    pub(super) idle: Duration,
+    pub(super) shard_sync: Duration,
+    pub(super) parent_poll: Duration,
+    pub(super) round_every: Duration,
+    pub(super) rounds: usize,
+    pub(super) max_records: u32,
+}
+
+pub(super) struct RunningWorker {
+    pub(super) id: String,
+    pub(super) handle: WorkerHandle,
+    pub(super) factory: RecordingFactory,
+    /// The behaviour its processors go back to after a slow spell.
+    pub(super) behaviour: Behaviour,
+}
+
+pub(super) struct Simulation {
+    pub(super) config: SimulationConfig,
+    pub(super) rng: SeededRandom,
+    pub(super) timings: Timings,
+    /// The in-memory Kinesis and lease store, and the workers' event log; its workers
+    /// write to the lease store through a [`JournalingLeaseStore`].
+    pub(super) fleet: Fleet,
+    pub(super) journal: Journal,
+    pub(super) workers: Vec<RunningWorker>,
+    pub(super) workers_started: usize,
+    /// Workers stopped gracefully at the very end: none may own a lease afterwards.
+    pub(super) stopped_at_end: Vec<String>,
+    pub(super) produced: BTreeMap<String, Vec<Bytes>>,
+    pub(super) produced_total: usize,
+}
+
+pub(super) fn payload(key: &str, n: usize) -> Bytes {
+    Bytes::from(format!("{key}#{n:06}"))
+}
+
+pub(super) fn parse_payload(data: &[u8]) -> Option<(String, usize)> {
+    let text = std::str::from_utf8(data).ok()?;
+    let (key, n) = text.rsplit_once('#')?;
+    Some((key.to_owned(), n.parse().ok()?))
+}
+
+pub(super) fn between(rng: &SeededRandom, low: u64, high: u64) -> u64 {
+    low + rng.below(high.saturating_sub(low) + 1)
+}
+
+pub(super) fn millis(rng: &SeededRandom, low: u64, high: u64) -> Duration {
+    Duration::from_millis(between(rng, low, high))
+}
+
+impl Simulation {
+    pub(super) fn new(config: SimulationConfig) -> Self {
+        let rng = SeededRandom::new(config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA5A5);
+        let timings = Timings {
+            failover: millis(&rng, 2_000, 10_000),
+            idle: millis(&rng, 100, 200),
+            shard_sync: millis(&rng, 1_000, 2_000),
+            parent_poll: Duration::from_millis(200),
+            round_every: millis(&rng, 150, 400),
+            rounds: between(&rng, 20, 40) as usize,
+            max_records: between(&rng, 20, 200) as u32,
+        };
+        let journal = Journal::default();
+        let fleet = Fleet::without_stream(STREAM).with_application(APPLICATION);
+        let journaled_store = Arc::new(JournalingLeaseStore {
+            inner: fleet.store().clone(),
+            journal: journal.clone(),
+        });
+        let (failover, idle, shard_sync, parent_poll, max_records) = (
+            timings.failover,
+            timings.idle,
+            timings.shard_sync,
+            timings.parent_poll,
+            timings.max_records,
+        );
+        let fleet = fleet
+            .with_workers_lease_store(journaled_store)
+            .with_defaults(move |builder| {
+                builder
+                    .failover_time(failover)
+                    .idle_time_between_reads(idle)
+                    .shard_sync_interval(shard_sync)
+                    .parent_shard_poll_interval(parent_poll)
+                    .shutdown_grace(Duration::from_secs(3))
+                    .task_backoff(Duration::from_millis(100))
+                    .max_backoff(Duration::from_secs(2))
+                    .max_records(max_records)
+            });
+        Self {
+            config,
+            rng,
+            timings,
+            fleet,
+            journal,
+            workers: Vec::new(),
+            workers_started: 0,
+            stopped_at_end: Vec::new(),
+            produced: BTreeMap::new(),
+            produced_total: 0,
+        }
+    }
+
+    pub(super) fn note(
+        &self,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+        what: String,
+    ) {
+        report
+            .fault_log
+            .push(format!("t={:.1}s {what}", started.elapsed().as_secs_f64()));
+    }
+
+    pub(super) async fn start_worker(&mut self) -> Result<(), String> {
+        self.workers_started += 1;
+        let id = format!("worker-{}", self.workers_started);
+        // One worker in three checkpoints at random records instead of the largest one.
+        let partial_checkpoints = (self.rng.below(3) == 0).then(|| self.rng.next_u64());
+        let behaviour = Behaviour::new().checkpoint_every_batch(partial_checkpoints.is_none());
+        let factory =
+            RecordingFactory::new(id.clone(), self.fleet.log().clone(), behaviour.clone());
+        let journaling = JournalingFactory {
+            worker: id.clone(),
+            inner: factory.clone(),
+            journal: self.journal.clone(),
+            partial_checkpoints,
+            log: self.fleet.log().clone(),
+        };
+        let random_seed = self.config.seed ^ (self.workers_started as u64).wrapping_mul(0x9E37);
+        // `start` fails at once on a lease store error (faults may be injected right now):
+        // retry a few times, as a supervisor restarting the process would.
+        let mut attempt = 0;
+        let handle = loop {
+            attempt += 1;
+            let start = self
+                .fleet
+                .start_factory(&id, journaling.clone(), random_seed, |b| b);
+            // A start whose calls hang (a hanging path) is given up and tried again.
+            let outcome = within(&SystemClock, DRIVER_CALL_LIMIT, start)
+                .await
+                .ok_or_else(|| {
+                    format!("starting {id} did not return within {DRIVER_CALL_LIMIT:?}")
+                });
+            match outcome {
+                Ok(Ok(handle)) => break handle,
+                Err(hung) if attempt < 20 => {
+                    tracing::info!(worker_id = %id, %hung, "starting the worker hung; retrying");
+                }
+                Err(hung) => return Err(format!("{hung}, {attempt} times")),
+                Ok(Err(e @ WorkerError::Config(_))) => return Err(format!("worker config: {e}")),
+                Ok(Err(e)) if attempt < 20 => {
+                    tracing::info!(worker_id = %id, error = %e, "starting the worker failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(Err(e)) => return Err(format!("starting {id} failed {attempt} times: {e}")),
+            }
+        };
+        self.workers.push(RunningWorker {
+            id,
+            handle,
+            factory,
+            behaviour,
+        });
+        Ok(())
+    }
+
+    /// Writes one round of records: plain ones through `put_records`, and aggregates of one
+    /// key each.
+    pub(super) fn produce_round(
+        &mut self,
+        count: usize,
+        report: &mut SimulationReport,
+    ) -> Result<(), String> {
+        let mut plain = Vec::new();
+        let mut left = count;
+        while left > 0 {
+            let key = format!("key-{:03}", self.rng.below(self.config.keys as u64));
+            let next = self.produced.get(&key).map_or(0, Vec::len);
+            if self.rng.below(3) == 0 && left >= 2 {
+                // An aggregate: 2 to 8 records under this key. Plain records of the same key
+                // already queued in this round go first, to keep the produced order.
+                self.flush_plain(&mut plain)?;
+                let n = (between(&self.rng, 2, 8) as usize).min(left);
+                let mut agg = Aggregator::new();
+                let mut datas = Vec::with_capacity(n);
+                for i in 0..n {
+                    let data = payload(&key, next + i);
+                    datas.push(data.clone());
+                    if agg
+                        .add(&key, None, data)
+                        .map_err(|e| format!("aggregating: {e}"))?
+                        .is_some()
+                    {
+                        return Err("a small aggregate overflowed".to_owned());
+                    }
+                }
+                let rec = agg
+                    .finish()
+                    .ok_or_else(|| "an aggregate came out empty".to_owned())?;
+                self.fleet
+                    .kinesis()
+                    .put_record(
+                        STREAM,
+                        &rec.partition_key,
+                        rec.explicit_hash_key.as_deref(),
+                        rec.data,
+                    )
+                    .map_err(|e| format!("put_record: {e}"))?;
+                self.produced.entry(key).or_default().extend(datas);
+                report.aggregated_records += n;
+                left -= n;
+            } else {
+                let data = payload(&key, next);
+                plain.push(PutRecordsEntry::new(key.clone(), data.clone()));
+                self.produced.entry(key).or_default().push(data);
+                left -= 1;
+            }
+        }
+        self.flush_plain(&mut plain)?;
+        self.produced_total += count;
+        Ok(())
+    }
+
+    pub(super) fn flush_plain(&self, plain: &mut Vec<PutRecordsEntry>) -> Result<(), String> {
+        if plain.is_empty() {
+            return Ok(());
+        }
+        self.fleet
+            .kinesis()
+            .put_records(STREAM, std::mem::take(plain))
+            .map(|_| ())
+            .map_err(|e| format!("put_records: {e}"))
+    }
+
+    pub(super) async fn shards(&self) -> Result<Vec<Shard>, String> {
+        // A call started on a hanging path never answers: give up on it and ask again
+        // (the spells are shorter than the attempts).
+        for _ in 0..LISTING_ATTEMPTS {
+            let listing = self.fleet.kinesis().list_all_shards(STREAM, None);
+            if let Some(result) = within(&SystemClock, DRIVER_CALL_LIMIT / 6, listing).await {
+                return result.map_err(|e| format!("listing shards: {e}"));
+            }
+        }
+        Err(format!("listing shards hung {LISTING_ATTEMPTS} times"))
+    }
+
+    pub(super) async fn open_shards(&self) -> Result<Vec<Shard>, String> {
+        let mut open: Vec<Shard> = self
+            .shards()
+            .await?
+            .into_iter()
+            .filter(|s| !s.is_closed())
+            .collect();
+        open.sort_by_key(|s| s.hash_key_range.start());
+        Ok(open)
+    }
+
+    pub(super) fn pick_worker(&self) -> Option<usize> {
+        if self.workers.is_empty() {
+            None
+        } else {
+            Some(self.rng.below(self.workers.len() as u64) as usize)
+        }
+    }
+
+    /// Executes one action; returns follow-up actions with their delay.
+    pub(super) async fn execute(
+        &mut self,
+        action: Action,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<Vec<(Duration, Action)>, String> {
+        let mut follow = Vec::new();
+        match action {
+            Action::StartWorker => {
+                self.start_worker().await?;
+                let id = self
+                    .workers
+                    .last()
+                    .map(|w| w.id.clone())
+                    .unwrap_or_default();
+                self.note(report, started, format!("started {id}"));
+            }
+            Action::Restore(id) => {
+                if let Some(w) = self.workers.iter().find(|w| w.id == id) {
+                    w.factory.set_behaviour(w.behaviour.clone());
+                }
+            }
+            Action::Fault(kind) => {
+                report.faults_injected += 1;
+                match kind {
+                    FaultKind::Crash | FaultKind::GracefulStop => {
+                        if self.workers.len() <= 1 {
+                            // Keep at least one running: start another instead.
+                            follow.push((Duration::ZERO, Action::StartWorker));
+                            self.note(
+                                report,
+                                started,
+                                format!("{kind:?} skipped: one worker left; starting one"),
+                            );
+                        } else if let Some(i) = self.pick_worker() {
+                            let w = self.workers.remove(i);
+                            if kind == FaultKind::Crash {
+                                w.handle.abort().await;
+                                self.note(report, started, format!("crashed {}", w.id));
+                            } else {
+                                within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown())
+                                    .await
+                                    .ok_or_else(|| {
+                                        format!(
+                                            "graceful stop of {} did not return within {DRIVER_CALL_LIMIT:?}",
+                                            w.id
+                                        )
+                                    })?
+                                    .map_err(|e| format!("graceful stop of {}: {e}", w.id))?;
+                                self.note(report, started, format!("stopped {} gracefully", w.id));
+                            }
+                            follow.push((millis(&self.rng, 0, 4_000), Action::StartWorker));
+                        }
+                    }
+                    FaultKind::Split => {
+                        let open = self.open_shards().await?;
+                        let candidates: Vec<&Shard> = open
+                            .iter()
+                            .filter(|s| s.hash_key_range.end() - s.hash_key_range.start() >= 2)
+                            .collect();
+                        let pick = candidates.get(self.rng.below(candidates.len() as u64) as usize);
+                        match pick {
+                            Some(shard) if open.len() < MAX_OPEN_SHARDS => {
+                                let (start, end) =
+                                    (shard.hash_key_range.start(), shard.hash_key_range.end());
+                                let wide = (u128::from(self.rng.next_u64()) << 64)
+                                    | u128::from(self.rng.next_u64());
+                                let at = start + 1 + wide % (end - start);
+                                let children = self
+                                    .fleet
+                                    .kinesis()
+                                    .split_shard(STREAM, &shard.shard_id, at)
+                                    .map_err(|e| format!("split of {}: {e}", shard.shard_id))?;
+                                self.note(
+                                    report,
+                                    started,
+                                    format!("split {} at {at} into {children:?}", shard.shard_id),
+                                );
+                            }
+                            _ => self.note(
+                                report,
+                                started,
+                                "split skipped: too many open shards".to_owned(),
+                            ),
+                        }
+                    }
+                    FaultKind::Merge => {
+                        let open = self.open_shards().await?;
+                        let pairs: Vec<(&Shard, &Shard)> = open
+                            .iter()
+                            .zip(open.iter().skip(1))
+                            .filter(|(a, b)| {
+                                a.hash_key_range.end().checked_add(1)
+                                    == Some(b.hash_key_range.start())
+                            })
+                            .collect();
+                        match pairs.get(self.rng.below(pairs.len() as u64) as usize) {
+                            Some((a, b)) => {
+                                let child = self
+                                    .fleet
+                                    .kinesis()
+                                    .merge_shards(STREAM, &a.shard_id, &b.shard_id)
+                                    .map_err(|e| {
+                                        format!("merge of {} and {}: {e}", a.shard_id, b.shard_id)
+                                    })?;
+                                self.note(
+                                    report,
+                                    started,
+                                    format!(
+                                        "merged {} and {} into {child}",
+                                        a.shard_id, b.shard_id
+                                    ),
+                                );
+                            }
+                            None => self.note(
+                                report,
+                                started,
+                                "merge skipped: no adjacent open shards".to_owned(),
+                            ),
+                        }
+                    }
+                    FaultKind::ThrottleGetRecords => {
+                        let n = between(&self.rng, 3, 30) as u32;
+                        self.fleet.kinesis().inject(
+                            Fault::new(KinesisFault::Throttle, n)
+                                .for_operation(Operation::GetRecords),
+                        );
+                        self.note(
+                            report,
+                            started,
+                            format!("throttling the next {n} GetRecords"),
+                        );
+                    }
+                    FaultKind::ExpireIterators => {
+                        self.fleet.kinesis().expire_iterators();
+                        let n = between(&self.rng, 1, 5) as u32;
+                        self.fleet.kinesis().inject(
+                            Fault::new(KinesisFault::ExpiredIterator, n)
+                                .for_operation(Operation::GetRecords),
+                        );
+                        // And as many answers of "no records yet" while records are there
+                        // (no extra draw: the seeds' schedules stay as they were).
+                        self.fleet.kinesis().empty_reads_next(n);
+                        self.note(
+                            report,
+                            started,
+                            format!("expired every iterator, and {n} more GetRecords say ExpiredIterator, then {n} read nothing while behind"),
+                        );
+                    }
+                    FaultKind::LeaseStoreThrottle => {
+                        let n = between(&self.rng, 1, 8) as u32;
+                        self.fleet.store().throttle_next(n);
+                        self.note(
+                            report,
+                            started,
+                            format!("throttling the next {n} lease store calls"),
+                        );
+                    }
+                    FaultKind::LeaseStoreFailure => {
+                        let n = between(&self.rng, 1, 8) as u32;
+                        self.fleet.store().fail_next(n);
+                        self.note(
+                            report,
+                            started,
+                            format!("failing the next {n} lease store calls"),
+                        );
+                    }
+                    FaultKind::KinesisHang => {
+                        let n = between(&self.rng, 1, 3) as u32;
+                        self.fleet.kinesis().inject(
+                            Fault::new(KinesisFault::Hang, n).for_operation(Operation::GetRecords),
+                        );
+                        self.note(
+                            report,
+                            started,
+                            format!("the next {n} GetRecords calls never complete"),
+                        );
+                    }
+                    FaultKind::KinesisHangingPath => {
+                        let spell = millis(&self.rng, 500, 5_000);
+                        self.fleet.kinesis().set_hanging(true);
+                        self.note(
+                            report,
+                            started,
+                            format!(
+                                "every Kinesis call started in the next {spell:?} hangs for good"
+                            ),
+                        );
+                        // Ended by a timer of its own: the driver's own calls may be the
+                        // ones hanging meanwhile.
+                        let kinesis = self.fleet.kinesis().clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(spell).await;
+                            kinesis.set_hanging(false);
+                        });
+                    }
+                    FaultKind::LeaseStoreHang => {
+                        let n = between(&self.rng, 1, 3) as u32;
+                        self.fleet.store().hang_next(n);
+                        self.note(
+                            report,
+                            started,
+                            format!("the next {n} lease store calls never complete"),
+                        );
+                    }
+                    FaultKind::LeaseStoreHangingPath => {
+                        let spell = millis(&self.rng, 500, 5_000);
+                        self.fleet.store().set_hanging(true);
+                        self.note(
+                            report,
+                            started,
+                            format!(
+                                "every lease store call started in the next {spell:?} hangs for good"
+                            ),
+                        );
+                        // Ended by a timer of its own, as the Kinesis path.
+                        let store = self.fleet.store().clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(spell).await;
+                            store.set_hanging(false);
+                        });
+                    }
+                    FaultKind::SlowProcessor => {
+                        if let Some(i) = self.pick_worker()
+                            && let Some(w) = self.workers.get(i)
+                        {
+                            let delay = millis(&self.rng, 100, 1_500);
+                            w.factory.set_behaviour(
+                                w.behaviour.clone().slow(delay, Arc::new(SystemClock)),
+                            );
+                            let id = w.id.clone();
+                            self.note(
+                                report,
+                                started,
+                                format!("{id}'s processors take {delay:?} per batch"),
+                            );
+                            follow.push((millis(&self.rng, 1_000, 8_000), Action::Restore(id)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(follow)
+    }
+
+    pub(super) async fn run(&mut self, report: &mut SimulationReport) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        self.fleet
+            .kinesis()
+            .create_stream(STREAM, self.config.shards)
+            .map_err(|e| format!("create_stream: {e}"))?;
+        for _ in 0..self.config.workers.max(1) {
+            self.start_worker().await?;
+        }
+        let production = self.timings.round_every * self.timings.rounds as u32;
+        // The schedule: (offset from the start, action), kept sorted by offset.
+        let mut schedule: Vec<(Duration, Action)> = Vec::new();
+        if self.config.faults {
+            let count = between(&self.rng, 1, self.config.max_faults.max(1) as u64);
+            for _ in 0..count {
+                let at = Duration::from_millis(self.rng.below(production.as_millis() as u64 + 1));
+                let kinds: Vec<FaultKind> = if self.config.hangs {
+                    FAULT_KINDS.iter().chain(&HANG_KINDS).copied().collect()
+                } else {
+                    FAULT_KINDS.to_vec()
+                };
+                let kind = kinds
+                    .get(self.rng.below(kinds.len() as u64) as usize)
+                    .copied()
+                    .unwrap_or(FaultKind::Crash);
+                schedule.push((at, Action::Fault(kind)));
+            }
+        }
+        schedule.sort_by_key(|(at, _)| *at);
+        let per_round = self.config.records / self.timings.rounds.max(1);
+        let mut extra = self.config.records % self.timings.rounds.max(1);
+        for _ in 0..self.timings.rounds {
+            let mut count = per_round;
+            if extra > 0 {
+                count += 1;
+                extra -= 1;
+            }
+            if count > 0 {
+                self.produce_round(count, report)?;
+            }
+            self.run_due(&mut schedule, report, started).await?;
+            tokio::time::sleep(self.timings.round_every).await;
+        }
+        report.records_produced = self.produced_total;
+        // Whatever is still scheduled: restarts and restores run now, faults are dropped
+        // (restarts and restores schedule nothing further).
+        for (_, action) in std::mem::take(&mut schedule) {
+            if !matches!(action, Action::Fault(_)) {
+                self.execute(action, report, started).await?;
+            }
+        }
+        // Faults stop; at least one worker runs.
+        self.fleet.kinesis().clear_faults();
+        self.fleet.store().clear_faults();
+        for w in &self.workers {
+            w.factory.set_behaviour(w.behaviour.clone());
+        }
+        if self.workers.is_empty() {
+            self.start_worker().await?;
+        }
+        self.note(
+            report,
+            started,
+            "producer done, faults stopped; draining".to_owned(),
+        );
+        self.drain(report, started).await
+    }
+
+    pub(super) async fn run_due(
+        &mut self,
+        schedule: &mut Vec<(Duration, Action)>,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<(), String> {
+        loop {
+            let now = started.elapsed();
+            let Some(pos) = schedule.iter().position(|(at, _)| *at <= now) else {
+                return Ok(());
+            };
+            let (_, action) = schedule.remove(pos);
+            for (delay, next) in self.execute(action, report, started).await? {
+                schedule.push((now + delay, next));
+            }
+            schedule.sort_by_key(|(at, _)| *at);
+        }
+    }
+
+    /// Closed shards whose lease is neither at SHARD_END nor deleted.
+    pub(super) async fn unfinished_closed_shards(&self) -> Result<Vec<String>, String> {
+        let leases: HashMap<String, Lease> = self
+            .fleet
+            .store()
+            .snapshot()
+            .into_iter()
+            .map(|l| (l.lease_key.clone(), l))
+            .collect();
+        Ok(self
+            .shards()
+            .await?
+            .into_iter()
+            .filter(|s| s.is_closed())
+            .filter(|s| {
+                leases
+                    .get(&s.shard_id)
+                    .is_some_and(|l| !l.checkpoint.is_shard_end())
+            })
+            .map(|s| s.shard_id)
+            .collect())
+    }
+
+    pub(super) async fn drain(
+        &mut self,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let limit = self.config.drain_limit;
+        let drain_start = tokio::time::Instant::now();
+        loop {
+            let delivered = self.journal.distinct_delivered();
+            let unfinished = self.unfinished_closed_shards().await?;
+            if delivered >= self.produced_total && unfinished.is_empty() {
+                self.note(
+                    report,
+                    started,
+                    "every record delivered, every closed shard finished".to_owned(),
+                );
+                return Ok(());
+            }
+            if drain_start.elapsed() >= limit {
+                return Err(format!(
+                    "drain timed out after {limit:?} (virtual): {delivered} of {} records delivered; closed shards not finished: {unfinished:?}; leases: {}",
+                    self.produced_total,
+                    self.describe_leases()
+                ));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    pub(super) fn describe_leases(&self) -> String {
+        self.fleet
+            .store()
+            .snapshot()
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}(owner {:?}, {}, parents {:?})",
+                    l.lease_key, l.lease_owner, l.checkpoint, l.parent_shard_ids
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub(super) async fn stop_all(&mut self, report: &mut SimulationReport) {
+        for w in std::mem::take(&mut self.workers) {
+            let id = w.id.clone();
+            match within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown()).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => report
+                    .violations
+                    .push(format!("graceful shutdown of {id} failed: {e}")),
+                None => report.violations.push(format!(
+                    "graceful shutdown of {id} did not return within {DRIVER_CALL_LIMIT:?}"
+                )),
+            }
+            self.stopped_at_end.push(id);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The invariants.
+
+    pub(super) async fn check(&self, report: &mut SimulationReport) {
+        report.records_produced = self.produced_total;
+        report.workers_started = self.workers_started;
+        let shards = match self.shards().await {
+            Ok(s) => s,
+            Err(e) => {
+                report.violations.push(e);
+                return;
+            }
+        };
+        report.shards_at_end = shards.len();
+        let parents: HashMap<String, Vec<String>> = shards
+            .iter()
+            .map(|s| {
+                (
+                    s.shard_id.clone(),
+                    s.parent_ids().map(str::to_owned).collect(),
+                )
+            })
+            .collect();
+        let mut checker = Checker::default();
+        for entry in self.journal.entries() {
+            checker.apply(entry, &parents);
+        }
+        report.deliveries = checker.deliveries;
+        report.redeliveries = checker.redeliveries;
+        report.zombie_redeliveries = checker.zombie_redeliveries;
+        report.processors = checker.instances.len();
+        report.zombie_inits = checker.zombie_inits;
+        report.checkpoints = checker.checkpoints;
+        let mut violations = checker.violations;
+
+        // 1. Every record delivered.
+        let mut missing = Vec::new();
+        for datas in self.produced.values() {
+            for d in datas {
+                if !checker.last_deliverer.contains_key(d) {
+                    missing.push(String::from_utf8_lossy(d).into_owned());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            violations.push(format!(
+                "{} of {} produced records were never delivered, e.g. {:?}",
+                missing.len(),
+                self.produced_total,
+                missing.iter().take(5).collect::<Vec<_>>()
+            ));
+        }
+        // 3. No checkpoint succeeded in shutdown(Zombie) (from the recording processors).
+        for e in self.fleet.log().events() {
+            if let Event::Checkpointed {
+                worker,
+                shard,
+                error: None,
+                during: Some(ShutdownReason::Zombie),
+                ..
+            } = e
+            {
+                violations.push(format!(
+                    "{worker}'s processor of {shard} checkpointed successfully during shutdown(Zombie)"
+                ));
+            }
+        }
+        // 5. Closed shards finished.
+        let snapshot: HashMap<String, Lease> = self
+            .fleet
+            .store()
+            .snapshot()
+            .into_iter()
+            .map(|l| (l.lease_key.clone(), l))
+            .collect();
+        for shard in shards.iter().filter(|s| s.is_closed()) {
+            match snapshot.get(&shard.shard_id) {
+                Some(lease) if lease.checkpoint.is_shard_end() => {}
+                Some(lease) => violations.push(format!(
+                    "closed shard {} ends with checkpoint {}, not SHARD_END",
+                    shard.shard_id, lease.checkpoint
+                )),
+                None => {
+                    if !(checker.deleted.contains(&shard.shard_id)
+                        && checker.shard_end_written.contains(&shard.shard_id))
+                    {
+                        violations.push(format!(
+                            "closed shard {} has no lease and was never finished and deleted",
+                            shard.shard_id
+                        ));
+                    }
+                }
+            }
+        }
+        // Graceful shutdown released every lease.
+        for lease in snapshot.values() {
+            if let Some(owner) = &lease.lease_owner
+                && self.stopped_at_end.contains(owner)
+            {
+                violations.push(format!(
+                    "{owner} shut down gracefully but still owns {}",
+                    lease.lease_key
+                ));
+            }
+        }
+        report.violations.extend(violations);
+    }
+}

@@ -1,0 +1,427 @@
+//! A seeded multi-worker simulation with invariant checks.
+//!
+//! [`run_simulation`] runs several [`kcl_worker::Worker`]s in one process over one
+//! [`InMemoryKinesis`](crate::kinesis::InMemoryKinesis) and one
+//! [`InMemoryLeaseStore`](crate::lease_store::InMemoryLeaseStore), on tokio's clock (paused: virtual
+//! time, so simulated minutes take milliseconds). A producer writes plain and KPL-aggregated
+//! records under many partition keys, each payload carrying a per-key counter, while a
+//! fault schedule derived from the seed crashes workers (no shutdown, no release) and
+//! restarts them under new ids, stops workers gracefully and restarts them, splits and
+//! merges shards, throttles `GetRecords`, expires iterators, fails or throttles lease store
+//! calls, slows processors down, and (with [`SimulationConfig::hangs`], on by default) makes
+//! calls hang: a few calls that never complete, and a path on which every call started for
+//! a while hangs for good. One worker in three checkpoints at a random record of
+//! each batch (often inside a KPL aggregate) or skips the checkpoint, instead of
+//! checkpointing the largest delivered record. After the producer finishes, the faults stop, at least
+//! one worker keeps running, and the simulation waits (bounded, in virtual time) until every
+//! record was delivered and every closed shard finished, then shuts everything down
+//! gracefully and checks:
+//!
+//! 1. every produced record was delivered at least once;
+//! 2. per partition key, first deliveries come in produced order (across splits and merges);
+//! 3. successful checkpoint writes of a lease never go backwards; every checkpoint write is
+//!    by the lease's current owner (fencing); no checkpoint lands after its processor was
+//!    told `Zombie`;
+//! 4. a processor only delivers records after the checkpoint it started from, in increasing
+//!    order, and starts from the lease's latest checkpoint; a record delivered again by the
+//!    lease's owner was never checkpointed by the processor that delivered it before (so
+//!    repeats only follow a crash, a lost lease or a failed checkpoint). Deliveries by a
+//!    processor whose lease another worker already took (the zombie window before it
+//!    notices) are counted, not flagged;
+//! 5. every closed shard ends at `SHARD_END` (or its lease was deleted after `SHARD_END`),
+//!    no lease is taken after it finished, a deleted lease is never recreated, and a child
+//!    is initialized only after every parent checkpointed `SHARD_END`.
+//!
+//! The checks read a journal written by a processor wrapper (around
+//! [`crate::recording::RecordingProcessor`], whose [`EventLog`](crate::recording::EventLog) is kept too) and by a
+//! [`LeaseStore`](kcl_lease::LeaseStore) decorator that logs every successful write, in one total order.
+//!
+//! Replaying a seed repeats its inputs (records, fault schedule, timings, worker random
+//! sources) exactly; the interleaving of tasks can still differ slightly between runs
+//! because tokio's `select!` and hash maps are randomized. A failing seed names the command
+//! that replays it:
+//!
+//! ```text
+//! KCL_SEED=<seed> cargo test -p kcl-testkit --test simulation replay
+//! ```
+//!
+//! ```no_run
+//! let report = kcl_testkit::simulation::run_seed(7).map_err(|f| f.to_string()).unwrap();
+//! assert!(report.records_produced > 0);
+//! assert!(report.violations.is_empty());
+//! ```
+
+mod checker;
+mod config;
+mod driver;
+mod journal;
+
+pub use config::SimulationConfig;
+
+use std::fmt;
+use std::time::Duration;
+
+use driver::*;
+
+/// What a run did and found.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct SimulationReport {
+    /// The seed.
+    pub seed: u64,
+    /// User records produced.
+    pub records_produced: usize,
+    /// How many of them went in KPL aggregates.
+    pub aggregated_records: usize,
+    /// User records delivered, counting repeats.
+    pub deliveries: usize,
+    /// Deliveries of a record that had been delivered before.
+    pub redeliveries: usize,
+    /// Of those, deliveries by a processor whose lease another worker had already taken.
+    pub zombie_redeliveries: usize,
+    /// Processors initialized after their lease had already moved to another worker.
+    pub zombie_inits: usize,
+    /// Fault events executed.
+    pub faults_injected: usize,
+    /// The fault events, as executed, with their virtual time.
+    pub fault_log: Vec<String>,
+    /// Workers started (restarts included).
+    pub workers_started: usize,
+    /// Processors created.
+    pub processors: usize,
+    /// Successful checkpoint writes.
+    pub checkpoints: usize,
+    /// Shards at the end (open and closed).
+    pub shards_at_end: usize,
+    /// Virtual time the run took.
+    pub virtual_time: Duration,
+    /// Every invariant violation found (empty when the run passed).
+    pub violations: Vec<String>,
+}
+
+impl SimulationReport {
+    /// `Ok(self)` when no invariant was violated, else the failure naming the seed.
+    pub fn into_result(self) -> Result<Self, SimulationFailure> {
+        if self.violations.is_empty() {
+            Ok(self)
+        } else {
+            Err(SimulationFailure {
+                seed: self.seed,
+                violations: self.violations,
+                fault_log: self.fault_log,
+            })
+        }
+    }
+}
+
+/// A run that violated invariants. `Display` names the seed and how to replay it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimulationFailure {
+    /// The seed.
+    pub seed: u64,
+    /// What went wrong.
+    pub violations: Vec<String>,
+    /// The fault events of the run, as executed (not part of `Display`).
+    pub fault_log: Vec<String>,
+}
+
+impl fmt::Display for SimulationFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "simulation seed {} failed with {} violation(s) (replay: KCL_SEED={} cargo test -p kcl-testkit --test simulation replay)",
+            self.seed,
+            self.violations.len(),
+            self.seed
+        )?;
+        for v in &self.violations {
+            write!(f, "\n  - {v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SimulationFailure {}
+
+/// Runs the simulation for `seed` with [`SimulationConfig::new`] on a fresh current-thread
+/// tokio runtime with paused time.
+pub fn run_seed(seed: u64) -> Result<SimulationReport, SimulationFailure> {
+    run_config(SimulationConfig::new(seed))
+}
+
+/// Runs the simulation for `config` on a fresh current-thread tokio runtime with paused
+/// time.
+pub fn run_config(config: SimulationConfig) -> Result<SimulationReport, SimulationFailure> {
+    let seed = config.seed;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| SimulationFailure {
+            seed,
+            violations: vec![format!("building the tokio runtime failed: {e}")],
+            fault_log: Vec::new(),
+        })?;
+    runtime.block_on(run_simulation(config)).into_result()
+}
+
+/// Runs one simulation. Call it inside a current-thread tokio runtime with paused time
+/// (as [`run_seed`] does); on a running clock it works but takes real minutes.
+pub async fn run_simulation(config: SimulationConfig) -> SimulationReport {
+    let mut sim = Simulation::new(config);
+    let mut report = SimulationReport {
+        seed: sim.config.seed,
+        ..SimulationReport::default()
+    };
+    let started = tokio::time::Instant::now();
+    if let Err(e) = sim.run(&mut report).await {
+        report.violations.push(e);
+    }
+    // Whatever happened, stop every worker still running.
+    sim.stop_all(&mut report).await;
+    sim.check(&mut report).await;
+    report.virtual_time = started.elapsed();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checker::*;
+    use super::journal::*;
+    use super::*;
+    use kcl_interfaces::ShutdownReason;
+    use kcl_kpl::ExtendedSequenceNumber;
+    use std::collections::HashMap;
+
+    fn esn(seq: &str, sub: u64) -> ExtendedSequenceNumber {
+        ExtendedSequenceNumber::parse(seq, sub).unwrap()
+    }
+
+    fn delivery(seq: &str, key: &str, n: usize) -> Delivery {
+        Delivery {
+            esn: esn(seq, 0),
+            partition_key: key.to_owned(),
+            data: payload(key, n),
+        }
+    }
+
+    fn init(instance: u64, worker: &str, shard: &str, checkpoint: ExtendedSequenceNumber) -> Entry {
+        Entry::Init {
+            instance,
+            worker: worker.to_owned(),
+            shard: shard.to_owned(),
+            checkpoint,
+        }
+    }
+
+    fn created(key: &str) -> Entry {
+        Entry::Created {
+            key: key.to_owned(),
+            checkpoint: ExtendedSequenceNumber::TRIM_HORIZON,
+        }
+    }
+
+    fn taken(key: &str, owner: &str) -> Entry {
+        Entry::Taken {
+            key: key.to_owned(),
+            owner: owner.to_owned(),
+        }
+    }
+
+    fn checkpointed(key: &str, writer: &str, checkpoint: ExtendedSequenceNumber) -> Entry {
+        Entry::Checkpointed {
+            key: key.to_owned(),
+            writer: Some(writer.to_owned()),
+            checkpoint,
+        }
+    }
+
+    fn delivered(instance: u64, records: Vec<Delivery>) -> Entry {
+        Entry::Delivered { instance, records }
+    }
+
+    /// Runs `entries` (shard `p` is the parent of `c`) and returns the violations.
+    fn check(entries: Vec<Entry>) -> Vec<String> {
+        let parents: HashMap<String, Vec<String>> = [("c".to_owned(), vec!["p".to_owned()])].into();
+        let mut checker = Checker::default();
+        for e in entries {
+            checker.apply(e, &parents);
+        }
+        checker.violations
+    }
+
+    /// A clean history: take, deliver, checkpoint, crash, take over, redeliver what was not
+    /// checkpointed, finish the parent, then the child.
+    fn clean() -> Vec<Entry> {
+        vec![
+            created("p"),
+            created("c"),
+            taken("p", "w1"),
+            init(1, "w1", "p", ExtendedSequenceNumber::TRIM_HORIZON),
+            delivered(1, vec![delivery("10", "k", 0), delivery("11", "k", 1)]),
+            checkpointed("p", "w1", esn("10", 0)),
+            // w1 crashes; w2 takes over from 10 and delivers 11 again.
+            taken("p", "w2"),
+            init(2, "w2", "p", esn("10", 0)),
+            delivered(2, vec![delivery("11", "k", 1), delivery("12", "k", 2)]),
+            checkpointed("p", "w2", esn("12", 0)),
+            Entry::Shutdown {
+                instance: 2,
+                reason: ShutdownReason::Terminate,
+            },
+            checkpointed("p", "w2", ExtendedSequenceNumber::SHARD_END),
+            taken("c", "w2"),
+            init(3, "w2", "c", ExtendedSequenceNumber::TRIM_HORIZON),
+            delivered(3, vec![delivery("20", "k", 3)]),
+            Entry::Released {
+                key: "p".to_owned(),
+            },
+            Entry::Deleted {
+                key: "p".to_owned(),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_clean_history_has_no_violations() {
+        assert_eq!(check(clean()), Vec::<String>::new());
+    }
+
+    fn expect_violation(entries: Vec<Entry>, needle: &str) {
+        let violations = check(entries);
+        assert!(
+            violations.iter().any(|v| v.contains(needle)),
+            "expected a violation containing {needle:?}, got {violations:?}"
+        );
+    }
+
+    #[test]
+    fn per_key_order_is_checked() {
+        let mut e = clean();
+        e[4] = delivered(1, vec![delivery("10", "k", 1), delivery("11", "k", 0)]);
+        expect_violation(e, "per-key order broken");
+    }
+
+    #[test]
+    fn a_checkpoint_going_backwards_is_caught() {
+        let mut e = clean();
+        e[9] = checkpointed("p", "w2", esn("9", 0));
+        expect_violation(e, "went backwards");
+    }
+
+    #[test]
+    fn a_checkpoint_by_a_worker_that_lost_the_lease_is_caught() {
+        let mut e = clean();
+        e.insert(7, checkpointed("p", "w1", esn("11", 0)));
+        expect_violation(e, "while the lease belonged to Some(\"w2\")");
+    }
+
+    #[test]
+    fn a_checkpoint_after_zombie_is_caught() {
+        let mut e = clean();
+        e.insert(
+            6,
+            Entry::Shutdown {
+                instance: 1,
+                reason: ShutdownReason::Zombie,
+            },
+        );
+        e.insert(7, checkpointed("p", "w1", esn("11", 0)));
+        expect_violation(e, "after its processor was told Zombie");
+    }
+
+    #[test]
+    fn a_child_started_before_its_parent_finished_is_caught() {
+        let mut e = clean();
+        let child = e.drain(12..15).collect::<Vec<_>>();
+        for (i, entry) in child.into_iter().enumerate() {
+            e.insert(10 + i, entry);
+        }
+        expect_violation(e, "before its parent p checkpointed SHARD_END");
+    }
+
+    #[test]
+    fn a_redelivery_of_checkpointed_records_is_caught() {
+        let mut e = clean();
+        // w2 starts from the right checkpoint but delivers 10, which w1 had checkpointed.
+        e[8] = delivered(2, vec![delivery("10", "k", 0)]);
+        expect_violation(e, "at or below the checkpoint");
+        let mut e = clean();
+        // w2 starts from an old checkpoint.
+        e[7] = init(2, "w2", "p", ExtendedSequenceNumber::TRIM_HORIZON);
+        e[8] = delivered(2, vec![delivery("10", "k", 0)]);
+        let violations = check(e);
+        for needle in ["but the lease's checkpoint was 10", "had checkpointed 10"] {
+            assert!(
+                violations.iter().any(|v| v.contains(needle)),
+                "{needle}: {violations:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lease_table_misuse_is_caught() {
+        let mut e = clean();
+        e.insert(
+            11,
+            Entry::Deleted {
+                key: "p".to_owned(),
+            },
+        );
+        expect_violation(e, "deleted before SHARD_END");
+        let mut e = clean();
+        e.push(taken("p", "w3"));
+        expect_violation(e, "after it was finished");
+        let mut e = clean();
+        e.push(created("p"));
+        expect_violation(e, "created again after cleanup");
+    }
+
+    #[test]
+    fn a_second_shutdown_is_caught_but_a_terminate_retry_is_not() {
+        let mut e = clean();
+        e.insert(
+            11,
+            Entry::Shutdown {
+                instance: 2,
+                reason: ShutdownReason::Terminate,
+            },
+        );
+        assert_eq!(check(e), Vec::<String>::new());
+        let mut e = clean();
+        e.push(Entry::Shutdown {
+            instance: 3,
+            reason: ShutdownReason::Requested,
+        });
+        e.push(Entry::Shutdown {
+            instance: 3,
+            reason: ShutdownReason::Zombie,
+        });
+        expect_violation(e, "shut down twice");
+    }
+
+    #[test]
+    fn payloads_round_trip() {
+        assert_eq!(
+            parse_payload(&payload("key-007", 42)),
+            Some(("key-007".to_owned(), 42))
+        );
+        assert_eq!(parse_payload(b"no counter"), None);
+    }
+
+    #[test]
+    fn a_failure_names_the_seed_and_the_replay_command() {
+        let f = SimulationFailure {
+            seed: 42,
+            violations: vec!["something".to_owned()],
+            fault_log: Vec::new(),
+        };
+        let text = f.to_string();
+        assert!(text.contains("seed 42"), "{text}");
+        assert!(
+            text.contains("KCL_SEED=42 cargo test -p kcl-testkit --test simulation replay"),
+            "{text}"
+        );
+        assert!(text.contains("something"), "{text}");
+    }
+}
