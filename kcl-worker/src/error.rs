@@ -4,28 +4,6 @@ use kcl_lease::LeaseError;
 
 use crate::stream::StreamError;
 
-/// The cause of a call the worker gave up on because it did not finish within its bound
-/// (`call_timeout`, or what was left of the shutdown deadline). Found as the source of a
-/// [`LeaseError::Unreachable`].
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[error("{call} did not finish within {limit:?}")]
-#[non_exhaustive]
-pub struct CallTimedOut {
-    /// The call.
-    pub call: &'static str,
-    /// The bound that passed.
-    pub limit: std::time::Duration,
-}
-
-impl CallTimedOut {
-    /// The lease error for a store call that did not finish within `limit`.
-    pub(crate) fn lease_error(call: &'static str, limit: std::time::Duration) -> LeaseError {
-        LeaseError::Unreachable {
-            source: Box::new(CallTimedOut { call, limit }),
-        }
-    }
-}
-
 /// An invalid configuration value.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]

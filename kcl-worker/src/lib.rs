@@ -81,7 +81,7 @@ pub mod test_util;
 mod worker;
 
 pub use config::{InitialPosition, WorkerConfig, WorkerConfigBuilder};
-pub use error::{CallTimedOut, ConfigError, WorkerError};
+pub use error::{ConfigError, WorkerError};
 pub use health::{ShardFailure, ShardHealth};
 pub use shard_sync::SyncReport;
 pub use worker::{ShutdownReport, Worker, WorkerBuilder, WorkerHandle};

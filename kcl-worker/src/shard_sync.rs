@@ -1,8 +1,8 @@
 //! Shard discovery, lease creation, the parent check and finished-lease cleanup.
 //!
 //! Every lease store call made here is bounded by `call_timeout` on the injected clock (a
-//! call that does not finish is [`LeaseError::Unreachable`] with a [`CallTimedOut`]
-//! cause); stream calls are bounded by the worker's stream client.
+//! call that does not finish is [`LeaseError::Timeout`], as in the lease coordinator);
+//! stream calls are bounded by the worker's stream client.
 //!
 //! Decisions, where the Java KCL leaves room:
 //! - A shard without a lease gets one unless a descendant of it has a lease that started
@@ -29,7 +29,7 @@ use kcl_lease::{Clock, Lease, LeaseError, LeaseStore};
 use tracing::{debug, info, warn};
 
 use crate::config::{InitialPosition, WorkerConfig};
-use crate::error::{CallTimedOut, WorkerError};
+use crate::error::WorkerError;
 use crate::stream::{ChildShard, Shard, StreamClient, StreamError};
 
 /// What one sync did.
@@ -187,7 +187,10 @@ impl ShardSyncer {
         let limit = self.config.call_timeouts().call;
         kcl_lease::timeouts::within(&*self.clock, limit, fut)
             .await
-            .unwrap_or_else(|| Err(CallTimedOut::lease_error(call, limit)))
+            .unwrap_or(Err(LeaseError::Timeout {
+                operation: call,
+                after: limit,
+            }))
     }
 
     /// Lists every shard.

@@ -17,7 +17,7 @@ use crate::aws::AwsOptions;
 use crate::backoff::{Backoff, Retry};
 use crate::config::WorkerConfig;
 use crate::consumer::{ConsumerContext, Outcome, ShardConsumer, Signal};
-use crate::error::{CallTimedOut, ConfigError, WorkerError};
+use crate::error::{ConfigError, WorkerError};
 use crate::health::{HealthRegistry, ShardHealth};
 use crate::metrics as m;
 use crate::shard_sync::ShardSyncer;
@@ -304,7 +304,7 @@ pub struct ShutdownReport {
     /// Leases released in the table.
     pub leases_released: Vec<String>,
     /// Leases whose release failed or did not finish within `call_timeout`, with the error
-    /// (a [`CallTimedOut`](crate::CallTimedOut) cause for the latter): other workers take
+    /// (`LeaseError::Timeout` for the latter): other workers take
     /// them after `failover_time`.
     pub leases_not_released: Vec<(String, LeaseError)>,
 }
@@ -646,7 +646,13 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                         .collect();
                     let failed = still_held
                         .into_iter()
-                        .map(|k| (k, CallTimedOut::lease_error("release", call_timeout)))
+                        .map(|k| {
+                            let e = LeaseError::Timeout {
+                                operation: "release",
+                                after: call_timeout,
+                            };
+                            (k, e)
+                        })
                         .collect();
                     (released, failed)
                 }

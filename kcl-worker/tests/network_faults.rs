@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
-use kcl_lease::{SeededRandom, SystemClock};
+use kcl_lease::{LeaseError, SeededRandom, SystemClock};
 use kcl_worker::stream::StreamErrorKind;
 use kcl_worker::test_util::kinesis::{InMemoryKinesis, Operation};
 use kcl_worker::test_util::recording::{Behaviour, EventLog, RecordingFactory};
-use kcl_worker::{CallTimedOut, InitialPosition, Worker, WorkerConfig, WorkerHandle, metrics as m};
+use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerHandle, metrics as m};
 use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder};
 use metrics::{SharedString, Unit};
 use tokio::time::Instant;
@@ -257,11 +257,10 @@ async fn a_lease_store_hang_does_not_hold_shutdown_and_the_report_names_the_leas
         "{report:?}"
     );
     for (key, e) in &report.leases_not_released {
-        let cause = std::error::Error::source(e).expect("a cause");
-        let timed_out = cause
-            .downcast_ref::<CallTimedOut>()
-            .expect("a timeout cause");
-        assert_eq!(timed_out.limit, CALL_TIMEOUT, "{key}");
+        match e {
+            LeaseError::Timeout { after, .. } => assert_eq!(*after, CALL_TIMEOUT, "{key}"),
+            other => panic!("{key}: expected a timeout, got {other:?}"),
+        }
     }
     assert!(report.leases_released.is_empty(), "{report:?}");
 }
