@@ -1,4 +1,4 @@
-//! Deaggregation of KPL aggregated records (SPEC section 8).
+//! Deaggregation of KPL aggregated records: the rules are in the crate docs ("Deaggregation rules").
 //!
 //! The protobuf is walked by hand (see [`crate::wire`]): one pass records the tables' byte
 //! ranges and each record's indices and data range, then the tables are validated and the

@@ -114,7 +114,7 @@ impl Position {
 /// A position in a shard: a sequence number plus the sub-sequence number of a user record
 /// inside a KPL aggregate (0 when the record is not aggregated).
 ///
-/// Total order (SPEC section 3): `AT_TIMESTAMP < TRIM_HORIZON < LATEST < any real sequence
+/// Total order: `AT_TIMESTAMP < TRIM_HORIZON < LATEST < any real sequence
 /// number < SHARD_END`; real numbers compare as unsigned integers, ties broken by the
 /// sub-sequence number.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]

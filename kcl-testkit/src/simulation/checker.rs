@@ -76,7 +76,7 @@ impl Checker {
                 };
                 let previous = i.shutdown.replace(reason);
                 // shutdown(Terminate) is called again, after a back-off, while SHARD_END has
-                // not been checkpointed (SPEC section 2).
+                // not been checkpointed (the Terminate rule of the processor lifecycle).
                 let terminate_retry = previous == Some(ShutdownReason::Terminate)
                     && reason == ShutdownReason::Terminate
                     && !i
