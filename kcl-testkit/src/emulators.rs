@@ -322,7 +322,7 @@ impl Emulator {
             }
         })?;
 
-        let watchdog = match spawn_watchdog(child.id()) {
+        let watchdog = match spawn_watchdog(child.id(), "kcl-emulator-watchdog") {
             Ok(watchdog) => watchdog,
             Err(source) => {
                 kill_group_and_wait(&mut child);
@@ -769,15 +769,16 @@ fn new_log_path(kind: EmulatorKind, port: u16) -> PathBuf {
         .join(format!("{kind}-{}-{id}-port{port}.log", std::process::id()))
 }
 
-/// Starts a shell in the emulator's process group that kills the group once this (the test)
-/// process is gone, so the emulator never outlives it, even when `Drop` never runs.
-fn spawn_watchdog(emulator_pid: u32) -> io::Result<Child> {
+/// Starts a shell (named `name`) in the process group led by `emulator_pid` that kills the
+/// group once this (the test) process is gone, so what the fixture started never outlives it,
+/// even when `Drop` never runs. Used for the emulators and for the Java KCL fixture.
+pub(crate) fn spawn_watchdog(emulator_pid: u32, name: &str) -> io::Result<Child> {
     let group = i32::try_from(emulator_pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
     Command::new("/bin/sh")
         .arg("-c")
         .arg(r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "-$2" 2>/dev/null"#)
-        .arg("kcl-emulator-watchdog")
+        .arg(name)
         .arg(std::process::id().to_string())
         .arg(emulator_pid.to_string())
         .stdin(Stdio::null())
@@ -788,7 +789,7 @@ fn spawn_watchdog(emulator_pid: u32) -> io::Result<Child> {
 }
 
 /// Kills the child's process group (it leads its own group), then the child, and reaps it.
-fn kill_group_and_wait(child: &mut Child) {
+pub(crate) fn kill_group_and_wait(child: &mut Child) {
     if let Some(group) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
         let _ = kill_process_group(group, Signal::KILL);
     }

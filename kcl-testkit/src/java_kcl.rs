@@ -21,6 +21,7 @@
 //! process exits without unwinding. Every wait of the fixture is bounded; it runs on the real
 //! clock, since it waits for an external process.
 
+use crate::emulators::{kill_group_and_wait, spawn_watchdog};
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
@@ -605,7 +606,7 @@ impl JavaKclWorker {
                 }
             }
         })?;
-        let watchdog = match spawn_watchdog(child.id()) {
+        let watchdog = match spawn_watchdog(child.id(), "kcl-java-kcl-watchdog") {
             Ok(watchdog) => watchdog,
             Err(source) => {
                 kill_group_and_wait(&mut child);
@@ -804,31 +805,6 @@ fn group_vm_hwm_kib(group: u32) -> u64 {
         }
     }
     total
-}
-
-/// A shell in the daemon's process group that kills the group once this process is gone.
-fn spawn_watchdog(group_leader: u32) -> io::Result<Child> {
-    let group = i32::try_from(group_leader)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
-    Command::new("/bin/sh")
-        .arg("-c")
-        .arg(r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "-$2" 2>/dev/null"#)
-        .arg("kcl-java-kcl-watchdog")
-        .arg(std::process::id().to_string())
-        .arg(group_leader.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(group)
-        .spawn()
-}
-
-fn kill_group_and_wait(child: &mut Child) {
-    if let Some(group) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
-        let _ = kill_process_group(group, Signal::KILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn log_tail(path: &Path) -> String {
