@@ -25,8 +25,8 @@ pub mod limits {
     pub const SHARD_ITERATOR_LIFETIME: Duration = Duration::from_secs(300);
     /// The largest `MaxResults` `ListShards` accepts.
     pub const MAX_LIST_SHARDS_PAGE_SIZE: u32 = 10_000;
-    /// The largest data blob of one record (1 MiB).
-    pub const MAX_RECORD_DATA_BYTES: usize = 1024 * 1024;
+    /// The largest record, data and partition key together (1 MiB).
+    pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 }
 
 /// One shard as `ListShards` describes it.

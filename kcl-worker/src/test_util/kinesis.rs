@@ -360,7 +360,9 @@ impl InMemoryKinesis {
 
     /// Sets the most shards one `ListShards` page returns (1000 by default; at most 10 000).
     pub fn set_list_shards_page_size(&self, page_size: NonZeroU32) {
-        self.state().page_size = page_size.get().min(10_000);
+        self.state().page_size = page_size
+            .get()
+            .min(crate::stream::limits::MAX_LIST_SHARDS_PAGE_SIZE);
     }
 
     /// Enforces at most `calls_per_second` `GetRecords` calls per shard per second (on the

@@ -11,7 +11,7 @@ use super::streams::*;
 use super::token::IteratorToken;
 
 /// How long a shard iterator stays valid after it was issued.
-pub(crate) const ITERATOR_LIFETIME: Duration = Duration::from_secs(5 * 60);
+pub(crate) const ITERATOR_LIFETIME: Duration = crate::stream::limits::SHARD_ITERATOR_LIFETIME;
 
 impl State {
     pub(crate) fn get_shard_iterator(

@@ -16,9 +16,9 @@ use super::{PutRecordsEntry, PutResult};
 /// The most bytes (data and partition keys) one `GetRecords` returns.
 pub(crate) const MAX_GET_RECORDS_BYTES: usize = 10 * 1024 * 1024;
 /// The most records one `GetRecords` returns.
-pub(crate) const MAX_GET_RECORDS_LIMIT: u32 = 10_000;
+pub(crate) const MAX_GET_RECORDS_LIMIT: u32 = crate::stream::limits::MAX_RECORDS_PER_GET_RECORDS;
 /// The largest record (data plus partition key).
-pub(crate) const MAX_RECORD_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_RECORD_BYTES: usize = crate::stream::limits::MAX_RECORD_BYTES;
 /// The most entries in one `PutRecords`.
 pub(crate) const MAX_PUT_RECORDS_ENTRIES: usize = 500;
 /// The most bytes in one `PutRecords`.
