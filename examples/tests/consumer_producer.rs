@@ -1,7 +1,9 @@
 //! End to end against the local emulators: the real `producer` binary creates a 2-shard stream
 //! on kinesis-local and puts 50 plain and 50 KPL-aggregated records; the real `consumer`
 //! binary (lease table on dynalite) prints all of them, stops gracefully on SIGTERM, and leaves
-//! its leases released with their checkpoints at the last record it delivered.
+//! its leases released with their checkpoints at the last record it delivered. And the
+//! consumer exits 0 after SIGTERM within a bound while its DynamoDB path hangs (a dead NAT,
+//! through a `FaultProxy`).
 
 #![allow(
     clippy::unwrap_used,
