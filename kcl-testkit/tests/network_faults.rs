@@ -230,12 +230,12 @@ impl Env {
             .collect()
     }
 
-    async fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    async fn wait_until(&self, what: &str, limit: Duration, cond: impl FnMut() -> bool) {
         wait_until(
             &SystemClock,
             limit,
             &format!("[{}] {what}", self.name),
-            || cond(),
+            cond,
         )
         .await
         .unwrap();
