@@ -1,7 +1,9 @@
 //! End to end against the local emulators: the real `producer` binary creates a 2-shard stream
 //! on kinesis-local and puts 50 plain and 50 KPL-aggregated records; the real `consumer`
 //! binary (lease table on dynalite) prints all of them, stops gracefully on SIGTERM, and leaves
-//! its leases released with their checkpoints at the last record it delivered.
+//! its leases released with their checkpoints at the last record it delivered. And the
+//! consumer exits 0 after SIGTERM within a bound while its DynamoDB path hangs (a dead NAT,
+//! through a `FaultProxy`).
 
 #![allow(
     clippy::unwrap_used,
@@ -12,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use kcl_kpl::{HashKeyRange, partition_key_hash};
 use kcl_testkit::emulators::{Emulator, EmulatorKind, REGION, dynamodb_client, kinesis_client};
+use kcl_testkit::fault_proxy::{FaultMode, FaultProxy};
 use serde_json::Value;
 
 const RECORDS_PER_KIND: u64 = 50;
@@ -42,6 +46,90 @@ impl Drop for ChildGuard {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A running consumer: its stdout lines arrive on `lines`, its stderr collects in `log`.
+struct RunningConsumer {
+    guard: ChildGuard,
+    lines: Option<mpsc::Receiver<String>>,
+    log: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the consumer binary with `args` (and [`aws_env`]).
+fn spawn_consumer(args: &[&str]) -> RunningConsumer {
+    let mut child = aws_env(&mut Command::new(env!("CARGO_BIN_EXE_consumer")))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout_reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let log = Arc::new(Mutex::new(String::new()));
+    let log_writer = Arc::clone(&log);
+    let stderr_reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            log_writer
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    RunningConsumer {
+        guard: ChildGuard {
+            child,
+            exited: false,
+        },
+        lines: Some(lines),
+        log,
+        readers: vec![stdout_reader, stderr_reader],
+    }
+}
+
+impl RunningConsumer {
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the exit; returns the status and how
+    /// long the exit took. The output readers are joined.
+    fn terminate(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let pid = self.guard.child.id().to_string();
+        let signalled = Instant::now();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(kill.success(), "kill -TERM {pid}: {kill}");
+        let status = loop {
+            if let Some(status) = self.guard.child.try_wait().unwrap() {
+                self.guard.exited = true;
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < limit,
+                "the consumer did not exit within {limit:?} of SIGTERM; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stopped_in = signalled.elapsed();
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        (status, stopped_in)
     }
 }
 
@@ -278,55 +366,24 @@ fn producer_and_consumer_against_the_emulators() {
         .collect();
     assert_eq!(shards.len(), 2, "{listed:?}");
 
-    let mut consumer = ChildGuard {
-        child: aws_env(&mut Command::new(env!("CARGO_BIN_EXE_consumer")))
-            .args([
-                "--stream",
-                stream,
-                "--application",
-                application,
-                "--region",
-                REGION,
-                "--kinesis-endpoint",
-                kinesis.endpoint(),
-                "--dynamodb-endpoint",
-                dynalite.endpoint(),
-                "--initial-position",
-                "trim-horizon",
-                "--failover-time-ms",
-                "3000",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        exited: false,
-    };
-    let stdout = consumer.child.stdout.take().unwrap();
-    let (lines_tx, lines) = mpsc::channel();
-    let stdout_reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if lines_tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stderr = consumer.child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let log_writer = Arc::clone(&log);
-    let stderr_reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stderr.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            log_writer
-                .lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let mut consumer = spawn_consumer(&[
+        "--stream",
+        stream,
+        "--application",
+        application,
+        "--region",
+        REGION,
+        "--kinesis-endpoint",
+        kinesis.endpoint(),
+        "--dynamodb-endpoint",
+        dynalite.endpoint(),
+        "--initial-position",
+        "trim-horizon",
+        "--failover-time-ms",
+        "3000",
+    ]);
+    let lines = consumer.lines.take().unwrap();
+    let log = Arc::clone(&consumer.log);
     let consumer_log = || log.lock().unwrap().clone();
 
     // payload -> the record as printed (a repeat must be the same record).
@@ -354,7 +411,7 @@ fn producer_and_consumer_against_the_emulators() {
             Err(RecvTimeoutError::Disconnected) => panic!(
                 "the consumer closed its stdout after {} payloads ({:?}); its log:\n{}",
                 delivered.len(),
-                consumer.child.try_wait(),
+                consumer.guard.child.try_wait(),
                 consumer_log()
             ),
         }
@@ -362,25 +419,7 @@ fn producer_and_consumer_against_the_emulators() {
     let all_delivered_in = started.elapsed();
 
     // Graceful stop.
-    let pid = consumer.child.id().to_string();
-    let signalled = Instant::now();
-    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(kill.success(), "kill -TERM {pid}: {kill}");
-    let status: ExitStatus = loop {
-        if let Some(status) = consumer.child.try_wait().unwrap() {
-            consumer.exited = true;
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < SHUTDOWN_TIMEOUT,
-            "the consumer did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM; its log:\n{}",
-            consumer_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stopped_in = signalled.elapsed();
-    stdout_reader.join().unwrap();
-    stderr_reader.join().unwrap();
+    let (status, stopped_in) = consumer.terminate(SHUTDOWN_TIMEOUT);
     assert!(
         status.success(),
         "consumer exit status {status}; its log:\n{}",
@@ -463,4 +502,129 @@ fn producer_and_consumer_against_the_emulators() {
          started; consumer stopped {stopped_in:?} after SIGTERM; total {:?}",
         started.elapsed()
     );
+}
+
+/// The consumer's call timeouts in the network-fault test, in milliseconds.
+const FAULT_CALL_TIMEOUT_MS: u64 = 2000;
+const FAULT_CALL_ATTEMPT_TIMEOUT_MS: u64 = 1000;
+/// The worker's default `shutdown_grace` (the consumer has no option for it).
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A dead NAT between the consumer and DynamoDB (the lease table behind a `FaultProxy` in
+/// `Hang`: requests in flight and new connections get no answer): SIGTERM still ends the
+/// consumer with exit status 0, within `shutdown_grace` + `call_timeout` + a margin, and it
+/// logs that its shutdown was not clean.
+#[test]
+fn consumer_exits_0_after_sigterm_while_its_dynamodb_path_hangs() {
+    let kinesis = Emulator::start(EmulatorKind::KinesisLocal).unwrap_or_else(|e| panic!("{e}"));
+    let dynalite = Emulator::start(EmulatorKind::Dynalite).unwrap_or_else(|e| panic!("{e}"));
+    // The proxy's tasks run on this runtime's own thread while the test blocks.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let proxy = runtime
+        .block_on(FaultProxy::start(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            dynalite.port(),
+        ))))
+        .unwrap();
+    let stream = "consumer-dynamodb-hang-stream";
+    let application = "consumer-dynamodb-hang-app";
+    run_producer(
+        kinesis.endpoint(),
+        stream,
+        &[
+            "--create-stream",
+            "--shards",
+            "2",
+            "--count",
+            "20",
+            "--payload-prefix",
+            "plain-",
+        ],
+    );
+    let listed = runtime
+        .block_on(
+            kinesis_client(kinesis.endpoint())
+                .list_shards()
+                .stream_name(stream)
+                .send(),
+        )
+        .unwrap();
+    let shards: HashMap<String, HashKeyRange> = listed
+        .shards()
+        .iter()
+        .map(|s| {
+            let range = s.hash_key_range().unwrap();
+            (
+                s.shard_id().to_owned(),
+                HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key()).unwrap(),
+            )
+        })
+        .collect();
+    let call_timeout = FAULT_CALL_TIMEOUT_MS.to_string();
+    let call_attempt_timeout = FAULT_CALL_ATTEMPT_TIMEOUT_MS.to_string();
+    let dynamodb_endpoint = proxy.endpoint_url();
+    let mut consumer = spawn_consumer(&[
+        "--stream",
+        stream,
+        "--application",
+        application,
+        "--region",
+        REGION,
+        "--kinesis-endpoint",
+        kinesis.endpoint(),
+        "--dynamodb-endpoint",
+        &dynamodb_endpoint,
+        "--initial-position",
+        "trim-horizon",
+        "--failover-time-ms",
+        "3000",
+        "--call-timeout",
+        &call_timeout,
+        "--call-attempt-timeout",
+        &call_attempt_timeout,
+    ]);
+    let lines = consumer.lines.take().unwrap();
+    let mut payloads = BTreeSet::new();
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while payloads.len() < 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                payloads.insert(parse_line(&line, &shards).payload);
+            }
+            Err(e) => panic!(
+                "{e:?} after {} of 20 payloads; consumer log:\n{}",
+                payloads.len(),
+                consumer.log()
+            ),
+        }
+    }
+
+    runtime.block_on(proxy.set_mode(FaultMode::Hang));
+    // Let the consumer's lease table calls run into the hang.
+    std::thread::sleep(Duration::from_millis(500));
+    let bound = DEFAULT_SHUTDOWN_GRACE
+        + Duration::from_millis(FAULT_CALL_TIMEOUT_MS)
+        + Duration::from_secs(2);
+    let (status, stopped_in) = consumer.terminate(bound);
+    let log = consumer.log();
+    assert!(
+        status.success(),
+        "consumer exit status {status}; its log:\n{log}"
+    );
+    assert!(
+        log.contains("shutdown was not clean"),
+        "the consumer did not report its unreleased leases; its log:\n{log}"
+    );
+    let stats = proxy.stats();
+    assert!(stats.black_holed > 0, "{stats:?}");
+    eprintln!(
+        "consumer exited 0 {stopped_in:?} after SIGTERM with its DynamoDB path hung (bound \
+         {bound:?}); proxy: {stats:?}"
+    );
+    runtime.block_on(proxy.shutdown());
 }

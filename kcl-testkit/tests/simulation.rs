@@ -148,10 +148,15 @@ fn long_mode() {
 /// - 8809: a merge child starts before one of its parents finished, because the parent
 ///   check trusts a stale cached shard listing that predates the parent
 ///   (`kcl-worker/src/shard_sync.rs`, `parents_finished`).
+/// - 1526, 1772, 2052, 2201, 2737 (lease store hangs at the end of the run): a lease lost
+///   during graceful shutdown (its renewals hung for the failover time) was neither released
+///   nor named in the `ShutdownReport` (`kcl-worker/src/worker.rs`, `graceful_shutdown`);
+///   and the invariant now accepts a lease the worker had lost before its shutdown, which
+///   expires for the others.
 #[test]
 fn regression_seeds() {
     let mut failures = Vec::new();
-    for seed in [1093, 5545, 8809] {
+    for seed in [1093, 5545, 8809, 1526, 1772, 2052, 2201, 2737] {
         if let Err(f) = run_seed(seed) {
             failures.push(f.to_string());
         }

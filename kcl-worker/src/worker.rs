@@ -303,9 +303,11 @@ pub struct ShutdownReport {
     pub aborted_processors: usize,
     /// Leases released in the table.
     pub leases_released: Vec<String>,
-    /// Leases whose release failed or did not finish within `call_timeout`, with the error
-    /// (`LeaseError::Timeout` for the latter): other workers take
-    /// them after `failover_time`.
+    /// Leases held when the shutdown began that were not released, with the error: the
+    /// release failed, or did not finish within `call_timeout` (a
+    /// [`LeaseError::Timeout`]), or the lease was lost during the
+    /// shutdown ([`LeaseError::NotHeld`], [`LeaseError::ConditionFailed`]): other workers
+    /// take them after `failover_time`, if they have not already.
     pub leases_not_released: Vec<(String, LeaseError)>,
 }
 
@@ -554,6 +556,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
     /// Kinesis or the lease store do. Every step is bounded on the injected clock.
     async fn graceful_shutdown(&mut self) -> ShutdownReport {
         info!("graceful shutdown: stopping processors");
+        let held_at_start = self.ctx.coordinator.held_keys();
         let clock = self.ctx.clock.clone();
         let start = clock.now();
         let grace = self.ctx.config.shutdown_grace;
@@ -632,31 +635,51 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             self.consumers.abort_all();
             while self.consumers.join_next().await.is_some() {}
         }
-        let held = self.ctx.coordinator.held_keys();
-        let (leases_released, leases_not_released) =
-            match within(&*clock, call_timeout, self.ctx.coordinator.release_all()).await {
-                Some(released) => (released.released, released.failed),
-                None => {
+        // Each release bounded on its own, so that the report says exactly which landed
+        // (a release that failed early leaves the held set as one that succeeded does).
+        let mut releases = JoinSet::new();
+        for key in self.ctx.coordinator.held_keys() {
+            if let Some(holding) = self.ctx.coordinator.holding(&key) {
+                let clock = clock.clone();
+                releases.spawn(async move {
+                    let result = within(&*clock, call_timeout, holding.release()).await;
+                    (key, result)
+                });
+            }
+        }
+        let mut leases_released = Vec::new();
+        let mut leases_not_released = Vec::new();
+        while let Some(done) = releases.join_next().await {
+            match done {
+                Ok((key, Some(Ok(())))) => leases_released.push(key),
+                // The coordinator's own bound on the call, or this one: the same timeout.
+                Ok((key, None | Some(Err(LeaseError::Timeout { .. })))) => {
                     metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
-                    // Whatever is still held was not released in time.
-                    let still_held = self.ctx.coordinator.held_keys();
-                    let released = held
-                        .into_iter()
-                        .filter(|k| !still_held.contains(k))
-                        .collect();
-                    let failed = still_held
-                        .into_iter()
-                        .map(|k| {
-                            let e = LeaseError::Timeout {
-                                operation: "release",
-                                after: call_timeout,
-                            };
-                            (k, e)
-                        })
-                        .collect();
-                    (released, failed)
+                    let error = LeaseError::Timeout {
+                        operation: "release",
+                        after: call_timeout,
+                    };
+                    leases_not_released.push((key, error));
                 }
-            };
+                Ok((key, Some(Err(e)))) => leases_not_released.push((key, e)),
+                // A release task cannot panic short of a bug; its lease is named below.
+                Err(_) => {}
+            }
+        }
+        // A lease held when the shutdown began but lost since (its renewals failed, or
+        // another worker took it) was not released either.
+        for key in held_at_start {
+            if !leases_released.contains(&key)
+                && !leases_not_released.iter().any(|(k, _)| *k == key)
+            {
+                let error = LeaseError::NotHeld {
+                    lease_key: key.clone(),
+                };
+                leases_not_released.push((key, error));
+            }
+        }
+        leases_released.sort();
+        leases_not_released.sort_by(|a, b| a.0.cmp(&b.0));
         metrics::gauge!(m::SHARD_CONSUMERS).set(0.0);
         for (key, e) in &leases_not_released {
             warn!(lease_key = %key, error = %kcl_lease::ErrorChain(e),

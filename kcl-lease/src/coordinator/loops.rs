@@ -113,9 +113,15 @@ pub(super) async fn renew_loop(
             let Some(this) = coordinator.upgrade() else {
                 return;
             };
+            let started = this.clock.now();
             let report = this.renew_once().await;
             tracing::trace!(worker_id = %this.config.worker_id, ?report, "renewal round");
-            this.clock.sleep(this.config.renew_interval())
+            // Rounds start every renew_interval, however long one took: a round whose calls
+            // hang lasts up to its bound, and sleeping a whole interval after it would let a
+            // failing lease be dropped a round late, after others may have taken it.
+            let took = this.clock.now().saturating_duration_since(started);
+            this.clock
+                .sleep(this.config.renew_interval().saturating_sub(took))
         };
         if sleep_or_stop(sleep, &mut stop).await {
             return;

@@ -43,11 +43,14 @@ impl LeaseCoordinator {
         };
         // Bounded waits: a write of this lease in flight (a slow checkpoint) or a hung store
         // call must not stall the whole renewal round. The round's deadline is one renewal
-        // interval, and a renewal call is never given longer than any other store call.
+        // interval, and a renewal call is never given longer than any other store call, nor
+        // past failover_time since the last write, when others may take the lease: a hung
+        // call must not keep it held beyond that.
         let bound = self
             .config
             .renew_interval()
             .min(self.config.call_timeouts.call);
+        let bound = bound.min(self.until_failover(key, generation));
         let Some(_guard) = within(self.clock.as_ref(), bound, write_lock.lock()).await else {
             // Another write of this lease is stuck. Past the deadline since the last
             // successful write the lease is lost: others are about to take it.
@@ -68,6 +71,7 @@ impl LeaseCoordinator {
             return RenewOutcome::Skipped;
         }
         // The renewal and the re-read after a failed condition both fit in the deadline.
+        let bound = bound.min(self.until_failover(key, generation));
         let renewal = async {
             let result = self.store.renew_lease(&lease).await;
             self.recover_spurious_failure(&lease, result).await
@@ -112,6 +116,19 @@ impl LeaseCoordinator {
                 }
             }
         }
+    }
+
+    /// The time left until `failover_time` has passed since the lease's last successful
+    /// write, but at least a tenth of a renewal interval (a store that answers at once still
+    /// renews a lease past that time: the write is fenced).
+    fn until_failover(&self, key: &str, generation: u64) -> std::time::Duration {
+        let least = self.config.renew_interval() / 10;
+        self.view(key, generation)
+            .map_or(least, |(_, last_write)| {
+                let since_write = self.clock.now().saturating_duration_since(last_write);
+                self.config.failover_time.saturating_sub(since_write)
+            })
+            .max(least)
     }
 
     /// How long after its last successful write a lease whose renewals fail is dropped:
