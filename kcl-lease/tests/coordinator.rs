@@ -867,10 +867,14 @@ impl LeaseStore for SlowRenewals {
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError> {
         self.inner.get_lease(lease_key).await
     }
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
         let delay = *self.renew_delay.lock().unwrap();
         self.clock.sleep(delay).await;
-        self.inner.renew_lease(lease).await
+        self.inner.renew_lease(lease, throughput_kbps).await
     }
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
         self.inner.take_lease(lease, new_owner).await
@@ -901,6 +905,10 @@ impl LeaseStore for SlowRenewals {
     }
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
         self.inner.delete_lease(lease).await
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.inner.client_version().await
     }
 }
 

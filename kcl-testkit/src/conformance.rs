@@ -350,11 +350,14 @@ pub async fn case_get_missing_is_none(store: &dyn LeaseStore) -> CaseResult {
 /// The owner renews: counter + 1 each time, nothing else changes.
 pub async fn case_renew_by_owner(store: &dyn LeaseStore) -> CaseResult {
     let held = setup_owned(store, "shardId-000000000001", "w1").await?;
-    let renewed = call("renew_lease", store.renew_lease(&held).await)?;
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
     let mut expected = held.clone();
     expected.lease_counter += 1;
     ensure_eq!(renewed, expected, "row after one renew");
-    let renewed = call("second renew_lease", store.renew_lease(&renewed).await)?;
+    let renewed = call(
+        "second renew_lease",
+        store.renew_lease(&renewed, None).await,
+    )?;
     expected.lease_counter += 1;
     ensure_eq!(renewed, expected, "row after two renews");
     ensure_stored(store, &renewed).await
@@ -364,7 +367,10 @@ pub async fn case_renew_by_owner(store: &dyn LeaseStore) -> CaseResult {
 pub async fn case_renew_after_take_by_other_fails(store: &dyn LeaseStore) -> CaseResult {
     let held = setup_owned(store, "shardId-000000000001", "w1").await?;
     let stolen = call("take_lease by w2", store.take_lease(&held, "w2").await)?;
-    expect_condition_failed("renew by the old owner", store.renew_lease(&held).await)?;
+    expect_condition_failed(
+        "renew by the old owner",
+        store.renew_lease(&held, None).await,
+    )?;
     ensure_stored(store, &stolen).await?;
     ensure!(
         stolen.is_owned_by("w2"),
@@ -411,7 +417,7 @@ pub async fn case_take_with_stale_view_fails(store: &dyn LeaseStore) -> CaseResu
     ensure_stored(store, &taken).await?;
     // The owner renewed since w2 looked: w2's steal with the right owner but the old counter
     // fails.
-    let renewed = call("renew_lease by w1", store.renew_lease(&taken).await)?;
+    let renewed = call("renew_lease by w1", store.renew_lease(&taken, None).await)?;
     expect_condition_failed(
         "steal with the owner seen but a stale counter",
         store.take_lease(&taken, "w2").await,
@@ -495,7 +501,7 @@ pub async fn case_release_then_take_by_other(store: &dyn LeaseStore) -> CaseResu
     ensure_stored(store, &released).await?;
     expect_condition_failed(
         "renew by the owner after its release",
-        store.renew_lease(&held).await,
+        store.renew_lease(&held, None).await,
     )?;
     let taken = call("take_lease by w2", store.take_lease(&released, "w2").await)?;
     expected.lease_owner = Some("w2".into());
@@ -511,7 +517,7 @@ pub async fn case_release_by_non_owner_fails(store: &dyn LeaseStore) -> CaseResu
     let mut other = held.clone();
     other.lease_owner = Some("w2".into());
     expect_condition_failed("release by w2", store.release_lease(&other).await)?;
-    let renewed = call("renew_lease", store.renew_lease(&held).await)?;
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
     expect_condition_failed(
         "release by w1 with a stale counter",
         store.release_lease(&held).await,
@@ -527,7 +533,7 @@ pub async fn case_writes_without_owner_fail(store: &dyn LeaseStore) -> CaseResul
     let checkpoint = esn("100")?;
     let children: BTreeSet<String> = ["shardId-000000000002".to_owned()].into();
     let results: [(&str, Result<Lease, LeaseError>); 5] = [
-        ("renew_lease", store.renew_lease(&free).await),
+        ("renew_lease", store.renew_lease(&free, None).await),
         ("release_lease", store.release_lease(&free).await),
         (
             "update_checkpoint",
@@ -847,7 +853,7 @@ pub async fn case_checkpoint_values_round_trip(store: &dyn LeaseStore) -> CaseRe
 /// removes it; a second delete fails.
 pub async fn case_delete_needs_current_counter(store: &dyn LeaseStore) -> CaseResult {
     let held = setup_owned(store, "shardId-000000000001", "w1").await?;
-    let renewed = call("renew_lease", store.renew_lease(&held).await)?;
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
     expect_condition_failed(
         "delete with a stale counter",
         store.delete_lease(&held).await,
@@ -913,7 +919,10 @@ pub async fn case_missing_table_is_typed(store: &dyn LeaseStore) -> CaseResult {
             store.get_lease("shardId-000000000001").await.map(drop),
         ),
         ("list_leases", store.list_leases().await.map(drop)),
-        ("renew_lease", store.renew_lease(&lease).await.map(drop)),
+        (
+            "renew_lease",
+            store.renew_lease(&lease, None).await.map(drop),
+        ),
         ("take_lease", store.take_lease(&lease, "w2").await.map(drop)),
         ("release_lease", store.release_lease(&lease).await.map(drop)),
         (

@@ -45,7 +45,7 @@ impl fmt::Display for LostReason {
 }
 
 /// A change of the held set, reported on [`LeaseCoordinator::events`](super::LeaseCoordinator::events).
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Debug)]
 #[non_exhaustive]
 pub enum LeaseEvent {
     /// This worker took the lease (the row as written by the take).
