@@ -152,7 +152,9 @@ case_list!(
     case_get_missing_is_none,
     case_renew_by_owner,
     case_renew_after_take_by_other_fails,
+    case_renew_writes_throughput,
     case_take_free_lease,
+    case_take_ends_a_handoff,
     case_take_with_stale_view_fails,
     case_take_from_other_owner,
     case_concurrent_takes_have_one_winner,
@@ -361,6 +363,71 @@ pub async fn case_renew_by_owner(store: &dyn LeaseStore) -> CaseResult {
     expected.lease_counter += 1;
     ensure_eq!(renewed, expected, "row after two renews");
     ensure_stored(store, &renewed).await
+}
+
+/// A renew given a throughput writes it (and keeps it when given none); other writes keep
+/// it.
+pub async fn case_renew_writes_throughput(store: &dyn LeaseStore) -> CaseResult {
+    let held = setup_owned(store, "shardId-000000000001", "w1").await?;
+    ensure_eq!(held.throughput_kbps, None, "throughput before any renew");
+    let renewed = call("renew_lease", store.renew_lease(&held, Some(2.5)).await)?;
+    let mut expected = held.clone();
+    expected.lease_counter += 1;
+    expected.throughput_kbps = Some(2.5);
+    ensure_eq!(renewed, expected, "row after a renew with throughput");
+    let renewed = call(
+        "renew_lease without throughput",
+        store.renew_lease(&renewed, None).await,
+    )?;
+    expected.lease_counter += 1;
+    ensure_eq!(renewed, expected, "row after a renew without throughput");
+    let renewed = call("renew_lease", store.renew_lease(&renewed, Some(0.0)).await)?;
+    expected.lease_counter += 1;
+    expected.throughput_kbps = Some(0.0);
+    ensure_eq!(renewed, expected, "row after a renew with throughput 0");
+    let checkpointed = call(
+        "update_checkpoint",
+        store.update_checkpoint(&renewed, &esn("7")?).await,
+    )?;
+    ensure_eq!(
+        checkpointed.throughput_kbps,
+        Some(0.0),
+        "throughput after a checkpoint"
+    );
+    ensure_stored(store, &checkpointed).await
+}
+
+/// A take removes `checkpointOwner` (a graceful handoff of the Java KCL 3.x), whoever takes.
+pub async fn case_take_ends_a_handoff(store: &dyn LeaseStore) -> CaseResult {
+    create_table(store).await?;
+    let mut lease = Lease::new("shardId-000000000001", ExtendedSequenceNumber::TRIM_HORIZON);
+    lease.lease_owner = Some("next".into());
+    lease.checkpoint_owner = Some("current".into());
+    lease.lease_counter = 7;
+    let created = call(
+        "create_lease_if_not_exists",
+        store.create_lease_if_not_exists(&lease).await,
+    )?;
+    ensure!(created, "create_lease_if_not_exists returned false");
+    let stored = get(store, &lease.lease_key).await?;
+    ensure_eq!(stored, lease, "row in a handoff as created");
+    let renewed = call(
+        "renew_lease by the next owner",
+        store.renew_lease(&stored, None).await,
+    )?;
+    ensure_eq!(
+        renewed.checkpoint_owner.as_deref(),
+        Some("current"),
+        "checkpointOwner after a renew"
+    );
+    let taken = call("take_lease", store.take_lease(&renewed, "w2").await)?;
+    let mut expected = renewed.clone();
+    expected.lease_owner = Some("w2".into());
+    expected.checkpoint_owner = None;
+    expected.lease_counter += 1;
+    expected.owner_switches_since_checkpoint += 1;
+    ensure_eq!(taken, expected, "row after the take");
+    ensure_stored(store, &taken).await
 }
 
 /// After another worker took the lease, the old owner's renew fails with ConditionFailed.

@@ -652,15 +652,15 @@ async fn dynamo_writes_are_conditional_update_items() {
         (fenced, "SET leaseCounter = leaseCounter + :one"),
         (
             "leaseCounter = :seen AND leaseOwner = :seen_owner",
-            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
         (
             "leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, :null_type))",
-            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
         (
             "leaseCounter = :seen AND leaseOwner = :seen_owner",
-            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one REMOVE checkpointOwner",
         ),
         (
             fenced,
@@ -713,6 +713,60 @@ async fn dynamo_writes_are_conditional_update_items() {
         delete["ExpressionAttributeValues"][":seen"],
         serde_json::json!({"N": "7"})
     );
+}
+
+#[tokio::test]
+async fn dynamo_renew_with_throughput_sets_throughput_kbps() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t");
+    let mut lease = Lease::new("k", ExtendedSequenceNumber::LATEST);
+    lease.lease_owner = Some("w1".into());
+    lease.lease_counter = 7;
+    script.respond(200, ROW);
+    store.renew_lease(&lease, Some(2.125)).await.unwrap();
+    let requests = script.requests();
+    let body = &requests[0].body;
+    assert_eq!(
+        scripted::resolve(body, "UpdateExpression"),
+        "SET leaseCounter = leaseCounter + :one, throughputKBps = :tp"
+    );
+    assert_eq!(
+        scripted::resolve(body, "ConditionExpression"),
+        "leaseCounter = :seen AND leaseOwner = :owner"
+    );
+    assert_eq!(
+        body["ExpressionAttributeValues"][":tp"],
+        serde_json::json!({"N": "2.125"})
+    );
+}
+
+#[tokio::test]
+async fn dynamo_client_version_is_a_consistent_get_of_the_coordinator_state() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t");
+    script.respond(
+        200,
+        r#"{"Item":{"key":{"S":"Migration3.0"},"cv":{"S":"CLIENT_VERSION_3X"}}}"#,
+    );
+    script.respond(200, "{}");
+    script.error("ResourceNotFoundException");
+    assert_eq!(
+        store.client_version().await.unwrap().as_deref(),
+        Some("CLIENT_VERSION_3X")
+    );
+    assert_eq!(store.client_version().await.unwrap(), None);
+    assert_eq!(store.client_version().await.unwrap(), None);
+    let requests = script.requests();
+    assert_eq!(requests.len(), 3);
+    for request in &requests {
+        assert_eq!(request.operation, "GetItem");
+        assert_eq!(request.body["TableName"], "t-CoordinatorState");
+        assert_eq!(
+            request.body["Key"],
+            serde_json::json!({"key": {"S": "Migration3.0"}})
+        );
+        assert_eq!(request.body["ConsistentRead"], true);
+    }
 }
 
 #[tokio::test]
@@ -796,7 +850,23 @@ async fn dynamo_create_table_waits_for_active_on_the_clock() {
     );
     assert_eq!(
         create["AttributeDefinitions"],
-        serde_json::json!([{"AttributeName": "leaseKey", "AttributeType": "S"}])
+        serde_json::json!([
+            {"AttributeName": "leaseKey", "AttributeType": "S"},
+            {"AttributeName": "leaseOwner", "AttributeType": "S"}
+        ])
+    );
+    // The index the Java KCL 3.x needs, with the table's provisioned throughput.
+    assert_eq!(
+        create["GlobalSecondaryIndexes"],
+        serde_json::json!([{
+            "IndexName": "LeaseOwnerToLeaseKeyIndex",
+            "KeySchema": [
+                {"AttributeName": "leaseOwner", "KeyType": "HASH"},
+                {"AttributeName": "leaseKey", "KeyType": "RANGE"}
+            ],
+            "Projection": {"ProjectionType": "KEYS_ONLY"},
+            "ProvisionedThroughput": {"ReadCapacityUnits": 3, "WriteCapacityUnits": 4}
+        }])
     );
     assert_eq!(create["BillingMode"], "PROVISIONED");
     assert_eq!(
