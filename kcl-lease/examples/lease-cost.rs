@@ -69,8 +69,12 @@ impl LeaseStore for ItemCountingStore {
         self.items_read.fetch_add(1, Ordering::Relaxed);
         self.inner.get_lease(lease_key).await
     }
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.inner.renew_lease(lease).await
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
+        self.inner.renew_lease(lease, throughput_kbps).await
     }
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
         self.inner.take_lease(lease, new_owner).await
@@ -101,6 +105,10 @@ impl LeaseStore for ItemCountingStore {
     }
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
         self.inner.delete_lease(lease).await
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.inner.client_version().await
     }
 }
 

@@ -6,8 +6,11 @@ use kcl_kpl::{ExtendedSequenceNumber, HashKeyRange};
 
 /// One lease: the right to process one shard, and the shard's checkpoint.
 ///
-/// Field by field this is a row of the Java KCL 2.x lease table.
-#[derive(Clone, PartialEq, Eq, Debug)]
+/// Field by field this is a row of the Java KCL 2.x lease table, plus two attributes the
+/// Java KCL 3.x writes: `throughputKBps` and `checkpointOwner`.
+///
+/// `PartialEq` only (no `Eq`): `throughput_kbps` is a floating point number.
+#[derive(Clone, PartialEq, Debug)]
 pub struct Lease {
     /// `leaseKey`: the shard id.
     pub lease_key: String,
@@ -27,6 +30,13 @@ pub struct Lease {
     pub child_shard_ids: BTreeSet<String>,
     /// `startingHashKey` / `endingHashKey`, when known.
     pub hash_key_range: Option<HashKeyRange>,
+    /// `throughputKBps` (N): the owner's recent delivery rate for this lease in KB/s, as
+    /// written by its last renewal; `None` when the row has none. Informative only: no
+    /// decision of ours reads it.
+    pub throughput_kbps: Option<f64>,
+    /// `checkpointOwner` (S): present while a Java KCL 3.x graceful handoff is in flight
+    /// (`lease_owner` is then the next owner and this the current one). A take removes it.
+    pub checkpoint_owner: Option<String>,
 }
 
 impl Lease {
@@ -42,6 +52,8 @@ impl Lease {
             parent_shard_ids: BTreeSet::new(),
             child_shard_ids: BTreeSet::new(),
             hash_key_range: None,
+            throughput_kbps: None,
+            checkpoint_owner: None,
         }
     }
 
@@ -64,6 +76,11 @@ impl Lease {
     /// True when the shard was processed to its end (checkpoint `SHARD_END`).
     pub fn is_finished(&self) -> bool {
         self.checkpoint.is_shard_end()
+    }
+
+    /// True while a graceful handoff (a `checkpointOwner`) is recorded in the row.
+    pub fn is_in_handoff(&self) -> bool {
+        self.checkpoint_owner.is_some()
     }
 
     /// True when `worker_id` owns the lease.

@@ -59,6 +59,6 @@ pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
 pub use error::{BoxError, ErrorChain, LeaseError};
 pub use kcl_kpl::ExtendedSequenceNumber;
 pub use lease::Lease;
-pub use store::{BillingMode, LeaseStore};
+pub use store::{BillingMode, LeaseStore, client_version};
 pub use timeouts::CallTimeouts;
 pub use write::{Fence, LeaseWrite};

@@ -51,12 +51,17 @@ pub trait LeaseStore: Send + Sync + Debug {
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError>;
 
     /// Renews: `leaseCounter = lease.lease_counter AND leaseOwner = lease.lease_owner`,
-    /// then counter + 1.
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError>;
+    /// then counter + 1, and `throughputKBps = throughput_kbps` when given (`None` leaves
+    /// the attribute as it is).
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError>;
 
     /// Takes for `new_owner`: `leaseCounter = lease.lease_counter` and the owner seen in
-    /// `lease` (or its absence); then owner = `new_owner`, counter + 1, and
-    /// `ownerSwitchesSinceCheckpoint` + 1 when the owner changes.
+    /// `lease` (or its absence); then owner = `new_owner`, `checkpointOwner` removed,
+    /// counter + 1, and `ownerSwitchesSinceCheckpoint` + 1 when the owner changes.
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError>;
 
     /// Releases (graceful shutdown): `leaseOwner = lease.lease_owner AND leaseCounter =
@@ -89,4 +94,34 @@ pub trait LeaseStore: Send + Sync + Debug {
 
     /// Deletes the lease if its counter is still `lease.lease_counter`.
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError>;
+
+    /// The client version the Java KCL recorded for this application: the `cv` attribute of
+    /// the `Migration3.0` item of the coordinator state table (`<table>-CoordinatorState`
+    /// next to a DynamoDB lease table), read consistently. `None` when there is no such
+    /// table, no such item or no `cv`, i.e. no Java KCL 3.x worker ever ran the
+    /// application. Values the Java KCL writes are the names in [`client_version`].
+    ///
+    /// The default implementation returns `None`: it is meant for stores without a
+    /// coordinator state table (a store wrapping another should forward the call).
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        Ok(None)
+    }
+}
+
+/// The client versions the Java KCL records in its coordinator state table (the values of
+/// [`LeaseStore::client_version`]).
+pub mod client_version {
+    /// A 2.x application on its way to 3.x: the Java workers still run the 2.x protocol.
+    pub const UPGRADE_FROM_2X: &str = "CLIENT_VERSION_UPGRADE_FROM_2X";
+    /// Rolled back to 2.x: the Java workers run the 2.x protocol.
+    pub const V2X: &str = "CLIENT_VERSION_2X";
+    /// Upgraded to 3.x, rollback still possible: the 3.x protocol (leader-assigned leases).
+    pub const V3X_WITH_ROLLBACK: &str = "CLIENT_VERSION_3X_WITH_ROLLBACK";
+    /// Upgraded to 3.x for good: the 3.x protocol.
+    pub const V3X: &str = "CLIENT_VERSION_3X";
+
+    /// True for the versions in which the Java workers run the 3.x lease protocol.
+    pub fn is_3x(client_version: &str) -> bool {
+        client_version == V3X || client_version == V3X_WITH_ROLLBACK
+    }
 }

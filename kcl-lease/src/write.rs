@@ -12,13 +12,16 @@
 //! | write | changes | fence |
 //! |---|---|---|
 //! | [create](LeaseWrite::Create) | the whole row, as given | the row does not exist |
-//! | [renew](LeaseWrite::Renew) | counter + 1 | counter = seen, owner = me |
-//! | [take](LeaseWrite::Take) | owner = new owner, counter + 1, owner switches + 1 when the owner changes | counter = seen, owner = the owner seen (or no owner when seen free) |
+//! | [renew](LeaseWrite::Renew) | counter + 1, `throughputKBps` when given | counter = seen, owner = me |
+//! | [take](LeaseWrite::Take) | owner = new owner, no `checkpointOwner`, counter + 1, owner switches + 1 when the owner changes | counter = seen, owner = the owner seen (or no owner when seen free) |
 //! | [release](LeaseWrite::Release) | no owner, counter + 1 | counter = seen, owner = me |
 //! | [checkpoint](LeaseWrite::Checkpoint) | checkpoint, no pending checkpoint, owner switches = 0, counter + 1 | counter = seen, owner = me |
 //! | [prepare checkpoint](LeaseWrite::PrepareCheckpoint) | pending checkpoint set or removed, counter + 1 | counter = seen, owner = me |
 //! | [child shard ids](LeaseWrite::ChildShardIds) | child shard ids (removed when empty), counter + 1 | counter = seen, owner = me |
 //! | [delete](LeaseWrite::Delete) | the row is removed | counter = seen |
+//!
+//! No write touches an attribute it does not name: every other attribute of the row (ones
+//! this library does not know included) is kept as it is.
 //!
 //! A write whose fence names `me` needs an owner in `seen`: given a lease seen without owner,
 //! [`LeaseWrite::fence`] is [`LeaseError::NotHeld`] and no store call is made. A fence that
@@ -32,7 +35,7 @@ use kcl_kpl::ExtendedSequenceNumber;
 use crate::{Lease, LeaseError};
 
 /// One conditional write of a lease row. See the [module documentation](self).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 #[non_exhaustive]
 pub enum LeaseWrite<'a> {
     /// Creates the row `lease` if no row with its key exists.
@@ -40,12 +43,15 @@ pub enum LeaseWrite<'a> {
         /// The row to write.
         lease: &'a Lease,
     },
-    /// Renews: only the counter moves.
+    /// Renews: the counter moves, and `throughputKBps` is written when given.
     Renew {
         /// The caller's view of the row.
         seen: &'a Lease,
+        /// The new `throughputKBps` (`None` leaves the attribute as it is).
+        throughput_kbps: Option<f64>,
     },
-    /// Takes the lease for `new_owner`.
+    /// Takes the lease for `new_owner`, ending any graceful handoff recorded in the row
+    /// (`checkpointOwner` removed).
     Take {
         /// The caller's view of the row (its owner, or none, is fenced on).
         seen: &'a Lease,
@@ -123,7 +129,7 @@ impl<'a> LeaseWrite<'a> {
     pub fn lease_key(&self) -> &'a str {
         match *self {
             LeaseWrite::Create { lease } => &lease.lease_key,
-            LeaseWrite::Renew { seen }
+            LeaseWrite::Renew { seen, .. }
             | LeaseWrite::Take { seen, .. }
             | LeaseWrite::Release { seen }
             | LeaseWrite::Checkpoint { seen, .. }
@@ -158,7 +164,7 @@ impl<'a> LeaseWrite<'a> {
                 counter: seen.lease_counter,
                 owner: seen.lease_owner.as_deref(),
             }),
-            LeaseWrite::Renew { seen }
+            LeaseWrite::Renew { seen, .. }
             | LeaseWrite::Release { seen }
             | LeaseWrite::Checkpoint { seen, .. }
             | LeaseWrite::PrepareCheckpoint { seen, .. }
@@ -184,8 +190,15 @@ impl<'a> LeaseWrite<'a> {
         let mut row = row?.clone();
         match *self {
             LeaseWrite::Create { .. } | LeaseWrite::Delete { .. } => return None,
-            LeaseWrite::Renew { .. } => {}
+            LeaseWrite::Renew {
+                throughput_kbps, ..
+            } => {
+                if throughput_kbps.is_some() {
+                    row.throughput_kbps = throughput_kbps;
+                }
+            }
             LeaseWrite::Take { seen, new_owner } => {
+                row.checkpoint_owner = None;
                 if seen.lease_owner.as_deref() != Some(new_owner) {
                     row.owner_switches_since_checkpoint =
                         row.owner_switches_since_checkpoint.saturating_add(1);
@@ -245,10 +258,19 @@ mod tests {
             }
         );
         assert!(matches!(
-            LeaseWrite::Renew { seen: &free }.fence(),
+            LeaseWrite::Renew {
+                seen: &free,
+                throughput_kbps: None
+            }
+            .fence(),
             Err(LeaseError::NotHeld { .. })
         ));
-        let fence = LeaseWrite::Renew { seen: &mine }.fence().unwrap();
+        let fence = LeaseWrite::Renew {
+            seen: &mine,
+            throughput_kbps: None,
+        }
+        .fence()
+        .unwrap();
         assert!(fence.holds(Some(&mine)));
         assert!(!fence.holds(Some(&owned("w", 4))));
         assert!(!fence.holds(Some(&owned("v", 3))));
@@ -261,9 +283,12 @@ mod tests {
     fn changes() {
         let mine = owned("w", 3);
         let esn: ExtendedSequenceNumber = "12".parse().unwrap();
-        let renewed = LeaseWrite::Renew { seen: &mine }
-            .apply(Some(&mine))
-            .unwrap();
+        let renewed = LeaseWrite::Renew {
+            seen: &mine,
+            throughput_kbps: None,
+        }
+        .apply(Some(&mine))
+        .unwrap();
         assert_eq!(renewed, owned("w", 4));
         let taken = LeaseWrite::Take {
             seen: &mine,
@@ -310,11 +335,57 @@ mod tests {
             .unwrap();
         assert_eq!((released.lease_owner, released.lease_counter), (None, 7));
         assert_eq!(LeaseWrite::Delete { seen: &done }.apply(Some(&done)), None);
-        assert_eq!(LeaseWrite::Renew { seen: &done }.apply(None), None);
+        assert_eq!(
+            LeaseWrite::Renew {
+                seen: &done,
+                throughput_kbps: None
+            }
+            .apply(None),
+            None
+        );
         assert_eq!(LeaseWrite::Delete { seen: &done }.lease_key(), "k");
         assert_eq!(
             LeaseWrite::Delete { seen: &done }.operation(),
             "delete_lease"
         );
+    }
+
+    #[test]
+    fn throughput_and_handoff() {
+        let mut mine = owned("w", 3);
+        mine.throughput_kbps = Some(2.5);
+        mine.checkpoint_owner = Some("old".to_owned());
+        let kept = LeaseWrite::Renew {
+            seen: &mine,
+            throughput_kbps: None,
+        }
+        .apply(Some(&mine))
+        .unwrap();
+        assert_eq!(kept.throughput_kbps, Some(2.5));
+        assert_eq!(kept.checkpoint_owner.as_deref(), Some("old"));
+        let written = LeaseWrite::Renew {
+            seen: &mine,
+            throughput_kbps: Some(0.75),
+        }
+        .apply(Some(&mine))
+        .unwrap();
+        assert_eq!(written.throughput_kbps, Some(0.75));
+        assert_eq!(written.lease_counter, 4);
+        let taken = LeaseWrite::Take {
+            seen: &mine,
+            new_owner: "v",
+        }
+        .apply(Some(&mine))
+        .unwrap();
+        assert_eq!(taken.checkpoint_owner, None);
+        assert_eq!(taken.throughput_kbps, Some(2.5));
+        // Other writes leave the handoff marker as it is.
+        let done = LeaseWrite::Checkpoint {
+            seen: &mine,
+            checkpoint: &ExtendedSequenceNumber::SHARD_END,
+        }
+        .apply(Some(&mine))
+        .unwrap();
+        assert_eq!(done.checkpoint_owner.as_deref(), Some("old"));
     }
 }

@@ -867,10 +867,14 @@ impl LeaseStore for SlowRenewals {
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError> {
         self.inner.get_lease(lease_key).await
     }
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
         let delay = *self.renew_delay.lock().unwrap();
         self.clock.sleep(delay).await;
-        self.inner.renew_lease(lease).await
+        self.inner.renew_lease(lease, throughput_kbps).await
     }
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
         self.inner.take_lease(lease, new_owner).await
@@ -901,6 +905,10 @@ impl LeaseStore for SlowRenewals {
     }
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
         self.inner.delete_lease(lease).await
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.inner.client_version().await
     }
 }
 
@@ -947,4 +955,135 @@ async fn a_late_result_of_an_old_holding_never_touches_a_new_one() {
     clock.advance(F / 3);
     assert_eq!(c.renew_once().await.renewed, 1);
     assert_eq!(inner.get_lease(&k).await.unwrap().unwrap().lease_counter, 3);
+}
+
+/// A row as a Java KCL 3.x graceful handoff leaves it: `leaseOwner` the next owner,
+/// `checkpointOwner` the current one, the counter standing still.
+fn in_handoff(i: usize, next: &str, current: &str, counter: u64) -> Lease {
+    let mut lease = Lease::new(key(i), ExtendedSequenceNumber::TRIM_HORIZON);
+    lease.lease_owner = Some(next.to_owned());
+    lease.checkpoint_owner = Some(current.to_owned());
+    lease.lease_counter = counter;
+    lease
+}
+
+#[tokio::test]
+async fn a_lease_in_a_java_handoff_is_taken_only_after_failover_plus_handoff_timeout() {
+    const H: Duration = Duration::from_secs(30);
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 0).await;
+    let seeded = in_handoff(0, "java-new", "java-old", 7);
+    store.create_lease_if_not_exists(&seeded).await.unwrap();
+    let me = coordinator_with(
+        &store,
+        &clock,
+        LeaseCoordinatorConfig::new("me").with_handoff_timeout(H),
+        1,
+    );
+    // Neither free nor expired, nor stolen, until the counter stood still for F + H.
+    let t0 = clock.now();
+    while clock.now().duration_since(t0) < F + H {
+        let report = me.take_once().await.unwrap();
+        assert!(
+            report.taken.is_empty() && report.stolen.is_empty(),
+            "taken after {:?}: {report:?}",
+            clock.now().duration_since(t0)
+        );
+        assert_eq!(store.get_lease(&key(0)).await.unwrap().unwrap(), seeded);
+        clock.advance(Duration::from_millis(2500));
+    }
+    assert_eq!(clock.now().duration_since(t0), F + H);
+    let report = me.take_once().await.unwrap();
+    assert_eq!(report.taken, vec![key(0)]);
+    // The take ends the handoff: checkpointOwner removed, the counter moved.
+    let row = store.get_lease(&key(0)).await.unwrap().unwrap();
+    assert_eq!(row.lease_owner.as_deref(), Some("me"));
+    assert_eq!(row.checkpoint_owner, None);
+    assert_eq!(row.lease_counter, 8);
+    assert_eq!(row.owner_switches_since_checkpoint, 1);
+}
+
+#[tokio::test]
+async fn a_handoff_that_completes_restarts_the_expiry_and_the_default_timeout_is_30_s() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 0).await;
+    let seeded = in_handoff(0, "java-new", "java-old", 7);
+    store.create_lease_if_not_exists(&seeded).await.unwrap();
+    let config = LeaseCoordinatorConfig::new("me");
+    assert_eq!(config.handoff_timeout, Duration::from_secs(30));
+    let me = coordinator_with(&store, &clock, config, 1);
+    assert!(me.take_once().await.unwrap().taken.is_empty());
+    // Just before F + 30 s the handoff completes: the new owner writes the lease.
+    clock.advance(F + Duration::from_secs(29));
+    assert!(me.take_once().await.unwrap().taken.is_empty());
+    let seen = store.get_lease(&key(0)).await.unwrap().unwrap();
+    let completed = store.take_lease(&seen, "java-new").await.unwrap();
+    assert_eq!(completed.checkpoint_owner, None);
+    clock.advance(Duration::from_secs(1));
+    // Now an ordinary lease of a live worker: one worker holds it, so it is not stolen
+    // (target 1 for "me" but stealing the only lease of a worker at target is refused)...
+    assert!(me.take_once().await.unwrap().taken.is_empty());
+    // ...and it expires F after its last change, if "java-new" dies.
+    clock.advance(F - Duration::from_secs(1));
+    assert!(me.take_once().await.unwrap().taken.is_empty());
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(me.take_once().await.unwrap().taken, vec![key(0)]);
+}
+
+#[tokio::test]
+async fn leases_in_a_handoff_are_never_stolen() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 0).await;
+    for i in 0..4 {
+        store
+            .create_lease_if_not_exists(&in_handoff(i, "java-new", "java-old", 3))
+            .await
+            .unwrap();
+    }
+    let me = coordinator(&store, &clock, "me", 1);
+    for _ in 0..4 {
+        let report = me.take_once().await.unwrap();
+        assert!(
+            report.taken.is_empty() && report.stolen.is_empty(),
+            "{report:?}"
+        );
+        clock.advance(Duration::from_secs(1));
+    }
+}
+
+#[tokio::test]
+async fn renewals_write_the_delivered_bytes_as_smoothed_throughput_kbps() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 1).await;
+    let me = coordinator(&store, &clock, "me", 1);
+    me.take_once().await.unwrap();
+    let holding = me.holding(&key(0)).unwrap();
+    let row = || async { store.get_lease(&key(0)).await.unwrap().unwrap() };
+    assert_eq!(row().await.throughput_kbps, None);
+    // 8 KiB in 4 s: 2 KB/s (the first renewal of a holding writes the rate alone).
+    holding.record_delivered_bytes(4096);
+    holding.record_delivered_bytes(4096);
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(me.renew_once().await.renewed, 1);
+    assert_eq!(row().await.throughput_kbps, Some(2.0));
+    // Nothing in the next 4 s: half of 0 plus half of 2.
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(me.renew_once().await.renewed, 1);
+    assert_eq!(row().await.throughput_kbps, Some(1.0));
+    // A failed renewal keeps its bytes for the next one: 4 KiB over 8 s = 0.5 KB/s, averaged
+    // with 1.0.
+    holding.record_delivered_bytes(4096);
+    clock.advance(Duration::from_secs(4));
+    store.throttle_next(1);
+    assert_eq!(me.renew_once().await.failed, 1);
+    assert_eq!(row().await.throughput_kbps, Some(1.0));
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(me.renew_once().await.renewed, 1);
+    assert_eq!(row().await.throughput_kbps, Some(0.75));
+    // A checkpoint keeps the value; the next owner's take too.
+    let checkpointed = holding
+        .checkpoint(&ExtendedSequenceNumber::parse("17", 0).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(checkpointed.throughput_kbps, Some(0.75));
 }

@@ -101,9 +101,13 @@ impl LeaseStore for RecordingStore {
         self.jitter().await;
         self.inner.get_lease(lease_key).await
     }
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
         self.jitter().await;
-        let r = self.inner.renew_lease(lease).await;
+        let r = self.inner.renew_lease(lease, throughput_kbps).await;
         self.record("renew", lease, Self::owner(lease), r)
     }
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
@@ -146,6 +150,10 @@ impl LeaseStore for RecordingStore {
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
         self.jitter().await;
         self.inner.delete_lease(lease).await
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.inner.client_version().await
     }
 }
 

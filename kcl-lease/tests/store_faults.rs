@@ -335,7 +335,7 @@ async fn a_renewal_applied_then_reported_as_failed_is_recovered() {
     // client's retry, which finds the condition no longer holds.
     for k in ["k0", "k1"] {
         let row = store.get_lease(k).await.unwrap().unwrap();
-        store.renew_lease(&row).await.unwrap();
+        store.renew_lease(&row, None).await.unwrap();
     }
     let report = c.renew_once().await;
     assert_eq!(report.renewed, 2, "{report:?}");

@@ -152,7 +152,9 @@ case_list!(
     case_get_missing_is_none,
     case_renew_by_owner,
     case_renew_after_take_by_other_fails,
+    case_renew_writes_throughput,
     case_take_free_lease,
+    case_take_ends_a_handoff,
     case_take_with_stale_view_fails,
     case_take_from_other_owner,
     case_concurrent_takes_have_one_winner,
@@ -350,21 +352,92 @@ pub async fn case_get_missing_is_none(store: &dyn LeaseStore) -> CaseResult {
 /// The owner renews: counter + 1 each time, nothing else changes.
 pub async fn case_renew_by_owner(store: &dyn LeaseStore) -> CaseResult {
     let held = setup_owned(store, "shardId-000000000001", "w1").await?;
-    let renewed = call("renew_lease", store.renew_lease(&held).await)?;
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
     let mut expected = held.clone();
     expected.lease_counter += 1;
     ensure_eq!(renewed, expected, "row after one renew");
-    let renewed = call("second renew_lease", store.renew_lease(&renewed).await)?;
+    let renewed = call(
+        "second renew_lease",
+        store.renew_lease(&renewed, None).await,
+    )?;
     expected.lease_counter += 1;
     ensure_eq!(renewed, expected, "row after two renews");
     ensure_stored(store, &renewed).await
+}
+
+/// A renew given a throughput writes it (and keeps it when given none); other writes keep
+/// it.
+pub async fn case_renew_writes_throughput(store: &dyn LeaseStore) -> CaseResult {
+    let held = setup_owned(store, "shardId-000000000001", "w1").await?;
+    ensure_eq!(held.throughput_kbps, None, "throughput before any renew");
+    let renewed = call("renew_lease", store.renew_lease(&held, Some(2.5)).await)?;
+    let mut expected = held.clone();
+    expected.lease_counter += 1;
+    expected.throughput_kbps = Some(2.5);
+    ensure_eq!(renewed, expected, "row after a renew with throughput");
+    let renewed = call(
+        "renew_lease without throughput",
+        store.renew_lease(&renewed, None).await,
+    )?;
+    expected.lease_counter += 1;
+    ensure_eq!(renewed, expected, "row after a renew without throughput");
+    let renewed = call("renew_lease", store.renew_lease(&renewed, Some(0.0)).await)?;
+    expected.lease_counter += 1;
+    expected.throughput_kbps = Some(0.0);
+    ensure_eq!(renewed, expected, "row after a renew with throughput 0");
+    let checkpointed = call(
+        "update_checkpoint",
+        store.update_checkpoint(&renewed, &esn("7")?).await,
+    )?;
+    ensure_eq!(
+        checkpointed.throughput_kbps,
+        Some(0.0),
+        "throughput after a checkpoint"
+    );
+    ensure_stored(store, &checkpointed).await
+}
+
+/// A take removes `checkpointOwner` (a graceful handoff of the Java KCL 3.x), whoever takes.
+pub async fn case_take_ends_a_handoff(store: &dyn LeaseStore) -> CaseResult {
+    create_table(store).await?;
+    let mut lease = Lease::new("shardId-000000000001", ExtendedSequenceNumber::TRIM_HORIZON);
+    lease.lease_owner = Some("next".into());
+    lease.checkpoint_owner = Some("current".into());
+    lease.lease_counter = 7;
+    let created = call(
+        "create_lease_if_not_exists",
+        store.create_lease_if_not_exists(&lease).await,
+    )?;
+    ensure!(created, "create_lease_if_not_exists returned false");
+    let stored = get(store, &lease.lease_key).await?;
+    ensure_eq!(stored, lease, "row in a handoff as created");
+    let renewed = call(
+        "renew_lease by the next owner",
+        store.renew_lease(&stored, None).await,
+    )?;
+    ensure_eq!(
+        renewed.checkpoint_owner.as_deref(),
+        Some("current"),
+        "checkpointOwner after a renew"
+    );
+    let taken = call("take_lease", store.take_lease(&renewed, "w2").await)?;
+    let mut expected = renewed.clone();
+    expected.lease_owner = Some("w2".into());
+    expected.checkpoint_owner = None;
+    expected.lease_counter += 1;
+    expected.owner_switches_since_checkpoint += 1;
+    ensure_eq!(taken, expected, "row after the take");
+    ensure_stored(store, &taken).await
 }
 
 /// After another worker took the lease, the old owner's renew fails with ConditionFailed.
 pub async fn case_renew_after_take_by_other_fails(store: &dyn LeaseStore) -> CaseResult {
     let held = setup_owned(store, "shardId-000000000001", "w1").await?;
     let stolen = call("take_lease by w2", store.take_lease(&held, "w2").await)?;
-    expect_condition_failed("renew by the old owner", store.renew_lease(&held).await)?;
+    expect_condition_failed(
+        "renew by the old owner",
+        store.renew_lease(&held, None).await,
+    )?;
     ensure_stored(store, &stolen).await?;
     ensure!(
         stolen.is_owned_by("w2"),
@@ -411,7 +484,7 @@ pub async fn case_take_with_stale_view_fails(store: &dyn LeaseStore) -> CaseResu
     ensure_stored(store, &taken).await?;
     // The owner renewed since w2 looked: w2's steal with the right owner but the old counter
     // fails.
-    let renewed = call("renew_lease by w1", store.renew_lease(&taken).await)?;
+    let renewed = call("renew_lease by w1", store.renew_lease(&taken, None).await)?;
     expect_condition_failed(
         "steal with the owner seen but a stale counter",
         store.take_lease(&taken, "w2").await,
@@ -495,7 +568,7 @@ pub async fn case_release_then_take_by_other(store: &dyn LeaseStore) -> CaseResu
     ensure_stored(store, &released).await?;
     expect_condition_failed(
         "renew by the owner after its release",
-        store.renew_lease(&held).await,
+        store.renew_lease(&held, None).await,
     )?;
     let taken = call("take_lease by w2", store.take_lease(&released, "w2").await)?;
     expected.lease_owner = Some("w2".into());
@@ -511,7 +584,7 @@ pub async fn case_release_by_non_owner_fails(store: &dyn LeaseStore) -> CaseResu
     let mut other = held.clone();
     other.lease_owner = Some("w2".into());
     expect_condition_failed("release by w2", store.release_lease(&other).await)?;
-    let renewed = call("renew_lease", store.renew_lease(&held).await)?;
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
     expect_condition_failed(
         "release by w1 with a stale counter",
         store.release_lease(&held).await,
@@ -527,7 +600,7 @@ pub async fn case_writes_without_owner_fail(store: &dyn LeaseStore) -> CaseResul
     let checkpoint = esn("100")?;
     let children: BTreeSet<String> = ["shardId-000000000002".to_owned()].into();
     let results: [(&str, Result<Lease, LeaseError>); 5] = [
-        ("renew_lease", store.renew_lease(&free).await),
+        ("renew_lease", store.renew_lease(&free, None).await),
         ("release_lease", store.release_lease(&free).await),
         (
             "update_checkpoint",
@@ -847,7 +920,7 @@ pub async fn case_checkpoint_values_round_trip(store: &dyn LeaseStore) -> CaseRe
 /// removes it; a second delete fails.
 pub async fn case_delete_needs_current_counter(store: &dyn LeaseStore) -> CaseResult {
     let held = setup_owned(store, "shardId-000000000001", "w1").await?;
-    let renewed = call("renew_lease", store.renew_lease(&held).await)?;
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
     expect_condition_failed(
         "delete with a stale counter",
         store.delete_lease(&held).await,
@@ -913,7 +986,10 @@ pub async fn case_missing_table_is_typed(store: &dyn LeaseStore) -> CaseResult {
             store.get_lease("shardId-000000000001").await.map(drop),
         ),
         ("list_leases", store.list_leases().await.map(drop)),
-        ("renew_lease", store.renew_lease(&lease).await.map(drop)),
+        (
+            "renew_lease",
+            store.renew_lease(&lease, None).await.map(drop),
+        ),
         ("take_lease", store.take_lease(&lease, "w2").await.map(drop)),
         ("release_lease", store.release_lease(&lease).await.map(drop)),
         (

@@ -105,8 +105,12 @@ async fn suite_catches_a_store_that_ignores_conditions() {
         async fn get_lease(&self, k: &str) -> Result<Option<Lease>, LeaseError> {
             self.0.get_lease(k).await
         }
-        async fn renew_lease(&self, l: &Lease) -> Result<Lease, LeaseError> {
-            self.0.renew_lease(l).await
+        async fn renew_lease(
+            &self,
+            l: &Lease,
+            throughput_kbps: Option<f64>,
+        ) -> Result<Lease, LeaseError> {
+            self.0.renew_lease(l, throughput_kbps).await
         }
         async fn take_lease(&self, l: &Lease, owner: &str) -> Result<Lease, LeaseError> {
             // Re-reads the row and takes whatever is there.
@@ -139,6 +143,10 @@ async fn suite_catches_a_store_that_ignores_conditions() {
         }
         async fn delete_lease(&self, l: &Lease) -> Result<(), LeaseError> {
             self.0.delete_lease(l).await
+        }
+
+        async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+            self.0.client_version().await
         }
     }
     let report = conformance::run_all(|| async { Sloppy(InMemoryLeaseStore::new()) }).await;
@@ -175,12 +183,12 @@ async fn throttle_next_n_calls() {
     store.reset_stats();
     store.throttle_next(3);
     for _ in 0..3 {
-        let err = store.renew_lease(&held).await.unwrap_err();
+        let err = store.renew_lease(&held, None).await.unwrap_err();
         assert!(matches!(err, LeaseError::Throttled { .. }), "{err:?}");
         assert!(err.is_retryable());
     }
     // Nothing was written by the throttled calls: the original view still renews.
-    let renewed = store.renew_lease(&held).await.unwrap();
+    let renewed = store.renew_lease(&held, None).await.unwrap();
     assert_eq!(renewed.lease_counter, held.lease_counter + 1);
     let stats = store.stats().operation(LeaseOperation::RenewLease);
     assert_eq!(
@@ -213,7 +221,7 @@ async fn unreachable_until_switched_back() {
     store.set_unreachable(true);
     for _ in 0..5 {
         assert!(matches!(
-            store.renew_lease(&held).await,
+            store.renew_lease(&held, None).await,
             Err(LeaseError::Unreachable { .. })
         ));
     }
@@ -225,7 +233,7 @@ async fn unreachable_until_switched_back() {
     ));
     store.set_unreachable(false);
     assert_eq!(
-        store.renew_lease(&held).await.unwrap().lease_counter,
+        store.renew_lease(&held, None).await.unwrap().lease_counter,
         held.lease_counter + 1
     );
 }
@@ -240,7 +248,7 @@ async fn faults_scoped_to_a_key_or_an_operation() {
         Fault::new(FaultKind::Unreachable, 1).for_operation(LeaseOperation::UpdateCheckpoint),
     );
     // Calls on the other key, and other operations, are not affected.
-    let held = store.renew_lease(&held).await.unwrap();
+    let held = store.renew_lease(&held, None).await.unwrap();
     assert_eq!(store.list_leases().await.unwrap().len(), 2);
     assert!(matches!(
         store.take_lease(&other, "w1").await,
@@ -303,7 +311,7 @@ async fn stats_count_reads_and_writes_per_operation() {
     let leases = store.list_leases().await.unwrap();
     let held = store.take_lease(&leases[0], "w").await.unwrap();
     store.take_lease(&leases[0], "w2").await.unwrap_err();
-    store.renew_lease(&held).await.unwrap();
+    store.renew_lease(&held, None).await.unwrap();
     let stats = store.stats();
     assert_eq!(stats.operation(LeaseOperation::CreateLease).writes, 35);
     assert_eq!(stats.operation(LeaseOperation::ListLeases).reads, 4);
@@ -367,7 +375,7 @@ async fn dynamo_store_lease_seen_without_owner_is_not_held() {
     let store = DynamoLeaseStore::new(dynamodb_client("http://127.0.0.1:9"), "t");
     let free = Lease::new("k", ExtendedSequenceNumber::TRIM_HORIZON);
     assert!(matches!(
-        store.renew_lease(&free).await,
+        store.renew_lease(&free, None).await,
         Err(LeaseError::NotHeld { .. })
     ));
     assert!(matches!(
@@ -563,7 +571,7 @@ async fn dynamo_error_codes_are_mapped() {
     ];
     for (code, expected) in cases {
         script.error(code);
-        let err = store.renew_lease(&lease).await.unwrap_err();
+        let err = store.renew_lease(&lease, None).await.unwrap_err();
         assert!(expected(&err), "{code}: {err:?}");
         // Display never repeats the cause.
         if let Some(source) = std::error::Error::source(&err) {
@@ -600,7 +608,7 @@ async fn dynamo_writes_are_conditional_update_items() {
         .create_lease_if_not_exists(&Lease::new("k", ExtendedSequenceNumber::LATEST))
         .await
         .unwrap();
-    store.renew_lease(&lease).await.unwrap();
+    store.renew_lease(&lease, None).await.unwrap();
     store.take_lease(&lease, "w2").await.unwrap();
     store.take_lease(&free, "w2").await.unwrap();
     store.take_lease(&lease, "w1").await.unwrap();
@@ -644,15 +652,15 @@ async fn dynamo_writes_are_conditional_update_items() {
         (fenced, "SET leaseCounter = leaseCounter + :one"),
         (
             "leaseCounter = :seen AND leaseOwner = :seen_owner",
-            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
         (
             "leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, :null_type))",
-            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
         (
             "leaseCounter = :seen AND leaseOwner = :seen_owner",
-            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one",
+            "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one REMOVE checkpointOwner",
         ),
         (
             fenced,
@@ -705,6 +713,60 @@ async fn dynamo_writes_are_conditional_update_items() {
         delete["ExpressionAttributeValues"][":seen"],
         serde_json::json!({"N": "7"})
     );
+}
+
+#[tokio::test]
+async fn dynamo_renew_with_throughput_sets_throughput_kbps() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t");
+    let mut lease = Lease::new("k", ExtendedSequenceNumber::LATEST);
+    lease.lease_owner = Some("w1".into());
+    lease.lease_counter = 7;
+    script.respond(200, ROW);
+    store.renew_lease(&lease, Some(2.125)).await.unwrap();
+    let requests = script.requests();
+    let body = &requests[0].body;
+    assert_eq!(
+        scripted::resolve(body, "UpdateExpression"),
+        "SET leaseCounter = leaseCounter + :one, throughputKBps = :tp"
+    );
+    assert_eq!(
+        scripted::resolve(body, "ConditionExpression"),
+        "leaseCounter = :seen AND leaseOwner = :owner"
+    );
+    assert_eq!(
+        body["ExpressionAttributeValues"][":tp"],
+        serde_json::json!({"N": "2.125"})
+    );
+}
+
+#[tokio::test]
+async fn dynamo_client_version_is_a_consistent_get_of_the_coordinator_state() {
+    let script = scripted::Script::default();
+    let store = DynamoLeaseStore::new(script.client(), "t");
+    script.respond(
+        200,
+        r#"{"Item":{"key":{"S":"Migration3.0"},"cv":{"S":"CLIENT_VERSION_3X"}}}"#,
+    );
+    script.respond(200, "{}");
+    script.error("ResourceNotFoundException");
+    assert_eq!(
+        store.client_version().await.unwrap().as_deref(),
+        Some("CLIENT_VERSION_3X")
+    );
+    assert_eq!(store.client_version().await.unwrap(), None);
+    assert_eq!(store.client_version().await.unwrap(), None);
+    let requests = script.requests();
+    assert_eq!(requests.len(), 3);
+    for request in &requests {
+        assert_eq!(request.operation, "GetItem");
+        assert_eq!(request.body["TableName"], "t-CoordinatorState");
+        assert_eq!(
+            request.body["Key"],
+            serde_json::json!({"key": {"S": "Migration3.0"}})
+        );
+        assert_eq!(request.body["ConsistentRead"], true);
+    }
 }
 
 #[tokio::test]
@@ -788,7 +850,23 @@ async fn dynamo_create_table_waits_for_active_on_the_clock() {
     );
     assert_eq!(
         create["AttributeDefinitions"],
-        serde_json::json!([{"AttributeName": "leaseKey", "AttributeType": "S"}])
+        serde_json::json!([
+            {"AttributeName": "leaseKey", "AttributeType": "S"},
+            {"AttributeName": "leaseOwner", "AttributeType": "S"}
+        ])
+    );
+    // The index the Java KCL 3.x needs, with the table's provisioned throughput.
+    assert_eq!(
+        create["GlobalSecondaryIndexes"],
+        serde_json::json!([{
+            "IndexName": "LeaseOwnerToLeaseKeyIndex",
+            "KeySchema": [
+                {"AttributeName": "leaseOwner", "KeyType": "HASH"},
+                {"AttributeName": "leaseKey", "KeyType": "RANGE"}
+            ],
+            "Projection": {"ProjectionType": "KEYS_ONLY"},
+            "ProvisionedThroughput": {"ReadCapacityUnits": 3, "WriteCapacityUnits": 4}
+        }])
     );
     assert_eq!(create["BillingMode"], "PROVISIONED");
     assert_eq!(

@@ -13,10 +13,13 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
+    AttributeDefinition, KeySchemaElement, ProjectionType, ProvisionedThroughput,
+};
+use aws_sdk_dynamodb::types::{
     AttributeValue, BillingMode as DynamoBillingMode, KeyType, ScalarAttributeType,
 };
 use kcl_kpl::{ExtendedSequenceNumber, HashKeyRange};
-use kcl_lease::dynamo::{DynamoLeaseStore, MalformedRowPolicy};
+use kcl_lease::dynamo::{DynamoLeaseStore, LEASE_OWNER_INDEX, MalformedRowPolicy};
 use kcl_lease::{BillingMode, Lease, LeaseError, LeaseStore};
 use kcl_testkit::emulators::{
     Emulator, EmulatorKind, create_lease_table_and_wait, dynamodb_client,
@@ -399,7 +402,17 @@ async fn rows_written_by_a_java_worker_are_read_on_moto() {
 async fn java_rows(kind: EmulatorKind) {
     let (_emulator, client) = start_kind(kind);
     let t = "format-java";
-    let store = store(&client, t).await;
+    // Without the lease owner index: a row with a NULL `leaseOwner` (read below) can only
+    // exist in a table without it (an index key must be a string).
+    let store = DynamoLeaseStore::new(client.clone(), t)
+        .with_lease_owner_index(false)
+        .with_table_wait(Duration::from_millis(50), Duration::from_secs(10));
+    assert!(
+        store
+            .create_table_if_not_exists(BillingMode::PayPerRequest)
+            .await
+            .unwrap()
+    );
 
     // An owned lease with every attribute, plus attributes this library does not know.
     put(
@@ -448,14 +461,17 @@ async fn java_rows(kind: EmulatorKind) {
     expected.pending_checkpoint = Some("1000.1".parse().unwrap());
     expected.owner_switches_since_checkpoint = 4;
     expected.child_shard_ids = ["shardId-000000000009".to_owned()].into();
+    expected.throughput_kbps = Some(12.5);
     assert_eq!(owned, expected);
-    // A Rust worker steals it; the unknown attributes are left alone.
+    // A Rust worker steals it; the unknown attributes are left alone, and the take ends any
+    // graceful handoff: checkpointOwner is removed.
     let stolen = store.take_lease(&owned, "rust-worker").await.unwrap();
     assert_eq!(stolen.lease_counter, 18);
     assert_eq!(stolen.owner_switches_since_checkpoint, 5);
     let item = raw(&client, t, "shardId-000000000005").await;
     assert_eq!(item["leaseState"], s("SOMETHING_NEW"));
-    assert_eq!(item["checkpointOwner"], AttributeValue::Null(true));
+    assert!(!item.contains_key("checkpointOwner"), "{item:?}");
+    assert_eq!(item["throughputKBps"], n("12.5"));
 
     // leaseOwner NULL, and the optional numbers missing: a free lease at sub-sequence 0.
     put(
@@ -578,5 +594,368 @@ async fn malformed_rows_are_named() {
             "{lease_key}"
         ),
         other => panic!("expected MalformedLease, got {other:?}"),
+    }
+}
+
+async fn describe(client: &Client, table: &str) -> aws_sdk_dynamodb::types::TableDescription {
+    client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .unwrap()
+        .table
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tables_we_create_have_the_lease_owner_index() {
+    let (_dynalite, client) = start();
+    // On demand (the default): the index as the Java KCL 3.x creates it.
+    store(&client, "format-gsi").await;
+    let table = describe(&client, "format-gsi").await;
+    assert_eq!(table.global_secondary_indexes().len(), 1, "{table:?}");
+    let index = &table.global_secondary_indexes()[0];
+    assert_eq!(index.index_name(), Some(LEASE_OWNER_INDEX));
+    assert_eq!(LEASE_OWNER_INDEX, "LeaseOwnerToLeaseKeyIndex");
+    let keys: Vec<(&str, &KeyType)> = index
+        .key_schema()
+        .iter()
+        .map(|k| (k.attribute_name(), k.key_type()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("leaseOwner", &KeyType::Hash),
+            ("leaseKey", &KeyType::Range)
+        ]
+    );
+    assert_eq!(
+        index.projection().and_then(|p| p.projection_type()),
+        Some(&ProjectionType::KeysOnly)
+    );
+    let attributes: BTreeMap<&str, &ScalarAttributeType> = table
+        .attribute_definitions()
+        .iter()
+        .map(|a| (a.attribute_name(), a.attribute_type()))
+        .collect();
+    assert_eq!(
+        attributes,
+        BTreeMap::from([
+            ("leaseKey", &ScalarAttributeType::S),
+            ("leaseOwner", &ScalarAttributeType::S)
+        ])
+    );
+    // The table works as before: a lease taken is found through the index too.
+    let store = DynamoLeaseStore::new(client.clone(), "format-gsi");
+    let lease = Lease::new("shardId-000000000000", ExtendedSequenceNumber::TRIM_HORIZON);
+    assert!(store.create_lease_if_not_exists(&lease).await.unwrap());
+    store.take_lease(&lease, "worker-1").await.unwrap();
+    let by_owner = client
+        .query()
+        .table_name("format-gsi")
+        .index_name(LEASE_OWNER_INDEX)
+        .key_condition_expression("leaseOwner = :o")
+        .expression_attribute_values(":o", s("worker-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_owner.count(), 1);
+
+    // Provisioned: the index gets the table's throughput.
+    let provisioned = DynamoLeaseStore::new(client.clone(), "format-gsi-provisioned")
+        .with_table_wait(Duration::from_millis(50), Duration::from_secs(10));
+    let billing = BillingMode::Provisioned {
+        read_capacity_units: 5,
+        write_capacity_units: 7,
+    };
+    assert!(
+        provisioned
+            .create_table_if_not_exists(billing)
+            .await
+            .unwrap()
+    );
+    let table = describe(&client, "format-gsi-provisioned").await;
+    let index = &table.global_secondary_indexes()[0];
+    assert_eq!(index.index_name(), Some(LEASE_OWNER_INDEX));
+    let throughput = index.provisioned_throughput().unwrap();
+    assert_eq!(throughput.read_capacity_units(), Some(5));
+    assert_eq!(throughput.write_capacity_units(), Some(7));
+
+    // Turned off: no index.
+    let plain = DynamoLeaseStore::new(client.clone(), "format-no-gsi")
+        .with_lease_owner_index(false)
+        .with_table_wait(Duration::from_millis(50), Duration::from_secs(10));
+    assert!(
+        plain
+            .create_table_if_not_exists(BillingMode::PayPerRequest)
+            .await
+            .unwrap()
+    );
+    let table = describe(&client, "format-no-gsi").await;
+    assert!(table.global_secondary_indexes().is_empty(), "{table:?}");
+    assert_eq!(table.attribute_definitions().len(), 1);
+
+    // A table that exists is left as it is (no index added).
+    create_lease_table_and_wait(&client, "format-gsi-foreign", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let foreign = DynamoLeaseStore::new(client.clone(), "format-gsi-foreign");
+    assert!(
+        !foreign
+            .create_table_if_not_exists(BillingMode::PayPerRequest)
+            .await
+            .unwrap()
+    );
+    assert!(
+        describe(&client, "format-gsi-foreign")
+            .await
+            .global_secondary_indexes()
+            .is_empty()
+    );
+}
+
+/// The attributes of `item` this library does not know, with the ones given.
+fn unknown(item: &HashMap<String, AttributeValue>) -> BTreeMap<String, AttributeValue> {
+    const KNOWN: [&str; 14] = [
+        "leaseKey",
+        "leaseOwner",
+        "leaseCounter",
+        "checkpoint",
+        "checkpointSubSequenceNumber",
+        "pendingCheckpoint",
+        "pendingCheckpointSubSequenceNumber",
+        "ownerSwitchesSinceCheckpoint",
+        "parentShardId",
+        "childShardIds",
+        "startingHashKey",
+        "endingHashKey",
+        "throughputKBps",
+        "checkpointOwner",
+    ];
+    item.iter()
+        .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn attributes_we_do_not_know_are_kept_by_every_write() {
+    let (_dynalite, client) = start();
+    let t = "format-unknown";
+    let store = store(&client, t).await;
+    let key = "shardId-000000000000";
+    // A Java 3.x worker's row, in a graceful handoff, with attributes of its own.
+    put(
+        &client,
+        t,
+        vec![
+            ("leaseKey", s(key)),
+            ("leaseOwner", s("java-new")),
+            ("checkpointOwner", s("java-old")),
+            ("leaseCounter", n("7")),
+            ("checkpoint", s("TRIM_HORIZON")),
+            ("checkpointSubSequenceNumber", n("0")),
+            ("ownerSwitchesSinceCheckpoint", n("0")),
+            ("throughputKBps", n("3.25")),
+            ("leaseState", s("SOMETHING_NEW")),
+            (
+                "pendingCheckpointState",
+                AttributeValue::B(vec![1, 2, 3].into()),
+            ),
+            (
+                "extraMap",
+                AttributeValue::M(HashMap::from([("a".to_owned(), n("1"))])),
+            ),
+            ("extraSet", ss(&["x", "y"])),
+        ],
+    )
+    .await;
+    let extra = unknown(&raw(&client, t, key).await);
+    assert_eq!(extra.len(), 4, "{extra:?}");
+    let seen = store.get_lease(key).await.unwrap().unwrap();
+    assert_eq!(seen.checkpoint_owner.as_deref(), Some("java-old"));
+    assert_eq!(seen.throughput_kbps, Some(3.25));
+
+    // Take: checkpointOwner removed, everything else unknown kept.
+    let held = store.take_lease(&seen, "rust").await.unwrap();
+    assert_eq!(held.checkpoint_owner, None);
+    let item = raw(&client, t, key).await;
+    assert!(!item.contains_key("checkpointOwner"), "{item:?}");
+    assert_eq!(unknown(&item), extra, "after take");
+    assert_eq!(item["throughputKBps"], n("3.25"));
+
+    // Renew without a throughput: the attribute stays; with one: it is written.
+    let held = store.renew_lease(&held, None).await.unwrap();
+    assert_eq!(raw(&client, t, key).await["throughputKBps"], n("3.25"));
+    let held = store.renew_lease(&held, Some(1.5)).await.unwrap();
+    assert_eq!(held.throughput_kbps, Some(1.5));
+    let item = raw(&client, t, key).await;
+    assert_eq!(item["throughputKBps"], n("1.5"));
+    assert_eq!(item["leaseCounter"], n("10"));
+    assert_eq!(unknown(&item), extra, "after renew");
+
+    // The checkpoint writes and the release.
+    let pending: ExtendedSequenceNumber = format!("{BIG}.1").parse().unwrap();
+    let held = store
+        .update_pending_checkpoint(&held, Some(&pending))
+        .await
+        .unwrap();
+    assert_eq!(unknown(&raw(&client, t, key).await), extra, "after prepare");
+    let checkpoint: ExtendedSequenceNumber = format!("{BIG}.2").parse().unwrap();
+    let held = store.update_checkpoint(&held, &checkpoint).await.unwrap();
+    assert_eq!(
+        unknown(&raw(&client, t, key).await),
+        extra,
+        "after checkpoint"
+    );
+    let children: BTreeSet<String> = ["shardId-000000000001".to_owned()].into();
+    let held = store
+        .update_child_shard_ids(&held, &children)
+        .await
+        .unwrap();
+    assert_eq!(
+        unknown(&raw(&client, t, key).await),
+        extra,
+        "after children"
+    );
+    let released = store.release_lease(&held).await.unwrap();
+    let item = raw(&client, t, key).await;
+    assert_eq!(unknown(&item), extra, "after release");
+    assert!(!item.contains_key("leaseOwner"));
+    assert_eq!(released.throughput_kbps, Some(1.5));
+}
+
+#[tokio::test]
+async fn rows_that_are_not_leases_are_left_out_of_the_list() {
+    let (_dynalite, client) = start();
+    let t = "format-entities";
+    let store = store(&client, t).await;
+    let lease = Lease::new("shardId-000000000000", ExtendedSequenceNumber::TRIM_HORIZON);
+    assert!(store.create_lease_if_not_exists(&lease).await.unwrap());
+    put(
+        &client,
+        t,
+        vec![
+            ("leaseKey", s("shardId-000000000001")),
+            ("entityType", s("LEASE")),
+            ("leaseCounter", n("1")),
+            ("checkpoint", s("LATEST")),
+        ],
+    )
+    .await;
+    for (key, kind) in [("app-state-1", "STREAM_METADATA"), ("app-state-2", "OTHER")] {
+        put(
+            &client,
+            t,
+            vec![
+                ("leaseKey", s(key)),
+                ("entityType", s(kind)),
+                ("leaseCounter", n("1")),
+                ("checkpoint", s("TRIM_HORIZON")),
+            ],
+        )
+        .await;
+    }
+    // A row that is no lease is left out even when it could not be read as one.
+    put(
+        &client,
+        t,
+        vec![("leaseKey", s("app-state-3")), ("entityType", s("OTHER"))],
+    )
+    .await;
+    let strict =
+        DynamoLeaseStore::new(client.clone(), t).with_malformed_rows(MalformedRowPolicy::Fail);
+    for store in [&store, &strict] {
+        for _ in 0..3 {
+            let keys: Vec<String> = store
+                .list_leases()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.lease_key)
+                .collect();
+            assert_eq!(keys.len(), 2, "{keys:?}");
+            assert!(keys.iter().all(|k| k.starts_with("shardId-")), "{keys:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_version_is_read_from_the_coordinator_state_table() {
+    let (_dynalite, client) = start();
+    let t = "format-cv";
+    let store = store(&client, t).await;
+    assert_eq!(
+        store.coordinator_state_table_name(),
+        "format-cv-CoordinatorState"
+    );
+    // No coordinator state table: none.
+    assert_eq!(store.client_version().await.unwrap(), None);
+    client
+        .create_table()
+        .table_name("format-cv-CoordinatorState")
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("key")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("key")
+                .key_type(KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .provisioned_throughput(
+            ProvisionedThroughput::builder()
+                .read_capacity_units(5)
+                .write_capacity_units(5)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let status = describe(&client, "format-cv-CoordinatorState")
+            .await
+            .table_status()
+            .cloned();
+        if status == Some(aws_sdk_dynamodb::types::TableStatus::Active) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The table without the item: none.
+    assert_eq!(store.client_version().await.unwrap(), None);
+    let table = "format-cv-CoordinatorState";
+    put(
+        &client,
+        table,
+        vec![("key", s("Leader")), ("ownerName", s("j1"))],
+    )
+    .await;
+    assert_eq!(store.client_version().await.unwrap(), None);
+    for cv in [
+        "CLIENT_VERSION_UPGRADE_FROM_2X",
+        "CLIENT_VERSION_3X_WITH_ROLLBACK",
+        "CLIENT_VERSION_3X",
+        "CLIENT_VERSION_2X",
+    ] {
+        put(
+            &client,
+            table,
+            vec![
+                ("key", s("Migration3.0")),
+                ("cv", s(cv)),
+                ("mb", s("j1")),
+                ("mts", n("1700000000000")),
+            ],
+        )
+        .await;
+        assert_eq!(store.client_version().await.unwrap().as_deref(), Some(cv));
     }
 }

@@ -56,6 +56,11 @@ pub struct AwsOptions {
     /// `call_attempt_timeout` and `call_timeout` when the worker builds the clients, else
     /// [`CallTimeouts::default`]).
     pub call_timeouts: Option<CallTimeouts>,
+    /// Whether a lease table the worker creates gets the `LeaseOwnerToLeaseKeyIndex` global
+    /// secondary index the Java KCL 3.x needs (`None`: yes, the default). Passed to the
+    /// lease store built from these options
+    /// (`DynamoLeaseStore::with_lease_owner_index`); tables that exist are never changed.
+    pub lease_owner_index: Option<bool>,
 }
 
 /// The SDK timeout configuration for `timeouts`: `operation_attempt_timeout` is
@@ -104,6 +109,18 @@ impl AwsOptions {
     pub fn with_call_timeouts(mut self, timeouts: CallTimeouts) -> Self {
         self.call_timeouts = Some(timeouts);
         self
+    }
+
+    /// Sets whether a lease table created gets the `LeaseOwnerToLeaseKeyIndex` index
+    /// (default `true`).
+    pub fn with_lease_owner_index(mut self, enabled: bool) -> Self {
+        self.lease_owner_index = Some(enabled);
+        self
+    }
+
+    /// Whether a lease table created gets the `LeaseOwnerToLeaseKeyIndex` index.
+    pub fn lease_owner_index_enabled(&self) -> bool {
+        self.lease_owner_index.unwrap_or(true)
     }
 
     /// The call timeouts in effect.
@@ -207,10 +224,10 @@ impl AwsOptions {
         &self,
         table_name: impl Into<String>,
     ) -> Result<kcl_lease::dynamo::DynamoLeaseStore, ConfigError> {
-        Ok(kcl_lease::dynamo::DynamoLeaseStore::new(
-            self.dynamodb_client().await?,
-            table_name,
-        ))
+        Ok(
+            kcl_lease::dynamo::DynamoLeaseStore::new(self.dynamodb_client().await?, table_name)
+                .with_lease_owner_index(self.lease_owner_index_enabled()),
+        )
     }
 }
 

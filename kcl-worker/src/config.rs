@@ -47,7 +47,7 @@ pub struct WorkerConfig {
     /// The lease coordinator's settings, with the coordinator's own defaults and bounds:
     /// `worker_id` (the same as [`WorkerConfig::worker_id`]), `failover_time` (default 10 s),
     /// `max_leases_for_worker` (default unlimited), `max_leases_to_steal_at_one_time`
-    /// (default 1), and `call_timeouts`: the bounds on every Kinesis and lease store call,
+    /// (default 1), `handoff_timeout` (default 30 s), and `call_timeouts`: the bounds on every Kinesis and lease store call,
     /// `call_attempt_timeout` (one attempt, default 4 s) and `call_timeout` (the whole call,
     /// retries included, default 10 s). See [`WorkerConfig::call_timeouts`].
     pub lease: LeaseCoordinatorConfig,
@@ -120,6 +120,7 @@ pub struct WorkerConfigBuilder {
     failover_time: Option<Duration>,
     max_leases_for_worker: Option<usize>,
     max_leases_to_steal_at_one_time: Option<usize>,
+    handoff_timeout: Option<Duration>,
     max_records: Option<u32>,
     idle_time_between_reads: Option<Duration>,
     call_process_records_even_for_empty_list: Option<bool>,
@@ -181,6 +182,9 @@ impl WorkerConfigBuilder {
         max_leases_for_worker, set_max_leases_for_worker: usize;
         /// Most leases stolen at one time (default 1, at least 1).
         max_leases_to_steal_at_one_time, set_max_leases_to_steal_at_one_time: usize;
+        /// Extra wait before a lease in a Java KCL 3.x graceful handoff counts as expired
+        /// (default 30 s, at most a day; see `LeaseCoordinatorConfig::handoff_timeout`).
+        handoff_timeout, set_handoff_timeout: Duration;
         /// Most records per GetRecords (default 10000, 1..=10000).
         max_records, set_max_records: u32;
         /// Idle sleep between empty reads at the tip (default 1 s).
@@ -307,6 +311,9 @@ impl WorkerConfigBuilder {
         }
         if let Some(v) = self.max_leases_to_steal_at_one_time {
             lease = lease.with_max_leases_to_steal_at_one_time(v);
+        }
+        if let Some(v) = self.handoff_timeout {
+            lease = lease.with_handoff_timeout(v);
         }
         let defaults = CallTimeouts::default();
         lease = lease.with_call_timeouts(CallTimeouts::new(

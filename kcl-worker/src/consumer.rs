@@ -193,6 +193,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     .increment(count);
                 metrics::counter!(m::BYTES_PROCESSED_TOTAL, "shard_id" => key.clone())
                     .increment(bytes);
+                // For the `throughputKBps` of the lease's next renewal.
+                self.holding.record_delivered_bytes(bytes);
             }
             drop(_permits);
             if let Some(children) = shard_end {

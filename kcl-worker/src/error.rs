@@ -46,6 +46,19 @@ pub enum WorkerError {
     /// The worker's task panicked or was cancelled.
     #[error("worker task failed")]
     Join(#[source] tokio::task::JoinError),
+    /// The application runs the Java KCL 3.x lease protocol (its coordinator state records
+    /// `client_version`, `CLIENT_VERSION_3X` or `CLIENT_VERSION_3X_WITH_ROLLBACK`), which
+    /// this worker does not speak: it would take leases a Java leader assigned.
+    #[error(
+        "the application is in the Java KCL 3.x mode (client version {client_version} in its \
+         coordinator state table); this worker speaks the 2.x lease protocol only: run the Java \
+         workers with clientVersionConfig = CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X, or roll \
+         the application back to 2.x (the rollback of the KCL migration tool) before starting it"
+    )]
+    UnsupportedClientVersion {
+        /// The client version recorded.
+        client_version: String,
+    },
 }
 
 impl WorkerError {

@@ -127,6 +127,7 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
                         options.dynamodb_client_from(sdk),
                         self.config.table_name.clone(),
                     )
+                    .with_lease_owner_index(options.lease_owner_index_enabled())
                     .with_clock(clock.clone()),
                 )
             }
@@ -204,9 +205,22 @@ impl<F: RecordProcessorFactory> Worker<F> {
         &self.config
     }
 
-    /// Creates the lease table if needed, syncs shards once, then runs on tokio until the
-    /// returned handle shuts it down. Fails at once when the stream does not exist or the
-    /// table cannot be created.
+    /// Checks the application's client version, creates the lease table if needed, syncs
+    /// shards once, then runs on tokio until the returned handle shuts it down. Fails at once
+    /// when the stream does not exist or the table cannot be created.
+    ///
+    /// # The Java KCL 3.x mode
+    ///
+    /// Before anything else, and so before the first take, the worker reads
+    /// [`LeaseStore::client_version`] (bounded by `call_timeout`). When it is
+    /// `CLIENT_VERSION_3X` or `CLIENT_VERSION_3X_WITH_ROLLBACK`, the Java workers of the
+    /// application run the 3.x protocol (a leader assigns leases, and the assignee may take
+    /// seconds to renew them), which this worker does not speak: the start fails with
+    /// [`WorkerError::UnsupportedClientVersion`]. Any other value
+    /// (`CLIENT_VERSION_UPGRADE_FROM_2X`, `CLIENT_VERSION_2X`) or none starts normally: in
+    /// those modes the Java workers run the 2.x protocol. They stay there, because a Java
+    /// fleet flips itself to 3.x only once every lease owner writes a worker metrics row
+    /// (`<app>-WorkerMetricStats`), and this worker writes none.
     pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
         let span = info_span!("worker", worker_id = %self.config.worker_id);
         async {
@@ -227,6 +241,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 .retry(
                     &*self.clock,
                     |_| async {
+                        self.check_client_version().await?;
                         self.store
                             .create_table_if_not_exists(self.config.billing_mode)
                             .await?;
@@ -291,6 +306,29 @@ impl<F: RecordProcessorFactory> Worker<F> {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl<F> Worker<F> {
+    /// Refuses an application in the Java KCL 3.x mode (see [`Worker::start`]).
+    async fn check_client_version(&self) -> Result<(), WorkerError> {
+        let limit = self.config.call_timeouts().call;
+        let version = within(&*self.clock, limit, self.store.client_version())
+            .await
+            .unwrap_or_else(|| Err(CallTimedOut::lease_error("client_version", limit)))?;
+        match version {
+            Some(client_version) if kcl_lease::client_version::is_3x(&client_version) => {
+                error!(
+                    %client_version,
+                    "the application runs the Java KCL 3.x lease protocol; not starting"
+                );
+                Err(WorkerError::UnsupportedClientVersion { client_version })
+            }
+            version => {
+                tracing::debug!(client_version = ?version, "client version compatible with 2.x");
+                Ok(())
+            }
+        }
     }
 }
 

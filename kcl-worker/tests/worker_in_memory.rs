@@ -868,3 +868,116 @@ async fn empty_reads_while_behind_do_not_stall_or_skip() {
     );
     w1.shutdown().await.unwrap();
 }
+
+/// The full error chain of `err`, one message after the other.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_application_in_the_java_3x_mode_is_refused_before_any_take() {
+    for version in ["CLIENT_VERSION_3X", "CLIENT_VERSION_3X_WITH_ROLLBACK"] {
+        let env = env(2);
+        env.store().set_client_version(Some(version));
+        let err = env.start("w1", Behaviour::new()).await.unwrap_err();
+        match &err {
+            kcl_worker::WorkerError::UnsupportedClientVersion { client_version } => {
+                assert_eq!(client_version, version)
+            }
+            other => panic!("expected UnsupportedClientVersion, got {other:?}"),
+        }
+        assert!(!err.is_retryable());
+        let message = chain(&err);
+        assert!(message.contains("3.x"), "{message}");
+        assert!(message.contains(version), "{message}");
+        assert!(
+            message.contains("CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X"),
+            "{message}"
+        );
+        assert!(message.contains("roll"), "{message}");
+        // Nothing was written: no lease taken (nor even created).
+        assert!(
+            env.store()
+                .snapshot()
+                .iter()
+                .all(|l| l.lease_owner.is_none()),
+            "{:?}",
+            env.store().snapshot()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_application_in_a_2x_compatible_mode_starts() {
+    for version in [
+        None,
+        Some("CLIENT_VERSION_UPGRADE_FROM_2X"),
+        Some("CLIENT_VERSION_2X"),
+    ] {
+        let env = env(2);
+        env.store().set_client_version(version);
+        let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+        env.wait_until("both leases", Duration::from_secs(60), |_| {
+            w1.held_leases().len() == 2
+        })
+        .await
+        .unwrap();
+        let calls = env
+            .store()
+            .stats()
+            .operation(kcl_lease::test_util::lease_store::LeaseOperation::ClientVersion)
+            .calls;
+        assert_eq!(calls, 1, "{version:?}");
+        w1.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_version_read_that_keeps_failing_fails_the_start() {
+    use kcl_lease::test_util::lease_store::{Fault, FaultKind, LeaseOperation};
+    let env = env(1);
+    env.store()
+        .inject(Fault::new(FaultKind::Hang, 100).for_operation(LeaseOperation::ClientVersion));
+    let err = env.start("w1", Behaviour::new()).await.unwrap_err();
+    assert!(
+        matches!(err, kcl_worker::WorkerError::Lease(_)),
+        "expected a lease store error, got {err:?}"
+    );
+    assert!(chain(&err).contains("client_version"), "{}", chain(&err));
+    assert!(
+        env.store()
+            .snapshot()
+            .iter()
+            .all(|l| l.lease_owner.is_none())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_carry_the_throughput_of_the_records_delivered() {
+    let env = env(1);
+    for p in payloads("tp", 200) {
+        env.put_plain("key", &p).unwrap();
+    }
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    env.wait_until("every record", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == 200
+    })
+    .await
+    .unwrap();
+    env.wait_until("a throughput written", Duration::from_secs(60), |e| {
+        e.store()
+            .snapshot()
+            .iter()
+            .any(|l| l.throughput_kbps.is_some_and(|t| t > 0.0))
+    })
+    .await
+    .unwrap();
+    w1.shutdown().await.unwrap();
+}

@@ -6,8 +6,11 @@
 //! cargo run -q -p kcl-examples --bin consumer -- --stream NAME --application NAME --region REGION \
 //!     [--kinesis-endpoint URL] [--dynamodb-endpoint URL] \
 //!     [--initial-position trim-horizon|latest|at-timestamp:RFC3339] [--worker-id ID] [--failover-time-ms N] \
-//!     [--call-timeout MS] [--call-attempt-timeout MS]
+//!     [--call-timeout MS] [--call-attempt-timeout MS] [--no-lease-owner-index]
 //! ```
+//!
+//! A lease table it creates gets the `LeaseOwnerToLeaseKeyIndex` index the Java KCL 3.x
+//! needs, unless `--no-lease-owner-index`.
 //!
 //! It exits 0 after SIGINT or SIGTERM even when Kinesis or DynamoDB hang: shutdown is bounded
 //! (`shutdown_grace` plus one call timeout) and leases it could not release are logged.
@@ -60,6 +63,10 @@ struct Args {
     /// Bound on one attempt of a Kinesis or DynamoDB call, in milliseconds (default 4000).
     #[arg(long)]
     call_attempt_timeout: Option<u64>,
+    /// Create the lease table (when it does not exist) without the LeaseOwnerToLeaseKeyIndex
+    /// global secondary index.
+    #[arg(long)]
+    no_lease_owner_index: bool,
 }
 
 fn parse_position(s: &str) -> Result<InitialPosition, String> {
@@ -178,7 +185,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     b.set_call_timeout(args.call_timeout.map(Duration::from_millis));
     b.set_call_attempt_timeout(args.call_attempt_timeout.map(Duration::from_millis));
     let config = b.build()?;
-    let mut aws = AwsOptions::new().with_region(args.region);
+    let mut aws = AwsOptions::new()
+        .with_region(args.region)
+        .with_lease_owner_index(!args.no_lease_owner_index);
     aws.kinesis_endpoint = args.kinesis_endpoint;
     aws.dynamodb_endpoint = args.dynamodb_endpoint;
     info!(worker_id = %config.worker_id, "starting");

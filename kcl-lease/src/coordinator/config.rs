@@ -14,6 +14,12 @@ pub const MAX_FAILOVER_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The default `failover_time` (10 s, as in the Java KCL).
 pub const DEFAULT_FAILOVER_TIME: Duration = Duration::from_secs(10);
 
+/// The default `handoff_timeout` (30 s, the Java KCL's graceful handoff timeout).
+pub const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest `handoff_timeout` accepted (a day).
+pub const MAX_HANDOFF_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings of a [`LeaseCoordinator`](super::LeaseCoordinator).
 ///
 /// Option names are those of the Java KCL. Build with [`LeaseCoordinatorConfig::new`]
@@ -37,6 +43,14 @@ pub struct LeaseCoordinatorConfig {
     /// abandoned as [`LeaseError::Timeout`], a retryable error. Renewals are also bounded
     /// by the renewal round's deadline (one renewal interval), whichever is shorter.
     pub call_timeouts: CallTimeouts,
+    /// How much longer than `failover_time` a lease in a graceful handoff must stay
+    /// unchanged before this worker's taker considers it expired (default 30 s, as the Java
+    /// KCL's handoff timeout; zero to [`MAX_HANDOFF_TIMEOUT`]). A Java KCL 3.x worker hands
+    /// a lease over by writing `checkpointOwner` (the current owner) and the next owner as
+    /// `leaseOwner` without moving the counter, and completes it, or gives up, within its
+    /// handoff timeout. Such a lease is never free, never stolen, and expired only once its
+    /// counter stood still for `failover_time + handoff_timeout`.
+    pub handoff_timeout: Duration,
 }
 
 impl LeaseCoordinatorConfig {
@@ -48,6 +62,7 @@ impl LeaseCoordinatorConfig {
             max_leases_for_worker: usize::MAX,
             max_leases_to_steal_at_one_time: 1,
             call_timeouts: CallTimeouts::default(),
+            handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
         }
     }
 
@@ -73,6 +88,18 @@ impl LeaseCoordinatorConfig {
     pub fn with_call_timeouts(mut self, call_timeouts: CallTimeouts) -> Self {
         self.call_timeouts = call_timeouts;
         self
+    }
+
+    /// Sets `handoff_timeout`.
+    pub fn with_handoff_timeout(mut self, handoff_timeout: Duration) -> Self {
+        self.handoff_timeout = handoff_timeout;
+        self
+    }
+
+    /// How long a lease in a graceful handoff (with a `checkpointOwner`) must stay unchanged
+    /// to count as expired: `failover_time + handoff_timeout`.
+    pub fn handoff_expiry(&self) -> Duration {
+        self.failover_time.saturating_add(self.handoff_timeout)
     }
 
     /// Checks every value; the error names the first bad option.
@@ -111,6 +138,15 @@ impl LeaseCoordinatorConfig {
             return Err(LeaseError::InvalidConfig {
                 option: "max_leases_to_steal_at_one_time",
                 reason: "must be at least 1".to_owned(),
+            });
+        }
+        if self.handoff_timeout > MAX_HANDOFF_TIMEOUT {
+            return Err(LeaseError::InvalidConfig {
+                option: "handoff_timeout",
+                reason: format!(
+                    "{:?} is longer than the maximum {:?}",
+                    self.handoff_timeout, MAX_HANDOFF_TIMEOUT
+                ),
             });
         }
         self.call_timeouts.validate()
@@ -152,6 +188,8 @@ mod tests {
         assert_eq!(config.max_leases_for_worker, usize::MAX);
         assert_eq!(config.max_leases_to_steal_at_one_time, 1);
         assert_eq!(config.call_timeouts, CallTimeouts::default());
+        assert_eq!(config.handoff_timeout, Duration::from_secs(30));
+        assert_eq!(config.handoff_expiry(), Duration::from_secs(40));
         assert_eq!(config.renew_interval(), Duration::from_secs(10) / 3);
         assert_eq!(config.take_interval(), Duration::from_secs(5));
         assert_eq!(config.take_jitter(), Duration::from_secs(1));
@@ -182,6 +220,22 @@ mod tests {
             option_of(&base.clone().with_max_leases_to_steal_at_one_time(0)),
             "max_leases_to_steal_at_one_time"
         );
+        assert_eq!(
+            option_of(
+                &base
+                    .clone()
+                    .with_handoff_timeout(MAX_HANDOFF_TIMEOUT + Duration::from_secs(1))
+            ),
+            "handoff_timeout"
+        );
+        base.clone()
+            .with_handoff_timeout(Duration::ZERO)
+            .validate()
+            .unwrap();
+        base.clone()
+            .with_handoff_timeout(MAX_HANDOFF_TIMEOUT)
+            .validate()
+            .unwrap();
         let zero = Duration::ZERO;
         let secs = Duration::from_secs;
         assert_eq!(

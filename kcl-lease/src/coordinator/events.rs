@@ -45,7 +45,10 @@ impl fmt::Display for LostReason {
 }
 
 /// A change of the held set, reported on [`LeaseCoordinator::events`](super::LeaseCoordinator::events).
-#[derive(Clone, PartialEq, Eq, Debug)]
+// Events are rare (one per take or loss) and moved once: the size of a lease inline is no
+// cost worth an allocation per event or a change of the variant's type.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, PartialEq, Debug)]
 #[non_exhaustive]
 pub enum LeaseEvent {
     /// This worker took the lease (the row as written by the take).

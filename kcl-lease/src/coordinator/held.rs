@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -25,6 +25,25 @@ pub(super) struct HeldLease {
     pub(super) generation: u64,
     /// Serializes the writes of this lease.
     pub(super) write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Data bytes delivered to the processor and not yet accounted for by a renewal.
+    pub(super) delivered_bytes: Arc<AtomicU64>,
+    /// Local time of the last successful renewal of this holding (of the take before it).
+    pub(super) last_renewal: Instant,
+    /// The smoothed `throughputKBps` the last renewal wrote (`None` before the first).
+    pub(super) throughput_kbps: Option<f64>,
+}
+
+/// The weight of the newest rate in the smoothed `throughputKBps` (an exponential moving
+/// average): `new = WEIGHT * rate + (1 - WEIGHT) * previous`.
+pub(super) const THROUGHPUT_EMA_WEIGHT: f64 = 0.5;
+
+/// What a renewal writes as `throughputKBps`, and the bytes it accounts for.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ThroughputSample {
+    /// The bytes delivered since the previous renewal, counted in this sample.
+    pub(super) bytes: u64,
+    /// The smoothed value to write.
+    pub(super) kbps: f64,
 }
 
 /// One holding of a lease: the time from this worker gaining the lease to losing, releasing
@@ -46,6 +65,7 @@ pub struct Holding {
     coordinator: Weak<LeaseCoordinator>,
     lease_key: Arc<str>,
     generation: u64,
+    delivered_bytes: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Holding {
@@ -81,6 +101,14 @@ impl Holding {
             .upgrade()?
             .view(&self.lease_key, self.generation)
             .map(|(lease, _)| lease)
+    }
+
+    /// Adds `bytes` to the data delivered to the processor of this holding: a cheap atomic
+    /// add, meant to be called after each batch. The next renewal turns the bytes counted
+    /// since the previous one into the `throughputKBps` it writes (see the
+    /// [coordinator docs](super#renewal)). Counts nothing once the holding ended.
+    pub fn record_delivered_bytes(&self, bytes: u64) {
+        self.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// True while this holding lasts.
@@ -151,6 +179,7 @@ impl LeaseCoordinator {
             coordinator: self.this.clone(),
             lease_key: Arc::from(key),
             generation: h.generation,
+            delivered_bytes: Arc::clone(&h.delivered_bytes),
         })
     }
 
@@ -166,6 +195,53 @@ impl LeaseCoordinator {
             .get(key)
             .filter(|h| h.generation == generation)
             .map(|h| (h.lease.clone(), h.last_write))
+    }
+
+    /// The `throughputKBps` a renewal of holding `generation` of `key` at `now` writes, or
+    /// `None` when no time passed since the previous renewal (nothing to divide by).
+    pub(super) fn throughput_sample(
+        &self,
+        key: &str,
+        generation: u64,
+        now: Instant,
+    ) -> Option<ThroughputSample> {
+        let held = lock(&self.held);
+        let h = held.get(key).filter(|h| h.generation == generation)?;
+        let seconds = now.saturating_duration_since(h.last_renewal).as_secs_f64();
+        if seconds <= 0.0 {
+            return None;
+        }
+        let bytes = h.delivered_bytes.load(Ordering::Relaxed);
+        // Lossy above 2^53 bytes, which no renewal interval comes near.
+        #[allow(clippy::cast_precision_loss)]
+        let rate = bytes as f64 / 1024.0 / seconds;
+        let kbps = match h.throughput_kbps {
+            Some(previous) => {
+                THROUGHPUT_EMA_WEIGHT * rate + (1.0 - THROUGHPUT_EMA_WEIGHT) * previous
+            }
+            None => rate,
+        };
+        Some(ThroughputSample { bytes, kbps })
+    }
+
+    /// Records a successful renewal that wrote `sample` (at `now`): its bytes are accounted
+    /// for and its value is the base of the next average.
+    pub(super) fn record_renewal(
+        &self,
+        key: &str,
+        generation: u64,
+        sample: Option<ThroughputSample>,
+        now: Instant,
+    ) {
+        if let Some(h) = lock(&self.held).get_mut(key)
+            && h.generation == generation
+        {
+            h.last_renewal = now;
+            if let Some(sample) = sample {
+                h.delivered_bytes.fetch_sub(sample.bytes, Ordering::Relaxed);
+                h.throughput_kbps = Some(sample.kbps);
+            }
+        }
     }
 
     pub(super) fn record_write(&self, generation: u64, written: &Lease) {
@@ -232,6 +308,9 @@ impl LeaseCoordinator {
                 last_write: now,
                 generation,
                 write_lock: Arc::new(tokio::sync::Mutex::new(())),
+                delivered_bytes: Arc::new(AtomicU64::new(0)),
+                last_renewal: now,
+                throughput_kbps: None,
             },
         );
         self.publish_held_gauge();

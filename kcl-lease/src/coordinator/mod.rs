@@ -54,13 +54,30 @@
 //! and so are leases the table shows owned by this worker id but missing from the held set
 //! (left by a previous run of this worker, or given up after renewals failed).
 //!
+//! A lease whose row carries a `checkpointOwner` is in a graceful handoff of the Java KCL
+//! 3.x (`leaseOwner` is the next owner, `checkpointOwner` the current one, and the counter
+//! stands still until the handoff completes or times out). Such a lease is never free and
+//! never stolen; it expires only once its counter and owner stood still for
+//! `failover_time + handoff_timeout` (see [`LeaseCoordinatorConfig::handoff_timeout`]).
+//! Taking it then removes `checkpointOwner`.
+//!
 //! # Renewal
 //!
 //! A round renews every held lease concurrently, conditioned on `leaseCounter = seen AND
 //! leaseOwner = me`. A lease written successfully less than `failover_time / 6` ago (by a
 //! checkpoint, a take or a renewal) is skipped: that write already showed the other workers
 //! that this one is alive, and the next round renews it at most `failover_time / 2` after
-//! the write. The outcome of a renewal:
+//! the write.
+//!
+//! Each renewal also writes `throughputKBps`, as the Java KCL does: the data bytes the
+//! shard's processor was given since the previous renewal of this holding (reported through
+//! [`Holding::record_delivered_bytes`]), divided by 1024 and by the seconds since that
+//! renewal (or since the take) on the injected clock, smoothed by an exponential moving
+//! average of weight 0.5 (the new value is half the new rate plus half the previous value;
+//! the first renewal of a holding writes the rate alone). A renewal that fails keeps the
+//! bytes for the next one.
+//!
+//! The outcome of a renewal:
 //!
 //! * success: the held view takes the new row;
 //! * condition failed: the lease was taken or changed; it leaves the held set and
@@ -205,7 +222,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use tokio::sync::mpsc;
 
 pub use self::config::{
-    DEFAULT_FAILOVER_TIME, LeaseCoordinatorConfig, MAX_FAILOVER_TIME, MIN_FAILOVER_TIME,
+    DEFAULT_FAILOVER_TIME, DEFAULT_HANDOFF_TIMEOUT, LeaseCoordinatorConfig, MAX_FAILOVER_TIME,
+    MAX_HANDOFF_TIMEOUT, MIN_FAILOVER_TIME,
 };
 pub use self::events::{LeaseEvent, LostReason, ReleaseReport, RenewReport, TakeReport};
 use self::held::HeldLease;

@@ -70,10 +70,11 @@ impl LeaseCoordinator {
         if since_write < self.config.renew_interval() / 2 {
             return RenewOutcome::Skipped;
         }
+        let sample = self.throughput_sample(key, generation, now);
         // The renewal and the re-read after a failed condition both fit in the deadline.
         let bound = bound.min(self.until_failover(key, generation));
         let renewal = async {
-            let result = self.store.renew_lease(&lease).await;
+            let result = self.store.renew_lease(&lease, sample.map(|s| s.kbps)).await;
             self.recover_spurious_failure(&lease, result).await
         };
         let result = within(self.clock.as_ref(), bound, renewal)
@@ -90,7 +91,10 @@ impl LeaseCoordinator {
         )
         .increment(1);
         match self.apply_write_result(key, generation, result) {
-            (Ok(_), _) => RenewOutcome::Renewed,
+            (Ok(_), _) => {
+                self.record_renewal(key, generation, sample, now);
+                RenewOutcome::Renewed
+            }
             (Err(_), true) => RenewOutcome::Lost(key.to_owned()),
             (Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }), false) => {
                 // A newer holding (or none) replaced the one this renewal started on.

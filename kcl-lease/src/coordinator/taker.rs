@@ -14,6 +14,8 @@ use crate::{Lease, LeaseError, RandomSource};
 struct Seen {
     counter: u64,
     owner: Option<String>,
+    /// The `checkpointOwner` seen (a graceful handoff in flight).
+    checkpoint_owner: Option<String>,
     finished: bool,
     /// This worker's clock when it first saw `counter` (and `owner`).
     since: Instant,
@@ -33,7 +35,9 @@ impl ExpiryTracker {
         for lease in leases {
             let since = match self.seen.get(&lease.lease_key) {
                 Some(seen)
-                    if seen.counter == lease.lease_counter && seen.owner == lease.lease_owner =>
+                    if seen.counter == lease.lease_counter
+                        && seen.owner == lease.lease_owner
+                        && seen.checkpoint_owner == lease.checkpoint_owner =>
                 {
                     seen.since
                 }
@@ -44,6 +48,7 @@ impl ExpiryTracker {
                 Seen {
                     counter: lease.lease_counter,
                     owner: lease.lease_owner.clone(),
+                    checkpoint_owner: lease.checkpoint_owner.clone(),
                     finished: lease.is_finished(),
                     since,
                 },
@@ -71,13 +76,16 @@ impl ExpiryTracker {
         }
     }
 
-    /// The earliest future moment at which a lease owned by another worker (not finished,
-    /// not in `held`) becomes expired, if its counter stays as last seen.
+    /// The earliest future moment at which a lease owned by another worker, or in a
+    /// graceful handoff (not finished, not in `held`), becomes expired, if its counter stays
+    /// as last seen. A lease in a handoff expires after `handoff_expiry`, any other after
+    /// `failover_time`.
     pub(crate) fn next_expiry(
         &self,
         me: &str,
         held: &HashSet<String>,
         failover_time: Duration,
+        handoff_expiry: Duration,
         now: Instant,
     ) -> Option<Instant> {
         self.seen
@@ -85,9 +93,17 @@ impl ExpiryTracker {
             .filter(|(key, seen)| {
                 !seen.finished
                     && !held.contains(*key)
-                    && seen.owner.as_deref().is_some_and(|owner| owner != me)
+                    && (seen.checkpoint_owner.is_some()
+                        || seen.owner.as_deref().is_some_and(|owner| owner != me))
             })
-            .filter_map(|(_, seen)| seen.since.checked_add(failover_time))
+            .filter_map(|(_, seen)| {
+                let after = if seen.checkpoint_owner.is_some() {
+                    handoff_expiry
+                } else {
+                    failover_time
+                };
+                seen.since.checked_add(after)
+            })
             .filter(|at| *at > now)
             .min()
     }
@@ -117,6 +133,8 @@ pub(crate) struct PlanInput<'a> {
     /// How many of them are not finished.
     pub(crate) held_active: usize,
     pub(crate) failover_time: Duration,
+    /// How long a lease in a graceful handoff must stay unchanged to be expired.
+    pub(crate) handoff_expiry: Duration,
     pub(crate) max_leases_for_worker: usize,
     pub(crate) max_leases_to_steal: usize,
     pub(crate) now: Instant,
@@ -131,13 +149,37 @@ pub(crate) fn plan_take(
     random: &dyn RandomSource,
 ) -> TakePlan {
     let active: Vec<&Lease> = leases.iter().filter(|l| !l.is_finished()).collect();
-    let expired = |lease: &Lease| tracker.unchanged_for(lease, input.now) >= input.failover_time;
+    // A lease in a graceful handoff (a `checkpointOwner`) expires later than the others.
+    let expiry_of = |lease: &Lease| {
+        if lease.is_in_handoff() {
+            input.handoff_expiry
+        } else {
+            input.failover_time
+        }
+    };
+    let expired = |lease: &Lease| tracker.unchanged_for(lease, input.now) >= expiry_of(lease);
 
-    // Live leases of other workers, by owner.
+    // Live leases of other workers, by owner; those in a handoff are never stolen.
     let mut by_owner: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
     let mut candidates: Vec<(Instant, u64, &Lease)> = Vec::new();
     for lease in &active {
         if input.held.contains(&lease.lease_key) {
+            continue;
+        }
+        if lease.is_in_handoff() && !expired(lease) {
+            // Not free: it counts for the worker it is handed to (or from, when the row
+            // names no next owner); this worker waits for the handoff to complete or time
+            // out.
+            match lease
+                .lease_owner
+                .as_deref()
+                .or(lease.checkpoint_owner.as_deref())
+            {
+                Some(owner) if owner != input.me => {
+                    by_owner.entry(owner).or_default().push(lease);
+                }
+                _ => {}
+            }
             continue;
         }
         match lease.lease_owner.as_deref() {
@@ -179,7 +221,7 @@ pub(crate) fn plan_take(
     let suspicious = by_owner
         .values()
         .flatten()
-        .any(|lease| tracker.unchanged_for(lease, input.now) >= input.failover_time / 2);
+        .any(|lease| tracker.unchanged_for(lease, input.now) >= expiry_of(lease) / 2);
     if suspicious {
         return plan;
     }
@@ -202,7 +244,11 @@ pub(crate) fn plan_take(
     } else {
         0
     };
-    let mut pool: Vec<&Lease> = victim.to_vec();
+    let mut pool: Vec<&Lease> = victim
+        .iter()
+        .copied()
+        .filter(|lease| !lease.is_in_handoff())
+        .collect();
     for _ in 0..count {
         if pool.is_empty() {
             break;
@@ -234,6 +280,7 @@ impl LeaseCoordinator {
                 held: &held_keys,
                 held_active,
                 failover_time: self.config.failover_time,
+                handoff_expiry: self.config.handoff_expiry(),
                 max_leases_for_worker: self.config.max_leases_for_worker,
                 max_leases_to_steal: self.config.max_leases_to_steal_at_one_time,
                 now,
@@ -325,6 +372,7 @@ impl LeaseCoordinator {
             &self.config.worker_id,
             &held,
             self.config.failover_time,
+            self.config.handoff_expiry(),
             now,
         );
         match expiry {
@@ -342,6 +390,7 @@ mod tests {
     use crate::SeededRandom;
 
     const F: Duration = Duration::from_secs(10);
+    const H: Duration = Duration::from_secs(30);
 
     fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
         let mut l = Lease::new(key, ExtendedSequenceNumber::TRIM_HORIZON);
@@ -364,6 +413,7 @@ mod tests {
             held: &held,
             held_active: held.len(),
             failover_time: F,
+            handoff_expiry: F + H,
             max_leases_for_worker: max,
             max_leases_to_steal: 1,
             now,
@@ -422,7 +472,7 @@ mod tests {
         let p = plan(&renewed, &tracker, "me", &[], t0 + F + F / 2, usize::MAX);
         assert!(p.candidates.is_empty());
         assert_eq!(
-            tracker.next_expiry("me", &HashSet::new(), F, t0 + F),
+            tracker.next_expiry("me", &HashSet::new(), F, F + H, t0 + F),
             Some(t0 + F + F)
         );
     }
@@ -548,6 +598,7 @@ mod tests {
             held: &held,
             held_active: 0,
             failover_time: F,
+            handoff_expiry: F + H,
             max_leases_for_worker: usize::MAX,
             max_leases_to_steal: 4,
             now,
@@ -606,5 +657,64 @@ mod tests {
                 assert!(max - min <= 1, "{n_leases}/{n_workers}: {counts:?}");
             }
         }
+    }
+
+    fn handing_over(key: &str, next: Option<&str>, current: &str, counter: u64) -> Lease {
+        let mut l = lease(key, next, counter);
+        l.checkpoint_owner = Some(current.to_owned());
+        l
+    }
+
+    #[test]
+    fn a_lease_in_a_handoff_is_taken_only_after_failover_plus_handoff_timeout() {
+        let t0 = Instant::now();
+        for next in [Some("new"), None, Some("me")] {
+            let leases = vec![handing_over("a", next, "old", 7)];
+            let mut tracker = ExpiryTracker::default();
+            tracker.observe(&leases, t0);
+            for at in [t0, t0 + F, t0 + F + H - Duration::from_millis(1)] {
+                let p = plan(&leases, &tracker, "me", &[], at, usize::MAX);
+                assert!(p.candidates.is_empty(), "{next:?} at {:?}", at - t0);
+                assert!(p.steal.is_empty(), "{next:?}");
+            }
+            assert_eq!(
+                tracker.next_expiry("me", &HashSet::new(), F, F + H, t0),
+                Some(t0 + F + H),
+                "{next:?}"
+            );
+            let p = plan(&leases, &tracker, "me", &[], t0 + F + H, usize::MAX);
+            assert_eq!(p.candidates.len(), 1, "{next:?}");
+            assert_eq!(p.workers, 1);
+        }
+        // A change of the handoff (the owner written, the marker removed) restarts the
+        // timer.
+        let mut tracker = ExpiryTracker::default();
+        tracker.observe(&[handing_over("a", Some("new"), "old", 7)], t0);
+        let done = vec![lease("a", Some("new"), 7)];
+        tracker.observe(&done, t0 + F);
+        assert_eq!(tracker.unchanged_for(&done[0], t0 + F), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lease_in_a_handoff_is_never_stolen() {
+        // "a" holds 4 leases, three of them being handed over: only the fourth may be stolen,
+        // and only once the handoffs are not about to time out.
+        let t0 = Instant::now();
+        let mut leases: Vec<Lease> = (0..3)
+            .map(|i| handing_over(&format!("h{i}"), Some("a"), "x", 1))
+            .collect();
+        leases.push(lease("plain", Some("a"), 1));
+        let mut tracker = ExpiryTracker::default();
+        tracker.observe(&leases, t0);
+        let p = plan(&leases, &tracker, "me", &[], t0, usize::MAX);
+        assert_eq!((p.workers, p.target, p.needed), (2, 2, 2));
+        assert!(p.candidates.is_empty());
+        assert_eq!(p.steal.len(), 1);
+        assert_eq!(p.steal[0].lease_key, "plain");
+        // Only leases in a handoff: nothing to steal.
+        let only: Vec<Lease> = leases[..3].to_vec();
+        let p = plan(&only, &tracker, "me", &[], t0, usize::MAX);
+        assert_eq!(p.needed, 2);
+        assert!(p.steal.is_empty() && p.candidates.is_empty());
     }
 }

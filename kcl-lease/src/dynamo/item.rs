@@ -34,6 +34,38 @@ pub mod attr {
     pub const STARTING_HASH_KEY: &str = "startingHashKey";
     /// `endingHashKey` (S, decimal).
     pub const ENDING_HASH_KEY: &str = "endingHashKey";
+    /// `throughputKBps` (N, a decimal): the owner's delivery rate, written on renewal.
+    pub const THROUGHPUT_KBPS: &str = "throughputKBps";
+    /// `checkpointOwner` (S): the current owner during a Java KCL 3.x graceful handoff.
+    pub const CHECKPOINT_OWNER: &str = "checkpointOwner";
+    /// `entityType` (S): the kind of a row; absent or `LEASE` for a lease, anything else
+    /// is another kind of entity and no lease.
+    pub const ENTITY_TYPE: &str = "entityType";
+    /// The `entityType` of a lease row.
+    pub const ENTITY_TYPE_LEASE: &str = "LEASE";
+}
+
+/// The largest `throughputKBps` written (a sanity bound far above any shard's rate).
+const MAX_THROUGHPUT_KBPS: f64 = 1e12;
+
+/// A `throughputKBps` value: rounded to 3 decimals, not negative, bounded, and 0 for a value
+/// that is not a number, so that DynamoDB always accepts it.
+pub(crate) fn kbps(value: f64) -> AttributeValue {
+    let value = if value.is_finite() {
+        ((value.clamp(0.0, MAX_THROUGHPUT_KBPS)) * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    };
+    AttributeValue::N(format!("{value}"))
+}
+
+/// True when `item` is a lease row (no `entityType`, or `LEASE`).
+pub(crate) fn is_lease_row(item: &HashMap<String, AttributeValue>) -> bool {
+    match item.get(attr::ENTITY_TYPE) {
+        None | Some(AttributeValue::Null(_)) => true,
+        Some(AttributeValue::S(kind)) => kind == attr::ENTITY_TYPE_LEASE,
+        Some(_) => false,
+    }
 }
 
 pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
@@ -62,7 +94,7 @@ pub(crate) fn lease_to_item(lease: &Lease) -> HashMap<String, AttributeValue> {
 
 /// Every attribute of `lease` but the key, for a `SET` of a create.
 pub(crate) fn lease_attributes(lease: &Lease) -> Vec<(&'static str, AttributeValue)> {
-    let mut out = Vec::with_capacity(11);
+    let mut out = Vec::with_capacity(13);
     if let Some(owner) = &lease.lease_owner {
         out.push((attr::LEASE_OWNER, s(owner)));
     }
@@ -93,12 +125,19 @@ pub(crate) fn lease_attributes(lease: &Lease) -> Vec<(&'static str, AttributeVal
         out.push((attr::STARTING_HASH_KEY, s(range.start().to_string())));
         out.push((attr::ENDING_HASH_KEY, s(range.end().to_string())));
     }
+    if let Some(throughput) = lease.throughput_kbps {
+        out.push((attr::THROUGHPUT_KBPS, kbps(throughput)));
+    }
+    if let Some(owner) = &lease.checkpoint_owner {
+        out.push((attr::CHECKPOINT_OWNER, s(owner)));
+    }
     out
 }
 
 /// Reads a row. Tolerates attributes it does not know, a `leaseOwner` that is absent or
 /// NULL, and missing optional attributes (sub-sequence numbers and owner switches default to
-/// 0). `leaseKey`, `leaseCounter` and `checkpoint` are required.
+/// 0). `leaseKey`, `leaseCounter` and `checkpoint` are required. `throughputKBps` is
+/// informative: a value that is not a finite non-negative number reads as `None`.
 pub(crate) fn lease_from_item(item: &HashMap<String, AttributeValue>) -> Result<Lease, LeaseError> {
     let lease_key = match item.get(attr::LEASE_KEY) {
         Some(AttributeValue::S(key)) => key.clone(),
@@ -157,6 +196,8 @@ pub(crate) fn lease_from_item(item: &HashMap<String, AttributeValue>) -> Result<
         parent_shard_ids: row.string_set(attr::PARENT_SHARD_ID)?,
         child_shard_ids: row.string_set(attr::CHILD_SHARD_IDS)?,
         hash_key_range,
+        throughput_kbps: row.decimal(attr::THROUGHPUT_KBPS),
+        checkpoint_owner: row.string(attr::CHECKPOINT_OWNER)?.map(str::to_owned),
         lease_key,
     })
 }
@@ -194,6 +235,19 @@ impl<'a> Row<'a> {
                 )
             }),
             Some(_) => Err(malformed(self.key, &format!("{name} is not a number"))),
+        }
+    }
+
+    /// A decimal attribute, tolerantly: absent, NULL, not a number, negative or not finite
+    /// are all `None`.
+    fn decimal(&self, name: &str) -> Option<f64> {
+        match self.item.get(name) {
+            Some(AttributeValue::N(v)) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0),
+            _ => None,
         }
     }
 
@@ -235,6 +289,8 @@ mod tests {
         lease.pending_checkpoint = Some("123.4".parse().unwrap());
         lease.owner_switches_since_checkpoint = 3;
         lease.child_shard_ids = ["shardId-000000000009".to_owned()].into();
+        lease.throughput_kbps = Some(12.625);
+        lease.checkpoint_owner = Some("worker-0".into());
         lease
     }
 
@@ -275,7 +331,10 @@ mod tests {
         item.insert("leaseOwner".to_owned(), AttributeValue::Null(true));
         item.insert("checkpointOwner".to_owned(), AttributeValue::Null(true));
         item.insert("leaseState".to_owned(), s("whatever"));
+        item.insert("throughputKBps".to_owned(), s("fast"));
         let lease = lease_from_item(&item).unwrap();
+        assert_eq!(lease.throughput_kbps, None);
+        assert_eq!(lease.checkpoint_owner, None);
         assert_eq!(lease.lease_owner, None);
         assert_eq!(lease.lease_counter, 3);
         assert_eq!(lease.checkpoint, ExtendedSequenceNumber::LATEST);
@@ -315,5 +374,46 @@ mod tests {
             lease_from_item(&item),
             Err(LeaseError::MalformedLease { lease_key, .. }) if lease_key == "?"
         ));
+    }
+
+    #[test]
+    fn throughput_values() {
+        let text = |v: f64| match kbps(v) {
+            AttributeValue::N(n) => n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(0.0), "0");
+        assert_eq!(text(1.5), "1.5");
+        assert_eq!(text(0.1 + 0.2), "0.3");
+        assert_eq!(text(1e-9), "0");
+        assert_eq!(text(-3.0), "0");
+        assert_eq!(text(f64::NAN), "0");
+        assert_eq!(text(f64::INFINITY), "0");
+        assert_eq!(text(1e300), "1000000000000");
+        let mut item = lease_to_item(&Lease::new("k", ExtendedSequenceNumber::LATEST));
+        for (value, read) in [
+            ("2.25", Some(2.25)),
+            ("0", Some(0.0)),
+            ("1E+2", Some(100.0)),
+            ("-1", None),
+            ("NaN", None),
+        ] {
+            item.insert("throughputKBps".to_owned(), AttributeValue::N(value.into()));
+            assert_eq!(
+                lease_from_item(&item).unwrap().throughput_kbps,
+                read,
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn entity_types() {
+        let mut item = lease_to_item(&Lease::new("k", ExtendedSequenceNumber::LATEST));
+        assert!(is_lease_row(&item));
+        item.insert("entityType".to_owned(), s("LEASE"));
+        assert!(is_lease_row(&item));
+        item.insert("entityType".to_owned(), s("STREAM_METADATA"));
+        assert!(!is_lease_row(&item));
     }
 }

@@ -18,24 +18,39 @@
 //! | write | request |
 //! |---|---|
 //! | create | `UpdateItem`, `SET` every attribute of the row |
-//! | renew | `UpdateItem`, counter + 1 |
-//! | take | `UpdateItem`, owner, counter + 1, switches + 1 if the owner changes |
+//! | renew | `UpdateItem`, counter + 1, `SET throughputKBps = :tp` when given |
+//! | take | `UpdateItem`, owner, counter + 1, switches + 1 if the owner changes, `REMOVE checkpointOwner` |
 //! | release | `UpdateItem`, `REMOVE leaseOwner`, counter + 1 |
 //! | checkpoint | `UpdateItem`, checkpoint fields, switches = 0, `REMOVE` pending, counter + 1 |
 //! | pending checkpoint | `UpdateItem`, `SET` or `REMOVE` pending, counter + 1 |
 //! | child shard ids | `UpdateItem`, `SET` or `REMOVE childShardIds`, counter + 1 |
 //! | delete | `DeleteItem` |
 //!
-//! No `PutItem` is ever sent. Updates ask for `ReturnValues::AllNew` and return the new row.
+//! No `PutItem` is ever sent: each write names the attributes it changes, so every other
+//! attribute of the row (those written by other clients included) is kept. Updates ask for `ReturnValues::AllNew` and return the new row.
 //! Reads are consistent (`GetItem` and `Scan` with `ConsistentRead`); a list follows
 //! `LastEvaluatedKey` through every page.
 //!
 //! Renew, release and the checkpoint writes are fenced on the owner: given a lease seen
 //! without owner their fence is [`LeaseError::NotHeld`] and DynamoDB is not called.
 //!
+//! # The table
+//!
+//! [`LeaseStore::create_table_if_not_exists`] creates the table (HASH `leaseKey`) with the
+//! global secondary index [`LEASE_OWNER_INDEX`] (HASH `leaseOwner`, RANGE `leaseKey`,
+//! projection `KEYS_ONLY`, with the table's provisioned throughput when the table is
+//! provisioned), as the Java KCL 3.x creates it: a Java 3.x worker insists on that index and
+//! cannot always add it later (not on every emulator). [`DynamoLeaseStore::with_lease_owner_index`]
+//! leaves it out. A table that exists already is left as it is.
+//!
+//! [`LeaseStore::client_version`] reads the `cv` of the `Migration3.0` item of
+//! `<table>-CoordinatorState` (consistent `GetItem`); a missing table or item is `None`.
+//!
 //! # Reading rows written by others
 //!
-//! Unknown attributes are ignored; `leaseOwner` absent or NULL means free; missing
+//! A row whose `entityType` is present and not `LEASE` is another kind of entity (a newer
+//! Java KCL may keep some in the lease table): [`LeaseStore::list_leases`] leaves it out, and
+//! says so once per store at `info`, never once per scan. Unknown attributes are ignored; `leaseOwner` absent or NULL means free; missing
 //! sub-sequence numbers and owner switches read as 0. `leaseKey`, `leaseCounter` and
 //! `checkpoint` are required. A row that cannot be read is [`LeaseError::MalformedLease`]
 //! naming its key. In [`LeaseStore::list_leases`] such a row is, by default, skipped with a
@@ -57,19 +72,21 @@ mod item;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{BuildError, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode as DynamoBillingMode, KeySchemaElement,
-    KeyType, ProvisionedThroughput, ReturnValue, ScalarAttributeType, TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode as DynamoBillingMode, GlobalSecondaryIndex,
+    KeySchemaElement, KeyType, Projection, ProjectionType, ProvisionedThroughput, ReturnValue,
+    ScalarAttributeType, TableStatus,
 };
 use kcl_kpl::ExtendedSequenceNumber;
 
 pub use item::attr;
-use item::{lease_attributes, lease_from_item, n, s, ss};
+use item::{is_lease_row, kbps, lease_attributes, lease_from_item, n, s, ss};
 
 use crate::write::{Fence, LeaseWrite};
 use crate::{BillingMode, Clock, Lease, LeaseError, LeaseStore, SystemClock};
@@ -79,6 +96,16 @@ pub const DEFAULT_TABLE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Default bound on the wait for a table to be ACTIVE.
 pub const DEFAULT_TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The global secondary index of the lease table (HASH `leaseOwner`, RANGE `leaseKey`,
+/// `KEYS_ONLY`) that the Java KCL 3.x needs; created with the table unless turned off.
+pub const LEASE_OWNER_INDEX: &str = "LeaseOwnerToLeaseKeyIndex";
+
+/// The suffix of the Java KCL's coordinator state table (`<lease table>-CoordinatorState`).
+pub const COORDINATOR_STATE_TABLE_SUFFIX: &str = "-CoordinatorState";
+
+/// The key of the coordinator state item that records the client version.
+pub const MIGRATION_STATE_KEY: &str = "Migration3.0";
 
 /// What [`LeaseStore::list_leases`] does with a row it cannot read.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -136,6 +163,9 @@ pub struct DynamoLeaseStore {
     poll_interval: Duration,
     active_timeout: Duration,
     malformed_rows: MalformedRowPolicy,
+    lease_owner_index: bool,
+    /// Set once rows that are not leases were reported (shared by clones).
+    other_entities_reported: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for DynamoLeaseStore {
@@ -147,6 +177,7 @@ impl fmt::Debug for DynamoLeaseStore {
             .field("poll_interval", &self.poll_interval)
             .field("active_timeout", &self.active_timeout)
             .field("malformed_rows", &self.malformed_rows)
+            .field("lease_owner_index", &self.lease_owner_index)
             .finish_non_exhaustive()
     }
 }
@@ -177,7 +208,7 @@ impl Expression {
 
     /// Translates `write`: its condition from its fence, its update from its change.
     fn of(write: &LeaseWrite<'_>) -> Result<Self, LeaseError> {
-        const PLACEHOLDERS: [(&str, &str); 11] = [
+        const PLACEHOLDERS: [(&str, &str); 13] = [
             ("#a0", ":a0"),
             ("#a1", ":a1"),
             ("#a2", ":a2"),
@@ -189,6 +220,8 @@ impl Expression {
             ("#a8", ":a8"),
             ("#a9", ":a9"),
             ("#a10", ":a10"),
+            ("#a11", ":a11"),
+            ("#a12", ":a12"),
         ];
         let mut e = Self::default();
         e.condition = match write.fence()? {
@@ -250,16 +283,28 @@ impl Expression {
         }
         match *write {
             // A take counts an owner switch when the owner changes.
-            LeaseWrite::Take { seen, new_owner }
-                if seen.lease_owner.as_deref() != Some(new_owner) =>
-            {
-                e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
-                e.value(":zero", n(0));
-                set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
+            LeaseWrite::Take { seen, new_owner } => {
+                // A take ends any graceful handoff recorded in the row.
+                e.name("#cpowner", attr::CHECKPOINT_OWNER);
+                remove.push("#cpowner");
+                // It counts an owner switch when the owner changes.
+                if seen.lease_owner.as_deref() != Some(new_owner) {
+                    e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
+                    e.value(":zero", n(0));
+                    set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
+                }
             }
             LeaseWrite::Release { .. } => {
                 e.name("#owner", attr::LEASE_OWNER);
                 remove.push("#owner");
+            }
+            LeaseWrite::Renew {
+                throughput_kbps: Some(throughput),
+                ..
+            } => {
+                e.name("#tp", attr::THROUGHPUT_KBPS);
+                e.value(":tp", kbps(throughput));
+                set.push("#tp = :tp".to_owned());
             }
             LeaseWrite::Checkpoint { checkpoint, .. } => {
                 e.name("#cp", attr::CHECKPOINT);
@@ -323,7 +368,22 @@ impl DynamoLeaseStore {
             poll_interval: DEFAULT_TABLE_POLL_INTERVAL,
             active_timeout: DEFAULT_TABLE_ACTIVE_TIMEOUT,
             malformed_rows: MalformedRowPolicy::default(),
+            lease_owner_index: true,
+            other_entities_reported: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether [`LeaseStore::create_table_if_not_exists`] creates the table with the
+    /// [`LEASE_OWNER_INDEX`] global secondary index (default `true`; see the
+    /// [module documentation](self)). Tables that exist already are never changed.
+    pub fn with_lease_owner_index(mut self, enabled: bool) -> Self {
+        self.lease_owner_index = enabled;
+        self
+    }
+
+    /// The name of the Java KCL's coordinator state table of this application.
+    pub fn coordinator_state_table_name(&self) -> String {
+        format!("{}{COORDINATOR_STATE_TABLE_SUFFIX}", self.table_name)
     }
 
     /// The clock the wait for an ACTIVE table sleeps on.
@@ -530,39 +590,68 @@ impl LeaseStore for DynamoLeaseStore {
             self.wait_until_active().await?;
             return Ok(false);
         }
-        let attribute = AttributeDefinition::builder()
-            .attribute_name(attr::LEASE_KEY)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .map_err(|e| Self::build_error("attribute definition", e))?;
-        let key = KeySchemaElement::builder()
-            .attribute_name(attr::LEASE_KEY)
-            .key_type(KeyType::Hash)
-            .build()
-            .map_err(|e| Self::build_error("key schema", e))?;
+        let attribute = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| Self::build_error("attribute definition", e))
+        };
+        let key = |name: &str, key_type: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(key_type)
+                .build()
+                .map_err(|e| Self::build_error("key schema", e))
+        };
+        let throughput = match billing {
+            BillingMode::Provisioned {
+                read_capacity_units,
+                write_capacity_units,
+            } => Some(
+                ProvisionedThroughput::builder()
+                    .read_capacity_units(i64::try_from(read_capacity_units).unwrap_or(i64::MAX))
+                    .write_capacity_units(i64::try_from(write_capacity_units).unwrap_or(i64::MAX))
+                    .build()
+                    .map_err(|e| Self::build_error("provisioned throughput", e))?,
+            ),
+            _ => None,
+        };
         let mut request = self
             .client
             .create_table()
             .table_name(&self.table_name)
-            .attribute_definitions(attribute)
-            .key_schema(key);
-        request = match billing {
-            BillingMode::Provisioned {
-                read_capacity_units,
-                write_capacity_units,
-            } => {
-                let throughput = ProvisionedThroughput::builder()
-                    .read_capacity_units(i64::try_from(read_capacity_units).unwrap_or(i64::MAX))
-                    .write_capacity_units(i64::try_from(write_capacity_units).unwrap_or(i64::MAX))
-                    .build()
-                    .map_err(|e| Self::build_error("provisioned throughput", e))?;
-                request
-                    .billing_mode(DynamoBillingMode::Provisioned)
-                    .provisioned_throughput(throughput)
-            }
-            _ => request.billing_mode(DynamoBillingMode::PayPerRequest),
+            .attribute_definitions(attribute(attr::LEASE_KEY)?)
+            .key_schema(key(attr::LEASE_KEY, KeyType::Hash)?);
+        if self.lease_owner_index {
+            let index = GlobalSecondaryIndex::builder()
+                .index_name(LEASE_OWNER_INDEX)
+                .key_schema(key(attr::LEASE_OWNER, KeyType::Hash)?)
+                .key_schema(key(attr::LEASE_KEY, KeyType::Range)?)
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::KeysOnly)
+                        .build(),
+                )
+                .set_provisioned_throughput(throughput.clone())
+                .build()
+                .map_err(|e| Self::build_error("global secondary index", e))?;
+            request = request
+                .attribute_definitions(attribute(attr::LEASE_OWNER)?)
+                .global_secondary_indexes(index);
+        }
+        request = match throughput {
+            Some(throughput) => request
+                .billing_mode(DynamoBillingMode::Provisioned)
+                .provisioned_throughput(throughput),
+            None => request.billing_mode(DynamoBillingMode::PayPerRequest),
         };
-        tracing::debug!(table = %self.table_name, ?billing, "creating lease table");
+        tracing::debug!(
+            table = %self.table_name,
+            ?billing,
+            lease_owner_index = self.lease_owner_index,
+            "creating lease table"
+        );
         let created = match request.send().await {
             Ok(_) => true,
             Err(err) if err.code() == Some("ResourceInUseException") => {
@@ -604,6 +693,17 @@ impl LeaseStore for DynamoLeaseStore {
                 .map_err(|err| self.map_err(err, None))?;
             pages += 1;
             for item in out.items() {
+                if !is_lease_row(item) {
+                    if !self.other_entities_reported.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            table = %self.table_name,
+                            entity_type = ?item.get(attr::ENTITY_TYPE),
+                            "the lease table holds rows that are not leases (entityType); \
+                             they are left out (reported once)"
+                        );
+                    }
+                    continue;
+                }
                 match lease_from_item(item) {
                     Ok(lease) => leases.push(lease),
                     Err(error) => match self.malformed_rows {
@@ -641,8 +741,16 @@ impl LeaseStore for DynamoLeaseStore {
         }
     }
 
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.update(LeaseWrite::Renew { seen: lease }).await
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
+        self.update(LeaseWrite::Renew {
+            seen: lease,
+            throughput_kbps,
+        })
+        .await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
@@ -691,6 +799,32 @@ impl LeaseStore for DynamoLeaseStore {
             child_shard_ids,
         })
         .await
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        let table = self.coordinator_state_table_name();
+        let result = self
+            .client
+            .get_item()
+            .table_name(&table)
+            .key("key", s(MIGRATION_STATE_KEY))
+            .consistent_read(true)
+            .send()
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(err) if err.code() == Some("ResourceNotFoundException") => {
+                tracing::debug!(%table, "no coordinator state table");
+                return Ok(None);
+            }
+            Err(err) => return Err(self.map_err(err, None)),
+        };
+        let version = match out.item().and_then(|item| item.get("cv")) {
+            Some(AttributeValue::S(cv)) => Some(cv.clone()),
+            _ => None,
+        };
+        tracing::debug!(%table, client_version = ?version, "read the client version");
+        Ok(version)
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {

@@ -42,8 +42,8 @@
 //! assert_eq!(mine.lease_counter, 1);
 //!
 //! store.throttle_next(1);
-//! assert!(store.renew_lease(&mine).await.unwrap_err().is_retryable());
-//! assert_eq!(store.renew_lease(&mine).await?.lease_counter, 2);
+//! assert!(store.renew_lease(&mine, None).await.unwrap_err().is_retryable());
+//! assert_eq!(store.renew_lease(&mine, None).await?.lease_counter, 2);
 //! # Ok::<(), kcl_lease::LeaseError>(())
 //! # }).unwrap();
 //! ```
@@ -91,11 +91,13 @@ pub enum LeaseOperation {
     UpdateChildShardIds,
     /// [`LeaseStore::delete_lease`].
     DeleteLease,
+    /// [`LeaseStore::client_version`].
+    ClientVersion,
 }
 
 impl LeaseOperation {
     /// Every operation, in declaration order.
-    pub const ALL: [LeaseOperation; 12] = [
+    pub const ALL: [LeaseOperation; 13] = [
         LeaseOperation::CreateTable,
         LeaseOperation::TableExists,
         LeaseOperation::CreateLease,
@@ -108,6 +110,7 @@ impl LeaseOperation {
         LeaseOperation::UpdatePendingCheckpoint,
         LeaseOperation::UpdateChildShardIds,
         LeaseOperation::DeleteLease,
+        LeaseOperation::ClientVersion,
     ];
 
     /// The trait method's name, e.g. `renew_lease`.
@@ -125,6 +128,7 @@ impl LeaseOperation {
             LeaseOperation::UpdatePendingCheckpoint => "update_pending_checkpoint",
             LeaseOperation::UpdateChildShardIds => "update_child_shard_ids",
             LeaseOperation::DeleteLease => "delete_lease",
+            LeaseOperation::ClientVersion => "client_version",
         }
     }
 
@@ -295,6 +299,7 @@ struct State {
     hanging: bool,
     faults: Vec<Fault>,
     stats: LeaseStoreStats,
+    client_version: Option<String>,
 }
 
 /// An in-memory lease table with DynamoDB's conditional-write semantics and injectable
@@ -342,6 +347,7 @@ impl InMemoryLeaseStore {
                 hanging: false,
                 faults: Vec::new(),
                 stats: LeaseStoreStats::default(),
+                client_version: None,
             }),
         }
     }
@@ -455,6 +461,12 @@ impl InMemoryLeaseStore {
             .as_ref()
             .map(|t| t.rows.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// What [`LeaseStore::client_version`] answers from now on, as if a Java KCL had
+    /// recorded it in a coordinator state table (`None`: no such record, the default).
+    pub fn set_client_version(&self, client_version: Option<&str>) {
+        self.lock().client_version = client_version.map(str::to_owned);
     }
 
     /// The billing mode the table was created with, if it exists.
@@ -654,12 +666,16 @@ impl LeaseStore for InMemoryLeaseStore {
         Ok(table.rows.get(lease_key).cloned())
     }
 
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.update(
-            LeaseOperation::RenewLease,
-            LeaseWrite::Renew { seen: lease },
-        )
-        .await
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
+        let write = LeaseWrite::Renew {
+            seen: lease,
+            throughput_kbps,
+        };
+        self.update(LeaseOperation::RenewLease, write).await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
@@ -714,6 +730,11 @@ impl LeaseStore for InMemoryLeaseStore {
         };
         self.update(LeaseOperation::UpdateChildShardIds, write)
             .await
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.begin(LeaseOperation::ClientVersion, None).await?;
+        Ok(self.lock().client_version.clone())
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
@@ -800,7 +821,7 @@ mod tests {
                 .unwrap_err()
                 .is_condition_failed()
         );
-        let w1 = s.renew_lease(&w1).await.unwrap();
+        let w1 = s.renew_lease(&w1, None).await.unwrap();
         assert_eq!(w1.lease_counter, 2);
         let w2 = s.take_lease(&w1, "w2").await.unwrap();
         assert_eq!(
@@ -808,7 +829,12 @@ mod tests {
             (3, 2)
         );
         // w1 is now a zombie: every fenced write fails.
-        assert!(s.renew_lease(&w1).await.unwrap_err().is_condition_failed());
+        assert!(
+            s.renew_lease(&w1, None)
+                .await
+                .unwrap_err()
+                .is_condition_failed()
+        );
         let esn: ExtendedSequenceNumber = "12345.3".parse().unwrap();
         assert!(
             s.update_checkpoint(&w1, &esn)
@@ -835,7 +861,7 @@ mod tests {
         let free = s.release_lease(&w2).await.unwrap();
         assert_eq!((free.lease_owner.as_deref(), free.lease_counter), (None, 7));
         assert!(matches!(
-            s.renew_lease(&free).await,
+            s.renew_lease(&free, None).await,
             Err(LeaseError::NotHeld { .. })
         ));
         assert!(s.delete_lease(&w2).await.unwrap_err().is_condition_failed());
@@ -904,15 +930,15 @@ mod tests {
             Err(LeaseError::Throttled { .. })
         ));
         assert!(matches!(
-            s.renew_lease(&a).await,
+            s.renew_lease(&a, None).await,
             Err(LeaseError::Service { .. })
         ));
         assert!(s.pending_faults().is_empty());
-        let a = s.renew_lease(&a).await.unwrap();
+        let a = s.renew_lease(&a, None).await.unwrap();
         assert_eq!(a.lease_counter, 2);
         s.set_unreachable(true);
         assert!(matches!(
-            s.renew_lease(&a).await,
+            s.renew_lease(&a, None).await,
             Err(LeaseError::Unreachable { .. })
         ));
         assert!(matches!(
@@ -920,7 +946,7 @@ mod tests {
             Err(LeaseError::Unreachable { .. })
         ));
         s.set_unreachable(false);
-        assert_eq!(s.renew_lease(&a).await.unwrap().lease_counter, 3);
+        assert_eq!(s.renew_lease(&a, None).await.unwrap().lease_counter, 3);
         let stats = s.stats();
         assert_eq!(stats.total_faults(), 7);
         // Faulted calls are not billed.
@@ -954,9 +980,13 @@ mod tests {
                 .for_key("a"),
         );
         assert!(s.get_lease("a").await.is_ok());
-        assert!(tokio::time::timeout(wait, s.renew_lease(&a)).await.is_err());
+        assert!(
+            tokio::time::timeout(wait, s.renew_lease(&a, None))
+                .await
+                .is_err()
+        );
         // The hung renewal never reached the table.
-        let a = s.renew_lease(&a).await.unwrap();
+        let a = s.renew_lease(&a, None).await.unwrap();
         assert_eq!(a.lease_counter, 2);
         // The switch: calls started while it is on hang for good.
         s.set_hanging(true);

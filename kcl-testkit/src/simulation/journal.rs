@@ -236,8 +236,12 @@ impl LeaseStore for JournalingLeaseStore {
         self.inner.get_lease(lease_key).await
     }
 
-    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.inner.renew_lease(lease).await
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        throughput_kbps: Option<f64>,
+    ) -> Result<Lease, LeaseError> {
+        self.inner.renew_lease(lease, throughput_kbps).await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
@@ -295,5 +299,9 @@ impl LeaseStore for JournalingLeaseStore {
             key: lease.lease_key.clone(),
         });
         Ok(())
+    }
+
+    async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.inner.client_version().await
     }
 }
