@@ -315,7 +315,10 @@ impl<F> Worker<F> {
         let limit = self.config.call_timeouts().call;
         let version = within(&*self.clock, limit, self.store.client_version())
             .await
-            .unwrap_or_else(|| Err(CallTimedOut::lease_error("client_version", limit)))?;
+            .unwrap_or(Err(LeaseError::Timeout {
+                operation: "client_version",
+                after: limit,
+            }))?;
         match version {
             Some(client_version) if kcl_lease::client_version::is_3x(&client_version) => {
                 error!(
