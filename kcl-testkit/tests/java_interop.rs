@@ -932,9 +932,29 @@ async fn c2_a_gracefully_stopped_rust_workers_shards_are_picked_up_by_java() {
 // ---------------------------------------------------------------------------------------------
 // d. Split and merge while both run.
 
+// Which side takes a finished parent's children is up to the two takers, so one round may
+// show a crossing in one direction only. Each round is a complete scenario with all its checks
+// (nothing lost, order, the table's shape); the rounds go on, on fresh streams, until both
+// directions have been seen (at most three rounds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_split_and_merge_while_both_run_parents_and_children_across_sides() {
-    let name = "d-reshard";
+    let mut seen = BTreeSet::new();
+    for round in 1..=3 {
+        seen.extend(d_round(round).await);
+        if seen.contains("j1->r1") && seen.contains("r1->j1") {
+            println!("[d-reshard] both directions seen after {round} round(s): {seen:?}");
+            return;
+        }
+    }
+    panic!(
+        "[d-reshard] parents finished by one side and children read by the other, both ways, \
+         in three rounds: {seen:?}"
+    );
+}
+
+/// One round of scenario d; returns the parent -> child crossings seen (`finisher->reader`).
+async fn d_round(round: usize) -> BTreeSet<String> {
+    let name = &*format!("d-reshard-{round}");
     let env = Env::new(name, 2, true).await;
     let mut expected = env.put_plain("before", 120).await;
     let java = env.java(&env.java_options("j1"));
@@ -1117,13 +1137,13 @@ async fn d_split_and_merge_while_both_run_parents_and_children_across_sides() {
         }
     }
     assert!(
-        crossings.contains("j1->r1") && crossings.contains("r1->j1"),
-        "[{name}] parents finished by one side and children read by the other, both ways: \
-         {crossings:?}"
+        !crossings.is_empty(),
+        "[{name}] no parent finished by one side had a child read by the other: {crossings:?}"
     );
     env.check_table_shape(&["r1"]).await;
     drop(java);
     rust.abort().await;
+    crossings
 }
 
 impl Env {

@@ -169,54 +169,10 @@ pub enum FaultKind {
     Hang,
 }
 
-/// A fault for the next `count` matching calls.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Fault {
-    kind: FaultKind,
-    remaining: u32,
-    operation: Option<LeaseOperation>,
-    key: Option<String>,
-}
-
-impl Fault {
-    /// `kind` for the next `count` calls, whatever they are.
-    pub fn new(kind: FaultKind, count: u32) -> Self {
-        Self {
-            kind,
-            remaining: count,
-            operation: None,
-            key: None,
-        }
-    }
-
-    /// Only calls of this operation match (and consume the count).
-    pub fn for_operation(mut self, operation: LeaseOperation) -> Self {
-        self.operation = Some(operation);
-        self
-    }
-
-    /// Only calls about this lease key match (so never `list_leases` or the table calls).
-    pub fn for_key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
-        self
-    }
-
-    /// The kind of fault.
-    pub fn kind(&self) -> FaultKind {
-        self.kind
-    }
-
-    /// How many more calls it affects.
-    pub fn remaining(&self) -> u32 {
-        self.remaining
-    }
-
-    fn matches(&self, operation: LeaseOperation, lease_key: Option<&str>) -> bool {
-        self.remaining > 0
-            && self.operation.is_none_or(|op| op == operation)
-            && self.key.as_deref().is_none_or(|key| Some(key) == lease_key)
-    }
-}
+/// A fault for the next `count` matching calls of the lease store: the shared design of
+/// [`super::fault`], with [`FaultKind`] and [`LeaseOperation`]; [`Fault::for_key`] takes a
+/// lease key (so `list_leases` and the table calls never match it).
+pub type Fault = super::fault::Fault<FaultKind, LeaseOperation>;
 
 /// The cause attached to an injected [`LeaseError`].
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +253,7 @@ struct State {
     latency: Duration,
     unreachable: bool,
     hanging: bool,
-    faults: Vec<Fault>,
+    faults: super::fault::FaultPlan<FaultKind, LeaseOperation>,
     stats: LeaseStoreStats,
     client_version: Option<String>,
 }
@@ -345,7 +301,7 @@ impl InMemoryLeaseStore {
                 latency: Duration::ZERO,
                 unreachable: false,
                 hanging: false,
-                faults: Vec::new(),
+                faults: Default::default(),
                 stats: LeaseStoreStats::default(),
                 client_version: None,
             }),
@@ -423,9 +379,7 @@ impl InMemoryLeaseStore {
 
     /// Registers a fault (after the ones already registered).
     pub fn inject(&self, fault: Fault) {
-        if fault.remaining > 0 {
-            self.lock().faults.push(fault);
-        }
+        self.lock().faults.inject(fault);
     }
 
     /// Removes every registered fault, turns the unreachable and hanging switches off and
@@ -440,7 +394,7 @@ impl InMemoryLeaseStore {
 
     /// The faults still registered (with their remaining counts).
     pub fn pending_faults(&self) -> Vec<Fault> {
-        self.lock().faults.clone()
+        self.lock().faults.pending()
     }
 
     /// The counters since creation or the last [`reset_stats`](Self::reset_stats).
@@ -498,17 +452,9 @@ impl InMemoryLeaseStore {
                 Some(FaultKind::Hang)
             } else if state.unreachable {
                 Some(FaultKind::Unreachable)
-            } else if let Some(fault) = state
-                .faults
-                .iter_mut()
-                .find(|f| f.matches(operation, lease_key))
-            {
-                fault.remaining -= 1;
-                Some(fault.kind)
             } else {
-                None
+                state.faults.take(operation, lease_key, |_| true)
             };
-            state.faults.retain(|f| f.remaining > 0);
             if fault.is_some() {
                 state.stats.operations.entry(operation).or_default().faults += 1;
             }

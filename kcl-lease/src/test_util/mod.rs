@@ -7,6 +7,7 @@
 //! `kcl-lease`, and `kcl-testkit` re-exports them for everyone else.
 
 pub mod clock;
+pub mod fault;
 pub mod lease_store;
 
 pub use clock::ManualClock;

@@ -115,57 +115,11 @@ pub(crate) fn throttled(operation: Operation) -> StreamError {
     }
 }
 
-/// A fault for the next `count` matching calls: any call, or only calls of one operation
-/// ([`Fault::for_operation`]) and/or on one shard ([`Fault::for_key`]).
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Fault {
-    kind: FaultKind,
-    remaining: u32,
-    operation: Option<Operation>,
-    key: Option<String>,
-}
-
-impl Fault {
-    /// `kind` for the next `count` calls, whatever they are.
-    pub fn new(kind: FaultKind, count: u32) -> Self {
-        Self {
-            kind,
-            remaining: count,
-            operation: None,
-            key: None,
-        }
-    }
-
-    /// Only calls of this operation match (and consume the count).
-    pub fn for_operation(mut self, operation: Operation) -> Self {
-        self.operation = Some(operation);
-        self
-    }
-
-    /// Only calls on this shard id match: `GetShardIterator` on it and `GetRecords` with
-    /// one of its iterators (so never `ListShards`, `DescribeStreamSummary` or the puts).
-    pub fn for_key(mut self, shard_id: impl Into<String>) -> Self {
-        self.key = Some(shard_id.into());
-        self
-    }
-
-    /// The kind of fault.
-    pub fn kind(&self) -> FaultKind {
-        self.kind
-    }
-
-    /// How many more calls it affects.
-    pub fn remaining(&self) -> u32 {
-        self.remaining
-    }
-
-    fn matches(&self, operation: Operation, key: Option<&str>, can_hang: bool) -> bool {
-        self.remaining > 0
-            && (can_hang || self.kind != FaultKind::Hang)
-            && self.operation.is_none_or(|op| op == operation)
-            && self.key.as_deref().is_none_or(|k| Some(k) == key)
-    }
-}
+/// A fault for the next `count` matching calls of the in-memory Kinesis: the shared design of
+/// `kcl_lease::test_util::fault`, with [`FaultKind`] and [`Operation`]. [`Fault::for_key`]
+/// takes a shard id: `GetShardIterator` on it and `GetRecords` with one of its iterators
+/// match (never `ListShards`, `DescribeStreamSummary` or the puts).
+pub type Fault = kcl_lease::test_util::fault::Fault<FaultKind, Operation>;
 
 /// The cause inside the errors the in-memory Kinesis returns for throttling, service errors
 /// and unreachability, shaped like a service error: a code and a message.
@@ -259,7 +213,7 @@ impl KinesisStats {
 /// Registered faults, the unreachable and hanging switches, and latencies.
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
-    rules: Vec<Fault>,
+    rules: kcl_lease::test_util::fault::FaultPlan<FaultKind, Operation>,
     unreachable: bool,
     hanging: bool,
     latency: [Duration; 6],
@@ -267,9 +221,7 @@ pub(crate) struct Faults {
 
 impl Faults {
     pub(crate) fn add(&mut self, fault: Fault) {
-        if fault.remaining > 0 {
-            self.rules.push(fault);
-        }
+        self.rules.inject(fault);
     }
 
     /// Removes every fault, turns both switches off and every latency to zero.
@@ -302,19 +254,13 @@ impl Faults {
         if self.unreachable {
             return Some(FaultKind::Unreachable);
         }
-        let rule = self
-            .rules
-            .iter_mut()
-            .find(|rule| rule.matches(operation, key, can_hang))?;
-        rule.remaining = rule.remaining.saturating_sub(1);
-        let kind = rule.kind;
-        self.rules.retain(|rule| rule.remaining > 0);
-        Some(kind)
+        self.rules
+            .take(operation, key, |kind| can_hang || kind != FaultKind::Hang)
     }
 
     /// The faults still registered, with their remaining counts.
     pub(crate) fn pending(&self) -> Vec<Fault> {
-        self.rules.clone()
+        self.rules.pending()
     }
 
     pub(crate) fn set_latency(&mut self, operation: Operation, latency: Duration) {
