@@ -42,6 +42,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -202,6 +203,33 @@ impl EmulatorError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Exited { .. } | Self::NotReady { .. })
     }
+}
+
+/// kinesis-local and dynalite, as most worker tests on the emulators need them.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct KinesisAndDynamoDb {
+    /// kinesis-local.
+    pub kinesis: Emulator,
+    /// dynalite.
+    pub dynamodb: Emulator,
+}
+
+/// kinesis-local and dynalite shared by every test of one test binary: started on the first
+/// call (blocking, about a second each), never dropped, stopped by their watchdogs when the
+/// test process exits. Each test then uses its own stream and table. A failed start is kept
+/// and returned to every caller.
+pub fn shared_kinesis_and_dynamodb() -> Result<&'static KinesisAndDynamoDb, &'static EmulatorError>
+{
+    static SHARED: OnceLock<Result<KinesisAndDynamoDb, EmulatorError>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            Ok(KinesisAndDynamoDb {
+                kinesis: Emulator::start(EmulatorKind::KinesisLocal)?,
+                dynamodb: Emulator::start(EmulatorKind::Dynalite)?,
+            })
+        })
+        .as_ref()
 }
 
 /// A running emulator on `127.0.0.1`, stopped (with its whole process group) when dropped.

@@ -24,7 +24,7 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{
@@ -38,7 +38,9 @@ use kcl_interfaces::ShutdownReason;
 use kcl_kpl::{Aggregator, ExtendedSequenceNumber, SequenceNumber};
 use kcl_lease::dynamo::DynamoLeaseStore;
 use kcl_lease::{Lease, LeaseStore};
-use kcl_testkit::emulators::{Emulator, EmulatorKind, dynamodb_client, kinesis_client};
+use kcl_testkit::emulators::{
+    KinesisAndDynamoDb, dynamodb_client, kinesis_client, shared_kinesis_and_dynamodb,
+};
 use kcl_testkit::java_kcl::{
     ClientVersion, JavaCheckpoint, JavaEvent, JavaKclOptions, JavaKclWorker,
 };
@@ -70,22 +72,10 @@ const STABLE: Duration = Duration::from_secs(13);
 // ---------------------------------------------------------------------------------------------
 // Fixture
 
-struct Emulators {
-    kinesis: Emulator,
-    dynamodb: Emulator,
-}
-
-fn emulators() -> &'static Emulators {
-    static EMULATORS: OnceLock<Emulators> = OnceLock::new();
-    EMULATORS.get_or_init(|| {
-        let start = |kind: EmulatorKind| {
-            Emulator::start(kind)
-                .unwrap_or_else(|err| panic!("{kind} is required for these tests: {err}"))
-        };
-        Emulators {
-            kinesis: start(EmulatorKind::KinesisLocal),
-            dynamodb: start(EmulatorKind::Dynalite),
-        }
+/// kinesis-local and dynalite for the whole binary (see `shared_kinesis_and_dynamodb`).
+fn emulators() -> &'static KinesisAndDynamoDb {
+    shared_kinesis_and_dynamodb().unwrap_or_else(|err| {
+        panic!("kinesis-local and dynalite are required for these tests: {err}")
     })
 }
 

@@ -22,8 +22,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
@@ -33,8 +33,8 @@ use kcl_kpl::{ExtendedSequenceNumber, partition_key_hash};
 use kcl_lease::dynamo::DynamoLeaseStore;
 use kcl_lease::{Lease, LeaseStore, SystemClock};
 use kcl_testkit::emulators::{
-    Emulator, EmulatorKind, create_lease_table_and_wait, create_stream_and_wait, dynamodb_client,
-    kinesis_client, sdk_config,
+    Emulator, KinesisAndDynamoDb, create_lease_table_and_wait, create_stream_and_wait,
+    dynamodb_client, kinesis_client, sdk_config, shared_kinesis_and_dynamodb,
 };
 use kcl_testkit::fault_proxy::{FaultMode, FaultProxy};
 use kcl_testkit::recording::{Behaviour, Event, EventLog, RecordingFactory};
@@ -72,24 +72,10 @@ const POLL: Duration = Duration::from_millis(5);
 // ---------------------------------------------------------------------------------------------
 // Fixture
 
-struct Emulators {
-    kinesis: Emulator,
-    dynamodb: Emulator,
-}
-
-/// kinesis-local and dynalite for the whole binary; the fixture's watchdog stops them when
-/// the process exits.
-fn emulators() -> &'static Emulators {
-    static EMULATORS: OnceLock<Emulators> = OnceLock::new();
-    EMULATORS.get_or_init(|| {
-        let start = |kind: EmulatorKind| {
-            Emulator::start(kind)
-                .unwrap_or_else(|err| panic!("{kind} is required for these tests: {err}"))
-        };
-        Emulators {
-            kinesis: start(EmulatorKind::KinesisLocal),
-            dynamodb: start(EmulatorKind::Dynalite),
-        }
+/// kinesis-local and dynalite for the whole binary (see `shared_kinesis_and_dynamodb`).
+fn emulators() -> &'static KinesisAndDynamoDb {
+    shared_kinesis_and_dynamodb().unwrap_or_else(|err| {
+        panic!("kinesis-local and dynalite are required for these tests: {err}")
     })
 }
 

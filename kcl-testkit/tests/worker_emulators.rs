@@ -14,8 +14,8 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
@@ -26,8 +26,8 @@ use kcl_kpl::{Aggregator, ExtendedSequenceNumber, Position, Record, partition_ke
 use kcl_lease::dynamo::DynamoLeaseStore;
 use kcl_lease::{Lease, LeaseStore, SystemClock};
 use kcl_testkit::emulators::{
-    Emulator, EmulatorKind, create_stream_and_wait, dynamodb_client, kinesis_client,
-    wait_stream_active,
+    KinesisAndDynamoDb, create_stream_and_wait, dynamodb_client, kinesis_client,
+    shared_kinesis_and_dynamodb, wait_stream_active,
 };
 use kcl_testkit::recording::{Behaviour, Event, EventLog, RecordingFactory};
 use kcl_worker::aws::AwsStreamClient;
@@ -45,24 +45,10 @@ const PATIENCE: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Fixture
 
-struct Emulators {
-    kinesis: Emulator,
-    dynamodb: Emulator,
-}
-
-/// kinesis-local and dynalite for the whole binary; the fixture's watchdog stops them when
-/// the process exits.
-fn emulators() -> &'static Emulators {
-    static EMULATORS: OnceLock<Emulators> = OnceLock::new();
-    EMULATORS.get_or_init(|| {
-        let start = |kind: EmulatorKind| {
-            Emulator::start(kind)
-                .unwrap_or_else(|err| panic!("{kind} is required for these tests: {err}"))
-        };
-        Emulators {
-            kinesis: start(EmulatorKind::KinesisLocal),
-            dynamodb: start(EmulatorKind::Dynalite),
-        }
+/// kinesis-local and dynalite for the whole binary (see `shared_kinesis_and_dynamodb`).
+fn emulators() -> &'static KinesisAndDynamoDb {
+    shared_kinesis_and_dynamodb().unwrap_or_else(|err| {
+        panic!("kinesis-local and dynalite are required for these tests: {err}")
     })
 }
 
