@@ -53,6 +53,7 @@ mod store;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 pub mod timeouts;
+pub mod v3;
 pub mod write;
 
 pub use clock::{BoxFuture, Clock, RandomSource, SeededRandom, SystemClock};
