@@ -674,13 +674,12 @@ fn balance_load(
             .filter(|(_, v, hot)| *v >= upper || *hot)
             .map(|(id, v, _)| (*id, *v))
             .collect();
-        if sources.is_empty() {
-            if let Some((id, v, _)) = with
+        if sources.is_empty()
+            && let Some((id, v, _)) = with
                 .iter()
                 .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(a.0)))
-            {
-                sources.push((id, *v));
-            }
+        {
+            sources.push((id, *v));
         }
         let mut takes = Vec::new();
         let mut total = 0.0;

@@ -87,6 +87,9 @@ fn to_item(raw: &HashMap<String, AttributeValue>) -> Item {
         .collect()
 }
 
+type Names = HashMap<String, String>;
+type Values = HashMap<String, AttributeValue>;
+
 /// Expression placeholders being collected.
 #[derive(Default)]
 struct Placeholders {
@@ -144,12 +147,7 @@ impl Placeholders {
         parts.join(" ")
     }
 
-    fn into_parts(
-        self,
-    ) -> (
-        Option<HashMap<String, String>>,
-        Option<HashMap<String, AttributeValue>>,
-    ) {
+    fn into_parts(self) -> (Option<Names>, Option<Values>) {
         (
             (!self.names.is_empty()).then_some(self.names),
             (!self.values.is_empty()).then_some(self.values),

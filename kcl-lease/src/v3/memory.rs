@@ -277,7 +277,7 @@ impl StateTable for InMemoryStateTable {
             .set
             .iter()
             .any(|(name, _)| *name == self.key_attribute)
-            || update.remove.iter().any(|name| *name == self.key_attribute)
+            || update.remove.contains(&self.key_attribute)
         {
             return Err(LeaseError::Rejected {
                 source: Box::new(Injected("an update cannot change the key attribute")),

@@ -147,7 +147,7 @@ impl WorkerMetricStats {
             None | Some(Value::Null) => None,
             Some(_) => Some(r.int(attr::LAST_UPDATE_TIME)?),
         };
-        let metric_stats = number_lists(&r, attr::METRIC_STATS, |text| parse_float(text))?;
+        let metric_stats = number_lists(&r, attr::METRIC_STATS, parse_float)?;
         let operating_range = number_lists(&r, attr::OPERATING_RANGE, parse_int)?;
         Ok(Self {
             worker_id,
