@@ -4,7 +4,7 @@
 //! The 3.x tables (`<app>-CoordinatorState`, `<app>-WorkerMetricStats`) hold items with
 //! nested values (lists and maps), which the lease row model does not need. These types
 //! let the row models, the in-memory store and the state machines speak DynamoDB's data
-//! model without the AWS SDK (the SDK appears only in [`super::dynamo`], which converts).
+//! model without the AWS SDK (the SDK appears only in `v3::dynamo`, which converts).
 //!
 //! A number is kept as DynamoDB keeps it: its decimal text ([`Value::N`]), so what a Java
 //! worker wrote is never reformatted by a read-modify-write of ours.

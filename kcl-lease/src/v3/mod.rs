@@ -75,9 +75,10 @@
 //! assignment runs in a row) deletes the item conditioned the same way. A contender never
 //! trusts a time in the item: the lock is expired for it when the same number has stood
 //! for longer than the item's `leaseDuration` since it first saw that number, on its own
-//! monotonic clock. A Java worker that is not the leader checks at most once per heartbeat
-//! period (30 s), so a crashed Java leader is replaced 120-150 s later; a released lock at
-//! the next check.
+//! monotonic clock. A Java worker that is not the leader looks at the lock only when one of
+//! its components asks (the assignment run every 2 × failover time) and at most once per
+//! heartbeat period (30 s), so a crashed Java leader is replaced two to three minutes after
+//! its last heartbeat; a released lock at the next check.
 //!
 //! ## The migration state ([`migration`])
 //!

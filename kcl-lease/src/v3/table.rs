@@ -6,7 +6,7 @@
 //! | `<app>-CoordinatorState` | `key` ([`COORDINATOR_STATE_KEY`]) | `Migration3.0` ([`super::migration`]), `Leader` ([`super::lock`]) |
 //! | `<app>-WorkerMetricStats` | `wid` ([`WORKER_METRIC_STATS_KEY`]) | one per worker ([`super::worker_metrics`]) |
 //!
-//! Implementations: `InMemoryStateTable` (feature `test-util`, in [`super::memory`]), which
+//! Implementations: `InMemoryStateTable` (feature `test-util`, in `v3::memory`), which
 //! evaluates every [`Condition`] as DynamoDB does, and `DynamoStateTable` (feature
 //! `dynamodb`, in `super::dynamo`). Callers bound every call with [`bounded`] on the
 //! injected clock, whatever the implementation.
