@@ -408,7 +408,8 @@ impl LeaderLock {
 
     /// Heartbeats the held lock (a new record version number). `Ok(true)`: still the leader;
     /// `Ok(false)`: not holding it, or it was taken over (the condition failed). Another
-    /// error leaves the lock held until its validity runs out.
+    /// error leaves the lock held until its validity runs out; the call is never waited on
+    /// past that validity (bounded by the smaller of `call_timeout` and the time left).
     pub async fn heartbeat(&mut self) -> Result<bool, LeaseError> {
         let Some(held) = self.held.clone() else {
             return Ok(false);
@@ -426,8 +427,13 @@ impl LeaderLock {
             .set(attr::RECORD_VERSION_NUMBER, Value::s(&new_rvn));
         let condition = self.holder_condition(&held);
         let started = self.clock.now();
+        // Never wait on a hung call past the lock's validity: leadership ends then.
+        let limit = self
+            .config
+            .call_timeout
+            .min(held.valid_until.saturating_duration_since(started));
         let call = self.table.update(LEADER_KEY, &update, &condition);
-        match bounded(&*self.clock, self.config.call_timeout, "update", call).await {
+        match bounded(&*self.clock, limit, "update", call).await {
             Ok(()) => {
                 self.held = Some(Held {
                     record_version_number: new_rvn,
@@ -470,6 +476,57 @@ impl LeaderLock {
             Condition::equals(attr::OWNER_NAME, Value::s(&self.config.owner_name)),
         ])
     }
+}
+
+/// Drives `lock` until `stop` turns true: checks every `check_period` while not the
+/// leader, heartbeats every `heartbeat_period` while the leader (waking early when the
+/// lock's validity would run out first), and publishes whether we are the leader on
+/// `leader` after every step. On stop it releases the lock (one bounded call) and publishes
+/// `false`. Errors of single calls are logged and retried at the next step. Returns the
+/// lock. Not spawned by the worker yet.
+pub async fn run_leader_lock(
+    mut lock: LeaderLock,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    leader: tokio::sync::watch::Sender<bool>,
+) -> LeaderLock {
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let step = if lock.is_leader() {
+            lock.heartbeat().await.map(|_| ())
+        } else {
+            lock.check().await.map(|_| ())
+        };
+        if let Err(err) = step {
+            tracing::warn!(error = %crate::ErrorChain(&err), "leader lock call failed; retrying at the next step");
+        }
+        let is_leader = lock.is_leader();
+        leader.send_replace(is_leader);
+        let wait = match lock.held.as_ref().filter(|_| is_leader) {
+            Some(held) => lock
+                .config
+                .heartbeat_period
+                .min(held.valid_until.saturating_duration_since(lock.clock.now())),
+            None => lock.config.check_period,
+        };
+        let sleep = lock.clock.sleep(wait);
+        tokio::select! {
+            () = sleep => {}
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+        // Validity may have run out while sleeping.
+        leader.send_replace(lock.is_leader());
+    }
+    if let Err(err) = lock.release().await {
+        tracing::warn!(error = %crate::ErrorChain(&err), "could not release the leader lock; it expires");
+    }
+    leader.send_replace(false);
+    lock
 }
 
 #[cfg(test)]
@@ -766,5 +823,71 @@ mod tests {
         clock.advance(Duration::from_secs(8));
         assert!(!a.is_leader());
         assert!(!a.heartbeat().await.unwrap());
+    }
+    #[tokio::test]
+    async fn the_driver_keeps_one_leader_fails_over_and_releases_on_stop() {
+        let (table, clock) = setup();
+        let (stop_a, stop_a_rx) = tokio::sync::watch::channel(false);
+        let (stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
+        let (lead_a, lead_a_rx) = tokio::sync::watch::channel(false);
+        let (lead_b, lead_b_rx) = tokio::sync::watch::channel(false);
+        let a = tokio::spawn(run_leader_lock(
+            lock(&table, &clock, "a", 1),
+            stop_a_rx,
+            lead_a,
+        ));
+        clock.settle().await;
+        let b = tokio::spawn(run_leader_lock(
+            lock(&table, &clock, "b", 2),
+            stop_b_rx,
+            lead_b,
+        ));
+        clock.advance_and_settle(Duration::from_secs(60)).await;
+        assert!(
+            *lead_a_rx.borrow() && !*lead_b_rx.borrow(),
+            "a keeps the lock by heartbeats"
+        );
+        let heartbeats = table
+            .calls()
+            .get(&super::super::memory::StateOperation::Update)
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            (17..=19).contains(&heartbeats),
+            "one heartbeat per 3.33 s: {heartbeats}"
+        );
+        // a hangs (e.g. a dead NAT): its heartbeats time out, it stops counting itself
+        // leader within the lease duration, and b takes over within 1.5 lease durations.
+        table.set_hanging(true);
+        clock.advance_and_settle(Duration::from_secs(10)).await;
+        assert!(!*lead_a_rx.borrow(), "a's validity ran out");
+        table.set_hanging(false);
+        // (b's calls hung too while the table hung.) Half a second at a time: never two
+        // leaders, and b leads within 1.5 lease durations of the end of the hang.
+        let mut b_led_after = None;
+        for step in 1..=40u32 {
+            clock.advance_and_settle(Duration::from_millis(500)).await;
+            assert!(
+                !(*lead_a_rx.borrow() && *lead_b_rx.borrow()),
+                "two leaders at step {step}"
+            );
+            if b_led_after.is_none() && *lead_b_rx.borrow() {
+                b_led_after = Some(step);
+            }
+        }
+        let b_led_after = b_led_after.expect("b took over");
+        assert!(b_led_after <= 30, "b led after {b_led_after} half-seconds");
+        assert!(*lead_b_rx.borrow() && !*lead_a_rx.borrow());
+        // A graceful stop releases: the item is gone and a takes it at its next check.
+        stop_b.send_replace(true);
+        clock.advance_and_settle(Duration::from_millis(1)).await;
+        let b = b.await.unwrap();
+        assert!(!b.is_leader() && !*lead_b_rx.borrow());
+        clock.advance_and_settle(Duration::from_secs(5)).await;
+        assert!(*lead_a_rx.borrow());
+        stop_a.send_replace(true);
+        clock.advance_and_settle(Duration::from_millis(1)).await;
+        a.await.unwrap();
+        assert_eq!(table.peek("Leader"), None);
     }
 }
