@@ -1198,4 +1198,142 @@ mod tests {
         h.observe(&[], clock.now());
         assert!(!h.is_expired("s0", &config(), clock.now() + Duration::from_secs(1000)));
     }
+    #[test]
+    fn invariants_hold_on_random_fleets() {
+        use crate::{RandomSource, SeededRandom};
+        for seed in 0..300u64 {
+            let r = SeededRandom::new(seed);
+            let clock = ManualClock::new();
+            let workers: Vec<String> = (0..1 + r.below(6)).map(|i| format!("w{i}")).collect();
+            let mut rows = Vec::new();
+            for w in &workers {
+                let mut row = match r.below(3) {
+                    0 => default_row(w),
+                    _ => cpu(w, &[r.below(101) as f64, r.below(101) as f64]),
+                };
+                match r.below(8) {
+                    0 => row.last_update_time = Some(NOW_SECS - 120), // stale
+                    1 => {
+                        row.metric_stats.insert("C".into(), vec![-1.0]); // failing
+                        row.operating_range.insert("C".into(), vec![100]);
+                    }
+                    _ => {}
+                }
+                rows.push(row);
+            }
+            let owners: Vec<Option<String>> = workers
+                .iter()
+                .cloned()
+                .map(Some)
+                .chain([None, Some("dead".to_owned())])
+                .collect();
+            let mut leases = Vec::new();
+            for i in 0..r.below(40) {
+                let owner = owners[r.below(owners.len() as u64) as usize].clone();
+                let kbps = (r.below(4) > 0).then(|| r.below(1000) as f64);
+                let mut l = lease(&format!("s{i:03}"), owner.as_deref(), r.below(50), kbps);
+                if r.below(10) == 0 {
+                    l.checkpoint = ExtendedSequenceNumber::SHARD_END;
+                }
+                if owner.is_some() && r.below(10) == 0 {
+                    l.checkpoint_owner = owners[r.below(workers.len() as u64) as usize].clone();
+                }
+                leases.push(l);
+            }
+            let mut h = LeaseHistory::new();
+            h.observe(&leases, clock.now());
+            clock.advance(Duration::from_secs(r.below(60)));
+            // Some leases were renewed meanwhile.
+            for l in &mut leases {
+                if r.below(2) == 0 {
+                    l.lease_counter += 1;
+                }
+            }
+            h.observe(&leases, clock.now());
+            let mut cfg = config();
+            if r.below(3) == 0 {
+                cfg.max_leases_for_worker = 1 + r.below(8) as usize;
+            }
+            let p = plan(
+                &leases,
+                &rows,
+                &h,
+                &cfg,
+                r.below(2) == 0,
+                clock.now(),
+                NOW_SECS,
+            );
+
+            let active: BTreeSet<&str> = p.active_workers.iter().map(String::as_str).collect();
+            let by_key: BTreeMap<&str, &Lease> =
+                leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+            let mut moved = BTreeSet::new();
+            for m in &p.moves {
+                let l = by_key[m.lease_key.as_str()];
+                assert!(
+                    active.contains(m.to.as_str()),
+                    "seed {seed}: to inactive {m:?}"
+                );
+                assert!(!l.is_finished(), "seed {seed}: finished lease moved {m:?}");
+                assert!(
+                    moved.insert(m.lease_key.as_str()),
+                    "seed {seed}: moved twice {m:?}"
+                );
+                let actual = l.checkpoint_owner.as_ref().or(l.lease_owner.as_ref());
+                if m.reason != MoveReason::HandoffTimedOut {
+                    assert_ne!(actual, Some(&m.to), "seed {seed}: to its own owner {m:?}");
+                }
+                if m.kind == MoveKind::Handoff {
+                    assert!(
+                        l.lease_owner.is_some() && l.checkpoint_owner.is_none(),
+                        "seed {seed}: {m:?}"
+                    );
+                }
+                assert_eq!(m.from, l.lease_owner, "seed {seed}: from as listed");
+                if l.checkpoint_owner.is_some() {
+                    assert_eq!(m.reason, MoveReason::HandoffTimedOut, "seed {seed}: {m:?}");
+                }
+            }
+            // Every free lease is moved or reported unplaced.
+            for l in leases
+                .iter()
+                .filter(|l| l.lease_owner.is_none() && !l.is_finished())
+            {
+                assert!(
+                    moved.contains(l.lease_key.as_str()) || p.unplaced.contains(&l.lease_key),
+                    "seed {seed}: free lease {} forgotten",
+                    l.lease_key
+                );
+            }
+            // No worker ends above the lease limit through our moves.
+            let mut after: BTreeMap<String, usize> = BTreeMap::new();
+            for l in leases.iter().filter(|l| !l.is_finished()) {
+                let owner = p
+                    .moves
+                    .iter()
+                    .find(|m| m.lease_key == l.lease_key)
+                    .map(|m| m.to.clone())
+                    .or_else(|| l.checkpoint_owner.clone().or_else(|| l.lease_owner.clone()));
+                if let Some(o) = owner {
+                    *after.entry(o).or_default() += 1;
+                }
+            }
+            for m in &p.moves {
+                let before = leases
+                    .iter()
+                    .filter(|l| {
+                        !l.is_finished()
+                            && l.checkpoint_owner.as_ref().or(l.lease_owner.as_ref()) == Some(&m.to)
+                    })
+                    .count();
+                assert!(
+                    after[&m.to] <= cfg.max_leases_for_worker.max(before),
+                    "seed {seed}: {} has {} leases, limit {}",
+                    m.to,
+                    after[&m.to],
+                    cfg.max_leases_for_worker
+                );
+            }
+        }
+    }
 }
