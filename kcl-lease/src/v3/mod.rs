@@ -148,7 +148,8 @@
 //! ## Seen on this machine (`JAVA_KCL.md`)
 //!
 //! What running the Java KCL 3.1.3 against the emulators showed agrees with the source:
-//! its rows are `{wid, lut, opr, sts}` (empty maps with `disableWorkerMetrics`); its
+//! its rows are `{wid, lut, opr, sts}` (run with `disableWorkerMetrics`, whose empty metric
+//! list leaves both maps empty, by the source); its
 //! `Leader` item carries `leaseDuration = "120000"`; a rollback leaves `Migration3.0` at
 //! `CLIENT_VERSION_2X` (then the worker runs pure 2.x and needs no GSI); in 3.x the
 //! leader assigns only unassigned or expired leases and balances only between workers
