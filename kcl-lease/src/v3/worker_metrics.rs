@@ -20,9 +20,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use super::item::{Item, Reader, Value, parse_float, parse_int};
-use super::table::{Update, WORKER_METRIC_STATS_KEY};
-use crate::LeaseError;
+use super::item::{Condition, Item, Reader, Value, parse_float, parse_int};
+use super::table::{StateTable, Update, WORKER_METRIC_STATS_KEY, bounded};
+use crate::{Clock, LeaseError};
 
 /// The attribute names of a WorkerMetricStats row.
 pub mod attr {
@@ -347,6 +347,95 @@ impl MetricStatsRecorder {
     }
 }
 
+/// Writes `row` as the Java reporter does: an unconditional UpdateItem of `lut`, `sts` and
+/// `opr` (other attributes kept). Not called by the worker yet (see the [parent
+/// module](super)).
+pub async fn write_row(
+    table: &dyn StateTable,
+    clock: &dyn Clock,
+    limit: Duration,
+    row: &WorkerMetricStats,
+) -> Result<(), LeaseError> {
+    let update = row.update();
+    let call = table.update(&row.worker_id, &update, &Condition::Always);
+    bounded(clock, limit, "update", call).await
+}
+
+/// The rows of a scan: those that could be read, and the keys of those that could not
+/// (with why), which a leader leaves out rather than failing the whole run.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct RowScan {
+    /// The rows read.
+    pub rows: Vec<WorkerMetricStats>,
+    /// Rows that could not be read: their `wid` (or `?`) and the error.
+    pub malformed: Vec<(String, LeaseError)>,
+}
+
+/// Reads every row of the table (one bounded scan).
+pub async fn list_rows(
+    table: &dyn StateTable,
+    clock: &dyn Clock,
+    limit: Duration,
+) -> Result<RowScan, LeaseError> {
+    let items = bounded(clock, limit, "scan", table.scan()).await?;
+    let mut scan = RowScan::default();
+    for item in &items {
+        match WorkerMetricStats::from_item(item) {
+            Ok(row) => scan.rows.push(row),
+            Err(err) => {
+                let key = item
+                    .get(WORKER_METRIC_STATS_KEY)
+                    .and_then(Value::as_s)
+                    .unwrap_or("?")
+                    .to_owned();
+                tracing::warn!(worker = %key, error = %err, "skipping a WorkerMetricStats row");
+                scan.malformed.push((key, err));
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// The rows a leader deletes: written more than `max_age` before `now_secs` (the Java KCL:
+/// one day), or without `lut` at all.
+pub fn stale_rows(
+    rows: &[WorkerMetricStats],
+    now_secs: i64,
+    max_age: Duration,
+) -> Vec<&WorkerMetricStats> {
+    rows.iter()
+        .filter(|r| !r.is_fresh(now_secs, max_age))
+        .collect()
+}
+
+/// Deletes a stale row unless its worker wrote it again since it was read (condition:
+/// `lut` unchanged, as the Java leader deletes). `Ok(false)` when it was rewritten.
+pub async fn delete_stale_row(
+    table: &dyn StateTable,
+    clock: &dyn Clock,
+    limit: Duration,
+    row: &WorkerMetricStats,
+) -> Result<bool, LeaseError> {
+    let lut = match row.last_update_time {
+        Some(lut) => Condition::equals(attr::LAST_UPDATE_TIME, Value::int(lut)),
+        None => Condition::not_exists(attr::LAST_UPDATE_TIME),
+    };
+    let condition = Condition::And(vec![Condition::exists(attr::WORKER_ID), lut]);
+    match bounded(
+        clock,
+        limit,
+        "delete",
+        table.delete(&row.worker_id, &condition),
+    )
+    .await
+    {
+        Ok(()) => Ok(true),
+        Err(err) if err.is_condition_failed() => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,5 +578,49 @@ mod tests {
             MetricStatsRecorder::cpu().report("w", 1).metric_stats["C"],
             vec![-1.0]
         );
+    }
+    #[tokio::test]
+    async fn rows_are_written_listed_and_stale_ones_deleted_unless_rewritten() {
+        use crate::test_util::ManualClock;
+        use crate::v3::memory::InMemoryStateTable;
+        let clock = ManualClock::new();
+        let limit = Duration::from_secs(2);
+        let t = InMemoryStateTable::existing("app-WorkerMetricStats", "wid");
+        let mut old = row(&[10.0]);
+        old.worker_id = "old".into();
+        write_row(&t, &clock, limit, &old).await.unwrap();
+        let fresh = WorkerMetricStats {
+            last_update_time: Some(1_000 + 86_400),
+            ..row(&[20.0])
+        };
+        write_row(&t, &clock, limit, &fresh).await.unwrap();
+        t.seed(Item::from([
+            ("wid".to_owned(), Value::s("bad")),
+            ("lut".to_owned(), Value::s("yesterday")),
+        ]))
+        .unwrap();
+        let scan = list_rows(&t, &clock, limit).await.unwrap();
+        assert_eq!(scan.rows.len(), 2);
+        assert_eq!(scan.malformed.len(), 1);
+        assert_eq!(scan.malformed[0].0, "bad");
+        let now = 1_000 + 86_401;
+        let stale = stale_rows(&scan.rows, now, DEFAULT_STALE_ROW_CLEANUP);
+        assert_eq!(
+            stale
+                .iter()
+                .map(|r| r.worker_id.as_str())
+                .collect::<Vec<_>>(),
+            ["old"]
+        );
+        // The old worker came back and wrote again after the scan: its row stays.
+        let back = WorkerMetricStats {
+            last_update_time: Some(now),
+            ..old.clone()
+        };
+        write_row(&t, &clock, limit, &back).await.unwrap();
+        assert!(!delete_stale_row(&t, &clock, limit, stale[0]).await.unwrap());
+        assert!(t.peek("old").is_some());
+        assert!(delete_stale_row(&t, &clock, limit, &back).await.unwrap());
+        assert!(t.peek("old").is_none());
     }
 }
