@@ -359,6 +359,65 @@ impl Move {
     }
 }
 
+impl AssignmentWrite {
+    /// The lease written.
+    pub fn lease_key(&self) -> &str {
+        match self {
+            AssignmentWrite::Assign { lease_key, .. }
+            | AssignmentWrite::Handoff { lease_key, .. } => lease_key,
+        }
+    }
+
+    /// Whether the write's condition holds on the row as it is now (`None`: no such row),
+    /// as DynamoDB would evaluate it; for an in-memory store.
+    pub fn condition_holds(&self, current: Option<&Lease>) -> bool {
+        let Some(lease) = current else {
+            return false;
+        };
+        match self {
+            AssignmentWrite::Assign {
+                expected_owner,
+                expected_checkpoint_owner,
+                ..
+            } => {
+                lease.lease_owner == *expected_owner
+                    && lease.checkpoint_owner == *expected_checkpoint_owner
+            }
+            AssignmentWrite::Handoff { current_owner, .. } => {
+                lease.lease_owner.as_deref() == Some(current_owner.as_str())
+                    && lease.checkpoint_owner.is_none()
+            }
+        }
+    }
+
+    /// Applies the write's change to `lease` (whose condition held).
+    pub fn apply(&self, lease: &mut Lease) {
+        match self {
+            AssignmentWrite::Assign {
+                new_owner,
+                owner_switch,
+                ..
+            } => {
+                lease.lease_owner = Some(new_owner.clone());
+                lease.checkpoint_owner = None;
+                lease.lease_counter = lease.lease_counter.saturating_add(1);
+                if *owner_switch {
+                    lease.owner_switches_since_checkpoint =
+                        lease.owner_switches_since_checkpoint.saturating_add(1);
+                }
+            }
+            AssignmentWrite::Handoff {
+                current_owner,
+                new_owner,
+                ..
+            } => {
+                lease.lease_owner = Some(new_owner.clone());
+                lease.checkpoint_owner = Some(current_owner.clone());
+            }
+        }
+    }
+}
+
 /// The result of one planning run.
 #[derive(Clone, PartialEq, Debug, Default)]
 pub struct AssignmentPlan {
@@ -1335,5 +1394,69 @@ mod tests {
                 );
             }
         }
+    }
+    #[test]
+    fn writes_are_fenced_on_the_owners_read_and_change_what_the_java_kcl_changes() {
+        let mut l = lease("s0", Some("a"), 7, Some(1.0));
+        let handoff = AssignmentWrite::Handoff {
+            lease_key: "s0".into(),
+            current_owner: "a".into(),
+            new_owner: "b".into(),
+        };
+        assert_eq!(handoff.lease_key(), "s0");
+        assert!(handoff.condition_holds(Some(&l)));
+        assert!(!handoff.condition_holds(None), "the lease must exist");
+        handoff.apply(&mut l);
+        assert_eq!(
+            (
+                l.lease_owner.as_deref(),
+                l.checkpoint_owner.as_deref(),
+                l.lease_counter
+            ),
+            (Some("b"), Some("a"), 7)
+        );
+        assert!(
+            !handoff.condition_holds(Some(&l)),
+            "a handoff in flight is not started again"
+        );
+        // After the timeout the leader assigns directly, fenced on both owners it read.
+        let assign = AssignmentWrite::Assign {
+            lease_key: "s0".into(),
+            expected_owner: Some("b".into()),
+            expected_checkpoint_owner: Some("a".into()),
+            new_owner: "b".into(),
+            owner_switch: false,
+        };
+        let mut other = l.clone();
+        other.checkpoint_owner = None; // the old owner completed the handoff meanwhile
+        assert!(!assign.condition_holds(Some(&other)));
+        assert!(assign.condition_holds(Some(&l)));
+        assign.apply(&mut l);
+        assert_eq!(
+            (
+                l.lease_owner.as_deref(),
+                l.checkpoint_owner.as_deref(),
+                l.lease_counter
+            ),
+            (Some("b"), None, 8)
+        );
+        assert_eq!(l.owner_switches_since_checkpoint, 0);
+        // A free lease: expected owner absent; taking it counts an owner switch only when
+        // there was an owner.
+        let mut free = lease("s1", None, 0, None);
+        let take = AssignmentWrite::Assign {
+            lease_key: "s1".into(),
+            expected_owner: None,
+            expected_checkpoint_owner: None,
+            new_owner: "c".into(),
+            owner_switch: false,
+        };
+        assert!(take.condition_holds(Some(&free)));
+        take.apply(&mut free);
+        assert!(!take.condition_holds(Some(&free)), "someone took it first");
+        assert_eq!(
+            (free.lease_owner.as_deref(), free.lease_counter),
+            (Some("c"), 1)
+        );
     }
 }

@@ -31,6 +31,9 @@
 //! | heartbeat | UpdateItem `SET leaseDuration, recordVersionNumber = :new` | `attribute_exists(key) AND recordVersionNumber = :held AND ownerName = :me` |
 //! | release | DeleteItem | as for heartbeat |
 //!
+//! An item naming us as owner that we do not hold (a restart under the same worker id) is
+//! treated like anyone else's: we wait for it to expire, as the Java lock client does.
+//!
 //! The holder counts itself leader until `lease_duration` after the start of its last
 //! successful acquire or heartbeat: any contender first sees that write's number after it
 //! was made, so by then nobody else can have judged it expired. A heartbeat whose condition
@@ -889,5 +892,22 @@ mod tests {
         clock.advance_and_settle(Duration::from_millis(1)).await;
         a.await.unwrap();
         assert_eq!(table.peek("Leader"), None);
+    }
+    #[tokio::test]
+    async fn our_own_name_in_an_item_we_do_not_hold_is_waited_for() {
+        let (table, clock) = setup();
+        let mut before = java_item("a", "from-a-previous-run");
+        before.insert("leaseDuration".into(), Value::s("10000"));
+        table.seed(before).unwrap();
+        let mut a = lock(&table, &clock, "a", 1);
+        assert_eq!(
+            a.check().await.unwrap(),
+            LeaderStatus::Follower {
+                leader: Some("a".into())
+            }
+        );
+        assert!(!a.is_leader());
+        clock.advance(F + Duration::from_millis(1));
+        assert_eq!(a.check().await.unwrap(), LeaderStatus::Leader);
     }
 }
