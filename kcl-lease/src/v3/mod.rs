@@ -19,6 +19,7 @@
 //! | [`lock`] | the `Leader` lock item of the DynamoDB Lock Client and [`LeaderLock`](lock::LeaderLock) |
 //! | [`migration`] | the `Migration3.0` item, the client versions and the pure transition rules |
 //! | [`assignment`] | the leader's assignment planner: unassigned and expired first, then balance by utilisation and throughput |
+//! | [`discovery`] | the follower's discovery of its assigned leases through the lease owner index |
 //!
 //! # The Java KCL 3.x protocol, as read from its source
 //!
@@ -162,6 +163,7 @@
 //! with it. Start to first record on fresh leases took 38 s in 3.x (9-10 s in 2.x).
 
 pub mod assignment;
+pub mod discovery;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
 pub mod item;
