@@ -28,6 +28,7 @@
 //! | acquire, no item | PutItem (all attributes) | `attribute_not_exists(key)` |
 //! | acquire, released item | PutItem | `attribute_exists(key) AND isReleased = "1"` |
 //! | acquire, expired item | PutItem | `attribute_exists(key) AND recordVersionNumber = :seen` |
+//! | take back our lapsed lock | PutItem | `attribute_exists(key) AND recordVersionNumber = :ours AND ownerName = :me` |
 //! | heartbeat | UpdateItem `SET leaseDuration, recordVersionNumber = :new` | `attribute_exists(key) AND recordVersionNumber = :held AND ownerName = :me` |
 //! | release | DeleteItem | as for heartbeat |
 //!
@@ -37,7 +38,10 @@
 //! The holder counts itself leader until `lease_duration` after the start of its last
 //! successful acquire or heartbeat: any contender first sees that write's number after it
 //! was made, so by then nobody else can have judged it expired. A heartbeat whose condition
-//! fails means the lock was taken over: leadership ends at once.
+//! fails means the lock was taken over: leadership ends at once. A holder whose validity ran
+//! out (its heartbeats failed) and whose last number still stands takes the lock back at its
+//! next check, conditionally on that number (as safe as a takeover: exactly one of the two
+//! conditional writes can win).
 //!
 //! Every call is bounded by [`LeaderLockConfig::call_timeout`] on the injected clock.
 
@@ -347,9 +351,13 @@ impl LeaderLock {
         if self.is_leader() {
             return Ok(LeaderStatus::Leader);
         }
-        self.held = None;
+        // A lock whose validity ran out (heartbeats failed) but that nobody took over still
+        // carries our last number: taking it back on that number is as safe as any takeover
+        // (both are conditional on it, so exactly one wins), and spares a full lease duration.
         let limit = self.config.call_timeout;
         let current = bounded(&*self.clock, limit, "get", self.table.get(LEADER_KEY)).await?;
+        // Forgotten only once the item was read (a failed read keeps it for the next check).
+        let lapsed = self.held.take().map(|held| held.record_version_number);
         let now = self.clock.now();
         let condition = match current.as_ref().map(LockItem::from_item).transpose()? {
             None => Condition::not_exists(COORDINATOR_STATE_KEY),
@@ -357,6 +365,20 @@ impl LeaderLock {
                 Condition::exists(COORDINATOR_STATE_KEY),
                 Condition::equals(attr::IS_RELEASED, Value::s(attr::IS_RELEASED_VALUE)),
             ]),
+            Some(lock)
+                if lapsed.as_deref() == Some(lock.record_version_number.as_str())
+                    && lock.owner_name == self.config.owner_name =>
+            {
+                tracing::info!("the leader lock lapsed but was not taken over; taking it back");
+                Condition::And(vec![
+                    Condition::exists(COORDINATOR_STATE_KEY),
+                    Condition::equals(
+                        attr::RECORD_VERSION_NUMBER,
+                        Value::s(lock.record_version_number),
+                    ),
+                    Condition::equals(attr::OWNER_NAME, Value::s(&self.config.owner_name)),
+                ])
+            }
             Some(lock) => {
                 let seen = match &self.observed {
                     Some(o) if o.record_version_number == lock.record_version_number => o.clone(),
@@ -418,7 +440,7 @@ impl LeaderLock {
             return Ok(false);
         };
         if self.clock.now() >= held.valid_until {
-            self.held = None;
+            // Kept for `check`, which may take the lock back on its last number.
             return Ok(false);
         }
         let new_rvn = random_uuid(&*self.random);
@@ -830,24 +852,32 @@ mod tests {
     #[tokio::test]
     async fn the_driver_keeps_one_leader_fails_over_and_releases_on_stop() {
         let (table, clock) = setup();
-        let (stop_a, stop_a_rx) = tokio::sync::watch::channel(false);
-        let (stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
-        let (lead_a, lead_a_rx) = tokio::sync::watch::channel(false);
-        let (lead_b, lead_b_rx) = tokio::sync::watch::channel(false);
-        let a = tokio::spawn(run_leader_lock(
-            lock(&table, &clock, "a", 1),
-            stop_a_rx,
-            lead_a,
-        ));
-        clock.settle().await;
-        let b = tokio::spawn(run_leader_lock(
-            lock(&table, &clock, "b", 2),
-            stop_b_rx,
-            lead_b,
-        ));
+        let mut stops = Vec::new();
+        let mut leads = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, me) in ["a", "b"].into_iter().enumerate() {
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let (lead, lead_rx) = tokio::sync::watch::channel(false);
+            tasks.push(Some(tokio::spawn(run_leader_lock(
+                lock(&table, &clock, me, i as u64),
+                stop_rx,
+                lead,
+            ))));
+            stops.push(stop);
+            leads.push(lead_rx);
+            clock.settle().await;
+        }
+        let leaders =
+            |leads: &[tokio::sync::watch::Receiver<bool>], alive: &[bool]| -> Vec<usize> {
+                (0..leads.len())
+                    .filter(|i| alive[*i] && *leads[*i].borrow())
+                    .collect()
+            };
+        let mut alive = [true, true];
         clock.advance_and_settle(Duration::from_secs(60)).await;
-        assert!(
-            *lead_a_rx.borrow() && !*lead_b_rx.borrow(),
+        assert_eq!(
+            leaders(&leads, &alive),
+            [0],
             "a keeps the lock by heartbeats"
         );
         let heartbeats = table
@@ -859,40 +889,86 @@ mod tests {
             (17..=19).contains(&heartbeats),
             "one heartbeat per 3.33 s: {heartbeats}"
         );
-        // a hangs (e.g. a dead NAT): its heartbeats time out, it stops counting itself
-        // leader within the lease duration, and b takes over within 1.5 lease durations.
+
+        // The table hangs (a dead NAT): a's heartbeats time out and it stops counting itself
+        // leader when its validity runs out; nobody leads meanwhile.
         table.set_hanging(true);
-        clock.advance_and_settle(Duration::from_secs(10)).await;
-        assert!(!*lead_a_rx.borrow(), "a's validity ran out");
-        table.set_hanging(false);
-        // (b's calls hung too while the table hung.) Half a second at a time: never two
-        // leaders, and b leads within 1.5 lease durations of the end of the hang.
-        let mut b_led_after = None;
-        for step in 1..=40u32 {
+        for step in 1..=20u32 {
             clock.advance_and_settle(Duration::from_millis(500)).await;
-            assert!(
-                !(*lead_a_rx.borrow() && *lead_b_rx.borrow()),
-                "two leaders at step {step}"
-            );
-            if b_led_after.is_none() && *lead_b_rx.borrow() {
-                b_led_after = Some(step);
+            assert!(leaders(&leads, &alive).len() <= 1, "two leaders at {step}");
+        }
+        assert!(leaders(&leads, &alive).is_empty());
+        // The table recovers: a takes its lapsed lock back, or b (which saw the same number
+        // stand through the hang) takes it over; never both.
+        table.set_hanging(false);
+        let mut back = None;
+        for step in 1..=20u32 {
+            clock.advance_and_settle(Duration::from_millis(500)).await;
+            let now = leaders(&leads, &alive);
+            assert!(now.len() <= 1, "two leaders at {step}");
+            if back.is_none() && !now.is_empty() {
+                back = Some(step);
             }
         }
-        let b_led_after = b_led_after.expect("b took over");
-        assert!(b_led_after <= 30, "b led after {b_led_after} half-seconds");
-        assert!(*lead_b_rx.borrow() && !*lead_a_rx.borrow());
-        // A graceful stop releases: the item is gone and a takes it at its next check.
-        stop_b.send_replace(true);
+        assert!(
+            back.is_some_and(|s| s <= 12),
+            "a leader again after {back:?} half-seconds"
+        );
+
+        // The leader crashes (no release): the other leads within lease + 2 check periods.
+        let leader = leaders(&leads, &alive)[0];
+        let other = 1 - leader;
+        tasks[leader].take().unwrap().abort();
+        alive[leader] = false;
+        let mut after = None;
+        for step in 1..=60u32 {
+            clock.advance_and_settle(Duration::from_millis(500)).await;
+            assert!(leaders(&leads, &alive).len() <= 1);
+            if *leads[other].borrow() {
+                after = Some(step);
+                break;
+            }
+        }
+        let after = after.expect("the other took over");
+        assert!(
+            after <= 40,
+            "took over {after} half-seconds after the crash"
+        );
+        let owner = LockItem::from_item(&table.peek("Leader").unwrap())
+            .unwrap()
+            .owner_name;
+        assert_eq!(owner, ["a", "b"][other]);
+
+        // A graceful stop releases: the item is gone.
+        stops[other].send_replace(true);
         clock.advance_and_settle(Duration::from_millis(1)).await;
-        let b = b.await.unwrap();
-        assert!(!b.is_leader() && !*lead_b_rx.borrow());
-        clock.advance_and_settle(Duration::from_secs(5)).await;
-        assert!(*lead_a_rx.borrow());
-        stop_a.send_replace(true);
-        clock.advance_and_settle(Duration::from_millis(1)).await;
-        a.await.unwrap();
+        let survivor = tasks[other].take().unwrap().await.unwrap();
+        assert!(!survivor.is_leader() && !*leads[other].borrow());
         assert_eq!(table.peek("Leader"), None);
     }
+
+    #[tokio::test]
+    async fn a_lapsed_lock_is_taken_back_unless_someone_took_it() {
+        let (table, clock) = setup();
+        let mut a = lock(&table, &clock, "a", 1);
+        a.check().await.unwrap();
+        clock.advance(F);
+        assert!(!a.is_leader());
+        assert!(!a.heartbeat().await.unwrap(), "validity ran out");
+        assert_eq!(
+            a.check().await.unwrap(),
+            LeaderStatus::Leader,
+            "nobody took it: back at once"
+        );
+        // Taken over meanwhile: no way back before it expires again.
+        clock.advance(F);
+        table.seed(java_item("j", "taken")).unwrap();
+        assert!(matches!(
+            a.check().await.unwrap(),
+            LeaderStatus::Follower { .. }
+        ));
+    }
+
     #[tokio::test]
     async fn our_own_name_in_an_item_we_do_not_hold_is_waited_for() {
         let (table, clock) = setup();
