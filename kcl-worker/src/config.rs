@@ -78,6 +78,12 @@ pub struct FanOutConfig {
     /// The longest wait at start for the consumer to be registered and `ACTIVE` (default
     /// 2 min, 1 s..=1 h).
     pub registration_timeout: Option<Duration>,
+    /// How often, at most, a shard whose subscription is caught up (an event without
+    /// records, nothing behind) is checked for its end with one `GetShardIterator` and one
+    /// `GetRecords` (default 10 s, 100 ms..=1 h). The service ends a closed shard with an
+    /// event naming its children, which is enough; some servers (kinesis-local) never send
+    /// it, and a closed shard would never end without this check.
+    pub shard_end_probe_interval: Option<Duration>,
 }
 
 impl FanOutConfig {
@@ -110,6 +116,18 @@ impl FanOutConfig {
         self
     }
 
+    /// How often, at most, a caught-up shard is checked for its end.
+    pub fn shard_end_probe_interval(mut self, interval: Duration) -> Self {
+        self.shard_end_probe_interval = Some(interval);
+        self
+    }
+
+    /// `shard_end_probe_interval` with its default.
+    pub fn shard_end_probe_interval_or_default(&self) -> Duration {
+        self.shard_end_probe_interval
+            .unwrap_or(DEFAULT_SHARD_END_PROBE_INTERVAL)
+    }
+
     /// `event_timeout` with its default.
     pub fn event_timeout_or_default(&self) -> Duration {
         self.event_timeout.unwrap_or(DEFAULT_EVENT_TIMEOUT)
@@ -124,6 +142,8 @@ impl FanOutConfig {
 
 /// The default [`FanOutConfig::event_timeout`].
 pub const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default [`FanOutConfig::shard_end_probe_interval`].
+pub const DEFAULT_SHARD_END_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// The default [`FanOutConfig::registration_timeout`].
 pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -595,6 +615,14 @@ fn validate_fan_out(fan_out: &mut FanOutConfig, application_name: &str) -> Resul
     {
         return Err(invalid("registration_timeout", "must be between 1 s and 1 h"));
     }
+    if let Some(t) = fan_out.shard_end_probe_interval
+        && !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&t)
+    {
+        return Err(invalid(
+            "shard_end_probe_interval",
+            "must be between 100 ms and 1 h",
+        ));
+    }
     Ok(())
 }
 
@@ -808,6 +836,14 @@ mod tests {
                     ),
                 ),
                 "registration_timeout",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(
+                        FanOutConfig::new().shard_end_probe_interval(Duration::ZERO),
+                    ),
+                ),
+                "shard_end_probe_interval",
             ),
         ];
         for (builder, option) in cases {

@@ -132,6 +132,12 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 let reader = crate::fanout::FanOutReader {
                     base: fetcher,
                     consumer_arn: arn.clone(),
+                    shard_end_probe_interval: match &self.ctx.config.retrieval_specific_config {
+                        crate::config::RetrievalConfig::FanOut(f) => {
+                            f.shard_end_probe_interval_or_default()
+                        }
+                        _ => crate::config::DEFAULT_SHARD_END_PROBE_INTERVAL,
+                    },
                 };
                 tokio::spawn(reader.run(tx).instrument(tracing::Span::current()))
             }

@@ -45,6 +45,8 @@ pub(crate) struct FanOutReader {
     pub(crate) base: Fetcher,
     /// The registered consumer.
     pub(crate) consumer_arn: String,
+    /// How often, at most, a caught-up shard is checked for its end by polling.
+    pub(crate) shard_end_probe_interval: Duration,
 }
 
 /// Whether the reader goes on after a wait.
@@ -75,6 +77,7 @@ impl FanOutReader {
         let mut last_raw: Option<SequenceNumber> = None;
         let mut latest_started_at: Option<SystemTime> = None;
         let mut last_subscribe: Option<std::time::Instant> = None;
+        let mut last_probe: Option<std::time::Instant> = None;
         let min_interval =
             Duration::from_secs(1) / limits::SUBSCRIBE_TO_SHARD_PER_SECOND_PER_SHARD;
         'subscribe: loop {
@@ -179,6 +182,30 @@ impl FanOutReader {
                 }
                 let millis_behind_latest = event.millis_behind_latest.unwrap_or(0);
                 f.succeeded(millis_behind_latest, &mut streak);
+                // Caught up: has the shard ended without the service saying so?
+                let mut shard_end = shard_end;
+                if shard_end.is_none()
+                    && raw.is_empty()
+                    && millis_behind_latest == 0
+                    && let Some(after) = &continuation
+                    && last_probe.is_none_or(|at| {
+                        f.clock.now().saturating_duration_since(at) >= self.shard_end_probe_interval
+                    })
+                {
+                    last_probe = Some(f.clock.now());
+                    match self.probe_shard_end(after).await {
+                        Ok(Some(children)) => {
+                            info!(shard_id = %f.shard_id,
+                                "the shard is closed and read to its end (found by polling)");
+                            shard_end = Some(children);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            debug!(shard_id = %f.shard_id, error = %kcl_lease::ErrorChain(&e),
+                                "checking for the shard's end failed; checking again later");
+                        }
+                    }
+                }
                 let records = f.deaggregate_all(raw, &options, filter_below.as_ref());
                 if !records.is_empty()
                     || shard_end.is_some()
@@ -207,6 +234,28 @@ impl FanOutReader {
                 }
             }
         }
+    }
+}
+
+impl FanOutReader {
+    /// Whether the shard ended right after `after`: `Some(children)` when a `GetRecords`
+    /// from there returns no record and no next iterator (a closed shard read to its end).
+    async fn probe_shard_end(
+        &self,
+        after: &SequenceNumber,
+    ) -> Result<Option<Vec<crate::stream::ChildShard>>, StreamError> {
+        let f = &self.base;
+        let iterator = f
+            .stream
+            .get_shard_iterator(
+                &f.stream_name,
+                &f.shard_id,
+                &IteratorPosition::AfterSequenceNumber(after.clone()),
+            )
+            .await?;
+        let output = f.stream.get_records(&iterator, 1).await?;
+        Ok((output.records.is_empty() && output.next_shard_iterator.is_none())
+            .then_some(output.child_shards))
     }
 }
 

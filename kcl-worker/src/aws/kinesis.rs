@@ -116,7 +116,22 @@ impl Subscription for AwsSubscription {
                 Ok(Some(event)) => event,
                 Ok(None) => return Ok(None),
                 Err(SdkError::ServiceError(context)) => {
-                    return Err(map_service_error(context.into_err(), NotFound::Resource));
+                    use sdk::error::SubscribeToShardEventStreamError as E;
+                    let err = context.into_err();
+                    // Modeled exceptions of the event stream may carry no code in their
+                    // metadata: map them by variant.
+                    return Err(match err {
+                        E::ResourceInUseException(e) => StreamError::ResourceInUse {
+                            message: e.message().unwrap_or("resource in use").to_owned(),
+                        },
+                        E::ResourceNotFoundException(e) => StreamError::ResourceNotFound {
+                            message: e.message().unwrap_or("resource not found").to_owned(),
+                        },
+                        E::KmsThrottlingException(e) => StreamError::Throttled {
+                            source: Box::new(e),
+                        },
+                        other => map_service_error(other, NotFound::Resource),
+                    });
                 }
                 Err(other) => {
                     return Err(StreamError::Unreachable {
