@@ -49,19 +49,20 @@ impl RecordProcessor for Measuring {
     async fn initialize(&mut self, _: InitializationInput) {}
     async fn process_records(&mut self, input: ProcessRecordsInput) {
         let now = now_nanos();
-        let mut lat = self.latencies.lock().unwrap();
-        for r in &input.records {
-            if let Some(put) = std::str::from_utf8(&r.data)
-                .ok()
-                .and_then(|s| s.strip_prefix("t="))
-                .and_then(|s| s.parse::<u128>().ok())
-            {
-                lat.push(Duration::from_nanos(
-                    u64::try_from(now.saturating_sub(put)).unwrap_or(u64::MAX),
-                ));
-            }
-        }
-        drop(lat);
+        let seen: Vec<Duration> = input
+            .records
+            .iter()
+            .filter_map(|r| {
+                std::str::from_utf8(&r.data)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("t="))
+                    .and_then(|s| s.parse::<u128>().ok())
+            })
+            .map(|put| {
+                Duration::from_nanos(u64::try_from(now.saturating_sub(put)).unwrap_or(u64::MAX))
+            })
+            .collect();
+        self.latencies.lock().unwrap().extend(seen);
         let _ = input.checkpointer.checkpoint().await;
     }
     async fn shutdown(&mut self, input: ShutdownInput) {

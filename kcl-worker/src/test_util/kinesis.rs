@@ -74,6 +74,22 @@
 //!   `MillisBehindLatest` is 0 when the response reaches the tip of the shard, else the age
 //!   (on the clock) of the last record returned. Records carry their arrival time and
 //!   `encryption_type` `NONE`; as on the service, the explicit hash key is not returned.
+//! * **Enhanced fan-out.** `register_stream_consumer` registers a consumer per stream (its
+//!   ARN `STREAM_ARN/consumer/NAME:MILLIS`; a name in use is `ResourceInUse`, a 21st consumer
+//!   `Throttled` as `LimitExceededException`); it is `CREATING` for
+//!   [`InMemoryKinesis::set_consumer_activation_delay`] (zero by default), then `ACTIVE`.
+//!   `subscribe_to_shard` needs an `ACTIVE` consumer (else `ResourceInUse`), validates the
+//!   position like `GetShardIterator`, refuses a second call within one second for the same
+//!   consumer and shard (`Throttled`) and a new subscription within five seconds of a
+//!   successful one (`ResourceInUse`); later, the new subscription takes over and the old one
+//!   fails with `ResourceInUse`. A subscription pushes an event as soon as records arrive
+//!   (at most 10 000 records or 2 MiB each), an empty one every five seconds while idle,
+//!   each with the continuation sequence number (subscribe `AFTER_SEQUENCE_NUMBER` of it to
+//!   continue) and `MillisBehindLatest`; at a closed shard's end, a last event with the
+//!   children in `child_shards` and no continuation; after five minutes it ends
+//!   (`Ok(None)`). `deregister_stream_consumer` removes a consumer. Faults: an error
+//!   [`Fault`] on [`Operation::SubscribeToShardEvent`] ends a subscription mid-stream with
+//!   that error; a `Hang` fault there makes it silent.
 //! * **Puts** check the partition key (1 to 256 characters), the record size (data and key
 //!   up to 1 MiB), the explicit hash key, and for `put_records` 1 to 500 entries and 5 MiB.
 //!
@@ -86,7 +102,7 @@
 //!   partial failures.
 //! * `AT_TIMESTAMP` with a time in the future starts at the current tip; later records are
 //!   returned whatever their arrival time.
-//! * No enhanced fan-out, no encryption, no tags, no stream modes.
+//! * No encryption, no tags, no stream modes; no `ListStreamConsumers`.
 //!
 //! # Faults and statistics
 //!
