@@ -13,7 +13,12 @@
 //! Each line is `SETUP retrieval=R records=N median_ms=X p99_ms=Y`. kinesis-local pushes
 //! subscription events once a second (its `SubscribeToShard` is a one-second timer), so on it
 //! fan-out latency reflects that timer, not the service's ~70 ms.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -150,9 +155,7 @@ async fn start_all(
 
 async fn wait_processing(workers: &[(kcl_worker::WorkerHandle, Latencies)], want: usize) {
     let start = Instant::now();
-    while workers
-        .iter()
-        .any(|(_, l)| l.lock().unwrap().len() < want)
+    while workers.iter().any(|(_, l)| l.lock().unwrap().len() < want)
         && start.elapsed() < Duration::from_secs(120)
     {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1078,8 +1078,12 @@ async fn fan_out_two_workers_a_crash_a_split_and_a_merge_deliver_everything_in_o
         );
     }
     let started = Instant::now();
-    let w1 = env.worker_with("w1", Behaviour::new(), fan_out_config).await;
-    let w2 = env.worker_with("w2", Behaviour::new(), fan_out_config).await;
+    let w1 = env
+        .worker_with("w1", Behaviour::new(), fan_out_config)
+        .await;
+    let w2 = env
+        .worker_with("w2", Behaviour::new(), fan_out_config)
+        .await;
     println!(
         "[fan-out-e2e] two fan-out workers started (consumer registered) in {:?}",
         started.elapsed()
@@ -1239,8 +1243,20 @@ async fn two_applications_on_one_stream_one_polling_one_fan_out_each_receive_eve
         expected.len()
     );
     // Each application keeps its own leases and checkpoints.
-    assert!(polling.leases().await.values().all(|l| l.lease_owner.as_deref() == Some("p1")));
-    assert!(fan_out.leases().await.values().all(|l| l.lease_owner.as_deref() == Some("f1")));
+    assert!(
+        polling
+            .leases()
+            .await
+            .values()
+            .all(|l| l.lease_owner.as_deref() == Some("p1"))
+    );
+    assert!(
+        fan_out
+            .leases()
+            .await
+            .values()
+            .all(|l| l.lease_owner.as_deref() == Some("f1"))
+    );
     p.shutdown().await.unwrap();
     f.shutdown().await.unwrap();
 }

@@ -514,14 +514,13 @@ impl WorkerConfigBuilder {
                 "provisioned capacity units must be at least 1",
             ));
         }
-        let retrieval_specific_config =
-            match self.retrieval_specific_config.unwrap_or_default() {
-                RetrievalConfig::Polling => RetrievalConfig::Polling,
-                RetrievalConfig::FanOut(mut fan_out) => {
-                    validate_fan_out(&mut fan_out, &self.application_name)?;
-                    RetrievalConfig::FanOut(fan_out)
-                }
-            };
+        let retrieval_specific_config = match self.retrieval_specific_config.unwrap_or_default() {
+            RetrievalConfig::Polling => RetrievalConfig::Polling,
+            RetrievalConfig::FanOut(mut fan_out) => {
+                validate_fan_out(&mut fan_out, &self.application_name)?;
+                RetrievalConfig::FanOut(fan_out)
+            }
+        };
         Ok(WorkerConfig {
             retrieval_specific_config,
             application_name: self.application_name,
@@ -580,8 +579,7 @@ fn validate_fan_out(fan_out: &mut FanOutConfig, application_name: &str) -> Resul
             ));
         }
         (_, Some(arn)) => {
-            if !arn.starts_with("arn:") || arn.len() > 2048 || arn.contains(char::is_whitespace)
-            {
+            if !arn.starts_with("arn:") || arn.len() > 2048 || arn.contains(char::is_whitespace) {
                 return Err(invalid(
                     "consumer_arn",
                     "must be a stream consumer ARN (arn:...:consumer/NAME:TIMESTAMP)",
@@ -613,7 +611,10 @@ fn validate_fan_out(fan_out: &mut FanOutConfig, application_name: &str) -> Resul
     if let Some(t) = fan_out.registration_timeout
         && !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&t)
     {
-        return Err(invalid("registration_timeout", "must be between 1 s and 1 h"));
+        return Err(invalid(
+            "registration_timeout",
+            "must be between 1 s and 1 h",
+        ));
     }
     if let Some(t) = fan_out.shard_end_probe_interval
         && !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&t)
@@ -686,7 +687,8 @@ mod tests {
         assert_eq!(f.event_timeout_or_default(), DEFAULT_EVENT_TIMEOUT);
         let c = WorkerConfig::builder("app", "s")
             .retrieval_specific_config(RetrievalConfig::FanOut(
-                FanOutConfig::new().consumer_arn("arn:aws:kinesis:us-east-1:1:stream/s/consumer/c:1"),
+                FanOutConfig::new()
+                    .consumer_arn("arn:aws:kinesis:us-east-1:1:stream/s/consumer/c:1"),
             ))
             .build()
             .unwrap();

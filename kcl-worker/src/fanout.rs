@@ -78,8 +78,7 @@ impl FanOutReader {
         let mut latest_started_at: Option<SystemTime> = None;
         let mut last_subscribe: Option<std::time::Instant> = None;
         let mut last_probe: Option<std::time::Instant> = None;
-        let min_interval =
-            Duration::from_secs(1) / limits::SUBSCRIBE_TO_SHARD_PER_SECOND_PER_SHARD;
+        let min_interval = Duration::from_secs(1) / limits::SUBSCRIBE_TO_SHARD_PER_SECOND_PER_SHARD;
         'subscribe: loop {
             if tx.is_closed() {
                 return;
@@ -254,8 +253,10 @@ impl FanOutReader {
             )
             .await?;
         let output = f.stream.get_records(&iterator, 1).await?;
-        Ok((output.records.is_empty() && output.next_shard_iterator.is_none())
-            .then_some(output.child_shards))
+        Ok(
+            (output.records.is_empty() && output.next_shard_iterator.is_none())
+                .then_some(output.child_shards),
+        )
     }
 }
 

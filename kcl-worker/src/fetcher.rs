@@ -261,8 +261,9 @@ impl Fetcher {
                 || shard_end.is_some()
                 || self.config.call_process_records_even_for_empty_list
             {
-                let Some(permits) =
-                    self.acquire_budget(&records, &record_budget, &byte_budget).await
+                let Some(permits) = self
+                    .acquire_budget(&records, &record_budget, &byte_budget)
+                    .await
                 else {
                     return;
                 };
@@ -327,9 +328,11 @@ impl Fetcher {
 
     /// Records a successful read (health, metrics, the end of a failure streak).
     pub(crate) fn succeeded(&self, millis_behind_latest: u64, streak: &mut Streak) {
-        let ended_streak =
-            self.health
-                .success(&self.shard_id, self.clock.system_time(), millis_behind_latest);
+        let ended_streak = self.health.success(
+            &self.shard_id,
+            self.clock.system_time(),
+            millis_behind_latest,
+        );
         if ended_streak > 0 {
             streak.last_warned = None;
             info!(shard_id = %self.shard_id, failures = ended_streak,

@@ -444,7 +444,8 @@ impl StreamClient for BoundedStreamClient {
     ) -> Result<StreamConsumer, StreamError> {
         self.bound(
             "RegisterStreamConsumer",
-            self.inner.register_stream_consumer(stream_arn, consumer_name),
+            self.inner
+                .register_stream_consumer(stream_arn, consumer_name),
         )
         .await
     }
@@ -456,7 +457,8 @@ impl StreamClient for BoundedStreamClient {
     ) -> Result<StreamConsumer, StreamError> {
         self.bound(
             "DescribeStreamConsumer",
-            self.inner.describe_stream_consumer(stream_arn, consumer_name),
+            self.inner
+                .describe_stream_consumer(stream_arn, consumer_name),
         )
         .await
     }
@@ -470,7 +472,8 @@ impl StreamClient for BoundedStreamClient {
         let inner = self
             .bound(
                 "SubscribeToShard",
-                self.inner.subscribe_to_shard(consumer_arn, shard_id, position),
+                self.inner
+                    .subscribe_to_shard(consumer_arn, shard_id, position),
             )
             .await?;
         Ok(Box::new(BoundedSubscription {

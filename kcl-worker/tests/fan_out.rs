@@ -24,7 +24,11 @@ const STREAM: &str = "orders";
 const SHARD0: &str = "shardId-000000000000";
 
 async fn stream_arn(kinesis: &InMemoryKinesis) -> String {
-    kinesis.describe_stream_summary(STREAM).await.unwrap().stream_arn
+    kinesis
+        .describe_stream_summary(STREAM)
+        .await
+        .unwrap()
+        .stream_arn
 }
 
 async fn consumer(kinesis: &InMemoryKinesis, name: &str) -> String {
@@ -176,7 +180,9 @@ async fn the_last_event_of_a_closed_shard_names_the_children_and_has_no_continua
     let kinesis = InMemoryKinesis::new();
     kinesis.create_stream(STREAM, 1).unwrap();
     let consumer = consumer(&kinesis, "app").await;
-    kinesis.put_record(STREAM, "k", None, "before".into()).unwrap();
+    kinesis
+        .put_record(STREAM, "k", None, "before".into())
+        .unwrap();
     let mut sub = kinesis
         .subscribe_to_shard(&consumer, SHARD0, &IteratorPosition::TrimHorizon)
         .await
@@ -188,7 +194,11 @@ async fn the_last_event_of_a_closed_shard_names_the_children_and_has_no_continua
     let last = next(&mut sub).await;
     assert!(last.is_shard_end());
     assert_eq!(last.continuation_sequence_number, None);
-    let ids: BTreeSet<String> = last.child_shards.iter().map(|c| c.shard_id.clone()).collect();
+    let ids: BTreeSet<String> = last
+        .child_shards
+        .iter()
+        .map(|c| c.shard_id.clone())
+        .collect();
     assert_eq!(ids, children.iter().cloned().collect());
     assert!(sub.next_event().await.unwrap().is_none());
 }
@@ -213,7 +223,10 @@ async fn injected_faults_end_a_subscription_mid_stream_or_silence_it() {
         sub.next_event().await,
         Err(StreamError::Service { .. })
     ));
-    assert!(sub.next_event().await.unwrap().is_none(), "an error ends it");
+    assert!(
+        sub.next_event().await.unwrap().is_none(),
+        "an error ends it"
+    );
     tokio::time::sleep(Duration::from_secs(6)).await;
     let mut silent = kinesis
         .subscribe_to_shard(&consumer, SHARD0, &IteratorPosition::TrimHorizon)
@@ -243,8 +256,10 @@ async fn two_fan_out_workers_share_four_shards_and_deliver_everything_without_po
     }
     let keys: Vec<String> = (0..10).map(|c| format!("agg-key-{c}")).collect();
     for (c, chunk) in payloads("agg", 300).chunks(30).enumerate() {
-        let items: Vec<(&str, String)> =
-            chunk.iter().map(|p| (keys[c].as_str(), p.clone())).collect();
+        let items: Vec<(&str, String)> = chunk
+            .iter()
+            .map(|p| (keys[c].as_str(), p.clone()))
+            .collect();
         env.put_aggregate(&items).unwrap();
         expected.extend(chunk.iter().cloned());
     }
@@ -282,7 +297,11 @@ async fn two_fan_out_workers_share_four_shards_and_deliver_everything_without_po
     }
     w1.shutdown().await.unwrap();
     w2.shutdown().await.unwrap();
-    assert_eq!(env.kinesis().consumer_count(STREAM), 1, "never deregistered");
+    assert_eq!(
+        env.kinesis().consumer_count(STREAM),
+        1,
+        "never deregistered"
+    );
 }
 
 /// Per partition key, the first deliveries in produced order (a lease moving between
@@ -389,7 +408,10 @@ async fn a_silent_subscription_is_torn_down_and_renewed_after_the_event_timeout(
         })
         .await
         .unwrap();
-    assert!(took <= Duration::from_secs(20), "renewed after ~10 s: {took:?}");
+    assert!(
+        took <= Duration::from_secs(20),
+        "renewed after ~10 s: {took:?}"
+    );
     assert!(env.kinesis().stats().subscriptions_opened > opened);
     assert_eq!(env.kinesis().stats().calls_hung, 1);
     w1.shutdown().await.unwrap();
@@ -403,7 +425,11 @@ async fn a_slow_processor_holds_the_reading_back_within_the_prefetch_budget() {
         .start_with(
             "w1",
             Behaviour::new().slow(Duration::from_secs(3600), clock),
-            |b| fan_out(b).max_records(100u32).max_prefetch_records(200usize),
+            |b| {
+                fan_out(b)
+                    .max_records(100u32)
+                    .max_prefetch_records(200usize)
+            },
         )
         .await
         .unwrap();
@@ -556,7 +582,11 @@ async fn a_given_consumer_arn_registers_nothing_and_a_consumer_never_active_fail
     })
     .await
     .unwrap();
-    assert_eq!(env.kinesis().stats().register_stream_consumer, 1, "only ours");
+    assert_eq!(
+        env.kinesis().stats().register_stream_consumer,
+        1,
+        "only ours"
+    );
     w1.shutdown().await.unwrap();
     // A consumer that stays CREATING: the start fails after registration_timeout.
     env.kinesis()

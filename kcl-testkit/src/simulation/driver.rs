@@ -243,7 +243,11 @@ impl Simulation {
         // Fan-out or polling: alternating from a seed-derived start (no draw from the
         // schedule's random source, so the schedules stay as they were).
         let fan_out = self.config.fan_out
-            && (self.config.seed.wrapping_add(self.workers_started as u64)) % 2 == 0;
+            && self
+                .config
+                .seed
+                .wrapping_add(self.workers_started as u64)
+                .is_multiple_of(2);
         // `start` fails at once on a lease store error (faults may be injected right now):
         // retry a few times, as a supervisor restarting the process would.
         let mut attempt = 0;
@@ -254,8 +258,7 @@ impl Simulation {
                 .start_factory(&id, journaling.clone(), random_seed, |b| {
                     if fan_out {
                         b.retrieval_specific_config(kcl_worker::RetrievalConfig::FanOut(
-                            kcl_worker::FanOutConfig::new()
-                                .event_timeout(Duration::from_secs(10)),
+                            kcl_worker::FanOutConfig::new().event_timeout(Duration::from_secs(10)),
                         ))
                     } else {
                         b

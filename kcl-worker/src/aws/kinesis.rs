@@ -226,9 +226,9 @@ impl StreamClient for AwsStreamClient {
             .send()
             .await
             .map_err(|err| map_sdk_error(err, NotFound::Resource))?;
-        let consumer = output.consumer_description.ok_or_else(|| {
-            malformed("DescribeStreamConsumer returned no ConsumerDescription")
-        })?;
+        let consumer = output
+            .consumer_description
+            .ok_or_else(|| malformed("DescribeStreamConsumer returned no ConsumerDescription"))?;
         Ok(StreamConsumer {
             status: consumer_status(&consumer.consumer_status)?,
             consumer_name: consumer.consumer_name,

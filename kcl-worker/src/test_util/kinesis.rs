@@ -328,9 +328,7 @@ impl InMemoryKinesis {
         stream_arn: &str,
         consumer_name: &str,
     ) -> Result<(), StreamError> {
-        let removed = self
-            .state()
-            .deregister_consumer(stream_arn, consumer_name);
+        let removed = self.state().deregister_consumer(stream_arn, consumer_name);
         self.inner.changed.notify_waiters();
         removed
     }
@@ -531,7 +529,10 @@ impl Subscription for InMemorySubscription {
         }
         let began = self
             .kinesis
-            .begin(Operation::SubscribeToShardEvent, Some(&self.cursor.shard_id))
+            .begin(
+                Operation::SubscribeToShardEvent,
+                Some(&self.cursor.shard_id),
+            )
             .await;
         if let Err(e) = began {
             self.dead = true;
@@ -542,7 +543,10 @@ impl Subscription for InMemorySubscription {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = self.kinesis.now();
-            let polled = self.kinesis.state().poll_subscription(&mut self.cursor, now);
+            let polled = self
+                .kinesis
+                .state()
+                .poll_subscription(&mut self.cursor, now);
             let until = match polled {
                 Ok(fanout::Poll::Event(event)) => return Ok(Some(event)),
                 Ok(fanout::Poll::Ended) => {

@@ -219,14 +219,15 @@ impl State {
                     .is_some_and(|s| s.incarnation == c.incarnation)
             })
             .ok_or_else(|| consumer_not_found(consumer_arn))?;
-        if consumer.describe(now, self.fan_out.activation_delay).status != ConsumerStatus::Active
-        {
+        if consumer.describe(now, self.fan_out.activation_delay).status != ConsumerStatus::Active {
             self.stats.subscribe_resource_in_use += 1;
             return Err(StreamError::ResourceInUse {
                 message: format!("Consumer {consumer_arn} is not ACTIVE"),
             });
         }
-        let index = self.stream(&consumer.stream)?.find_shard(shard_id, now.wall)?;
+        let index = self
+            .stream(&consumer.stream)?
+            .find_shard(shard_id, now.wall)?;
         let key = (consumer_arn.to_owned(), index);
         let mut rules = self
             .fan_out
@@ -234,8 +235,9 @@ impl State {
             .get(&key)
             .cloned()
             .unwrap_or_default();
-        let within =
-            |at: Option<u64>, d: Duration| at.is_some_and(|at| now.mono < at.saturating_add(nanos(d)));
+        let within = |at: Option<u64>, d: Duration| {
+            at.is_some_and(|at| now.mono < at.saturating_add(nanos(d)))
+        };
         let too_soon = within(rules.last_call, Duration::from_secs(1));
         let in_use = within(rules.last_success, limits::RESUBSCRIBE_GRACE);
         rules.last_call = Some(now.mono);
@@ -265,7 +267,10 @@ impl State {
                 .filter(|before| *before >= shard.base)
                 .and_then(|before| usize::try_from(before - shard.base).ok())
                 .and_then(|offset| shard.records.get(offset))
-                .map_or_else(|| shard.starting.clone(), |s| s.record.sequence_number.clone())
+                .map_or_else(
+                    || shard.starting.clone(),
+                    |s| s.record.sequence_number.clone(),
+                )
         };
         rules.last_success = Some(now.mono);
         rules.generation += 1;
@@ -294,7 +299,10 @@ impl State {
         now: Now,
     ) -> Result<Poll, StreamError> {
         let gone = || StreamError::ResourceNotFound {
-            message: format!("shard {} of stream {} no longer exists", cursor.shard_id, cursor.stream),
+            message: format!(
+                "shard {} of stream {} no longer exists",
+                cursor.shard_id, cursor.stream
+            ),
         };
         if cursor.finished {
             return Ok(Poll::Ended);
@@ -309,16 +317,20 @@ impl State {
                 message: "another subscription took this one over".to_owned(),
             });
         }
-        let consumer_live = self.fan_out.consumers.iter().any(|c| c.arn == cursor.consumer_arn);
-        let end = cursor.started.saturating_add(nanos(limits::SUBSCRIPTION_LIFETIME));
+        let consumer_live = self
+            .fan_out
+            .consumers
+            .iter()
+            .any(|c| c.arn == cursor.consumer_arn);
+        let end = cursor
+            .started
+            .saturating_add(nanos(limits::SUBSCRIPTION_LIFETIME));
         if now.mono >= end {
             self.stats.subscriptions_expired += 1;
             cursor.finished = true;
             return Ok(Poll::Ended);
         }
-        let Self {
-            streams, stats, ..
-        } = self;
+        let Self { streams, stats, .. } = self;
         let stream = streams
             .get_mut(&cursor.stream)
             .filter(|s| s.incarnation == cursor.incarnation && consumer_live)
