@@ -625,3 +625,33 @@ async fn a_given_consumer_arn_registers_nothing_and_a_consumer_never_active_fail
         .unwrap();
     w3.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn events_carry_millis_behind_latest_and_are_bounded_in_size() {
+    // Arrival times and MillisBehindLatest follow the clock's wall time.
+    let clock = std::sync::Arc::new(kcl_lease::test_util::ManualClock::new());
+    let kinesis = InMemoryKinesis::with_clock(clock.clone());
+    kinesis.create_stream(STREAM, 1).unwrap();
+    let consumer = consumer(&kinesis, "app").await;
+    for chunk in 0..21 {
+        let entries = (0..500).map(|i| {
+            kcl_worker::test_util::kinesis::PutRecordsEntry::new("k", format!("{chunk}-{i}"))
+        });
+        kinesis.put_records(STREAM, entries).unwrap();
+    }
+    clock.advance(Duration::from_secs(2));
+    let mut sub = kinesis
+        .subscribe_to_shard(&consumer, SHARD0, &IteratorPosition::TrimHorizon)
+        .await
+        .unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!(first.records.len(), 10_000);
+    assert!(
+        first.millis_behind_latest.unwrap() >= 2000,
+        "{:?}",
+        first.millis_behind_latest
+    );
+    let second = next(&mut sub).await;
+    assert_eq!(second.records.len(), 500);
+    assert_eq!(second.millis_behind_latest, Some(0));
+}
