@@ -636,7 +636,8 @@ fn consumer_exits_0_after_sigterm_while_its_dynamodb_path_hangs() {
 fn the_consumer_reads_by_enhanced_fan_out_with_a_named_consumer() {
     let kinesis = Emulator::start(EmulatorKind::KinesisLocal).unwrap_or_else(|e| panic!("{e}"));
     let dynalite = Emulator::start(EmulatorKind::Dynalite).unwrap_or_else(|e| panic!("{e}"));
-    let stream = "consumer-fan-out-stream";
+    // Not "consumer" in the stream name: kinesis-local misreads such consumer ARNs.
+    let stream = "example-fan-out-stream";
     let produced = run_producer(
         kinesis.endpoint(),
         stream,
@@ -655,7 +656,7 @@ fn the_consumer_reads_by_enhanced_fan_out_with_a_named_consumer() {
         "--stream",
         stream,
         "--application",
-        "consumer-fan-out-app",
+        "example-fan-out-app",
         "--region",
         REGION,
         "--kinesis-endpoint",
