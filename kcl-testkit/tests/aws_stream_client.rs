@@ -819,15 +819,25 @@ async fn fan_out_through_the_sdk_outlives_the_call_timeouts() {
         .timeout_config(kcl_worker::aws::sdk_timeout_config(&timeouts))
         .build();
     let client = AwsStreamClient::new(aws_sdk_kinesis::Client::from_conf(conf));
-    let arn = client.describe_stream_summary(stream).await.unwrap().stream_arn;
-    let registered = client.register_stream_consumer(&arn, "sdk-app").await.unwrap();
+    let arn = client
+        .describe_stream_summary(stream)
+        .await
+        .unwrap()
+        .stream_arn;
+    let registered = client
+        .register_stream_consumer(&arn, "sdk-app")
+        .await
+        .unwrap();
     assert!(matches!(
         client.register_stream_consumer(&arn, "sdk-app").await,
         Err(StreamError::ResourceInUse { .. })
     ));
     let started = Instant::now();
     loop {
-        let c = client.describe_stream_consumer(&arn, "sdk-app").await.unwrap();
+        let c = client
+            .describe_stream_consumer(&arn, "sdk-app")
+            .await
+            .unwrap();
         if c.status == kcl_worker::stream::ConsumerStatus::Active {
             assert_eq!(c.consumer_arn, registered.consumer_arn);
             break;
