@@ -372,6 +372,8 @@ async fn subscriptions_are_renewed_every_five_minutes_and_after_errors_without_l
     assert!(stats.subscriptions_expired >= 2, "{stats:?}");
     assert_eq!(stats.faults_injected, 3, "{stats:?}");
     assert!(stats.subscribe_resource_in_use >= 1, "{stats:?}");
+    // The reader keeps to one SubscribeToShard per second per shard: none was refused for it.
+    assert_eq!(stats.subscribe_throttled, 0, "{stats:?}");
     assert_once_in_order(&env, &produced);
     w1.shutdown().await.unwrap();
 }
