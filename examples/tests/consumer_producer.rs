@@ -628,3 +628,118 @@ fn consumer_exits_0_after_sigterm_while_its_dynamodb_path_hangs() {
     );
     runtime.block_on(proxy.shutdown());
 }
+
+/// `--retrieval fan-out --consumer-name NAME`: the consumer registers that stream consumer
+/// and prints every record read through SubscribeToShard; `--consumer-name` alone (polling) is
+/// refused.
+#[test]
+fn the_consumer_reads_by_enhanced_fan_out_with_a_named_consumer() {
+    let kinesis = Emulator::start(EmulatorKind::KinesisLocal).unwrap_or_else(|e| panic!("{e}"));
+    let dynalite = Emulator::start(EmulatorKind::Dynalite).unwrap_or_else(|e| panic!("{e}"));
+    // Not "consumer" in the stream name: kinesis-local misreads such consumer ARNs.
+    let stream = "example-fan-out-stream";
+    let produced = run_producer(
+        kinesis.endpoint(),
+        stream,
+        &[
+            "--create-stream",
+            "--shards",
+            "1",
+            "--count",
+            "20",
+            "--payload-prefix",
+            "fo-",
+        ],
+    );
+    assert!(produced.status.success(), "{produced:?}");
+    let common = [
+        "--stream",
+        stream,
+        "--application",
+        "example-fan-out-app",
+        "--region",
+        REGION,
+        "--kinesis-endpoint",
+        kinesis.endpoint(),
+        "--dynamodb-endpoint",
+        dynalite.endpoint(),
+        "--initial-position",
+        "trim-horizon",
+    ];
+    // A consumer name without fan-out is a usage error, not ignored.
+    let refused = aws_env(&mut Command::new(env!("CARGO_BIN_EXE_consumer")))
+        .args(common)
+        .args(["--consumer-name", "named"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("--consumer-name needs --retrieval fan-out"),
+        "{refused:?}"
+    );
+    let mut args = common.to_vec();
+    args.extend([
+        "--retrieval",
+        "fan-out",
+        "--consumer-name",
+        "named-consumer",
+    ]);
+    let mut consumer = spawn_consumer(&args);
+    let lines = consumer.lines.take().unwrap();
+    let mut payloads = BTreeSet::new();
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while payloads.len() < 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(v["data_b64"].as_str().unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("data_b64 is not base64 ({e}): {line}"));
+                payloads.insert(String::from_utf8(data).unwrap());
+            }
+            Err(e) => panic!(
+                "after {DELIVERY_TIMEOUT:?} {} of 20 payloads ({e:?}); consumer log:\n{}",
+                payloads.len(),
+                consumer.log()
+            ),
+        }
+    }
+    assert!(
+        payloads.iter().all(|p| p.starts_with("fo-")),
+        "{payloads:?}"
+    );
+    let (status, _) = consumer.terminate(SHUTDOWN_TIMEOUT);
+    assert!(status.success(), "{}", consumer.log());
+    // The named consumer is registered on the stream, and stays.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = kinesis_client(kinesis.endpoint());
+    let consumers = runtime.block_on(async {
+        let arn = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .unwrap()
+            .stream_description_summary
+            .unwrap()
+            .stream_arn;
+        client
+            .list_stream_consumers()
+            .stream_arn(arn)
+            .send()
+            .await
+            .unwrap()
+    });
+    let names: Vec<&str> = consumers
+        .consumers()
+        .iter()
+        .map(|c| c.consumer_name())
+        .collect();
+    assert_eq!(names, ["named-consumer"]);
+}

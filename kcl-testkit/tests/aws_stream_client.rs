@@ -802,3 +802,89 @@ fn debug_shows_no_credentials() {
         "{debug}"
     );
 }
+
+/// Enhanced fan-out through the SDK: register, describe until ACTIVE, subscribe; the event
+/// stream outlives the SDK's attempt and call timeouts (they bound the call, not the
+/// subscription), carries continuation numbers, and a fresh resubscribe meets ResourceInUse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_through_the_sdk_outlives_the_call_timeouts() {
+    let stream = "sdk-fan-out";
+    let sdk = sdk();
+    create_stream_and_wait(&sdk, stream, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Call timeouts of 1 s / 2 s, as AwsOptions gives the worker's clients.
+    let timeouts = kcl_lease::CallTimeouts::new(Duration::from_secs(1), Duration::from_secs(2));
+    let conf = aws_sdk_kinesis::config::Builder::from(&sdk_config(emulator().endpoint()))
+        .timeout_config(kcl_worker::aws::sdk_timeout_config(&timeouts))
+        .build();
+    let client = AwsStreamClient::new(aws_sdk_kinesis::Client::from_conf(conf));
+    let arn = client
+        .describe_stream_summary(stream)
+        .await
+        .unwrap()
+        .stream_arn;
+    let registered = client
+        .register_stream_consumer(&arn, "sdk-app")
+        .await
+        .unwrap();
+    assert!(matches!(
+        client.register_stream_consumer(&arn, "sdk-app").await,
+        Err(StreamError::ResourceInUse { .. })
+    ));
+    let started = Instant::now();
+    loop {
+        let c = client
+            .describe_stream_consumer(&arn, "sdk-app")
+            .await
+            .unwrap();
+        if c.status == kcl_worker::stream::ConsumerStatus::Active {
+            assert_eq!(c.consumer_arn, registered.consumer_arn);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{c:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let put = sdk
+        .put_record()
+        .stream_name(stream)
+        .partition_key("k")
+        .data(Blob::new(b"first".to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let mut sub = client
+        .subscribe_to_shard(
+            &registered.consumer_arn,
+            "shardId-000000000000",
+            &IteratorPosition::TrimHorizon,
+        )
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    let mut events = 0;
+    let subscribed = Instant::now();
+    while subscribed.elapsed() < Duration::from_secs(5) {
+        let event = sub.next_event().await.unwrap().expect("not ended");
+        events += 1;
+        records.extend(event.records);
+        assert!(event.continuation_sequence_number.is_some());
+    }
+    assert!(events >= 3, "{events} events in 5 s");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].sequence_number.as_str(), put.sequence_number());
+    // A second subscription while this one is open: ResourceInUse (from kinesis-local on the
+    // event stream).
+    let mut second = client
+        .subscribe_to_shard(
+            &registered.consumer_arn,
+            "shardId-000000000000",
+            &IteratorPosition::TrimHorizon,
+        )
+        .await;
+    let refused = match &mut second {
+        Err(e) => matches!(e, StreamError::ResourceInUse { .. }),
+        Ok(s) => matches!(s.next_event().await, Err(StreamError::ResourceInUse { .. })),
+    };
+    assert!(refused, "a second subscription is refused");
+}

@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 use kcl_testkit::simulation::{SimulationConfig, SimulationFailure, SimulationReport, run_config};
 
 /// The configuration of `seed`; `KCL_SIM_HANGS=0` leaves the hang faults out (they are in
-/// by default).
+/// by default); `KCL_SIM_FAN_OUT=0` runs polling workers only (by default fan-out and
+/// polling workers are mixed, with the fan-out faults).
 fn config(seed: u64) -> SimulationConfig {
-    SimulationConfig::new(seed).hangs(env_number("KCL_SIM_HANGS") != Some(0))
+    SimulationConfig::new(seed)
+        .hangs(env_number("KCL_SIM_HANGS") != Some(0))
+        .fan_out(env_number("KCL_SIM_FAN_OUT") != Some(0))
 }
 
 fn run_seed(seed: u64) -> Result<SimulationReport, SimulationFailure> {
@@ -34,6 +37,8 @@ struct Totals {
     zombie_redeliveries: usize,
     faults: usize,
     workers: usize,
+    fan_out_workers: usize,
+    subscriptions: u64,
     checkpoints: usize,
     virtual_time: Duration,
 }
@@ -47,6 +52,8 @@ impl Totals {
         self.zombie_redeliveries += r.zombie_redeliveries;
         self.faults += r.faults_injected;
         self.workers += r.workers_started;
+        self.fan_out_workers += r.fan_out_workers_started;
+        self.subscriptions += r.subscriptions_opened;
         self.checkpoints += r.checkpoints;
         self.virtual_time += r.virtual_time;
     }
@@ -67,7 +74,7 @@ fn run_seeds(first: u64, count: u64) {
         }
     }
     println!(
-        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started, {} checkpoints",
+        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started ({} by fan-out, {} subscriptions), {} checkpoints",
         totals.seeds,
         wall.elapsed(),
         totals.virtual_time,
@@ -77,8 +84,18 @@ fn run_seeds(first: u64, count: u64) {
         totals.zombie_redeliveries,
         totals.faults,
         totals.workers,
+        totals.fan_out_workers,
+        totals.subscriptions,
         totals.checkpoints,
     );
+    // Both kinds of retrieval ran (unless turned off with KCL_SIM_FAN_OUT=0).
+    if totals.seeds > 0 && env_number("KCL_SIM_FAN_OUT") != Some(0) {
+        assert!(
+            totals.fan_out_workers > 0 && totals.fan_out_workers < totals.workers,
+            "fan-out and polling workers mixed"
+        );
+        assert!(totals.subscriptions > 0, "fan-out workers subscribed");
+    }
     if !failures.is_empty() {
         let seeds: Vec<u64> = failures.iter().map(|f| f.seed).collect();
         panic!(

@@ -1028,3 +1028,235 @@ async fn a_restart_resumes_from_a_checkpoint_inside_an_aggregate() {
     .await;
     w2.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Enhanced fan-out (SubscribeToShard) on kinesis-local
+
+fn fan_out_config(b: WorkerConfigBuilder) -> WorkerConfigBuilder {
+    b.retrieval_specific_config(kcl_worker::RetrievalConfig::FanOut(
+        kcl_worker::FanOutConfig::new()
+            .event_timeout(Duration::from_secs(10))
+            .shard_end_probe_interval(Duration::from_millis(500)),
+    ))
+}
+
+/// Per partition key, the first deliveries in `log`, in order.
+fn first_seen_per_key(log: &EventLog) -> BTreeMap<String, Vec<String>> {
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for (_, _, r) in log.deliveries() {
+        let p = text(&r);
+        if seen.insert(p.clone()) {
+            got.entry(r.partition_key.clone()).or_default().push(p);
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_two_workers_a_crash_a_split_and_a_merge_deliver_everything_in_order() {
+    let env = Env::new("fan-out-e2e", 2).await;
+    let initial = env.shards().await;
+    let mut by_start: Vec<&Shard> = initial.values().collect();
+    by_start.sort_by_key(|s| s.hash_key_range.start());
+    let (low, high) = (by_start[0].clone(), by_start[1].clone());
+    let split_at = low.hash_key_range.start()
+        + (low.hash_key_range.end() - low.hash_key_range.start()) / 2
+        + 1;
+    let regions = [
+        (low.hash_key_range.start(), split_at - 1),
+        (split_at, low.hash_key_range.end()),
+        (high.hash_key_range.start(), high.hash_key_range.end()),
+    ];
+    let mut keys = Vec::new();
+    for (start, end) in regions {
+        keys.extend(
+            (0..)
+                .map(|i| format!("user-{i}"))
+                .filter(|k| (start..=end).contains(&partition_key_hash(k)))
+                .take(2),
+        );
+    }
+    let started = Instant::now();
+    let w1 = env
+        .worker_with("w1", Behaviour::new(), fan_out_config)
+        .await;
+    let w2 = env
+        .worker_with("w2", Behaviour::new(), fan_out_config)
+        .await;
+    println!(
+        "[fan-out-e2e] two fan-out workers started (consumer registered) in {:?}",
+        started.elapsed()
+    );
+    let mut produced: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut w1 = Some(w1);
+    let mut upper_child = None;
+    let mut merged = None;
+    for round in 0..24 {
+        let entries: Vec<Entry> = keys
+            .iter()
+            .map(|k| Entry::plain(k, &format!("{k}/{round:03}")))
+            .collect();
+        env.put(&entries).await;
+        for e in &entries {
+            produced
+                .entry(e.partition_key.clone())
+                .or_default()
+                .push(String::from_utf8(e.data.to_vec()).unwrap());
+        }
+        if round == 5 {
+            // A crash: no shutdown, no release; w2 takes the shards after the failover time.
+            w1.take().unwrap().abort().await;
+        }
+        if round == 10 {
+            env.kinesis
+                .split_shard()
+                .stream_name(&env.stream)
+                .shard_to_split(&low.shard_id)
+                .new_starting_hash_key(split_at.to_string())
+                .send()
+                .await
+                .unwrap();
+            env.wait_active().await;
+            let shards = env.shards().await;
+            upper_child = shards
+                .values()
+                .find(|s| {
+                    s.parent_shard_id.as_deref() == Some(low.shard_id.as_str())
+                        && s.hash_key_range.start() == split_at
+                })
+                .map(|s| s.shard_id.clone());
+        }
+        if round == 16 {
+            let upper = upper_child.clone().unwrap();
+            env.kinesis
+                .merge_shards()
+                .stream_name(&env.stream)
+                .shard_to_merge(&upper)
+                .adjacent_shard_to_merge(&high.shard_id)
+                .send()
+                .await
+                .unwrap();
+            env.wait_active().await;
+            merged = env
+                .shards()
+                .await
+                .values()
+                .find(|s| s.parent_shard_id.as_deref() == Some(upper.as_str()))
+                .map(|s| s.shard_id.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all: BTreeSet<String> = produced.values().flatten().cloned().collect();
+    let took = env
+        .wait_until("every record", 2 * PATIENCE, |log| delivered(log) == all)
+        .await;
+    println!(
+        "[fan-out-e2e] {} records, all delivered {took:?} after the last put",
+        all.len()
+    );
+    assert_eq!(first_seen_per_key(&env.log), produced);
+    // The parents were finished (SHARD_END, or cleaned up) and every child read.
+    let merged = merged.unwrap();
+    let leases = env
+        .wait_for_table("the parents finished", PATIENCE, |leases| {
+            [&low.shard_id, &high.shard_id, upper_child.as_ref().unwrap()]
+                .iter()
+                .all(|p| leases.get(*p).is_none_or(|l| l.checkpoint.is_shard_end()))
+        })
+        .await;
+    assert!(leases.contains_key(&merged), "{leases:#?}");
+    // Children initialised only after every parent's Terminate checkpoint.
+    let events = env.log.events();
+    let ended = |shard: &str| {
+        events.iter().position(|e| {
+            matches!(e, Event::Checkpointed { shard: s, error: None,
+                during: Some(ShutdownReason::Terminate), .. } if s == shard)
+        })
+    };
+    for (child, parents) in [
+        (upper_child.clone().unwrap(), vec![low.shard_id.clone()]),
+        (
+            merged.clone(),
+            vec![upper_child.clone().unwrap(), high.shard_id.clone()],
+        ),
+    ] {
+        let init = events
+            .iter()
+            .position(|e| matches!(e, Event::Initialized { shard, .. } if *shard == child))
+            .unwrap_or_else(|| panic!("{child} initialised"));
+        for parent in parents {
+            let end = ended(&parent).unwrap_or_else(|| panic!("{parent} ended"));
+            assert!(end < init, "{child} started before {parent} ended");
+        }
+    }
+    // Fan-out only: one consumer, registered once, on the stream.
+    let arn = env
+        .stream_client
+        .describe_stream_summary(&env.stream)
+        .await
+        .unwrap()
+        .stream_arn;
+    let consumers = env
+        .kinesis
+        .list_stream_consumers()
+        .stream_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consumers.consumers().len(), 1, "{consumers:?}");
+    assert_eq!(consumers.consumers()[0].consumer_name(), env.stream);
+    w2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_applications_on_one_stream_one_polling_one_fan_out_each_receive_everything() {
+    let polling = Env::new("two-apps", 2).await;
+    let fan_out = Env {
+        stream: polling.stream.clone(),
+        table: "two-apps-fan-out-leases".to_owned(),
+        kinesis: polling.kinesis.clone(),
+        stream_client: polling.stream_client.clone(),
+        store: new_store("two-apps-fan-out-leases"),
+        log: EventLog::new(),
+    };
+    let p = polling.worker("p1", Behaviour::new()).await;
+    let f = fan_out
+        .worker_with("f1", Behaviour::new(), |b| {
+            fan_out_config(b).worker_id("f1")
+        })
+        .await;
+    let mut expected = polling.put_plain("both", 150).await;
+    expected.extend(polling.put_plain("more", 50).await);
+    let took_polling = polling
+        .wait_until("polling app: every record", PATIENCE, |log| {
+            delivered(log) == expected
+        })
+        .await;
+    let took_fan_out = fan_out
+        .wait_until("fan-out app: every record", PATIENCE, |log| {
+            delivered(log) == expected
+        })
+        .await;
+    println!(
+        "[two-apps] {} records each: polling app after {took_polling:?}, fan-out app after {took_fan_out:?}",
+        expected.len()
+    );
+    // Each application keeps its own leases and checkpoints.
+    assert!(
+        polling
+            .leases()
+            .await
+            .values()
+            .all(|l| l.lease_owner.as_deref() == Some("p1"))
+    );
+    assert!(
+        fan_out
+            .leases()
+            .await
+            .values()
+            .all(|l| l.lease_owner.as_deref() == Some("f1"))
+    );
+    p.shutdown().await.unwrap();
+    f.shutdown().await.unwrap();
+}

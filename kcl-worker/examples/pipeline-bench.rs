@@ -3,10 +3,11 @@
 //! current-thread runtime). 100-byte user records, plain and KPL-aggregated, on 1 and 8
 //! shards.
 //!
-//! `cargo run --release -q -p kcl-worker --example pipeline-bench`
+//! `cargo run --release -q -p kcl-worker --example pipeline-bench [fan-out]`
 //!
 //! The last line is `plain_records_per_s=X aggregated_records_per_s=Y peak_rss_mib=Z` (the
-//! better of 1 and 8 shards for each).
+//! better of 1 and 8 shards for each). With `fan-out`, the records are read by enhanced
+//! fan-out (SubscribeToShard on the in-memory Kinesis) instead of polling.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use kcl_kpl::Aggregator;
 use kcl_lease::test_util::lease_store::InMemoryLeaseStore;
 use kcl_lease::{SeededRandom, SystemClock};
 use kcl_worker::test_util::kinesis::{InMemoryKinesis, PutRecordsEntry};
-use kcl_worker::{InitialPosition, Worker, WorkerConfig};
+use kcl_worker::{InitialPosition, RetrievalConfig, Worker, WorkerConfig};
 
 struct Counting {
     processed: Arc<AtomicU64>,
@@ -78,7 +79,7 @@ fn fill(kinesis: &InMemoryKinesis, stream: &str, records: usize, aggregated: boo
     user_records
 }
 
-async fn run(shards: u32, records: usize, aggregated: bool) -> f64 {
+async fn run(shards: u32, records: usize, aggregated: bool, fan_out: bool) -> f64 {
     let kinesis = InMemoryKinesis::new();
     let stream = "bench";
     kinesis.create_stream(stream, shards).unwrap();
@@ -90,6 +91,11 @@ async fn run(shards: u32, records: usize, aggregated: bool) -> f64 {
         .max_get_records_per_second(100_000u32)
         .max_bytes_per_second(u64::MAX / 4)
         .idle_time_between_reads(Duration::from_millis(1))
+        .retrieval_specific_config(if fan_out {
+            RetrievalConfig::fan_out()
+        } else {
+            RetrievalConfig::Polling
+        })
         .build()
         .unwrap();
     let counter = processed.clone();
@@ -119,8 +125,9 @@ async fn run(shards: u32, records: usize, aggregated: bool) -> f64 {
     handle.shutdown().await.unwrap();
     let rate = total as f64 / secs;
     println!(
-        "{:<10} shards={shards} user_records={total} seconds={secs:.3} records_per_s={rate:.0}",
-        if aggregated { "aggregated" } else { "plain" }
+        "{:<10} retrieval={} shards={shards} user_records={total} seconds={secs:.3} records_per_s={rate:.0}",
+        if aggregated { "aggregated" } else { "plain" },
+        if fan_out { "fan-out" } else { "polling" }
     );
     rate
 }
@@ -139,6 +146,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
+    let fan_out = std::env::args().nth(1).as_deref() == Some("fan-out");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -147,8 +155,8 @@ fn main() {
         let mut plain: f64 = 0.0;
         let mut aggregated: f64 = 0.0;
         for shards in [1, 8] {
-            plain = plain.max(run(shards, 400_000, false).await);
-            aggregated = aggregated.max(run(shards, 2_000_000, true).await);
+            plain = plain.max(run(shards, 400_000, false, fan_out).await);
+            aggregated = aggregated.max(run(shards, 2_000_000, true, fan_out).await);
         }
         (plain, aggregated)
     });

@@ -30,6 +30,123 @@ pub enum InitialPosition {
     AtTimestamp(SystemTime),
 }
 
+/// How records are read from the shards: the Java KCL's `retrievalSpecificConfig`.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub enum RetrievalConfig {
+    /// `GetRecords` polling (the default; the Java KCL's `PollingConfig`).
+    #[default]
+    Polling,
+    /// Enhanced fan-out: `SubscribeToShard` with a registered stream consumer (the Java
+    /// KCL's `FanOutConfig`).
+    FanOut(FanOutConfig),
+}
+
+impl RetrievalConfig {
+    /// Enhanced fan-out with the default [`FanOutConfig`] (the consumer is named after the
+    /// application).
+    pub fn fan_out() -> Self {
+        RetrievalConfig::FanOut(FanOutConfig::default())
+    }
+
+    /// True for [`RetrievalConfig::FanOut`].
+    pub fn is_fan_out(&self) -> bool {
+        matches!(self, RetrievalConfig::FanOut(_))
+    }
+}
+
+/// The enhanced fan-out settings (the Java KCL's `FanOutConfig`).
+///
+/// With neither `consumer_name` nor `consumer_arn`, the consumer is named after the
+/// application. With a `consumer_arn`, nothing is registered: that consumer is used as is.
+/// Otherwise the worker registers the consumer at start when it is missing and waits until it
+/// is `ACTIVE` (at most `registration_timeout`). It never deregisters it.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct FanOutConfig {
+    /// `consumerName`: the stream consumer to register or use (default: the application
+    /// name; 1 to 128 of `a-z A-Z 0-9 _ . -`). After [`WorkerConfigBuilder::build`], set
+    /// unless `consumer_arn` is.
+    pub consumer_name: Option<String>,
+    /// `consumerArn`: a consumer registered beforehand; nothing is registered then. Not
+    /// together with `consumer_name`.
+    pub consumer_arn: Option<String>,
+    /// The longest wait for one event of a subscription (default 30 s, 1 s..=5 min). The
+    /// service pushes an event at least every few seconds, records or not; a subscription
+    /// silent for longer is torn down and renewed.
+    pub event_timeout: Option<Duration>,
+    /// The longest wait at start for the consumer to be registered and `ACTIVE` (default
+    /// 2 min, 1 s..=1 h).
+    pub registration_timeout: Option<Duration>,
+    /// How often, at most, a shard whose subscription is caught up (an event without
+    /// records, nothing behind) is checked for its end with one `GetShardIterator` and one
+    /// `GetRecords` (default 10 s, 100 ms..=1 h). The service ends a closed shard with an
+    /// event naming its children, which is enough; some servers (kinesis-local) never send
+    /// it, and a closed shard would never end without this check.
+    pub shard_end_probe_interval: Option<Duration>,
+}
+
+impl FanOutConfig {
+    /// The defaults: the consumer is named after the application.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses (and registers if missing) the consumer with this name.
+    pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.consumer_name = Some(name.into());
+        self
+    }
+
+    /// Uses the consumer with this ARN; nothing is registered.
+    pub fn consumer_arn(mut self, arn: impl Into<String>) -> Self {
+        self.consumer_arn = Some(arn.into());
+        self
+    }
+
+    /// The longest wait for one event of a subscription.
+    pub fn event_timeout(mut self, timeout: Duration) -> Self {
+        self.event_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest wait at start for the consumer to be `ACTIVE`.
+    pub fn registration_timeout(mut self, timeout: Duration) -> Self {
+        self.registration_timeout = Some(timeout);
+        self
+    }
+
+    /// How often, at most, a caught-up shard is checked for its end.
+    pub fn shard_end_probe_interval(mut self, interval: Duration) -> Self {
+        self.shard_end_probe_interval = Some(interval);
+        self
+    }
+
+    /// `shard_end_probe_interval` with its default.
+    pub fn shard_end_probe_interval_or_default(&self) -> Duration {
+        self.shard_end_probe_interval
+            .unwrap_or(DEFAULT_SHARD_END_PROBE_INTERVAL)
+    }
+
+    /// `event_timeout` with its default.
+    pub fn event_timeout_or_default(&self) -> Duration {
+        self.event_timeout.unwrap_or(DEFAULT_EVENT_TIMEOUT)
+    }
+
+    /// `registration_timeout` with its default.
+    pub fn registration_timeout_or_default(&self) -> Duration {
+        self.registration_timeout
+            .unwrap_or(DEFAULT_REGISTRATION_TIMEOUT)
+    }
+}
+
+/// The default [`FanOutConfig::event_timeout`].
+pub const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default [`FanOutConfig::shard_end_probe_interval`].
+pub const DEFAULT_SHARD_END_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// The default [`FanOutConfig::registration_timeout`].
+pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The worker's configuration. Build it with [`WorkerConfig::builder`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -89,6 +206,10 @@ pub struct WorkerConfig {
     /// Deliver KPL aggregates with sub-records outside the shard's hash key range instead of
     /// dropping them (default false, as the Java KCL).
     pub deliver_out_of_range_aggregates: bool,
+    /// How records are read (`retrievalSpecificConfig`): polling (the default) or enhanced
+    /// fan-out. Validated: a fan-out consumer name is filled in (the application name) unless
+    /// a consumer ARN is given.
+    pub retrieval_specific_config: RetrievalConfig,
 }
 
 impl WorkerConfig {
@@ -140,6 +261,7 @@ pub struct WorkerConfigBuilder {
     deliver_out_of_range_aggregates: Option<bool>,
     call_attempt_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
+    retrieval_specific_config: Option<RetrievalConfig>,
 }
 
 macro_rules! setters {
@@ -224,6 +346,9 @@ impl WorkerConfigBuilder {
         /// Bound on a whole Kinesis or lease store call, retries included (default 10 s,
         /// 50 ms..=5 min, at least `call_attempt_timeout`).
         call_timeout, set_call_timeout: Duration;
+        /// How records are read: polling (default) or enhanced fan-out (see
+        /// [`RetrievalConfig`], [`FanOutConfig`]).
+        retrieval_specific_config, set_retrieval_specific_config: RetrievalConfig;
     }
 
     /// Validates every option and builds the configuration. The error names the option.
@@ -389,7 +514,15 @@ impl WorkerConfigBuilder {
                 "provisioned capacity units must be at least 1",
             ));
         }
+        let retrieval_specific_config = match self.retrieval_specific_config.unwrap_or_default() {
+            RetrievalConfig::Polling => RetrievalConfig::Polling,
+            RetrievalConfig::FanOut(mut fan_out) => {
+                validate_fan_out(&mut fan_out, &self.application_name)?;
+                RetrievalConfig::FanOut(fan_out)
+            }
+        };
         Ok(WorkerConfig {
+            retrieval_specific_config,
             application_name: self.application_name,
             stream_name: self.stream_name,
             table_name,
@@ -430,6 +563,68 @@ impl WorkerConfigBuilder {
             deliver_out_of_range_aggregates: self.deliver_out_of_range_aggregates.unwrap_or(false),
         })
     }
+}
+
+/// Checks the fan-out options and fills in the consumer name.
+fn validate_fan_out(fan_out: &mut FanOutConfig, application_name: &str) -> Result<(), ConfigError> {
+    let invalid = |option: &'static str, reason: &str| ConfigError::Invalid {
+        option,
+        reason: reason.to_owned(),
+    };
+    match (&fan_out.consumer_name, &fan_out.consumer_arn) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "consumer_arn",
+                "give consumer_name or consumer_arn, not both",
+            ));
+        }
+        (_, Some(arn)) => {
+            if !arn.starts_with("arn:") || arn.len() > 2048 || arn.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "consumer_arn",
+                    "must be a stream consumer ARN (arn:...:consumer/NAME:TIMESTAMP)",
+                ));
+            }
+        }
+        (name, None) => {
+            let name = name.clone().unwrap_or_else(|| application_name.to_owned());
+            let valid = (1..=128).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    option: "consumer_name",
+                    reason: format!(
+                        "{name:?} is not a valid stream consumer name (1-128 of a-z A-Z 0-9 _ . -)"
+                    ),
+                });
+            }
+            fan_out.consumer_name = Some(name);
+        }
+    }
+    if let Some(t) = fan_out.event_timeout
+        && !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&t)
+    {
+        return Err(invalid("event_timeout", "must be between 1 s and 5 min"));
+    }
+    if let Some(t) = fan_out.registration_timeout
+        && !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&t)
+    {
+        return Err(invalid(
+            "registration_timeout",
+            "must be between 1 s and 1 h",
+        ));
+    }
+    if let Some(t) = fan_out.shard_end_probe_interval
+        && !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&t)
+    {
+        return Err(invalid(
+            "shard_end_probe_interval",
+            "must be between 100 ms and 1 h",
+        ));
+    }
+    Ok(())
 }
 
 /// Host name plus a random suffix.
@@ -475,6 +670,32 @@ mod tests {
         assert!(!c.auto_checkpoint_at_shard_end);
         assert_eq!(c.billing_mode, BillingMode::PayPerRequest);
         assert!(!c.worker_id.is_empty());
+        assert_eq!(c.retrieval_specific_config, RetrievalConfig::Polling);
+    }
+
+    #[test]
+    fn fan_out_consumer_name_defaults_to_the_application() {
+        let c = WorkerConfig::builder("app", "s")
+            .retrieval_specific_config(RetrievalConfig::fan_out())
+            .build()
+            .unwrap();
+        let RetrievalConfig::FanOut(f) = c.retrieval_specific_config else {
+            panic!("fan-out expected");
+        };
+        assert_eq!(f.consumer_name.as_deref(), Some("app"));
+        assert_eq!(f.consumer_arn, None);
+        assert_eq!(f.event_timeout_or_default(), DEFAULT_EVENT_TIMEOUT);
+        let c = WorkerConfig::builder("app", "s")
+            .retrieval_specific_config(RetrievalConfig::FanOut(
+                FanOutConfig::new()
+                    .consumer_arn("arn:aws:kinesis:us-east-1:1:stream/s/consumer/c:1"),
+            ))
+            .build()
+            .unwrap();
+        let RetrievalConfig::FanOut(f) = c.retrieval_specific_config else {
+            panic!("fan-out expected");
+        };
+        assert_eq!(f.consumer_name, None, "nothing is registered with an ARN");
     }
 
     #[test]
@@ -575,6 +796,56 @@ mod tests {
                     write_capacity_units: 1,
                 }),
                 "billing_mode",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(FanOutConfig::new().consumer_name("a b")),
+                ),
+                "consumer_name",
+            ),
+            (
+                WorkerConfig::builder("app:x", "s")
+                    .table_name("app")
+                    .retrieval_specific_config(RetrievalConfig::fan_out()),
+                "consumer_name",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(FanOutConfig::new().consumer_arn("nope")),
+                ),
+                "consumer_arn",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(
+                        FanOutConfig::new().consumer_name("c").consumer_arn("arn:x"),
+                    ),
+                ),
+                "consumer_arn",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(
+                        FanOutConfig::new().event_timeout(Duration::from_millis(10)),
+                    ),
+                ),
+                "event_timeout",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(
+                        FanOutConfig::new().registration_timeout(Duration::ZERO),
+                    ),
+                ),
+                "registration_timeout",
+            ),
+            (
+                WorkerConfig::builder("app", "s").retrieval_specific_config(
+                    RetrievalConfig::FanOut(
+                        FanOutConfig::new().shard_end_probe_interval(Duration::ZERO),
+                    ),
+                ),
+                "shard_end_probe_interval",
             ),
         ];
         for (builder, option) in cases {

@@ -1,6 +1,6 @@
 //! One shard consumer: waits for the parents, then runs a processor through its lifecycle
 //! (`initialize`, `process_records` for each batch in order, `shutdown` exactly once) fed by
-//! a [`Fetcher`].
+//! a [`Fetcher`] (polling) or a `FanOutReader` (enhanced fan-out).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -57,6 +57,8 @@ pub(crate) struct ConsumerContext {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) random: Arc<dyn RandomSource>,
     pub(crate) health: Arc<HealthRegistry>,
+    /// The enhanced fan-out consumer ARN; `None` for polling.
+    pub(crate) consumer_arn: Option<String>,
 }
 
 /// One shard's consumer.
@@ -125,7 +127,22 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             random: self.ctx.random.clone(),
             health: self.ctx.health.clone(),
         };
-        let fetch_task = tokio::spawn(fetcher.run(tx).instrument(tracing::Span::current()));
+        let fetch_task = match &self.ctx.consumer_arn {
+            Some(arn) => {
+                let reader = crate::fanout::FanOutReader {
+                    base: fetcher,
+                    consumer_arn: arn.clone(),
+                    shard_end_probe_interval: match &self.ctx.config.retrieval_specific_config {
+                        crate::config::RetrievalConfig::FanOut(f) => {
+                            f.shard_end_probe_interval_or_default()
+                        }
+                        _ => crate::config::DEFAULT_SHARD_END_PROBE_INTERVAL,
+                    },
+                };
+                tokio::spawn(reader.run(tx).instrument(tracing::Span::current()))
+            }
+            None => tokio::spawn(fetcher.run(tx).instrument(tracing::Span::current())),
+        };
         let _abort_fetch = AbortOnDrop(fetch_task);
 
         let mut signal = self.signal.clone();

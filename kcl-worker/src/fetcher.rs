@@ -77,7 +77,7 @@ pub(crate) struct Fetcher {
 
 /// When the current failure streak of a shard was last reported at `warn`.
 #[derive(Debug, Default)]
-struct Streak {
+pub(crate) struct Streak {
     last_warned: Option<Instant>,
 }
 
@@ -249,45 +249,9 @@ impl Fetcher {
                 last_fetched = Some(last.sequence_number.clone());
             }
             let raw_count = output.records.len();
-            let mut records = Vec::with_capacity(raw_count);
-            for raw in output.records {
-                match deaggregate(raw, &options) {
-                    Deaggregated::DroppedOutOfRange {
-                        sequence_number,
-                        sub_records,
-                        ..
-                    } => {
-                        metrics::counter!(m::DROPPED_OUT_OF_RANGE_TOTAL).increment(1);
-                        warn!(shard_id = %self.shard_id, %sequence_number, sub_records,
-                            "dropped a KPL aggregate with sub-records outside the shard's hash key range");
-                    }
-                    Deaggregated::InvalidAggregate { record, reason } => {
-                        metrics::counter!(m::INVALID_AGGREGATES_TOTAL).increment(1);
-                        warn!(shard_id = %self.shard_id, sequence_number = %record.sequence_number, %reason,
-                            "malformed KPL aggregate delivered as one record");
-                        records.push(record);
-                    }
-                    other => records.extend(other.into_records()),
-                }
-            }
-            if let Some(floor) = &filter_below {
-                records.retain(|r| r.extended_sequence_number() > *floor);
-            }
+            let records = self.deaggregate_all(output.records, &options, filter_below.as_ref());
             let millis_behind_latest = output.millis_behind_latest.unwrap_or(0);
-            let ended_streak = self.health.success(
-                &self.shard_id,
-                self.clock.system_time(),
-                millis_behind_latest,
-            );
-            if ended_streak > 0 {
-                streak.last_warned = None;
-                info!(shard_id = %self.shard_id, failures = ended_streak,
-                    "reading the shard succeeded again");
-            }
-            metrics::gauge!(m::SHARD_CONSECUTIVE_FAILURES, "shard_id" => self.shard_id.clone())
-                .set(0.0);
-            metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard_id" => self.shard_id.clone())
-                .set(millis_behind_latest as f64);
+            self.succeeded(millis_behind_latest, &mut streak);
             let shard_end = output
                 .next_shard_iterator
                 .is_none()
@@ -297,21 +261,12 @@ impl Fetcher {
                 || shard_end.is_some()
                 || self.config.call_process_records_even_for_empty_list
             {
-                let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-                let mut permits = Vec::with_capacity(2);
-                let want_records =
-                    u32::try_from(records.len().min(self.config.max_prefetch_records))
-                        .unwrap_or(u32::MAX);
-                let want_bytes =
-                    u32::try_from(bytes.min(self.config.max_prefetch_bytes)).unwrap_or(u32::MAX);
-                for (sem, n) in [(&record_budget, want_records), (&byte_budget, want_bytes)] {
-                    if n > 0 {
-                        match sem.clone().acquire_many_owned(n).await {
-                            Ok(p) => permits.push(p),
-                            Err(_) => return,
-                        }
-                    }
-                }
+                let Some(permits) = self
+                    .acquire_budget(&records, &record_budget, &byte_budget)
+                    .await
+                else {
+                    return;
+                };
                 let batch = FetchedBatch {
                     records,
                     millis_behind_latest,
@@ -336,10 +291,85 @@ impl Fetcher {
         }
     }
 
+    /// Deaggregates fetched records (with the shard's hash key range) and drops every
+    /// sub-record at or below `filter_below` (the checkpoint).
+    pub(crate) fn deaggregate_all(
+        &self,
+        raw: Vec<Record>,
+        options: &DeaggregationOptions,
+        filter_below: Option<&ExtendedSequenceNumber>,
+    ) -> Vec<Record> {
+        let mut records = Vec::with_capacity(raw.len());
+        for raw in raw {
+            match deaggregate(raw, options) {
+                Deaggregated::DroppedOutOfRange {
+                    sequence_number,
+                    sub_records,
+                    ..
+                } => {
+                    metrics::counter!(m::DROPPED_OUT_OF_RANGE_TOTAL).increment(1);
+                    warn!(shard_id = %self.shard_id, %sequence_number, sub_records,
+                        "dropped a KPL aggregate with sub-records outside the shard's hash key range");
+                }
+                Deaggregated::InvalidAggregate { record, reason } => {
+                    metrics::counter!(m::INVALID_AGGREGATES_TOTAL).increment(1);
+                    warn!(shard_id = %self.shard_id, sequence_number = %record.sequence_number, %reason,
+                        "malformed KPL aggregate delivered as one record");
+                    records.push(record);
+                }
+                other => records.extend(other.into_records()),
+            }
+        }
+        if let Some(floor) = filter_below {
+            records.retain(|r| r.extended_sequence_number() > *floor);
+        }
+        records
+    }
+
+    /// Records a successful read (health, metrics, the end of a failure streak).
+    pub(crate) fn succeeded(&self, millis_behind_latest: u64, streak: &mut Streak) {
+        let ended_streak = self.health.success(
+            &self.shard_id,
+            self.clock.system_time(),
+            millis_behind_latest,
+        );
+        if ended_streak > 0 {
+            streak.last_warned = None;
+            info!(shard_id = %self.shard_id, failures = ended_streak,
+                "reading the shard succeeded again");
+        }
+        metrics::gauge!(m::SHARD_CONSECUTIVE_FAILURES, "shard_id" => self.shard_id.clone())
+            .set(0.0);
+        metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard_id" => self.shard_id.clone())
+            .set(millis_behind_latest as f64);
+    }
+
+    /// Takes the prefetch budget for a batch (waits while the processor is behind); `None`
+    /// when the budget is closed.
+    pub(crate) async fn acquire_budget(
+        &self,
+        records: &[Record],
+        record_budget: &Arc<Semaphore>,
+        byte_budget: &Arc<Semaphore>,
+    ) -> Option<Vec<OwnedSemaphorePermit>> {
+        let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+        let mut permits = Vec::with_capacity(2);
+        let want_records =
+            u32::try_from(records.len().min(self.config.max_prefetch_records)).unwrap_or(u32::MAX);
+        let want_bytes =
+            u32::try_from(bytes.min(self.config.max_prefetch_bytes)).unwrap_or(u32::MAX);
+        for (sem, n) in [(record_budget, want_records), (byte_budget, want_bytes)] {
+            if n > 0 {
+                permits.push(sem.clone().acquire_many_owned(n).await.ok()?);
+            }
+        }
+        Some(permits)
+    }
+
     /// `ResourceNotFound` for a shard that ListShards no longer lists: the shard left the
     /// stream (its records all expired). It is treated as ended, as the Java KCL does, so
     /// its children are not blocked forever.
-    async fn shard_is_gone(&self, e: &StreamError) -> bool {
+    pub(crate) async fn shard_is_gone(&self, e: &StreamError) -> bool {
         if !matches!(e, StreamError::ResourceNotFound { .. }) {
             return false;
         }
@@ -355,7 +385,7 @@ impl Fetcher {
     }
 
     /// The last "batch" of a shard that left the stream.
-    fn gone_batch(&self) -> FetchedBatch {
+    pub(crate) fn gone_batch(&self) -> FetchedBatch {
         FetchedBatch {
             records: Vec::new(),
             millis_behind_latest: 0,
@@ -368,7 +398,7 @@ impl Fetcher {
     /// Records a failed call (health, metrics) and reports the streak at `warn` when it
     /// starts and then at most once per `max_backoff`. A throttled call alone is normal
     /// (debug); a streak of them is reported like any other.
-    fn failed(&self, e: &StreamError, streak: &mut Streak) {
+    pub(crate) fn failed(&self, e: &StreamError, streak: &mut Streak) {
         let failures = self
             .health
             .failure(&self.shard_id, e, self.clock.system_time());

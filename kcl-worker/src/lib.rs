@@ -71,6 +71,7 @@ mod checkpointer;
 mod config;
 mod consumer;
 mod error;
+mod fanout;
 mod fetcher;
 mod health;
 pub mod metrics;
@@ -80,7 +81,10 @@ pub mod stream;
 pub mod test_util;
 mod worker;
 
-pub use config::{InitialPosition, WorkerConfig, WorkerConfigBuilder};
+pub use config::{
+    DEFAULT_EVENT_TIMEOUT, DEFAULT_REGISTRATION_TIMEOUT, DEFAULT_SHARD_END_PROBE_INTERVAL,
+    FanOutConfig, InitialPosition, RetrievalConfig, WorkerConfig, WorkerConfigBuilder,
+};
 pub use error::{ConfigError, WorkerError};
 pub use health::{ShardFailure, ShardHealth};
 pub use shard_sync::SyncReport;

@@ -39,3 +39,9 @@ pub const SHARD_CONSECUTIVE_FAILURES: &str = "kcl_shard_consecutive_failures";
 /// Counter: lease store calls of graceful shutdown (renewal, release, coordinator stop) that
 /// did not finish within their bound.
 pub const SHUTDOWN_STEPS_TIMED_OUT_TOTAL: &str = "kcl_shutdown_steps_timed_out_total";
+/// Counter: `SubscribeToShard` calls of enhanced fan-out (label `shard_id`): one per five
+/// minutes per shard when all is well, more after errors and silent subscriptions.
+pub const FAN_OUT_SUBSCRIPTIONS_TOTAL: &str = "kcl_fan_out_subscriptions_total";
+/// Counter: fan-out subscriptions torn down because no event arrived within `event_timeout`
+/// (label `shard_id`).
+pub const FAN_OUT_SILENT_SUBSCRIPTIONS_TOTAL: &str = "kcl_fan_out_silent_subscriptions_total";

@@ -27,6 +27,17 @@ pub mod limits {
     pub const MAX_LIST_SHARDS_PAGE_SIZE: u32 = 10_000;
     /// The largest record, data and partition key together (1 MiB).
     pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+    /// How long the service keeps one `SubscribeToShard` subscription open before it ends
+    /// it (the consumer then subscribes again from the last continuation sequence number).
+    pub const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
+    /// `SubscribeToShard` calls a consumer may make per second per shard.
+    pub const SUBSCRIBE_TO_SHARD_PER_SECOND_PER_SHARD: u32 = 1;
+    /// How soon after a successful `SubscribeToShard` a new one for the same consumer and
+    /// shard is refused with `ResourceInUseException` (later, it takes the subscription
+    /// over).
+    pub const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(5);
+    /// The most consumers registered on one stream.
+    pub const MAX_CONSUMERS_PER_STREAM: usize = 20;
 }
 
 /// One shard as `ListShards` describes it.
@@ -143,6 +154,71 @@ pub struct GetRecordsOutput {
     pub child_shards: Vec<ChildShard>,
 }
 
+/// The state of a registered stream consumer (enhanced fan-out).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum ConsumerStatus {
+    /// Registered, not yet usable.
+    Creating,
+    /// Usable by `SubscribeToShard`.
+    Active,
+    /// Being deregistered.
+    Deleting,
+}
+
+impl ConsumerStatus {
+    /// The service's name (`CREATING`, `ACTIVE`, `DELETING`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerStatus::Creating => "CREATING",
+            ConsumerStatus::Active => "ACTIVE",
+            ConsumerStatus::Deleting => "DELETING",
+        }
+    }
+}
+
+/// A stream consumer as `RegisterStreamConsumer` and `DescribeStreamConsumer` describe it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StreamConsumer {
+    /// The consumer name (unique per stream).
+    pub consumer_name: String,
+    /// The consumer ARN, given to `SubscribeToShard`.
+    pub consumer_arn: String,
+    /// Its state.
+    pub status: ConsumerStatus,
+}
+
+/// One event of a `SubscribeToShard` subscription.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct SubscribeEvent {
+    /// Raw Kinesis records (not deaggregated; sub-sequence 0), possibly none.
+    pub records: Vec<Record>,
+    /// Subscribe again `AFTER_SEQUENCE_NUMBER` of this to continue where the event ends;
+    /// `None` in the last event of a closed shard.
+    pub continuation_sequence_number: Option<SequenceNumber>,
+    /// How far behind the tip of the shard this event is.
+    pub millis_behind_latest: Option<u64>,
+    /// The children, in the last event of a closed shard.
+    pub child_shards: Vec<ChildShard>,
+}
+
+impl SubscribeEvent {
+    /// True for the last event of a closed shard: it names the children or has no
+    /// continuation.
+    pub fn is_shard_end(&self) -> bool {
+        !self.child_shards.is_empty() || self.continuation_sequence_number.is_none()
+    }
+}
+
+/// An open `SubscribeToShard` subscription: the events the service pushes.
+#[async_trait]
+pub trait Subscription: Send + Debug {
+    /// The next event; `Ok(None)` when the service ended the subscription (every five
+    /// minutes, and after the last event of a closed shard). An error ends the
+    /// subscription too.
+    async fn next_event(&mut self) -> Result<Option<SubscribeEvent>, StreamError>;
+}
+
 /// Errors from stream access.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -166,6 +242,13 @@ pub enum StreamError {
     /// The shard (or another resource) does not exist.
     #[error("resource not found: {message}")]
     ResourceNotFound {
+        /// What the service said.
+        message: String,
+    },
+    /// `ResourceInUseException`: the resource is busy (a consumer being created or
+    /// already registered, a subscription renewed too soon). Retryable after a back-off.
+    #[error("resource in use: {message}")]
+    ResourceInUse {
         /// What the service said.
         message: String,
     },
@@ -219,6 +302,8 @@ pub enum StreamErrorKind {
     StreamNotFound,
     /// [`StreamError::ResourceNotFound`].
     ResourceNotFound,
+    /// [`StreamError::ResourceInUse`].
+    ResourceInUse,
     /// [`StreamError::InvalidArgument`].
     InvalidArgument,
     /// [`StreamError::Unreachable`].
@@ -239,6 +324,7 @@ impl StreamErrorKind {
             StreamErrorKind::ExpiredIterator => "expired_iterator",
             StreamErrorKind::StreamNotFound => "stream_not_found",
             StreamErrorKind::ResourceNotFound => "resource_not_found",
+            StreamErrorKind::ResourceInUse => "resource_in_use",
             StreamErrorKind::InvalidArgument => "invalid_argument",
             StreamErrorKind::Unreachable => "unreachable",
             StreamErrorKind::Service => "service",
@@ -256,6 +342,7 @@ impl StreamError {
             StreamError::Throttled { .. }
                 | StreamError::Unreachable { .. }
                 | StreamError::Service { .. }
+                | StreamError::ResourceInUse { .. }
                 | StreamError::TimedOut { .. }
         )
     }
@@ -267,6 +354,7 @@ impl StreamError {
             StreamError::ExpiredIterator => StreamErrorKind::ExpiredIterator,
             StreamError::StreamNotFound { .. } => StreamErrorKind::StreamNotFound,
             StreamError::ResourceNotFound { .. } => StreamErrorKind::ResourceNotFound,
+            StreamError::ResourceInUse { .. } => StreamErrorKind::ResourceInUse,
             StreamError::InvalidArgument { .. } => StreamErrorKind::InvalidArgument,
             StreamError::Unreachable { .. } => StreamErrorKind::Unreachable,
             StreamError::Service { .. } => StreamErrorKind::Service,
@@ -285,6 +373,8 @@ pub(crate) struct BoundedStreamClient {
     pub(crate) inner: std::sync::Arc<dyn StreamClient>,
     pub(crate) clock: std::sync::Arc<dyn kcl_lease::Clock>,
     pub(crate) limit: Duration,
+    /// The bound on each wait for a subscription event.
+    pub(crate) event_limit: Duration,
 }
 
 impl BoundedStreamClient {
@@ -346,6 +436,75 @@ impl StreamClient for BoundedStreamClient {
         self.bound("GetRecords", self.inner.get_records(shard_iterator, limit))
             .await
     }
+
+    async fn register_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        self.bound(
+            "RegisterStreamConsumer",
+            self.inner
+                .register_stream_consumer(stream_arn, consumer_name),
+        )
+        .await
+    }
+
+    async fn describe_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        self.bound(
+            "DescribeStreamConsumer",
+            self.inner
+                .describe_stream_consumer(stream_arn, consumer_name),
+        )
+        .await
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<Box<dyn Subscription>, StreamError> {
+        let inner = self
+            .bound(
+                "SubscribeToShard",
+                self.inner
+                    .subscribe_to_shard(consumer_arn, shard_id, position),
+            )
+            .await?;
+        Ok(Box::new(BoundedSubscription {
+            inner,
+            clock: self.clock.clone(),
+            limit: self.event_limit,
+        }))
+    }
+}
+
+/// A [`Subscription`] whose every wait for an event is bounded on the injected clock: a
+/// subscription silent for longer is an error ([`StreamError::TimedOut`]), so a stalled
+/// connection is torn down and renewed instead of waiting forever.
+#[derive(Debug)]
+struct BoundedSubscription {
+    inner: Box<dyn Subscription>,
+    clock: std::sync::Arc<dyn kcl_lease::Clock>,
+    limit: Duration,
+}
+
+#[async_trait]
+impl Subscription for BoundedSubscription {
+    async fn next_event(&mut self) -> Result<Option<SubscribeEvent>, StreamError> {
+        let limit = self.limit;
+        kcl_lease::timeouts::within(&*self.clock, limit, self.inner.next_event())
+            .await
+            .unwrap_or(Err(StreamError::TimedOut {
+                call: "SubscribeToShard event",
+                limit,
+            }))
+    }
 }
 
 /// Stream access used by the worker.
@@ -377,6 +536,34 @@ pub trait StreamClient: Send + Sync + Debug {
         shard_iterator: &str,
         limit: u32,
     ) -> Result<GetRecordsOutput, StreamError>;
+
+    /// `RegisterStreamConsumer`: registers `consumer_name` on the stream (its state is
+    /// `CREATING` at first). A name already registered is a [`StreamError::ResourceInUse`];
+    /// too many consumers or calls a [`StreamError::Throttled`] (`LimitExceededException`).
+    async fn register_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError>;
+
+    /// `DescribeStreamConsumer` by stream ARN and consumer name; a consumer that is not
+    /// registered is a [`StreamError::ResourceNotFound`].
+    async fn describe_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError>;
+
+    /// `SubscribeToShard`: opens a subscription of the consumer to the shard at `position`.
+    /// The service allows one call per second per consumer and shard (else
+    /// [`StreamError::Throttled`]), and refuses a new subscription within five seconds of a
+    /// successful one with [`StreamError::ResourceInUse`].
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<Box<dyn Subscription>, StreamError>;
 
     /// Every shard of the stream (follows `next_token` through all pages).
     async fn list_all_shards(

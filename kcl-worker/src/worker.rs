@@ -143,6 +143,10 @@ impl<F: RecordProcessorFactory> WorkerBuilder<F> {
             inner: stream,
             clock: clock.clone(),
             limit: self.config.call_timeouts().call,
+            event_limit: match &self.config.retrieval_specific_config {
+                crate::config::RetrievalConfig::FanOut(f) => f.event_timeout_or_default(),
+                _ => crate::config::DEFAULT_EVENT_TIMEOUT,
+            },
         });
         Ok(Worker {
             config: Arc::new(self.config),
@@ -272,7 +276,23 @@ impl<F: RecordProcessorFactory> Worker<F> {
             let events = coordinator.events().ok_or_else(|| WorkerError::Task {
                 message: "lease events already taken".to_owned(),
             })?;
+            // Enhanced fan-out: the consumer is registered (if missing) and ACTIVE before any
+            // lease is taken.
+            let consumer_arn = match &self.config.retrieval_specific_config {
+                crate::config::RetrievalConfig::FanOut(fan_out) => Some(
+                    crate::fanout::ensure_consumer(
+                        &*self.stream,
+                        &self.config,
+                        fan_out,
+                        &self.clock,
+                        self.random.clone(),
+                    )
+                    .await?,
+                ),
+                _ => None,
+            };
             let ctx = ConsumerContext {
+                consumer_arn,
                 config: self.config.clone(),
                 stream: self.stream.clone(),
                 coordinator: coordinator.clone(),

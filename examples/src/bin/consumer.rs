@@ -6,8 +6,13 @@
 //! cargo run -q -p kcl-examples --bin consumer -- --stream NAME --application NAME --region REGION \
 //!     [--kinesis-endpoint URL] [--dynamodb-endpoint URL] \
 //!     [--initial-position trim-horizon|latest|at-timestamp:RFC3339] [--worker-id ID] [--failover-time-ms N] \
-//!     [--call-timeout MS] [--call-attempt-timeout MS] [--no-lease-owner-index]
+//!     [--call-timeout MS] [--call-attempt-timeout MS] [--no-lease-owner-index] \
+//!     [--retrieval polling|fan-out] [--consumer-name NAME]
 //! ```
+//!
+//! `--retrieval fan-out` reads by enhanced fan-out (SubscribeToShard) with the stream consumer
+//! `--consumer-name` (default: the application name), registered at start when missing and
+//! never deregistered; `polling` (the default) uses GetRecords.
 //!
 //! A lease table it creates gets the `LeaseOwnerToLeaseKeyIndex` index the Java KCL 3.x
 //! needs, unless `--no-lease-owner-index`.
@@ -26,7 +31,7 @@ use kcl_interfaces::{
     ShutdownReason,
 };
 use kcl_worker::aws::AwsOptions;
-use kcl_worker::{InitialPosition, Worker, WorkerConfig};
+use kcl_worker::{FanOutConfig, InitialPosition, RetrievalConfig, Worker, WorkerConfig};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -67,6 +72,14 @@ struct Args {
     /// global secondary index.
     #[arg(long)]
     no_lease_owner_index: bool,
+    /// How records are read: polling (GetRecords) or fan-out (enhanced fan-out,
+    /// SubscribeToShard).
+    #[arg(long, default_value = "polling", value_parser = ["polling", "fan-out"])]
+    retrieval: String,
+    /// The enhanced fan-out consumer name (default: the application name); only with
+    /// `--retrieval fan-out`.
+    #[arg(long)]
+    consumer_name: Option<String>,
 }
 
 fn parse_position(s: &str) -> Result<InitialPosition, String> {
@@ -184,6 +197,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     b.set_failover_time(args.failover_time_ms.map(Duration::from_millis));
     b.set_call_timeout(args.call_timeout.map(Duration::from_millis));
     b.set_call_attempt_timeout(args.call_attempt_timeout.map(Duration::from_millis));
+    match (args.retrieval.as_str(), args.consumer_name) {
+        ("fan-out", name) => {
+            let mut fan_out = FanOutConfig::new();
+            fan_out.consumer_name = name;
+            b.set_retrieval_specific_config(Some(RetrievalConfig::FanOut(fan_out)));
+        }
+        (_, Some(_)) => return Err("--consumer-name needs --retrieval fan-out".into()),
+        _ => {}
+    }
     let config = b.build()?;
     let mut aws = AwsOptions::new()
         .with_region(args.region)

@@ -27,6 +27,11 @@ pub struct SimulationConfig {
     pub max_faults: usize,
     /// How long (virtual time) to wait for every record after the producer finished.
     pub drain_limit: Duration,
+    /// Whether workers read by enhanced fan-out: `true` (the default) mixes fan-out and
+    /// polling workers in the one application (each worker's choice derived from the seed,
+    /// both kinds present whenever two or more workers run) and adds the fan-out faults
+    /// (subscription errors mid-stream, silent subscriptions); `false` polls only.
+    pub fan_out: bool,
 }
 
 impl SimulationConfig {
@@ -44,6 +49,7 @@ impl SimulationConfig {
             hangs: true,
             max_faults: 6,
             drain_limit: Duration::from_secs(600),
+            fan_out: true,
         }
     }
 
@@ -74,6 +80,12 @@ impl SimulationConfig {
     /// Turns the hang faults on or off (the other faults stay as `faults` says).
     pub fn hangs(mut self, hangs: bool) -> Self {
         self.hangs = hangs;
+        self
+    }
+
+    /// Mixes fan-out workers with polling ones (`true`) or polls only (`false`).
+    pub fn fan_out(mut self, fan_out: bool) -> Self {
+        self.fan_out = fan_out;
         self
     }
 

@@ -55,7 +55,15 @@ pub(super) enum FaultKind {
     LeaseStoreHang,
     /// Every lease store call started for a while hangs for good (a dead path).
     LeaseStoreHangingPath,
+    /// The next few subscription event waits fail mid-stream (fan-out).
+    SubscriptionError,
+    /// A subscription of one shard goes silent: no event ever comes (fan-out).
+    SilentSubscription,
 }
+
+/// The fan-out faults, drawn besides the others when [`SimulationConfig::fan_out`] is on.
+pub(super) const FAN_OUT_KINDS: [FaultKind; 2] =
+    [FaultKind::SubscriptionError, FaultKind::SilentSubscription];
 
 /// The hang faults, drawn besides [`FAULT_KINDS`] when [`SimulationConfig::hangs`] is on
 /// (appended, so the schedules of runs without hangs stay as they were).
@@ -115,6 +123,7 @@ pub(super) struct Simulation {
     pub(super) journal: Journal,
     pub(super) workers: Vec<RunningWorker>,
     pub(super) workers_started: usize,
+    pub(super) fan_out_workers_started: usize,
     /// Workers stopped gracefully at the very end, with the leases each held when its
     /// shutdown began and those its report named as not released: afterwards none may own
     /// a lease it held then, unless named. (A lease it had lost before, its renewals failing
@@ -197,6 +206,7 @@ impl Simulation {
             journal,
             workers: Vec::new(),
             workers_started: 0,
+            fan_out_workers_started: 0,
             stopped_at_end: Vec::new(),
             produced: BTreeMap::new(),
             produced_total: 0,
@@ -230,6 +240,14 @@ impl Simulation {
             log: self.fleet.log().clone(),
         };
         let random_seed = self.config.seed ^ (self.workers_started as u64).wrapping_mul(0x9E37);
+        // Fan-out or polling: alternating from a seed-derived start (no draw from the
+        // schedule's random source, so the schedules stay as they were).
+        let fan_out = self.config.fan_out
+            && self
+                .config
+                .seed
+                .wrapping_add(self.workers_started as u64)
+                .is_multiple_of(2);
         // `start` fails at once on a lease store error (faults may be injected right now):
         // retry a few times, as a supervisor restarting the process would.
         let mut attempt = 0;
@@ -237,7 +255,15 @@ impl Simulation {
             attempt += 1;
             let start = self
                 .fleet
-                .start_factory(&id, journaling.clone(), random_seed, |b| b);
+                .start_factory(&id, journaling.clone(), random_seed, |b| {
+                    if fan_out {
+                        b.retrieval_specific_config(kcl_worker::RetrievalConfig::FanOut(
+                            kcl_worker::FanOutConfig::new().event_timeout(Duration::from_secs(10)),
+                        ))
+                    } else {
+                        b
+                    }
+                });
             // A start whose calls hang (a hanging path) is given up and tried again.
             let outcome = within(&SystemClock, DRIVER_CALL_LIMIT, start)
                 .await
@@ -258,6 +284,10 @@ impl Simulation {
                 Ok(Err(e)) => return Err(format!("starting {id} failed {attempt} times: {e}")),
             }
         };
+        tracing::info!(worker_id = %id, fan_out, "worker started");
+        if fan_out {
+            self.fan_out_workers_started += 1;
+        }
         self.workers.push(RunningWorker {
             id,
             handle,
@@ -534,6 +564,40 @@ impl Simulation {
                             format!("failing the next {n} lease store calls"),
                         );
                     }
+                    FaultKind::SubscriptionError => {
+                        let n = between(&self.rng, 1, 4) as u32;
+                        self.fleet.kinesis().inject(
+                            Fault::new(KinesisFault::ServiceError, n)
+                                .for_operation(Operation::SubscribeToShardEvent),
+                        );
+                        self.note(
+                            report,
+                            started,
+                            format!("the next {n} subscription event waits fail mid-stream"),
+                        );
+                    }
+                    FaultKind::SilentSubscription => {
+                        let open = self.open_shards().await?;
+                        let pick = self.rng.below(open.len().max(1) as u64) as usize;
+                        match open.get(pick) {
+                            Some(shard) => {
+                                self.fleet.kinesis().inject(
+                                    Fault::new(KinesisFault::Hang, 1)
+                                        .for_operation(Operation::SubscribeToShardEvent)
+                                        .for_key(shard.shard_id.clone()),
+                                );
+                                self.note(
+                                    report,
+                                    started,
+                                    format!(
+                                        "the next subscription event wait of {} never completes",
+                                        shard.shard_id
+                                    ),
+                                );
+                            }
+                            None => self.note(report, started, "no open shard to silence".into()),
+                        }
+                    }
                     FaultKind::KinesisHang => {
                         let n = between(&self.rng, 1, 3) as u32;
                         self.fleet.kinesis().inject(
@@ -628,11 +692,14 @@ impl Simulation {
             let count = between(&self.rng, 1, self.config.max_faults.max(1) as u64);
             for _ in 0..count {
                 let at = Duration::from_millis(self.rng.below(production.as_millis() as u64 + 1));
-                let kinds: Vec<FaultKind> = if self.config.hangs {
+                let mut kinds: Vec<FaultKind> = if self.config.hangs {
                     FAULT_KINDS.iter().chain(&HANG_KINDS).copied().collect()
                 } else {
                     FAULT_KINDS.to_vec()
                 };
+                if self.config.fan_out {
+                    kinds.extend(FAN_OUT_KINDS);
+                }
                 let kind = kinds
                     .get(self.rng.below(kinds.len() as u64) as usize)
                     .copied()
@@ -801,6 +868,8 @@ impl Simulation {
     pub(super) async fn check(&self, report: &mut SimulationReport) {
         report.records_produced = self.produced_total;
         report.workers_started = self.workers_started;
+        report.fan_out_workers_started = self.fan_out_workers_started;
+        report.subscriptions_opened = self.fleet.kinesis().stats().subscriptions_opened;
         let shards = match self.shards().await {
             Ok(s) => s,
             Err(e) => {

@@ -87,6 +87,10 @@ pub struct SimulationReport {
     pub fault_log: Vec<String>,
     /// Workers started (restarts included).
     pub workers_started: usize,
+    /// Of those, workers reading by enhanced fan-out (the others poll).
+    pub fan_out_workers_started: usize,
+    /// `SubscribeToShard` subscriptions the in-memory Kinesis opened.
+    pub subscriptions_opened: u64,
     /// Processors created.
     pub processors: usize,
     /// Successful checkpoint writes.

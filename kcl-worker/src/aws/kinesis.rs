@@ -15,8 +15,8 @@ use bytes::Bytes;
 use kcl_kpl::{HashKeyRange, Record, SequenceNumber};
 
 use crate::stream::{
-    ChildShard, GetRecordsOutput, IteratorPosition, Shard, ShardFilter, ShardPage, StreamClient,
-    StreamError, StreamSummary,
+    ChildShard, ConsumerStatus, GetRecordsOutput, IteratorPosition, Shard, ShardFilter, ShardPage,
+    StreamClient, StreamConsumer, StreamError, StreamSummary, SubscribeEvent, Subscription,
 };
 
 use crate::stream::limits::MAX_LIST_SHARDS_PAGE_SIZE;
@@ -48,7 +48,12 @@ use crate::stream::limits::MAX_LIST_SHARDS_PAGE_SIZE;
 /// | `ExpiredIteratorException` | `ExpiredIterator` |
 /// | `ResourceNotFoundException` | `StreamNotFound` for `ListShards` and `DescribeStreamSummary`; for `GetShardIterator` `StreamNotFound` when the message is about the stream (it starts with "Stream"), else `ResourceNotFound`; `ResourceNotFound` for `GetRecords` |
 /// | `InvalidArgumentException`, `ExpiredNextTokenException`, `ValidationException` | `InvalidArgument` |
-/// | any other code, or none (5xx, `InternalFailure`, `AccessDenied`, the other KMS errors such as `KMSAccessDeniedException` or `KMSDisabledException`, `ResourceInUse`) | `Service` |
+/// | `ResourceInUseException` | `ResourceInUse` |
+/// | any other code, or none (5xx, `InternalFailure`, `AccessDenied`, the other KMS errors such as `KMSAccessDeniedException` or `KMSDisabledException`) | `Service` |
+///
+/// `RegisterStreamConsumer`, `DescribeStreamConsumer` and `SubscribeToShard` (the call and
+/// its event stream) map `ResourceNotFoundException` to `ResourceNotFound`. An event stream
+/// that breaks is `Unreachable`; an error event is mapped by its code as above.
 ///
 /// Transport failures (connection refused or reset, timeouts, a response cut short or
 /// unparsable) are `Unreachable`, except an unparsable answer with a 5xx status, which is
@@ -92,8 +97,180 @@ impl fmt::Debug for AwsStreamClient {
     }
 }
 
+/// An open `SubscribeToShard` event stream of the SDK.
+struct AwsSubscription {
+    output: aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardOutput,
+}
+
+impl fmt::Debug for AwsSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsSubscription").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Subscription for AwsSubscription {
+    async fn next_event(&mut self) -> Result<Option<SubscribeEvent>, StreamError> {
+        loop {
+            let event = match self.output.event_stream.recv().await {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(None),
+                Err(SdkError::ServiceError(context)) => {
+                    use sdk::error::SubscribeToShardEventStreamError as E;
+                    let err = context.into_err();
+                    // Modeled exceptions of the event stream may carry no code in their
+                    // metadata: map them by variant.
+                    return Err(match err {
+                        E::ResourceInUseException(e) => StreamError::ResourceInUse {
+                            message: e.message().unwrap_or("resource in use").to_owned(),
+                        },
+                        E::ResourceNotFoundException(e) => StreamError::ResourceNotFound {
+                            message: e.message().unwrap_or("resource not found").to_owned(),
+                        },
+                        E::KmsThrottlingException(e) => StreamError::Throttled {
+                            source: Box::new(e),
+                        },
+                        other => map_service_error(other, NotFound::Resource),
+                    });
+                }
+                Err(other) => {
+                    return Err(StreamError::Unreachable {
+                        source: DisplayErrorContext(&other).to_string().into(),
+                    });
+                }
+            };
+            // Event types this SDK does not know are skipped.
+            let sdk::SubscribeToShardEventStream::SubscribeToShardEvent(event) = event else {
+                continue;
+            };
+            let records = event
+                .records
+                .into_iter()
+                .map(record_from_sdk)
+                .collect::<Result<Vec<_>, _>>()?;
+            let child_shards = event
+                .child_shards
+                .unwrap_or_default()
+                .iter()
+                .map(child_shard_from_sdk)
+                .collect::<Result<Vec<_>, _>>()?;
+            let continuation_sequence_number = if event.continuation_sequence_number.is_empty() {
+                None
+            } else {
+                Some(
+                    SequenceNumber::parse(&event.continuation_sequence_number).map_err(|_| {
+                        malformed(format!(
+                            "unreadable ContinuationSequenceNumber {:?}",
+                            event.continuation_sequence_number
+                        ))
+                    })?,
+                )
+            };
+            return Ok(Some(SubscribeEvent {
+                records,
+                continuation_sequence_number,
+                millis_behind_latest: Some(u64::try_from(event.millis_behind_latest).unwrap_or(0)),
+                child_shards,
+            }));
+        }
+    }
+}
+
+fn consumer_status(status: &sdk::ConsumerStatus) -> Result<ConsumerStatus, StreamError> {
+    match status {
+        sdk::ConsumerStatus::Active => Ok(ConsumerStatus::Active),
+        sdk::ConsumerStatus::Creating => Ok(ConsumerStatus::Creating),
+        sdk::ConsumerStatus::Deleting => Ok(ConsumerStatus::Deleting),
+        other => Err(malformed(format!(
+            "unknown ConsumerStatus {}",
+            other.as_str()
+        ))),
+    }
+}
+
 #[async_trait]
 impl StreamClient for AwsStreamClient {
+    async fn register_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        let output = self
+            .client
+            .register_stream_consumer()
+            .stream_arn(stream_arn)
+            .consumer_name(consumer_name)
+            .send()
+            .await
+            .map_err(|err| map_sdk_error(err, NotFound::Resource))?;
+        let consumer = output
+            .consumer
+            .ok_or_else(|| malformed("RegisterStreamConsumer returned no Consumer"))?;
+        Ok(StreamConsumer {
+            status: consumer_status(&consumer.consumer_status)?,
+            consumer_name: consumer.consumer_name,
+            consumer_arn: consumer.consumer_arn,
+        })
+    }
+
+    async fn describe_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        let output = self
+            .client
+            .describe_stream_consumer()
+            .stream_arn(stream_arn)
+            .consumer_name(consumer_name)
+            .send()
+            .await
+            .map_err(|err| map_sdk_error(err, NotFound::Resource))?;
+        let consumer = output
+            .consumer_description
+            .ok_or_else(|| malformed("DescribeStreamConsumer returned no ConsumerDescription"))?;
+        Ok(StreamConsumer {
+            status: consumer_status(&consumer.consumer_status)?,
+            consumer_name: consumer.consumer_name,
+            consumer_arn: consumer.consumer_arn,
+        })
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<Box<dyn Subscription>, StreamError> {
+        let start = sdk::StartingPosition::builder();
+        let start = match position {
+            IteratorPosition::TrimHorizon => start.r#type(sdk::ShardIteratorType::TrimHorizon),
+            IteratorPosition::Latest => start.r#type(sdk::ShardIteratorType::Latest),
+            IteratorPosition::AtTimestamp(at) => start
+                .r#type(sdk::ShardIteratorType::AtTimestamp)
+                .timestamp(DateTime::from(*at)),
+            IteratorPosition::AtSequenceNumber(sequence) => start
+                .r#type(sdk::ShardIteratorType::AtSequenceNumber)
+                .sequence_number(sequence.as_str()),
+            IteratorPosition::AfterSequenceNumber(sequence) => start
+                .r#type(sdk::ShardIteratorType::AfterSequenceNumber)
+                .sequence_number(sequence.as_str()),
+        };
+        let start = start.build().map_err(|e| StreamError::InvalidArgument {
+            message: e.to_string(),
+        })?;
+        let output = self
+            .client
+            .subscribe_to_shard()
+            .consumer_arn(consumer_arn)
+            .shard_id(shard_id)
+            .starting_position(start)
+            .send()
+            .await
+            .map_err(|err| map_sdk_error(err, NotFound::Resource))?;
+        Ok(Box::new(AwsSubscription { output }))
+    }
+
     async fn list_shards_page(
         &self,
         stream: &str,
@@ -301,6 +478,7 @@ where
                 StreamError::ResourceNotFound { message: message() }
             }
         },
+        Some("ResourceInUseException") => StreamError::ResourceInUse { message: message() },
         Some("InvalidArgumentException" | "ExpiredNextTokenException" | "ValidationException") => {
             StreamError::InvalidArgument { message: message() }
         }

@@ -74,6 +74,22 @@
 //!   `MillisBehindLatest` is 0 when the response reaches the tip of the shard, else the age
 //!   (on the clock) of the last record returned. Records carry their arrival time and
 //!   `encryption_type` `NONE`; as on the service, the explicit hash key is not returned.
+//! * **Enhanced fan-out.** `register_stream_consumer` registers a consumer per stream (its
+//!   ARN `STREAM_ARN/consumer/NAME:MILLIS`; a name in use is `ResourceInUse`, a 21st consumer
+//!   `Throttled` as `LimitExceededException`); it is `CREATING` for
+//!   [`InMemoryKinesis::set_consumer_activation_delay`] (zero by default), then `ACTIVE`.
+//!   `subscribe_to_shard` needs an `ACTIVE` consumer (else `ResourceInUse`), validates the
+//!   position like `GetShardIterator`, refuses a second call within one second for the same
+//!   consumer and shard (`Throttled`) and a new subscription within five seconds of a
+//!   successful one (`ResourceInUse`); later, the new subscription takes over and the old one
+//!   fails with `ResourceInUse`. A subscription pushes an event as soon as records arrive
+//!   (at most 10 000 records or 2 MiB each), an empty one every five seconds while idle,
+//!   each with the continuation sequence number (subscribe `AFTER_SEQUENCE_NUMBER` of it to
+//!   continue) and `MillisBehindLatest`; at a closed shard's end, a last event with the
+//!   children in `child_shards` and no continuation; after five minutes it ends
+//!   (`Ok(None)`). `deregister_stream_consumer` removes a consumer. Faults: an error
+//!   [`Fault`] on [`Operation::SubscribeToShardEvent`] ends a subscription mid-stream with
+//!   that error; a `Hang` fault there makes it silent.
 //! * **Puts** check the partition key (1 to 256 characters), the record size (data and key
 //!   up to 1 MiB), the explicit hash key, and for `put_records` 1 to 500 entries and 5 MiB.
 //!
@@ -86,7 +102,7 @@
 //!   partial failures.
 //! * `AT_TIMESTAMP` with a time in the future starts at the current tip; later records are
 //!   returned whatever their arrival time.
-//! * No enhanced fan-out, no encryption, no tags, no stream modes.
+//! * No encryption, no tags, no stream modes; no `ListStreamConsumers`.
 //!
 //! # Faults and statistics
 //!
@@ -106,6 +122,7 @@
 //! [`InMemoryKinesis::stats`] counts the calls of each operation, the injected faults and
 //! the hung calls. Puts are synchronous: they can fail by a fault but never hang or wait.
 
+mod fanout;
 mod faults;
 mod iterators;
 mod records;
@@ -122,8 +139,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::stream::{
-    GetRecordsOutput, IteratorPosition, ShardFilter, ShardPage, StreamClient, StreamError,
-    StreamSummary,
+    GetRecordsOutput, IteratorPosition, ShardFilter, ShardPage, StreamClient, StreamConsumer,
+    StreamError, StreamSummary, SubscribeEvent, Subscription,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -174,6 +191,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     base: Instant,
     state: Mutex<State>,
+    /// Woken on every put and reshard, for subscriptions waiting for records.
+    changed: tokio::sync::Notify,
 }
 
 /// An in-memory Kinesis: see the [module documentation](self) for what it does like the
@@ -223,6 +242,7 @@ impl InMemoryKinesis {
                 clock,
                 base,
                 state: Mutex::new(State::new(key)),
+                changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -290,7 +310,32 @@ impl InMemoryKinesis {
 
     /// Deletes a stream at once. Its iterators and next tokens stop working.
     pub fn delete_stream(&self, name: &str) -> Result<(), StreamError> {
-        self.state().delete_stream(name)
+        let deleted = self.state().delete_stream(name);
+        self.inner.changed.notify_waiters();
+        deleted
+    }
+
+    /// How long a consumer registered from now on stays `CREATING` before it is `ACTIVE`
+    /// (zero by default: at once).
+    pub fn set_consumer_activation_delay(&self, delay: Duration) {
+        self.state().fan_out.activation_delay = delay;
+    }
+
+    /// `DeregisterStreamConsumer`: removes the consumer at once; its subscriptions fail
+    /// with `ResourceNotFound` at their next event.
+    pub fn deregister_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<(), StreamError> {
+        let removed = self.state().deregister_consumer(stream_arn, consumer_name);
+        self.inner.changed.notify_waiters();
+        removed
+    }
+
+    /// The consumers registered on a stream.
+    pub fn consumer_count(&self, stream: &str) -> usize {
+        self.state().consumer_count(stream)
     }
 
     /// Sets how long records stay readable (24 hours by default). Unlike the service, any
@@ -311,7 +356,10 @@ impl InMemoryKinesis {
         let now = self.now();
         let mut state = self.state();
         self.begin_sync(&mut state, Operation::PutRecord)?;
-        state.put(stream, partition_key, explicit_hash_key, data, now)
+        let put = state.put(stream, partition_key, explicit_hash_key, data, now);
+        drop(state);
+        self.inner.changed.notify_waiters();
+        put
     }
 
     /// Stores a batch, in order, all or nothing (an invalid entry fails the call).
@@ -324,7 +372,10 @@ impl InMemoryKinesis {
         let now = self.now();
         let mut state = self.state();
         self.begin_sync(&mut state, Operation::PutRecords)?;
-        state.put_batch(stream, entries, now)
+        let put = state.put_batch(stream, entries, now);
+        drop(state);
+        self.inner.changed.notify_waiters();
+        put
     }
 
     /// Splits an open shard: the first child owns `start..new_starting_hash_key`, the second
@@ -336,8 +387,11 @@ impl InMemoryKinesis {
         new_starting_hash_key: u128,
     ) -> Result<[String; 2], StreamError> {
         let now = self.now();
-        self.state()
-            .split(stream, shard_id, new_starting_hash_key, now)
+        let split = self
+            .state()
+            .split(stream, shard_id, new_starting_hash_key, now);
+        self.inner.changed.notify_waiters();
+        split
     }
 
     /// Merges two open, adjacent shards; the child's parent is `shard_id` and its adjacent
@@ -349,13 +403,17 @@ impl InMemoryKinesis {
         adjacent_shard_id: &str,
     ) -> Result<String, StreamError> {
         let now = self.now();
-        self.state().merge(stream, shard_id, adjacent_shard_id, now)
+        let merged = self.state().merge(stream, shard_id, adjacent_shard_id, now);
+        self.inner.changed.notify_waiters();
+        merged
     }
 
     /// Uniform scaling to `target` open shards (see the module documentation).
     pub fn update_shard_count(&self, stream: &str, target: u32) -> Result<(), StreamError> {
         let now = self.now();
-        self.state().update_shard_count(stream, target, now)
+        let updated = self.state().update_shard_count(stream, target, now);
+        self.inner.changed.notify_waiters();
+        updated
     }
 
     /// Sets the most shards one `ListShards` page returns (1000 by default; at most 10 000).
@@ -454,8 +512,105 @@ impl InMemoryKinesis {
     }
 }
 
+/// A subscription of the in-memory Kinesis (see [`InMemoryKinesis::subscribe_to_shard`]).
+#[derive(Debug)]
+pub struct InMemorySubscription {
+    kinesis: InMemoryKinesis,
+    cursor: fanout::Cursor,
+    /// Ended by an error: every later call says it is over.
+    dead: bool,
+}
+
+#[async_trait]
+impl Subscription for InMemorySubscription {
+    async fn next_event(&mut self) -> Result<Option<SubscribeEvent>, StreamError> {
+        if self.dead {
+            return Ok(None);
+        }
+        let began = self
+            .kinesis
+            .begin(
+                Operation::SubscribeToShardEvent,
+                Some(&self.cursor.shard_id),
+            )
+            .await;
+        if let Err(e) = began {
+            self.dead = true;
+            return Err(e);
+        }
+        loop {
+            let notified = self.kinesis.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = self.kinesis.now();
+            let polled = self
+                .kinesis
+                .state()
+                .poll_subscription(&mut self.cursor, now);
+            let until = match polled {
+                Ok(fanout::Poll::Event(event)) => return Ok(Some(event)),
+                Ok(fanout::Poll::Ended) => {
+                    self.dead = true;
+                    return Ok(None);
+                }
+                Ok(fanout::Poll::WaitUntil(until)) => until,
+                Err(e) => {
+                    self.dead = true;
+                    return Err(e);
+                }
+            };
+            let wait = Duration::from_nanos(until.saturating_sub(now.mono));
+            tokio::select! {
+                _ = notified => {}
+                _ = self.kinesis.inner.clock.sleep(wait) => {}
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl StreamClient for InMemoryKinesis {
+    async fn register_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        self.begin(Operation::RegisterStreamConsumer, None).await?;
+        let now = self.now();
+        self.state()
+            .register_consumer(stream_arn, consumer_name, now)
+    }
+
+    async fn describe_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        self.begin(Operation::DescribeStreamConsumer, None).await?;
+        let now = self.now();
+        self.state()
+            .describe_consumer(stream_arn, consumer_name, now)
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<Box<dyn Subscription>, StreamError> {
+        self.begin(Operation::SubscribeToShard, Some(shard_id))
+            .await?;
+        let now = self.now();
+        let cursor = self
+            .state()
+            .subscribe(consumer_arn, shard_id, position, now)?;
+        Ok(Box::new(InMemorySubscription {
+            kinesis: self.clone(),
+            cursor,
+            dead: false,
+        }))
+    }
+
     async fn list_shards_page(
         &self,
         stream: &str,

@@ -21,17 +21,30 @@ pub enum Operation {
     PutRecord,
     /// `PutRecords`.
     PutRecords,
+    /// `RegisterStreamConsumer`.
+    RegisterStreamConsumer,
+    /// `DescribeStreamConsumer`.
+    DescribeStreamConsumer,
+    /// `SubscribeToShard` (opening a subscription).
+    SubscribeToShard,
+    /// Waiting for the next event of a subscription: an error fault ends the subscription
+    /// with that error mid-stream; a `Hang` fault makes it silent (no event ever comes).
+    SubscribeToShardEvent,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 10] = [
         Operation::ListShards,
         Operation::DescribeStreamSummary,
         Operation::GetShardIterator,
         Operation::GetRecords,
         Operation::PutRecord,
         Operation::PutRecords,
+        Operation::RegisterStreamConsumer,
+        Operation::DescribeStreamConsumer,
+        Operation::SubscribeToShard,
+        Operation::SubscribeToShardEvent,
     ];
 
     /// The service's name for it (`GetRecords`, ...).
@@ -43,6 +56,10 @@ impl Operation {
             Operation::GetRecords => "GetRecords",
             Operation::PutRecord => "PutRecord",
             Operation::PutRecords => "PutRecords",
+            Operation::RegisterStreamConsumer => "RegisterStreamConsumer",
+            Operation::DescribeStreamConsumer => "DescribeStreamConsumer",
+            Operation::SubscribeToShard => "SubscribeToShard",
+            Operation::SubscribeToShardEvent => "SubscribeToShardEvent",
         }
     }
 
@@ -54,6 +71,10 @@ impl Operation {
             Operation::GetRecords => 3,
             Operation::PutRecord => 4,
             Operation::PutRecords => 5,
+            Operation::RegisterStreamConsumer => 6,
+            Operation::DescribeStreamConsumer => 7,
+            Operation::SubscribeToShard => 8,
+            Operation::SubscribeToShardEvent => 9,
         }
     }
 }
@@ -118,7 +139,8 @@ pub(crate) fn throttled(operation: Operation) -> StreamError {
 /// A fault for the next `count` matching calls of the in-memory Kinesis: the shared design of
 /// `kcl_lease::test_util::fault`, with [`FaultKind`] and [`Operation`]. [`Fault::for_key`]
 /// takes a shard id: `GetShardIterator` on it and `GetRecords` with one of its iterators
-/// match (never `ListShards`, `DescribeStreamSummary` or the puts).
+/// match, and `SubscribeToShard` and the event waits of its subscriptions (never
+/// `ListShards`, `DescribeStreamSummary`, the consumer calls or the puts).
 pub type Fault = kcl_lease::test_util::fault::Fault<FaultKind, Operation>;
 
 /// The cause inside the errors the in-memory Kinesis returns for throttling, service errors
@@ -182,6 +204,25 @@ pub struct KinesisStats {
     pub calls_hung: u64,
     /// `GetRecords` calls refused by the per-shard read rate limit.
     pub read_rate_throttled: u64,
+    /// `RegisterStreamConsumer` calls.
+    pub register_stream_consumer: u64,
+    /// `DescribeStreamConsumer` calls.
+    pub describe_stream_consumer: u64,
+    /// `SubscribeToShard` calls.
+    pub subscribe_to_shard: u64,
+    /// Waits for a subscription event (one per `Subscription::next_event`).
+    pub subscribe_to_shard_event: u64,
+    /// Subscriptions opened (successful `SubscribeToShard` calls).
+    pub subscriptions_opened: u64,
+    /// `SubscribeToShard` calls refused with `ResourceInUse` (within five seconds of a
+    /// successful one, or the consumer not `ACTIVE`).
+    pub subscribe_resource_in_use: u64,
+    /// `SubscribeToShard` calls refused by the one-per-second limit.
+    pub subscribe_throttled: u64,
+    /// Subscriptions the fake ended after their five minutes.
+    pub subscriptions_expired: u64,
+    /// Records pushed in subscription events.
+    pub records_pushed: u64,
 }
 
 impl KinesisStats {
@@ -194,6 +235,10 @@ impl KinesisStats {
             Operation::GetRecords => self.get_records,
             Operation::PutRecord => self.put_record,
             Operation::PutRecords => self.put_records,
+            Operation::RegisterStreamConsumer => self.register_stream_consumer,
+            Operation::DescribeStreamConsumer => self.describe_stream_consumer,
+            Operation::SubscribeToShard => self.subscribe_to_shard,
+            Operation::SubscribeToShardEvent => self.subscribe_to_shard_event,
         }
     }
 
@@ -205,6 +250,10 @@ impl KinesisStats {
             Operation::GetRecords => &mut self.get_records,
             Operation::PutRecord => &mut self.put_record,
             Operation::PutRecords => &mut self.put_records,
+            Operation::RegisterStreamConsumer => &mut self.register_stream_consumer,
+            Operation::DescribeStreamConsumer => &mut self.describe_stream_consumer,
+            Operation::SubscribeToShard => &mut self.subscribe_to_shard,
+            Operation::SubscribeToShardEvent => &mut self.subscribe_to_shard_event,
         };
         *counter += 1;
     }
@@ -216,7 +265,7 @@ pub(crate) struct Faults {
     rules: kcl_lease::test_util::fault::FaultPlan<FaultKind, Operation>,
     unreachable: bool,
     hanging: bool,
-    latency: [Duration; 6],
+    latency: [Duration; 10],
 }
 
 impl Faults {

@@ -57,6 +57,8 @@ pub(crate) struct State {
     pub(crate) default_retention: Duration,
     /// GetRecords calls still to answer "no records yet" while records are there.
     pub(crate) empty_reads: u32,
+    /// Stream consumers and subscriptions (enhanced fan-out).
+    pub(crate) fan_out: super::fanout::FanOutState,
 }
 
 impl State {
@@ -71,6 +73,7 @@ impl State {
             stats: KinesisStats::default(),
             read_limit: None,
             empty_reads: 0,
+            fan_out: Default::default(),
             default_retention: Duration::from_secs(24 * 3600),
         }
     }
