@@ -306,7 +306,8 @@ impl Expression {
                 e.value(":tp", kbps(throughput));
                 set.push("#tp = :tp".to_owned());
             }
-            LeaseWrite::Checkpoint { checkpoint, .. } => {
+            LeaseWrite::Checkpoint { checkpoint, .. }
+            | LeaseWrite::ResetCheckpoint { checkpoint, .. } => {
                 e.name("#cp", attr::CHECKPOINT);
                 e.name("#cpsub", attr::CHECKPOINT_SUB_SEQUENCE_NUMBER);
                 e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
@@ -797,6 +798,18 @@ impl LeaseStore for DynamoLeaseStore {
         self.update(LeaseWrite::ChildShardIds {
             seen: lease,
             child_shard_ids,
+        })
+        .await
+    }
+
+    async fn reset_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        self.update(LeaseWrite::ResetCheckpoint {
+            seen: lease,
+            checkpoint,
         })
         .await
     }
