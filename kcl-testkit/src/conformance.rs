@@ -1041,10 +1041,15 @@ pub async fn case_reset_checkpoint_is_fenced(store: &dyn LeaseStore) -> CaseResu
     let w1 = setup_owned(store, "shardId-000000000001", "w1").await?;
     let w1 = call(
         "update_pending_checkpoint",
-        store.update_pending_checkpoint(&w1, Some(&esn("90")?)).await,
+        store
+            .update_pending_checkpoint(&w1, Some(&esn("90")?))
+            .await,
     )?;
     let target = esn("300.2")?;
-    let reset = call("reset_checkpoint", store.reset_checkpoint(&w1, &target).await)?;
+    let reset = call(
+        "reset_checkpoint",
+        store.reset_checkpoint(&w1, &target).await,
+    )?;
     let mut expected = w1.clone();
     expected.checkpoint = target.clone();
     expected.pending_checkpoint = None;
