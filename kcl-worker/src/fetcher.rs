@@ -204,7 +204,10 @@ impl Fetcher {
                             }
                         }
                         let started = this.clock.now();
-                        let result = this.stream.get_records(it_ref, this.config.max_records).await;
+                        let result = this
+                            .stream
+                            .get_records(it_ref, this.config.max_records)
+                            .await;
                         let labels = m::shard_labels(&this.shard_id);
                         metrics::histogram!(level: m::DETAILED, m::GET_RECORDS_TIME, labels.clone())
                             .record(
@@ -223,7 +226,11 @@ impl Fetcher {
                             return Retry::GiveUp;
                         }
                         self.failed(e, &mut streak);
-                        if tx.is_closed() { Retry::GiveUp } else { Retry::After }
+                        if tx.is_closed() {
+                            Retry::GiveUp
+                        } else {
+                            Retry::After
+                        }
                     },
                 )
                 .await;

@@ -174,7 +174,12 @@ fn record_renew_round(
 ) {
     use crate::metrics as m;
     let labels = m::worker_labels(m::operation::RENEW_ALL_LEASES, &this.config.worker_id);
-    let millis = this.clock.now().saturating_duration_since(started).as_secs_f64() * 1000.0;
+    let millis = this
+        .clock
+        .now()
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        * 1000.0;
     metrics::histogram!(level: m::SUMMARY, m::LOST_LEASES, labels.clone())
         .record(report.lost.len() as f64);
     metrics::histogram!(level: m::SUMMARY, m::CURRENT_LEASES, labels.clone())
@@ -192,7 +197,12 @@ fn record_take_pass(
 ) {
     use crate::metrics as m;
     let labels = m::worker_labels(m::operation::TAKE_LEASES, &this.config.worker_id);
-    let millis = this.clock.now().saturating_duration_since(started).as_secs_f64() * 1000.0;
+    let millis = this
+        .clock
+        .now()
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        * 1000.0;
     metrics::histogram!(level: m::SUMMARY, m::SUCCESS, labels.clone())
         .record(if report.is_some() { 1.0 } else { 0.0 });
     metrics::histogram!(level: m::SUMMARY, m::TIME, labels.clone()).record(millis);

@@ -90,7 +90,11 @@ impl LeaseCoordinator {
             metrics::histogram!(level: m::DETAILED, m::RENEW_LEASE_SUCCESS, labels.clone())
                 .record(if succeeded { 1.0 } else { 0.0 });
             metrics::histogram!(level: m::DETAILED, m::RENEW_LEASE_TIME, labels).record(
-                self.clock.now().saturating_duration_since(now).as_secs_f64() * 1000.0,
+                self.clock
+                    .now()
+                    .saturating_duration_since(now)
+                    .as_secs_f64()
+                    * 1000.0,
             );
         }
         metrics::counter!(
