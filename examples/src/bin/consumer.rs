@@ -43,10 +43,10 @@ use kcl_interfaces::{
     ShutdownReason,
 };
 use kcl_worker::aws::AwsOptions;
+use kcl_worker::export::MetricsConfig;
 use kcl_worker::export::cloudwatch::CloudWatchPublisher;
 use kcl_worker::export::http::{HttpServer, Response};
 use kcl_worker::export::prometheus::PrometheusEndpoint;
-use kcl_worker::export::MetricsConfig;
 use kcl_worker::{InitialPosition, ShardHealth, Worker, WorkerConfig, WorkerHandle};
 use tracing::{error, info, warn};
 
@@ -140,9 +140,7 @@ fn parse_metrics(s: &str) -> Result<MetricsSink, String> {
             .parse()
             .map(MetricsSink::Prometheus)
             .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9464: {e}")),
-        None => Err(format!(
-            "{s:?}: expected prometheus:ADDR or cloudwatch"
-        )),
+        None => Err(format!("{s:?}: expected prometheus:ADDR or cloudwatch")),
     }
 }
 
@@ -295,13 +293,16 @@ struct Exporters {
     cloudwatch: Option<CloudWatchPublisher>,
 }
 
-async fn start_metrics(args: &Args, aws: &AwsOptions) -> Result<Exporters, Box<dyn std::error::Error>> {
+async fn start_metrics(
+    args: &Args,
+    aws: &AwsOptions,
+) -> Result<Exporters, Box<dyn std::error::Error>> {
     let mut exporters = Exporters::default();
     if args.metrics.is_empty() {
         return Ok(exporters);
     }
-    let mut config = MetricsConfig::new(args.application.clone())
-        .with_metrics_level(args.metrics_level);
+    let mut config =
+        MetricsConfig::new(args.application.clone()).with_metrics_level(args.metrics_level);
     if let Some(dims) = &args.metrics_enabled_dimensions {
         config = config.with_metrics_enabled_dimensions(dims.iter().cloned());
     }
@@ -402,7 +403,11 @@ async fn progress(handle: SharedHandle, printed: Arc<AtomicU64>) {
             return;
         };
         let now = (Instant::now(), printed.load(Ordering::Relaxed));
-        let secs = now.0.saturating_duration_since(last.0).as_secs_f64().max(1e-3);
+        let secs = now
+            .0
+            .saturating_duration_since(last.0)
+            .as_secs_f64()
+            .max(1e-3);
         let rate = (now.1.saturating_sub(last.1)) as f64 / secs;
         last = now;
         let behind = shards
@@ -475,7 +480,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let report = worker.shutdown().await?;
     if let Some(publisher) = exporters.cloudwatch {
         let stats = publisher.shutdown().await;
-        info!(sent = stats.sent, failed = stats.failed, dropped = stats.dropped, "CloudWatch publisher stopped");
+        info!(
+            sent = stats.sent,
+            failed = stats.failed,
+            dropped = stats.dropped,
+            "CloudWatch publisher stopped"
+        );
     }
     drop(exporters.prometheus);
     if !report.is_clean() {
