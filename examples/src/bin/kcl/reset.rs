@@ -97,10 +97,10 @@ pub(crate) async fn reset(conn: &Connection, args: &ResetArgs) -> CliResult<()> 
     if matches!(args.to, Target::AtTimestamp(_)) && args.stream.is_none() {
         return fail("--to at-timestamp needs --stream (the shard is read to find the position)");
     }
-    if let Target::AtTimestamp(t) = args.to {
-        if t > SystemTime::now() {
-            return fail("bad position: the at-timestamp time is in the future");
-        }
+    if let Target::AtTimestamp(t) = args.to
+        && t > SystemTime::now()
+    {
+        return fail("bad position: the at-timestamp time is in the future");
     }
     let store = conn.lease_store(&args.application).await?;
     let observed = observe(&store, args.interval).await?;
