@@ -17,10 +17,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aws_sdk_cloudwatch::types::{MetricDataQuery, MetricStat};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
-use kcl_testkit::emulators::{REGION, dynamodb_client, shared_kinesis_and_dynamodb};
+use kcl_testkit::emulators::{
+    Emulator, EmulatorKind, REGION, dynamodb_client, sdk_config, shared_kinesis_and_dynamodb,
+};
 use serde_json::Value;
 
 /// Dummy credentials, nothing from the user's AWS configuration.
@@ -510,6 +513,8 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         None,
     ));
     assert_eq!(lag["total_records_behind"], 30, "{lag}");
+    // This run publishes to moto's CloudWatch; its last flush at shutdown sends everything.
+    let moto = Emulator::start(EmulatorKind::Moto).unwrap_or_else(|e| panic!("{e}"));
     let consumer = Consumer::start(
         &e,
         &[
@@ -523,10 +528,16 @@ fn operating_an_application_with_kcl_and_the_consumer() {
             "3000",
             "--format",
             "raw",
+            "--metrics",
+            "cloudwatch",
+            "--cloudwatch-endpoint",
+            moto.endpoint(),
+            "--metrics-level",
+            "SUMMARY",
         ],
     );
     let mut payloads = consumer.take(30, Duration::from_secs(60));
-    consumer.stop();
+    let log = consumer.stop();
     payloads.sort();
     let mut want: Vec<String> = (0..20)
         .map(|i| format!("first-{i:06}"))
@@ -534,6 +545,108 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         .collect();
     want.sort();
     assert_eq!(payloads, want);
+    assert!(log.contains("CloudWatch publisher stopped"), "{log}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cw = aws_sdk_cloudwatch::Client::new(&sdk_config(moto.endpoint()));
+    let listed = runtime
+        .block_on(cw.list_metrics().namespace(app).send())
+        .unwrap();
+    let names: std::collections::BTreeSet<&str> = listed
+        .metrics()
+        .iter()
+        .filter_map(|m| m.metric_name())
+        .collect();
+    assert!(names.contains("RecordsProcessed"), "{names:?}\n{log}");
+    assert!(names.contains("LostLeases"), "{names:?}");
+    // SUMMARY: the DETAILED metrics are not published.
+    assert!(
+        !names.contains("KinesisDataFetcher.getRecords.Time"),
+        "{names:?}"
+    );
+    let sent: f64 = listed
+        .metrics()
+        .iter()
+        .filter(|m| m.metric_name() == Some("RecordsProcessed"))
+        .map(|m| {
+            let query = MetricDataQuery::builder()
+                .id("q")
+                .metric_stat(
+                    MetricStat::builder()
+                        .metric(m.clone())
+                        .period(60)
+                        .stat("Sum")
+                        .build(),
+                )
+                .build();
+            let now = std::time::SystemTime::now();
+            let out = runtime
+                .block_on(
+                    cw.get_metric_data()
+                        .metric_data_queries(query)
+                        .start_time((now - Duration::from_secs(600)).into())
+                        .end_time((now + Duration::from_secs(600)).into())
+                        .send(),
+                )
+                .unwrap();
+            out.metric_data_results()
+                .iter()
+                .flat_map(|r| r.values().to_vec())
+                .sum::<f64>()
+        })
+        .sum();
+    assert_eq!(sent, 30.0, "RecordsProcessed in CloudWatch");
+    drop(moto);
+
+    // On a terminal stderr (a pty from `script`) the progress line shows.
+    produce(&e, stream, &["--count", "5", "--payload-prefix", "third-"]);
+    let transcript = std::env::temp_dir().join(format!("kcl-ops-tty-{}.log", std::process::id()));
+    let command = format!(
+        "exec {} {} --stream {stream} --application {app} --worker-id worker-3 --failover-time-ms 3000 --format text 2>&1 >/dev/null",
+        env!("CARGO_BIN_EXE_consumer"),
+        e.args().join(" ")
+    );
+    let mut tty = aws_env(&mut Command::new("script"))
+        .env("RUST_LOG", "warn")
+        .args(["-qfec", &command])
+        .arg(&transcript)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("`script` (util-linux) runs the consumer on a pty");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let progress = loop {
+        let text = std::fs::read_to_string(&transcript).unwrap_or_default();
+        if text.contains("5 records in all") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no progress line:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // `script` passes SIGTERM on to the consumer, which stops gracefully; then it exits.
+    let pid = tty.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tty.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = tty.kill();
+            let _ = tty.wait();
+            panic!("the consumer under `script` did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&transcript);
+    assert!(progress.contains("shards held, max "), "{progress}");
+    assert!(progress.contains(" records/s, "), "{progress}");
 
     // Errors name what is wrong.
     let err = failed(&kcl(
@@ -548,10 +661,6 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         None,
     ));
     assert!(err.contains("no such table"), "{err}");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     runtime.block_on(async {
         dynamodb_client(&e.dynamodb)
             .create_table()
