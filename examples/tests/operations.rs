@@ -389,7 +389,73 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         None,
     ));
     assert!(refused.contains("held by a live worker"), "{refused}");
+    // --force resets it anyway: the worker loses the lease at its next renewal, takes it
+    // again and delivers the shard again from the trim horizon.
+    let forced = ok(&kcl(
+        &e,
+        &[
+            "reset",
+            "--application",
+            app,
+            "--shard",
+            &shard0,
+            "--to",
+            "trim-horizon",
+            "--interval-ms",
+            "2500",
+            "--force",
+        ],
+        None,
+    ));
+    assert!(forced.contains("-> TRIM_HORIZON"), "{forced}");
+    assert!(forced.contains("live"), "{forced}");
+    let shard0_count = delivered
+        .iter()
+        .filter(|d| d["shard_id"] == shard0.as_str())
+        .count();
+    let again: Vec<Value> = consumer
+        .take(shard0_count, Duration::from_secs(60))
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        again.iter().all(|d| d["shard_id"] == shard0.as_str()),
+        "{again:?}"
+    );
+    let mut seqs: Vec<&str> = again
+        .iter()
+        .map(|d| d["sequence_number"].as_str().unwrap())
+        .collect();
+    let mut before: Vec<&str> = delivered
+        .iter()
+        .filter(|d| d["shard_id"] == shard0.as_str())
+        .map(|d| d["sequence_number"].as_str().unwrap())
+        .collect();
+    seqs.sort();
+    before.sort();
+    assert_eq!(
+        seqs, before,
+        "the shard delivered again from the trim horizon"
+    );
+    // Its checkpoint comes back (bounded wait), so nothing is behind.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag = json(&kcl(
+            &e,
+            &["lag", "--application", app, "--stream", stream, "--json"],
+            None,
+        ));
+        if lag["total_records_behind"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{lag}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let log = consumer.stop();
+    assert!(
+        log.contains("lease lost"),
+        "the forced reset should cost the worker its lease:\n{log}"
+    );
     assert!(
         !log.contains("records/s"),
         "a progress line although stderr is not a terminal:\n{log}"
@@ -603,10 +669,12 @@ fn operating_an_application_with_kcl_and_the_consumer() {
     // On a terminal stderr (a pty from `script`) the progress line shows.
     produce(&e, stream, &["--count", "5", "--payload-prefix", "third-"]);
     let transcript = std::env::temp_dir().join(format!("kcl-ops-tty-{}.log", std::process::id()));
+    let text_out = std::env::temp_dir().join(format!("kcl-ops-text-{}.out", std::process::id()));
     let command = format!(
-        "exec {} {} --stream {stream} --application {app} --worker-id worker-3 --failover-time-ms 3000 --format text 2>&1 >/dev/null",
+        "exec {} {} --stream {stream} --application {app} --worker-id worker-3 --failover-time-ms 3000 --format text 2>&1 >{}",
         env!("CARGO_BIN_EXE_consumer"),
-        e.args().join(" ")
+        e.args().join(" "),
+        text_out.display()
     );
     let mut tty = aws_env(&mut Command::new("script"))
         .env("RUST_LOG", "warn")
@@ -645,6 +713,25 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_file(&transcript);
+    // --format text: SHARD SEQUENCE PARTITION_KEY DATA.
+    let text = std::fs::read_to_string(&text_out).unwrap();
+    let _ = std::fs::remove_file(&text_out);
+    let mut data: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            assert_eq!(fields.len(), 4, "{l}");
+            assert!(fields[0].starts_with("shardId-"), "{l}");
+            assert!(fields[1].bytes().all(|b| b.is_ascii_digit()), "{l}");
+            assert!(fields[2].starts_with("key-"), "{l}");
+            fields[3]
+        })
+        .collect();
+    data.sort();
+    assert_eq!(
+        data,
+        (0..5).map(|i| format!("third-{i:06}")).collect::<Vec<_>>()
+    );
     assert!(progress.contains("shards held, max "), "{progress}");
     assert!(progress.contains(" records/s, "), "{progress}");
 

@@ -95,7 +95,8 @@ pub trait LeaseStore: Send + Sync + Debug {
     /// Moves the checkpoint of a lease whoever holds it (an operator's reset, `kcl reset`):
     /// `leaseCounter = lease.lease_counter` and the owner seen in `lease` (or its absence);
     /// then the checkpoint set, the pending checkpoint removed, `ownerSwitchesSinceCheckpoint`
-    /// = 0, counter + 1, the owner kept ([`LeaseWrite::ResetCheckpoint`](crate::write::LeaseWrite::ResetCheckpoint)).
+    /// = 0, the owner and `checkpointOwner` removed (the lease is free), counter + 1
+    /// ([`LeaseWrite::ResetCheckpoint`](crate::write::LeaseWrite::ResetCheckpoint)).
     ///
     /// The default implementation refuses ([`LeaseError::Rejected`]) and writes nothing: it
     /// is there for stores wrapping another in tests; `DynamoLeaseStore` and the in-memory

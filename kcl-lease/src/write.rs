@@ -19,12 +19,13 @@
 //! | [prepare checkpoint](LeaseWrite::PrepareCheckpoint) | pending checkpoint set or removed, counter + 1 | counter = seen, owner = me |
 //! | [child shard ids](LeaseWrite::ChildShardIds) | child shard ids (removed when empty), counter + 1 | counter = seen, owner = me |
 //! | [delete](LeaseWrite::Delete) | the row is removed | counter = seen |
-//! | [reset checkpoint](LeaseWrite::ResetCheckpoint) | checkpoint, no pending checkpoint, owner switches = 0, counter + 1 (the owner is kept) | counter = seen, owner = the owner seen (or no owner when seen free) |
+//! | [reset checkpoint](LeaseWrite::ResetCheckpoint) | checkpoint, no pending checkpoint, owner switches = 0, no owner, no `checkpointOwner`, counter + 1 | counter = seen, owner = the owner seen (or no owner when seen free) |
 //!
 //! A reset is an operator's write (`kcl reset`), not a worker's: it moves the checkpoint of a
 //! lease whoever holds it, fenced like a take so that it fails if the row changed since the
-//! operator read it. A worker holding the lease then fails its next fenced write (the counter
-//! moved), loses the lease, and whoever takes it next resumes from the new checkpoint.
+//! operator read it, and frees the lease. A worker holding it then fails its next fenced
+//! write (owner and counter moved: not mistaken for its own write applied by a client retry),
+//! loses the lease, and whoever takes it next resumes from the new checkpoint.
 //!
 //! No write touches an attribute it does not name: every other attribute of the row (ones
 //! this library does not know included) is kept as it is.
@@ -95,7 +96,7 @@ pub enum LeaseWrite<'a> {
         /// The caller's view of the row.
         seen: &'a Lease,
     },
-    /// Moves the checkpoint of a lease, held or not (an operator's reset).
+    /// Moves the checkpoint of a lease, held or not, and frees it (an operator's reset).
     ResetCheckpoint {
         /// The caller's view of the row (its owner, or none, is fenced on).
         seen: &'a Lease,
@@ -223,11 +224,17 @@ impl<'a> LeaseWrite<'a> {
                 row.lease_owner = Some(new_owner.to_owned());
             }
             LeaseWrite::Release { .. } => row.lease_owner = None,
-            LeaseWrite::Checkpoint { checkpoint, .. }
-            | LeaseWrite::ResetCheckpoint { checkpoint, .. } => {
+            LeaseWrite::Checkpoint { checkpoint, .. } => {
                 row.checkpoint = checkpoint.clone();
                 row.pending_checkpoint = None;
                 row.owner_switches_since_checkpoint = 0;
+            }
+            LeaseWrite::ResetCheckpoint { checkpoint, .. } => {
+                row.checkpoint = checkpoint.clone();
+                row.pending_checkpoint = None;
+                row.owner_switches_since_checkpoint = 0;
+                row.lease_owner = None;
+                row.checkpoint_owner = None;
             }
             LeaseWrite::PrepareCheckpoint { pending, .. } => {
                 row.pending_checkpoint = pending.cloned();
@@ -433,7 +440,7 @@ mod tests {
                 reset.owner_switches_since_checkpoint,
                 reset.lease_counter
             ),
-            (Some("w"), &to, &None, 0, 4)
+            (None, &to, &None, 0, 4)
         );
         // A free lease is reset too (the fence names "no owner").
         let free = Lease::new("k", ExtendedSequenceNumber::TRIM_HORIZON);

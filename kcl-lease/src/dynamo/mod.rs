@@ -308,6 +308,12 @@ impl Expression {
             }
             LeaseWrite::Checkpoint { checkpoint, .. }
             | LeaseWrite::ResetCheckpoint { checkpoint, .. } => {
+                if matches!(write, LeaseWrite::ResetCheckpoint { .. }) {
+                    // A reset frees the lease.
+                    e.name("#owner", attr::LEASE_OWNER);
+                    e.name("#cpowner", attr::CHECKPOINT_OWNER);
+                    remove.extend(["#owner", "#cpowner"]);
+                }
                 e.name("#cp", attr::CHECKPOINT);
                 e.name("#cpsub", attr::CHECKPOINT_SUB_SEQUENCE_NUMBER);
                 e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);

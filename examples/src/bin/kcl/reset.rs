@@ -4,9 +4,9 @@
 //! The leases are read twice, `--interval-ms` apart. A lease whose owner renewed it in
 //! between (its counter moved) is held by a live worker: the reset refuses, and writes
 //! nothing at all, unless `--force`. Every write, forced or not, is fenced on the counter
-//! and owner of the second read, so a lease that changes meanwhile is not written. A worker
-//! that held a reset lease fails its next renewal or checkpoint (the counter moved), loses
-//! the lease, and whoever takes it next resumes from the new checkpoint.
+//! and owner of the second read, so a lease that changes meanwhile is not written. A reset
+//! frees the lease: a worker that held it fails its next renewal or checkpoint (owner and
+//! counter moved), loses the lease, and whoever takes it next resumes from the new checkpoint.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -162,13 +162,16 @@ pub(crate) async fn reset(conn: &Connection, args: &ResetArgs) -> CliResult<()> 
         };
         match store.reset_checkpoint(&o.lease, &checkpoint).await {
             Ok(written) => println!(
-                "{shard_id}: checkpoint {} -> {} (counter {} -> {}, owner {}, {})",
+                "{shard_id}: checkpoint {} -> {} (counter {} -> {}; was {}{}; now free)",
                 short_esn(&o.lease.checkpoint),
                 checkpoint,
                 o.lease.lease_counter,
                 written.lease_counter,
-                written.lease_owner.as_deref().unwrap_or("-"),
-                o.state.as_str()
+                o.state.as_str(),
+                o.lease
+                    .lease_owner
+                    .as_deref()
+                    .map_or(String::new(), |w| format!(", owner {w}")),
             ),
             Err(LeaseError::ConditionFailed { .. }) => {
                 eprintln!(
