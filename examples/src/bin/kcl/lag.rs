@@ -73,7 +73,7 @@ pub(crate) async fn lag(conn: &Connection, args: &LagArgs) -> CliResult<()> {
         };
         let Some(lease) = leases.get(&shard.shard_id) else {
             lag.checkpoint = "-".to_owned();
-            lag.note = "no lease";
+            lag.note = "no lease (not created yet, or finished and deleted)";
             lags.push(lag);
             continue;
         };
