@@ -123,11 +123,21 @@ fn produce(e: &Endpoints, stream: &str, extra: &[&str]) {
     );
 }
 
-/// A consumer process: stdout lines on a channel, stderr collected.
+/// A consumer process: stdout lines on a channel, stderr collected. Killed if the test
+/// ends (or fails) before it stopped.
 struct Consumer {
     child: Child,
     lines: mpsc::Receiver<String>,
     log: Arc<Mutex<String>>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Consumer {
@@ -691,7 +701,11 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         if text.contains("5 records in all") {
             break text;
         }
-        assert!(Instant::now() < deadline, "no progress line:\n{text}");
+        if Instant::now() >= deadline {
+            let _ = tty.kill();
+            let _ = tty.wait();
+            panic!("no progress line:\n{text}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
     // `script` passes SIGTERM on to the consumer, which stops gracefully; then it exits.

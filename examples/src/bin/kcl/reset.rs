@@ -4,7 +4,9 @@
 //! The leases are read twice, `--interval-ms` apart. A lease whose owner renewed it in
 //! between (its counter moved) is held by a live worker: the reset refuses, and writes
 //! nothing at all, unless `--force`. Every write, forced or not, is fenced on the counter
-//! and owner of the second read, so a lease that changes meanwhile is not written. A reset
+//! and owner of a read made right before it (without `--force` that read must still show
+//! the counter observed), so a lease that changes meanwhile is not written; with `--force`
+//! a write that loses the race to a renewal is retried from a fresh read, a few times. A reset
 //! frees the lease: a worker that held it fails its next renewal or checkpoint (owner and
 //! counter moved), loses the lease, and whoever takes it next resumes from the new checkpoint.
 
@@ -160,28 +162,24 @@ pub(crate) async fn reset(conn: &Connection, args: &ResetArgs) -> CliResult<()> 
             (Target::Sequence(esn), ..) => esn.clone(),
             (Target::AtTimestamp(_), ..) => return fail("--to at-timestamp needs --stream"),
         };
-        match store.reset_checkpoint(&o.lease, &checkpoint).await {
-            Ok(written) => println!(
+        match write(&store, &o.lease, &checkpoint, args.force).await? {
+            Some((seen, written)) => println!(
                 "{shard_id}: checkpoint {} -> {} (counter {} -> {}; was {}{}; now free)",
-                short_esn(&o.lease.checkpoint),
+                short_esn(&seen.checkpoint),
                 checkpoint,
-                o.lease.lease_counter,
+                seen.lease_counter,
                 written.lease_counter,
                 o.state.as_str(),
-                o.lease
-                    .lease_owner
+                seen.lease_owner
                     .as_deref()
                     .map_or(String::new(), |w| format!(", owner {w}")),
             ),
-            Err(LeaseError::ConditionFailed { .. }) => {
+            None => {
                 eprintln!(
                     "kcl: {shard_id}: the lease changed after it was read (counter {}); not written",
                     o.lease.lease_counter
                 );
                 failed.push(shard_id.clone());
-            }
-            Err(e) => {
-                return fail(format!("{shard_id}: reset failed: {}", chain(&e)));
             }
         }
     }
@@ -193,6 +191,42 @@ pub(crate) async fn reset(conn: &Connection, args: &ResetArgs) -> CliResult<()> 
         ));
     }
     Ok(())
+}
+
+/// Writes the reset fenced on the lease as read right before the write (one round trip
+/// earlier, so a live holder's renewals rarely fall in between). Without `force` the lease
+/// must still be as observed (counter unchanged), else nothing is written (`None`). With
+/// `force`, a write that loses the race to a renewal is retried from a fresh read, up to 5
+/// times. Returns the row it fenced on and the row written.
+async fn write(
+    store: &dyn LeaseStore,
+    observed: &kcl_lease::Lease,
+    checkpoint: &ExtendedSequenceNumber,
+    force: bool,
+) -> CliResult<Option<(kcl_lease::Lease, kcl_lease::Lease)>> {
+    const FORCED_ATTEMPTS: u32 = 5;
+    let key = &observed.lease_key;
+    for _ in 0..FORCED_ATTEMPTS {
+        let seen = match store.get_lease(key).await {
+            Ok(Some(seen)) => seen,
+            Ok(None) => {
+                return fail(format!(
+                    "{key}: the lease was deleted meanwhile; not written"
+                ));
+            }
+            Err(e) => return fail(format!("{key}: cannot read the lease: {}", chain(&e))),
+        };
+        if !force && seen.lease_counter != observed.lease_counter {
+            return Ok(None);
+        }
+        match store.reset_checkpoint(&seen, checkpoint).await {
+            Ok(written) => return Ok(Some((seen, written))),
+            Err(LeaseError::ConditionFailed { .. }) if force => continue,
+            Err(LeaseError::ConditionFailed { .. }) => return Ok(None),
+            Err(e) => return fail(format!("{key}: reset failed: {}", chain(&e))),
+        }
+    }
+    Ok(None)
 }
 
 /// Fails when `esn`'s sequence number is not one Kinesis accepts for the shard.
