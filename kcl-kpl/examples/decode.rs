@@ -20,10 +20,8 @@
 
 use std::io::Write;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
-use kcl_kpl::{Deaggregated, DeaggregationOptions, HashKeyRange, Record, SequenceNumber};
+use kcl_kpl::{DeaggregationOptions, HashKeyRange};
 
 const USAGE: &str = "usage: decode FILE [--hash-range START:END] [--deliver-out-of-range]";
 
@@ -77,30 +75,6 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
     Ok(Some(Args { file, options }))
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
-}
-
-fn json_line(record: &Record, aggregated: bool) -> String {
-    let partition_key = if aggregated {
-        json_string(&record.partition_key)
-    } else {
-        "null".to_owned()
-    };
-    let explicit_hash_key = match (&record.explicit_hash_key, aggregated) {
-        (Some(k), true) => json_string(k),
-        _ => "null".to_owned(),
-    };
-    format!(
-        "{{\"sub_sequence_number\":{},\"partition_key\":{},\"explicit_hash_key\":{},\"data_b64\":{},\"aggregated\":{}}}",
-        record.sub_sequence_number,
-        partition_key,
-        explicit_hash_key,
-        json_string(&B64.encode(&record.data)),
-        aggregated
-    )
-}
-
 /// Runs the decoder with `args` (without the program name); returns the exit code.
 pub(crate) fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let args = match parse_args(args) {
@@ -121,34 +95,12 @@ pub(crate) fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> 
             return 2;
         }
     };
-    let Ok(sequence_number) = SequenceNumber::parse("0") else {
-        return 2;
-    };
-    let record = Record::new("", sequence_number, data);
-    let result = kcl_kpl::deaggregate(record, &args.options);
-    let note = match &result {
-        Deaggregated::NotAggregated { reason, .. } => Some(format!("not aggregated: {reason}")),
-        Deaggregated::InvalidAggregate { reason, .. } => {
-            Some(format!("invalid aggregate, passed through: {reason}"))
-        }
-        Deaggregated::DroppedOutOfRange {
-            sequence_number,
-            sub_records,
-            out_of_range,
-        } => Some(format!(
-            "dropped aggregate {sequence_number} of {sub_records} user record(s): {out_of_range}"
-        )),
-        Deaggregated::DeliveredOutOfRange { out_of_range, .. } => {
-            Some(format!("delivered despite: {out_of_range}"))
-        }
-        _ => None,
-    };
-    if let Some(note) = note {
+    let decoded = kcl_kpl::json::decode_payload(data, &args.options);
+    if let Some(note) = &decoded.note {
         let _ = writeln!(err, "decode: {note}");
     }
-    let aggregated = result.is_aggregated();
-    for record in result.records() {
-        if let Err(e) = writeln!(out, "{}", json_line(record, aggregated)) {
+    for line in &decoded.lines {
+        if let Err(e) = writeln!(out, "{line}") {
             let _ = writeln!(err, "decode: cannot write: {e}");
             return 1;
         }

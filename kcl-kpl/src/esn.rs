@@ -39,6 +39,11 @@ impl SequenceNumber {
         Ok(Self(normalized.into()))
     }
 
+    /// The sequence number 0 (the smallest).
+    pub fn zero() -> Self {
+        Self(Arc::from("0"))
+    }
+
     /// The decimal digits.
     pub fn as_str(&self) -> &str {
         &self.0

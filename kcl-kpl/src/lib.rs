@@ -90,6 +90,7 @@ mod aggregate;
 mod deaggregate;
 mod esn;
 mod hash;
+pub mod json;
 mod record;
 mod wire;
 

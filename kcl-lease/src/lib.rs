@@ -49,6 +49,7 @@ pub mod coordinator;
 pub mod dynamo;
 mod error;
 mod lease;
+pub mod metrics;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod test_util;

@@ -92,6 +92,30 @@ pub trait LeaseStore: Send + Sync + Debug {
         child_shard_ids: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError>;
 
+    /// Moves the checkpoint of a lease whoever holds it (an operator's reset, `kcl reset`):
+    /// `leaseCounter = lease.lease_counter` and the owner seen in `lease` (or its absence);
+    /// then the checkpoint set, the pending checkpoint removed, `ownerSwitchesSinceCheckpoint`
+    /// = 0, the owner and `checkpointOwner` removed (the lease is free), counter + 1
+    /// ([`LeaseWrite::ResetCheckpoint`](crate::write::LeaseWrite::ResetCheckpoint)).
+    ///
+    /// The default implementation refuses ([`LeaseError::Rejected`]) and writes nothing: it
+    /// is there for stores wrapping another in tests; `DynamoLeaseStore` and the in-memory
+    /// store implement it, and a wrapping store should forward the call.
+    async fn reset_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        let _ = checkpoint;
+        Err(LeaseError::Rejected {
+            source: format!(
+                "this lease store ({self:?}) does not implement reset_checkpoint (lease {})",
+                lease.lease_key
+            )
+            .into(),
+        })
+    }
+
     /// Deletes the lease if its counter is still `lease.lease_counter`.
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError>;
 

@@ -19,6 +19,13 @@
 //! | [prepare checkpoint](LeaseWrite::PrepareCheckpoint) | pending checkpoint set or removed, counter + 1 | counter = seen, owner = me |
 //! | [child shard ids](LeaseWrite::ChildShardIds) | child shard ids (removed when empty), counter + 1 | counter = seen, owner = me |
 //! | [delete](LeaseWrite::Delete) | the row is removed | counter = seen |
+//! | [reset checkpoint](LeaseWrite::ResetCheckpoint) | checkpoint, no pending checkpoint, owner switches = 0, no owner, no `checkpointOwner`, counter + 1 | counter = seen, owner = the owner seen (or no owner when seen free) |
+//!
+//! A reset is an operator's write (`kcl reset`), not a worker's: it moves the checkpoint of a
+//! lease whoever holds it, fenced like a take so that it fails if the row changed since the
+//! operator read it, and frees the lease. A worker holding it then fails its next fenced
+//! write (owner and counter moved: not mistaken for its own write applied by a client retry),
+//! loses the lease, and whoever takes it next resumes from the new checkpoint.
 //!
 //! No write touches an attribute it does not name: every other attribute of the row (ones
 //! this library does not know included) is kept as it is.
@@ -89,6 +96,13 @@ pub enum LeaseWrite<'a> {
         /// The caller's view of the row.
         seen: &'a Lease,
     },
+    /// Moves the checkpoint of a lease, held or not, and frees it (an operator's reset).
+    ResetCheckpoint {
+        /// The caller's view of the row (its owner, or none, is fenced on).
+        seen: &'a Lease,
+        /// The new checkpoint.
+        checkpoint: &'a ExtendedSequenceNumber,
+    },
 }
 
 /// The condition the stored row must meet for a [`LeaseWrite`] to happen.
@@ -135,7 +149,8 @@ impl<'a> LeaseWrite<'a> {
             | LeaseWrite::Checkpoint { seen, .. }
             | LeaseWrite::PrepareCheckpoint { seen, .. }
             | LeaseWrite::ChildShardIds { seen, .. }
-            | LeaseWrite::Delete { seen } => &seen.lease_key,
+            | LeaseWrite::Delete { seen }
+            | LeaseWrite::ResetCheckpoint { seen, .. } => &seen.lease_key,
         }
     }
 
@@ -151,6 +166,7 @@ impl<'a> LeaseWrite<'a> {
             LeaseWrite::PrepareCheckpoint { .. } => "update_pending_checkpoint",
             LeaseWrite::ChildShardIds { .. } => "update_child_shard_ids",
             LeaseWrite::Delete { .. } => "delete_lease",
+            LeaseWrite::ResetCheckpoint { .. } => "reset_checkpoint",
         }
     }
 
@@ -160,10 +176,12 @@ impl<'a> LeaseWrite<'a> {
         match *self {
             LeaseWrite::Create { .. } => Ok(Fence::NotExists),
             LeaseWrite::Delete { seen } => Ok(Fence::Counter(seen.lease_counter)),
-            LeaseWrite::Take { seen, .. } => Ok(Fence::CounterAndOwner {
-                counter: seen.lease_counter,
-                owner: seen.lease_owner.as_deref(),
-            }),
+            LeaseWrite::Take { seen, .. } | LeaseWrite::ResetCheckpoint { seen, .. } => {
+                Ok(Fence::CounterAndOwner {
+                    counter: seen.lease_counter,
+                    owner: seen.lease_owner.as_deref(),
+                })
+            }
             LeaseWrite::Renew { seen, .. }
             | LeaseWrite::Release { seen }
             | LeaseWrite::Checkpoint { seen, .. }
@@ -210,6 +228,13 @@ impl<'a> LeaseWrite<'a> {
                 row.checkpoint = checkpoint.clone();
                 row.pending_checkpoint = None;
                 row.owner_switches_since_checkpoint = 0;
+            }
+            LeaseWrite::ResetCheckpoint { checkpoint, .. } => {
+                row.checkpoint = checkpoint.clone();
+                row.pending_checkpoint = None;
+                row.owner_switches_since_checkpoint = 0;
+                row.lease_owner = None;
+                row.checkpoint_owner = None;
             }
             LeaseWrite::PrepareCheckpoint { pending, .. } => {
                 row.pending_checkpoint = pending.cloned();
@@ -387,5 +412,50 @@ mod tests {
         .apply(Some(&mine))
         .unwrap();
         assert_eq!(done.checkpoint_owner.as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn reset_checkpoint() {
+        let mut mine = owned("w", 3);
+        mine.pending_checkpoint = Some("9".parse().unwrap());
+        mine.owner_switches_since_checkpoint = 2;
+        let to: ExtendedSequenceNumber = "12".parse().unwrap();
+        let write = LeaseWrite::ResetCheckpoint {
+            seen: &mine,
+            checkpoint: &to,
+        };
+        assert_eq!(
+            write.fence().unwrap(),
+            Fence::CounterAndOwner {
+                counter: 3,
+                owner: Some("w")
+            }
+        );
+        let reset = write.apply(Some(&mine)).unwrap();
+        assert_eq!(
+            (
+                reset.lease_owner.as_deref(),
+                &reset.checkpoint,
+                &reset.pending_checkpoint,
+                reset.owner_switches_since_checkpoint,
+                reset.lease_counter
+            ),
+            (None, &to, &None, 0, 4)
+        );
+        // A free lease is reset too (the fence names "no owner").
+        let free = Lease::new("k", ExtendedSequenceNumber::TRIM_HORIZON);
+        let write = LeaseWrite::ResetCheckpoint {
+            seen: &free,
+            checkpoint: &to,
+        };
+        assert_eq!(
+            write.fence().unwrap(),
+            Fence::CounterAndOwner {
+                counter: 0,
+                owner: None
+            }
+        );
+        assert_eq!(write.operation(), "reset_checkpoint");
+        assert_eq!(write.apply(Some(&free)).unwrap().lease_owner, None);
     }
 }

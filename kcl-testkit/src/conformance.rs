@@ -170,6 +170,7 @@ case_list!(
     case_delete_needs_current_counter,
     case_list_many_pages,
     case_missing_table_is_typed,
+    case_reset_checkpoint_is_fenced,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1030,4 +1031,85 @@ pub async fn case_missing_table_is_typed(store: &dyn LeaseStore) -> CaseResult {
         "the failed writes created the table"
     );
     Ok(())
+}
+
+/// An operator's reset moves the checkpoint of a held lease and frees it (pending and
+/// `checkpointOwner` removed, owner switches 0, counter + 1), so the holder's next fenced
+/// write fails; a reset from a stale view or naming another owner fails and changes nothing;
+/// a free lease is reset and stays free.
+pub async fn case_reset_checkpoint_is_fenced(store: &dyn LeaseStore) -> CaseResult {
+    let w1 = setup_owned(store, "shardId-000000000001", "w1").await?;
+    let w1 = call(
+        "update_pending_checkpoint",
+        store
+            .update_pending_checkpoint(&w1, Some(&esn("90")?))
+            .await,
+    )?;
+    let target = esn("300.2")?;
+    let reset = call(
+        "reset_checkpoint",
+        store.reset_checkpoint(&w1, &target).await,
+    )?;
+    let mut expected = w1.clone();
+    expected.checkpoint = target.clone();
+    expected.pending_checkpoint = None;
+    expected.owner_switches_since_checkpoint = 0;
+    expected.lease_owner = None;
+    expected.lease_counter = w1.lease_counter + 1;
+    ensure_eq!(reset, expected, "row after reset");
+    ensure_stored(store, &reset).await?;
+    expect_condition_failed(
+        "renew_lease by the holder after the reset",
+        store.renew_lease(&w1, None).await,
+    )?;
+    expect_condition_failed(
+        "update_checkpoint by the holder after the reset",
+        store.update_checkpoint(&w1, &esn("500")?).await,
+    )?;
+    expect_condition_failed(
+        "reset_checkpoint from a stale view",
+        store.reset_checkpoint(&w1, &esn("1")?).await,
+    )?;
+    let mut other_owner = reset.clone();
+    other_owner.lease_owner = Some("w2".to_owned());
+    expect_condition_failed(
+        "reset_checkpoint naming another owner",
+        store.reset_checkpoint(&other_owner, &esn("1")?).await,
+    )?;
+    ensure_stored(store, &reset).await?;
+    let taken = call("take_lease by w2", store.take_lease(&reset, "w2").await)?;
+    let free = call("release_lease", store.release_lease(&taken).await)?;
+    let free_reset = call(
+        "reset_checkpoint of a free lease",
+        store
+            .reset_checkpoint(&free, &ExtendedSequenceNumber::TRIM_HORIZON)
+            .await,
+    )?;
+    ensure!(
+        free_reset.lease_owner.is_none()
+            && free_reset.checkpoint == ExtendedSequenceNumber::TRIM_HORIZON
+            && free_reset.lease_counter == free.lease_counter + 1,
+        "free lease after reset: {free_reset:?}"
+    );
+    ensure_stored(store, &free_reset).await?;
+    // A lease in a graceful handoff loses its checkpointOwner too.
+    let mut handoff = Lease::new("shardId-000000000002", ExtendedSequenceNumber::TRIM_HORIZON);
+    handoff.lease_owner = Some("next".into());
+    handoff.checkpoint_owner = Some("current".into());
+    ensure!(
+        call("create", store.create_lease_if_not_exists(&handoff).await)?,
+        "created the row in a handoff"
+    );
+    let handoff = get(store, "shardId-000000000002").await?;
+    let reset = call(
+        "reset_checkpoint in a handoff",
+        store.reset_checkpoint(&handoff, &esn("7")?).await,
+    )?;
+    ensure!(
+        reset.lease_owner.is_none()
+            && reset.checkpoint_owner.is_none()
+            && reset.checkpoint == esn("7")?,
+        "row in a handoff after reset: {reset:?}"
+    );
+    ensure_stored(store, &reset).await
 }

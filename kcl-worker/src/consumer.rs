@@ -199,16 +199,19 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     .with_cache_times(Some(cache_entry_time), Some(self.ctx.clock.system_time()));
                 let started = self.ctx.clock.now();
                 processor.process_records(input).await;
-                metrics::histogram!(m::PROCESS_RECORDS_SECONDS, "shard_id" => key.clone()).record(
-                    self.ctx
-                        .clock
-                        .now()
-                        .saturating_duration_since(started)
-                        .as_secs_f64(),
-                );
-                metrics::counter!(m::RECORDS_PROCESSED_TOTAL, "shard_id" => key.clone())
+                let labels = m::shard_labels(&key);
+                metrics::histogram!(level: m::SUMMARY, m::PROCESS_RECORDS_TIME, labels.clone())
+                    .record(
+                        self.ctx
+                            .clock
+                            .now()
+                            .saturating_duration_since(started)
+                            .as_secs_f64()
+                            * 1000.0,
+                    );
+                metrics::counter!(level: m::SUMMARY, m::RECORDS_PROCESSED, labels.clone())
                     .increment(count);
-                metrics::counter!(m::BYTES_PROCESSED_TOTAL, "shard_id" => key.clone())
+                metrics::counter!(level: m::SUMMARY, m::DATA_BYTES_PROCESSED, labels)
                     .increment(bytes);
                 // For the `throughputKBps` of the lease's next renewal.
                 self.holding.record_delivered_bytes(bytes);

@@ -204,14 +204,21 @@ impl Fetcher {
                             }
                         }
                         let started = this.clock.now();
-                        let result = this.stream.get_records(it_ref, this.config.max_records).await;
-                        metrics::histogram!(m::GET_RECORDS_SECONDS, "shard_id" => this.shard_id.clone())
+                        let result = this
+                            .stream
+                            .get_records(it_ref, this.config.max_records)
+                            .await;
+                        let labels = m::shard_labels(&this.shard_id);
+                        metrics::histogram!(level: m::DETAILED, m::GET_RECORDS_TIME, labels.clone())
                             .record(
                                 this.clock
                                     .now()
                                     .saturating_duration_since(started)
-                                    .as_secs_f64(),
+                                    .as_secs_f64()
+                                    * 1000.0,
                             );
+                        metrics::histogram!(level: m::DETAILED, m::GET_RECORDS_SUCCESS, labels)
+                            .record(if result.is_ok() { 1.0 } else { 0.0 });
                         result.map(|o| (o, started))
                     },
                     |e, _| {
@@ -219,7 +226,11 @@ impl Fetcher {
                             return Retry::GiveUp;
                         }
                         self.failed(e, &mut streak);
-                        if tx.is_closed() { Retry::GiveUp } else { Retry::After }
+                        if tx.is_closed() {
+                            Retry::GiveUp
+                        } else {
+                            Retry::After
+                        }
                     },
                 )
                 .await;
@@ -227,7 +238,8 @@ impl Fetcher {
                 Ok(o) => o,
                 Err(StreamError::ExpiredIterator) => {
                     debug!(shard_id = %self.shard_id, "shard iterator expired; getting a new one");
-                    metrics::counter!(m::EXPIRED_ITERATORS_TOTAL).increment(1);
+                    metrics::counter!(level: m::SUMMARY, m::EXPIRED_ITERATOR, m::shard_labels(&self.shard_id))
+                        .increment(1);
                     continue;
                 }
                 Err(e) if e.is_retryable() => return, // only when the receiver is gone
@@ -340,7 +352,7 @@ impl Fetcher {
         }
         metrics::gauge!(m::SHARD_CONSECUTIVE_FAILURES, "shard_id" => self.shard_id.clone())
             .set(0.0);
-        metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard_id" => self.shard_id.clone())
+        metrics::gauge!(level: m::SUMMARY, m::MILLIS_BEHIND_LATEST, m::shard_labels(&self.shard_id))
             .set(millis_behind_latest as f64);
     }
 

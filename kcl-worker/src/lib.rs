@@ -71,6 +71,8 @@ mod checkpointer;
 mod config;
 mod consumer;
 mod error;
+#[cfg(any(feature = "prometheus", feature = "cloudwatch"))]
+pub mod export;
 mod fanout;
 mod fetcher;
 mod health;

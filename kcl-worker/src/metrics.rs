@@ -1,22 +1,45 @@
 //! Names of the metrics the worker records through the `metrics` facade. The binary chooses
-//! the exporter.
+//! the exporter (`crate::export` has a Prometheus endpoint and a CloudWatch publisher).
+//!
+//! The metrics the Java KCL has are named as it names them, with its dimensions (`Operation`,
+//! `ShardId`, `WorkerIdentifier`) as labels and its level (SUMMARY / DETAILED) as the facade
+//! level: see [`kcl_lease::metrics`] for the levels, the dimension names and the lease
+//! coordinator's (`RenewAllLeases`, `TakeLeases`). The `kcl_*` metrics below have no Java
+//! counterpart; they are recorded at the SUMMARY level.
 
-/// Counter: user records delivered to processors (label `shard_id`).
-pub const RECORDS_PROCESSED_TOTAL: &str = "kcl_records_processed_total";
-/// Counter: bytes of user record data delivered (label `shard_id`).
-pub const BYTES_PROCESSED_TOTAL: &str = "kcl_bytes_processed_total";
-/// Gauge: milliseconds behind the tip of the shard (label `shard_id`).
-pub const MILLIS_BEHIND_LATEST: &str = "kcl_millis_behind_latest";
-/// Histogram: seconds per GetRecords call (label `shard_id`).
-pub const GET_RECORDS_SECONDS: &str = "kcl_get_records_seconds";
-/// Histogram: seconds per `process_records` call (label `shard_id`).
-pub const PROCESS_RECORDS_SECONDS: &str = "kcl_process_records_seconds";
+pub use kcl_lease::metrics::{
+    DETAILED, MetricsLevel, SUMMARY, dimension, operation, worker_labels,
+};
+
+/// `ProcessTask` by `ShardId`, SUMMARY: user records delivered to the processor.
+pub const RECORDS_PROCESSED: &str = "RecordsProcessed";
+/// `ProcessTask` by `ShardId`, SUMMARY: bytes of user record data delivered.
+pub const DATA_BYTES_PROCESSED: &str = "DataBytesProcessed";
+/// `ProcessTask` by `ShardId`, SUMMARY: duration of `process_records`, ms.
+pub const PROCESS_RECORDS_TIME: &str = "RecordProcessor.processRecords.Time";
+/// `ProcessTask` by `ShardId`, DETAILED: 1 per GetRecords call that succeeded, 0 per one that
+/// failed.
+pub const GET_RECORDS_SUCCESS: &str = "KinesisDataFetcher.getRecords.Success";
+/// `ProcessTask` by `ShardId`, DETAILED: duration of one GetRecords call, ms.
+pub const GET_RECORDS_TIME: &str = "KinesisDataFetcher.getRecords.Time";
+/// `ProcessTask` by `ShardId`, SUMMARY: expired shard iterators replaced.
+pub const EXPIRED_ITERATOR: &str = "ExpiredIterator";
+
+/// The labels of a shard's metric: `Operation` = `ProcessTask` and `ShardId`.
+pub fn shard_labels(shard_id: &str) -> Vec<metrics::Label> {
+    vec![
+        metrics::Label::new(dimension::OPERATION, operation::PROCESS_TASK),
+        metrics::Label::new(dimension::SHARD_ID, shard_id.to_owned()),
+    ]
+}
+
+/// `ProcessTask` by `ShardId`, SUMMARY, gauge: milliseconds behind the tip of the shard, as
+/// the last GetRecords said.
+pub const MILLIS_BEHIND_LATEST: &str = "MillisBehindLatest";
 /// Counter: throttled Kinesis calls (label `shard_id`).
 pub const THROTTLES_TOTAL: &str = "kcl_throttles_total";
 /// Counter: other failed Kinesis calls (label `shard_id`).
 pub const STREAM_ERRORS_TOTAL: &str = "kcl_stream_errors_total";
-/// Counter: expired shard iterators replaced.
-pub const EXPIRED_ITERATORS_TOTAL: &str = "kcl_expired_iterators_total";
 /// Counter: KPL aggregates dropped because a sub-record was outside the shard's range.
 pub const DROPPED_OUT_OF_RANGE_TOTAL: &str = "kcl_dropped_out_of_range_aggregates_total";
 /// Counter: malformed KPL aggregates delivered as one record.

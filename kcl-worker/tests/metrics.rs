@@ -141,12 +141,18 @@ fn the_worker_reports_its_metrics() {
             handle.shutdown().await.unwrap();
         })
     });
-    assert_eq!(recorder.counter(m::RECORDS_PROCESSED_TOTAL), 100);
-    assert_eq!(recorder.counter(m::BYTES_PROCESSED_TOTAL), 1000);
+    assert_eq!(recorder.counter(m::RECORDS_PROCESSED), 100);
+    assert_eq!(recorder.counter(m::DATA_BYTES_PROCESSED), 1000);
     assert_eq!(recorder.counter(m::DROPPED_OUT_OF_RANGE_TOTAL), 1);
     assert_eq!(recorder.counter("kcl_leases_taken_total"), 2);
     assert!(recorder.counter("kcl_lease_renewals_total") >= 2);
-    assert!(recorder.histogram_samples(m::GET_RECORDS_SECONDS) >= 2);
-    assert!(recorder.histogram_samples(m::PROCESS_RECORDS_SECONDS) >= 2);
+    assert!(recorder.histogram_samples(m::GET_RECORDS_TIME) >= 2);
+    assert!(recorder.histogram_samples(m::GET_RECORDS_SUCCESS) >= 2);
+    assert!(recorder.histogram_samples(m::PROCESS_RECORDS_TIME) >= 2);
+    // The coordinator's, named as the Java KCL's.
+    let lease = kcl_worker::kcl_lease::metrics::RENEW_LEASE_SUCCESS;
+    assert!(recorder.histogram_samples(lease) >= 2);
+    assert!(recorder.histogram_samples(kcl_worker::kcl_lease::metrics::LOST_LEASES) >= 1);
+    assert!(recorder.histogram_samples(kcl_worker::kcl_lease::metrics::TOTAL_LEASES) >= 1);
     assert_eq!(recorder.gauge(m::SHARD_CONSUMERS), 0);
 }

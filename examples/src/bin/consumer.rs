@@ -7,8 +7,23 @@
 //!     [--kinesis-endpoint URL] [--dynamodb-endpoint URL] \
 //!     [--initial-position trim-horizon|latest|at-timestamp:RFC3339] [--worker-id ID] [--failover-time-ms N] \
 //!     [--call-timeout MS] [--call-attempt-timeout MS] [--no-lease-owner-index] \
-//!     [--retrieval polling|fan-out] [--consumer-name NAME]
+//!     [--retrieval polling|fan-out] [--consumer-name NAME] \
+//!     [--format json|raw|text] [--health ADDR] \
+//!     [--metrics prometheus:ADDR] [--metrics cloudwatch [--cloudwatch-endpoint URL]] \
+//!     [--metrics-level NONE|SUMMARY|DETAILED] [--metrics-enabled-dimensions D,...]
 //! ```
+//!
+//! Output (`--format`, like kcat's): `json` (the default) one JSON object per record with
+//! `shard_id`, `sequence_number`, `sub_sequence_number`, `partition_key`, `data_b64`; `raw`
+//! the record's data followed by a newline; `text` one line per record,
+//! `SHARD SEQUENCE[.SUB] PARTITION_KEY DATA` with the data as UTF-8 (lossy, newlines escaped).
+//!
+//! When stderr is a terminal a progress line there shows records per second, shards held
+//! and the largest milliseconds behind; otherwise stderr has only the log. `--health ADDR`
+//! serves `GET /health`: the worker's shard health as JSON, 200 while no shard has failed
+//! 3 reads in a row, else 503. `--metrics` (repeatable) publishes the metrics, named as the
+//! Java KCL's, at `http://ADDR/metrics` for Prometheus and/or to CloudWatch (namespace: the
+//! application name).
 //!
 //! `--retrieval fan-out` reads by enhanced fan-out (SubscribeToShard) with the stream consumer
 //! `--consumer-name` (default: the application name), registered at start when missing and
@@ -20,9 +35,11 @@
 //! It exits 0 after SIGINT or SIGTERM even when Kinesis or DynamoDB hang: shutdown is bounded
 //! (`shutdown_grace` plus one call timeout) and leases it could not release are logged.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use clap::Parser;
@@ -31,7 +48,13 @@ use kcl_interfaces::{
     ShutdownReason,
 };
 use kcl_worker::aws::AwsOptions;
-use kcl_worker::{FanOutConfig, InitialPosition, RetrievalConfig, Worker, WorkerConfig};
+use kcl_worker::export::MetricsConfig;
+use kcl_worker::export::cloudwatch::CloudWatchPublisher;
+use kcl_worker::export::http::{HttpServer, Response};
+use kcl_worker::export::prometheus::PrometheusEndpoint;
+use kcl_worker::{
+    FanOutConfig, InitialPosition, RetrievalConfig, ShardHealth, Worker, WorkerConfig, WorkerHandle,
+};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -80,6 +103,60 @@ struct Args {
     /// `--retrieval fan-out`.
     #[arg(long)]
     consumer_name: Option<String>,
+    /// What stdout gets per record: json, raw or text.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+    /// Serve the worker's shard health at http://ADDR/health (e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    health: Option<std::net::SocketAddr>,
+    /// Publish metrics: `prometheus:ADDR` (scrape at http://ADDR/metrics) or `cloudwatch`.
+    /// Repeatable.
+    #[arg(long = "metrics", value_parser = parse_metrics)]
+    metrics: Vec<MetricsSink>,
+    /// metricsLevel: NONE, SUMMARY or DETAILED.
+    #[arg(long, default_value = "DETAILED")]
+    metrics_level: kcl_worker::metrics::MetricsLevel,
+    /// metricsEnabledDimensions, comma-separated (default: all; Operation is always kept).
+    #[arg(long, value_delimiter = ',')]
+    metrics_enabled_dimensions: Option<Vec<String>>,
+    /// CloudWatch endpoint URL (e.g. moto on http://127.0.0.1:5000).
+    #[arg(long)]
+    cloudwatch_endpoint: Option<String>,
+    /// metricsBufferTimeMillis: how long CloudWatch data points are buffered (default 10000).
+    #[arg(long)]
+    metrics_buffer_time_ms: Option<u64>,
+}
+
+/// What stdout gets per record.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Format {
+    /// One JSON object per record.
+    #[default]
+    Json,
+    /// The record's data and a newline.
+    Raw,
+    /// `SHARD SEQUENCE[.SUB] PARTITION_KEY DATA`.
+    Text,
+}
+
+/// Where `--metrics` publishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MetricsSink {
+    Prometheus(std::net::SocketAddr),
+    CloudWatch,
+}
+
+fn parse_metrics(s: &str) -> Result<MetricsSink, String> {
+    if s == "cloudwatch" {
+        return Ok(MetricsSink::CloudWatch);
+    }
+    match s.strip_prefix("prometheus:") {
+        Some(addr) => addr
+            .parse()
+            .map(MetricsSink::Prometheus)
+            .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9464: {e}")),
+        None => Err(format!("{s:?}: expected prometheus:ADDR or cloudwatch")),
+    }
 }
 
 fn parse_position(s: &str) -> Result<InitialPosition, String> {
@@ -101,10 +178,51 @@ fn parse_position(s: &str) -> Result<InitialPosition, String> {
     }
 }
 
-/// Prints records as JSON lines.
-#[derive(Default)]
+/// Prints records in the chosen format and counts them (for the progress line).
 struct JsonLines {
     shard_id: String,
+    format: Format,
+    printed: Arc<AtomicU64>,
+}
+
+impl JsonLines {
+    fn line(&self, r: &kcl_kpl::Record, out: &mut Vec<u8>) {
+        match self.format {
+            Format::Json => out.extend_from_slice(
+                format!(
+                    "{{\"shard_id\":{},\"sequence_number\":\"{}\",\"sub_sequence_number\":{},\"partition_key\":{},\"data_b64\":\"{}\"}}\n",
+                    json_string(&self.shard_id),
+                    r.sequence_number,
+                    r.sub_sequence_number,
+                    json_string(&r.partition_key),
+                    base64::engine::general_purpose::STANDARD.encode(&r.data),
+                )
+                .as_bytes(),
+            ),
+            Format::Raw => {
+                out.extend_from_slice(&r.data);
+                out.push(b'\n');
+            }
+            Format::Text => {
+                let sub = if r.sub_sequence_number == 0 {
+                    String::new()
+                } else {
+                    format!(".{}", r.sub_sequence_number)
+                };
+                let data = String::from_utf8_lossy(&r.data)
+                    .replace('\\', "\\\\")
+                    .replace('\n', "\\n")
+                    .replace('\r', "\\r");
+                out.extend_from_slice(
+                    format!(
+                        "{} {}{sub} {} {data}\n",
+                        self.shard_id, r.sequence_number, r.partition_key
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+    }
 }
 
 impl RecordProcessor for JsonLines {
@@ -114,24 +232,17 @@ impl RecordProcessor for JsonLines {
     }
 
     async fn process_records(&mut self, input: ProcessRecordsInput) {
-        let mut out = String::new();
+        let mut out = Vec::new();
         for r in &input.records {
-            out.push_str(&format!(
-                "{{\"shard_id\":{},\"sequence_number\":\"{}\",\"sub_sequence_number\":{},\"partition_key\":{},\"data_b64\":\"{}\"}}\n",
-                json_string(&self.shard_id),
-                r.sequence_number,
-                r.sub_sequence_number,
-                json_string(&r.partition_key),
-                base64::engine::general_purpose::STANDARD.encode(&r.data),
-            ));
+            self.line(r, &mut out);
         }
         // The lock is not `Send`: release it (end of the block) before awaiting.
         let written = {
             let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(out.as_bytes())
-                .and_then(|()| stdout.flush())
+            stdout.write_all(&out).and_then(|()| stdout.flush())
         };
+        self.printed
+            .fetch_add(input.records.len() as u64, Ordering::Relaxed);
         if let Err(e) = written {
             error!(error = %e, "writing to stdout failed; not checkpointing");
             return;
@@ -190,14 +301,151 @@ async fn shutdown_signal() {
     }
 }
 
+/// The exporters `--metrics` started (kept alive while the worker runs).
+#[derive(Default)]
+struct Exporters {
+    prometheus: Option<PrometheusEndpoint>,
+    cloudwatch: Option<CloudWatchPublisher>,
+}
+
+async fn start_metrics(
+    args: &Args,
+    aws: &AwsOptions,
+) -> Result<Exporters, Box<dyn std::error::Error>> {
+    let mut exporters = Exporters::default();
+    if args.metrics.is_empty() {
+        return Ok(exporters);
+    }
+    let mut config =
+        MetricsConfig::new(args.application.clone()).with_metrics_level(args.metrics_level);
+    if let Some(dims) = &args.metrics_enabled_dimensions {
+        config = config.with_metrics_enabled_dimensions(dims.iter().cloned());
+    }
+    if let Some(ms) = args.metrics_buffer_time_ms {
+        config = config.with_metrics_buffer_time(Duration::from_millis(ms));
+    }
+    config.validate()?;
+    let mut recorders: Vec<Box<dyn metrics::Recorder + Send + Sync>> = Vec::new();
+    for sink in &args.metrics {
+        match sink {
+            MetricsSink::Prometheus(addr) => {
+                let mut endpoint = PrometheusEndpoint::bind(*addr).await?;
+                if let Some(recorder) = endpoint.take_recorder() {
+                    recorders.push(Box::new(recorder));
+                }
+                info!(url = %format!("http://{}/metrics", endpoint.local_addr()), "serving Prometheus metrics");
+                exporters.prometheus = Some(endpoint);
+            }
+            MetricsSink::CloudWatch => {
+                let sdk = aws.load_sdk_config().await?;
+                let client = kcl_worker::export::cloudwatch::client(
+                    &sdk,
+                    args.cloudwatch_endpoint.as_deref(),
+                    &config,
+                );
+                let (publisher, recorder) = CloudWatchPublisher::start(client, &config)?;
+                recorders.push(Box::new(recorder));
+                info!(namespace = %config.namespace, "publishing metrics to CloudWatch");
+                exporters.cloudwatch = Some(publisher);
+            }
+        }
+    }
+    kcl_worker::export::install(recorders, &config)?;
+    Ok(exporters)
+}
+
+/// The worker handle, shared with the health endpoint and the progress line until shutdown.
+type SharedHandle = Arc<Mutex<Option<WorkerHandle>>>;
+
+fn shard_health(handle: &SharedHandle) -> Option<Vec<ShardHealth>> {
+    handle
+        .lock()
+        .ok()
+        .and_then(|h| h.as_ref().map(WorkerHandle::shard_health))
+}
+
+/// A shard whose reads failed this many times in a row makes `/health` answer 503.
+const UNHEALTHY_AFTER_FAILURES: u32 = 3;
+
+fn health_response(handle: &SharedHandle, path: &str) -> Response {
+    if path != "/health" && path != "/" {
+        return Response::text(404, "not found; health is at /health\n");
+    }
+    let Some(shards) = shard_health(handle) else {
+        return Response::text(503, "shutting down\n");
+    };
+    let now = SystemTime::now();
+    let healthy = shards
+        .iter()
+        .all(|s| s.consecutive_failures < UNHEALTHY_AFTER_FAILURES);
+    let entries: Vec<String> = shards
+        .iter()
+        .map(|s| {
+            let since = s
+                .last_success
+                .and_then(|t| now.duration_since(t).ok())
+                .map_or("null".to_owned(), |d| d.as_millis().to_string());
+            let error = s
+                .last_error
+                .as_ref()
+                .map_or("null".to_owned(), |e| json_string(&e.message));
+            format!(
+                "{{\"shard_id\":{},\"millis_behind_latest\":{},\"consecutive_failures\":{},\"millis_since_last_success\":{since},\"last_error\":{error}}}",
+                json_string(&s.shard_id),
+                s.millis_behind_latest.map_or("null".to_owned(), |m| m.to_string()),
+                s.consecutive_failures,
+            )
+        })
+        .collect();
+    let body = format!(
+        "{{\"status\":\"{}\",\"shards\":[{}]}}\n",
+        if healthy { "ok" } else { "failing" },
+        entries.join(",")
+    );
+    Response {
+        status: if healthy { 200 } else { 503 },
+        content_type: "application/json",
+        body,
+    }
+}
+
+/// Repaints the progress line on stderr every second: records/s, shards held, max behind.
+async fn progress(handle: SharedHandle, printed: Arc<AtomicU64>) {
+    let mut last = (Instant::now(), printed.load(Ordering::Relaxed));
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(shards) = shard_health(&handle) else {
+            return;
+        };
+        let now = (Instant::now(), printed.load(Ordering::Relaxed));
+        let secs = now
+            .0
+            .saturating_duration_since(last.0)
+            .as_secs_f64()
+            .max(1e-3);
+        let rate = (now.1.saturating_sub(last.1)) as f64 / secs;
+        last = now;
+        let behind = shards
+            .iter()
+            .filter_map(|s| s.millis_behind_latest)
+            .max()
+            .unwrap_or(0);
+        eprint!(
+            "\r\x1b[2K{rate:.0} records/s, {} shards held, max {behind} ms behind, {} records in all",
+            shards.len(),
+            now.1
+        );
+    }
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut b = WorkerConfig::builder(args.application, args.stream)
+    let mut b = WorkerConfig::builder(args.application.clone(), args.stream.clone())
         .initial_position(args.initial_position);
-    b.set_worker_id(args.worker_id);
+    b.set_worker_id(args.worker_id.clone());
     b.set_failover_time(args.failover_time_ms.map(Duration::from_millis));
     b.set_call_timeout(args.call_timeout.map(Duration::from_millis));
     b.set_call_attempt_timeout(args.call_attempt_timeout.map(Duration::from_millis));
-    match (args.retrieval.as_str(), args.consumer_name) {
+    match (args.retrieval.as_str(), args.consumer_name.clone()) {
         ("fan-out", name) => {
             let mut fan_out = FanOutConfig::new();
             fan_out.consumer_name = name;
@@ -208,20 +456,62 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let config = b.build()?;
     let mut aws = AwsOptions::new()
-        .with_region(args.region)
+        .with_region(args.region.clone())
         .with_lease_owner_index(!args.no_lease_owner_index);
-    aws.kinesis_endpoint = args.kinesis_endpoint;
-    aws.dynamodb_endpoint = args.dynamodb_endpoint;
+    aws.kinesis_endpoint = args.kinesis_endpoint.clone();
+    aws.dynamodb_endpoint = args.dynamodb_endpoint.clone();
+    let exporters = start_metrics(&args, &aws).await?;
     info!(worker_id = %config.worker_id, "starting");
-    let handle = Worker::builder(config, JsonLines::default)
-        .aws(aws)
-        .build()
-        .await?
-        .start()
-        .await?;
+    let printed = Arc::new(AtomicU64::new(0));
+    let (format, counter) = (args.format, Arc::clone(&printed));
+    let factory = move || JsonLines {
+        shard_id: String::new(),
+        format,
+        printed: Arc::clone(&counter),
+    };
+    let handle: SharedHandle = Arc::new(Mutex::new(Some(
+        Worker::builder(config, factory)
+            .aws(aws)
+            .build()
+            .await?
+            .start()
+            .await?,
+    )));
+    let _health: Option<HttpServer> = match args.health {
+        Some(addr) => {
+            let shared = Arc::clone(&handle);
+            let server =
+                kcl_worker::export::http::serve(addr, move |path| health_response(&shared, path))
+                    .await?;
+            info!(url = %format!("http://{}/health", server.local_addr()), "serving shard health");
+            Some(server)
+        }
+        None => None,
+    };
+    let progress_task = std::io::stderr()
+        .is_terminal()
+        .then(|| tokio::spawn(progress(Arc::clone(&handle), Arc::clone(&printed))));
     shutdown_signal().await;
+    if let Some(task) = progress_task {
+        task.abort();
+        eprintln!();
+    }
     info!("signal received; shutting down gracefully");
-    let report = handle.shutdown().await?;
+    let taken = handle.lock().ok().and_then(|mut h| h.take());
+    let Some(worker) = taken else {
+        return Err("the worker handle was lost".into());
+    };
+    let report = worker.shutdown().await?;
+    if let Some(publisher) = exporters.cloudwatch {
+        let stats = publisher.shutdown().await;
+        info!(
+            sent = stats.sent,
+            failed = stats.failed,
+            dropped = stats.dropped,
+            "CloudWatch publisher stopped"
+        );
+    }
+    drop(exporters.prometheus);
     if !report.is_clean() {
         warn!(
             aborted_processors = report.aborted_processors,

@@ -116,6 +116,7 @@ pub(super) async fn renew_loop(
             let started = this.clock.now();
             let report = this.renew_once().await;
             tracing::trace!(worker_id = %this.config.worker_id, ?report, "renewal round");
+            record_renew_round(&this, &report, started);
             // Rounds start every renew_interval, however long one took: a round whose calls
             // hang lasts up to its bound, and sleeping a whole interval after it would let a
             // failing lease be dropped a round late, after others may have taken it.
@@ -138,7 +139,10 @@ pub(super) async fn take_loop(
             let Some(this) = coordinator.upgrade() else {
                 return;
             };
-            match this.take_once().await {
+            let started = this.clock.now();
+            let pass = this.take_once().await;
+            record_take_pass(&this, pass.as_ref().ok(), started);
+            match pass {
                 Ok(report) => {
                     tracing::trace!(worker_id = %this.config.worker_id, ?report, "taker pass")
                 }
@@ -159,5 +163,57 @@ pub(super) async fn take_loop(
         if sleep_or_stop(sleep, &mut stop).await {
             return;
         }
+    }
+}
+
+/// The Java KCL's `RenewAllLeases` metrics of one renewal round.
+fn record_renew_round(
+    this: &LeaseCoordinator,
+    report: &super::RenewReport,
+    started: std::time::Instant,
+) {
+    use crate::metrics as m;
+    let labels = m::worker_labels(m::operation::RENEW_ALL_LEASES, &this.config.worker_id);
+    let millis = this
+        .clock
+        .now()
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        * 1000.0;
+    metrics::histogram!(level: m::SUMMARY, m::LOST_LEASES, labels.clone())
+        .record(report.lost.len() as f64);
+    metrics::histogram!(level: m::SUMMARY, m::CURRENT_LEASES, labels.clone())
+        .record(this.held_keys().len() as f64);
+    metrics::histogram!(level: m::SUMMARY, m::SUCCESS, labels.clone())
+        .record(if report.failed == 0 { 1.0 } else { 0.0 });
+    metrics::histogram!(level: m::SUMMARY, m::TIME, labels).record(millis);
+}
+
+/// The Java KCL's `TakeLeases` metrics of one taker pass (`None`: the pass failed).
+fn record_take_pass(
+    this: &LeaseCoordinator,
+    report: Option<&super::TakeReport>,
+    started: std::time::Instant,
+) {
+    use crate::metrics as m;
+    let labels = m::worker_labels(m::operation::TAKE_LEASES, &this.config.worker_id);
+    let millis = this
+        .clock
+        .now()
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        * 1000.0;
+    metrics::histogram!(level: m::SUMMARY, m::SUCCESS, labels.clone())
+        .record(if report.is_some() { 1.0 } else { 0.0 });
+    metrics::histogram!(level: m::SUMMARY, m::TIME, labels.clone()).record(millis);
+    if let Some(report) = report {
+        metrics::histogram!(level: m::SUMMARY, m::TAKEN_LEASES, labels.clone())
+            .record((report.taken.len() + report.stolen.len()) as f64);
+        metrics::histogram!(level: m::SUMMARY, m::NUM_WORKERS, labels.clone())
+            .record(report.workers as f64);
+        metrics::histogram!(level: m::DETAILED, m::TOTAL_LEASES, labels.clone())
+            .record(report.leases_in_table as f64);
+        metrics::histogram!(level: m::DETAILED, m::NEEDED_LEASES, labels)
+            .record(report.target.saturating_sub(report.held) as f64);
     }
 }

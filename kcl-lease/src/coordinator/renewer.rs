@@ -84,6 +84,19 @@ impl LeaseCoordinator {
                 after: bound,
             }));
         let succeeded = result.is_ok();
+        {
+            use crate::metrics as m;
+            let labels = m::worker_labels(m::operation::RENEW_ALL_LEASES, &self.config.worker_id);
+            metrics::histogram!(level: m::DETAILED, m::RENEW_LEASE_SUCCESS, labels.clone())
+                .record(if succeeded { 1.0 } else { 0.0 });
+            metrics::histogram!(level: m::DETAILED, m::RENEW_LEASE_TIME, labels).record(
+                self.clock
+                    .now()
+                    .saturating_duration_since(now)
+                    .as_secs_f64()
+                    * 1000.0,
+            );
+        }
         metrics::counter!(
             "kcl_lease_renewals_total",
             "worker_id" => self.config.worker_id.clone(),

@@ -311,6 +311,12 @@ impl LeaseCoordinator {
             .await;
             let mut store_failing = false;
             for (lease, result) in batch.iter().zip(results) {
+                metrics::histogram!(
+                    level: crate::metrics::DETAILED,
+                    crate::metrics::TAKE_LEASE_SUCCESS,
+                    crate::metrics::worker_labels(crate::metrics::operation::TAKE_LEASES, me)
+                )
+                .record(if result.is_ok() { 1.0 } else { 0.0 });
                 match result {
                     Ok(taken) => {
                         report.taken.push(taken.lease_key.clone());

@@ -306,7 +306,14 @@ impl Expression {
                 e.value(":tp", kbps(throughput));
                 set.push("#tp = :tp".to_owned());
             }
-            LeaseWrite::Checkpoint { checkpoint, .. } => {
+            LeaseWrite::Checkpoint { checkpoint, .. }
+            | LeaseWrite::ResetCheckpoint { checkpoint, .. } => {
+                if matches!(write, LeaseWrite::ResetCheckpoint { .. }) {
+                    // A reset frees the lease.
+                    e.name("#owner", attr::LEASE_OWNER);
+                    e.name("#cpowner", attr::CHECKPOINT_OWNER);
+                    remove.extend(["#owner", "#cpowner"]);
+                }
                 e.name("#cp", attr::CHECKPOINT);
                 e.name("#cpsub", attr::CHECKPOINT_SUB_SEQUENCE_NUMBER);
                 e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
@@ -797,6 +804,18 @@ impl LeaseStore for DynamoLeaseStore {
         self.update(LeaseWrite::ChildShardIds {
             seen: lease,
             child_shard_ids,
+        })
+        .await
+    }
+
+    async fn reset_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        self.update(LeaseWrite::ResetCheckpoint {
+            seen: lease,
+            checkpoint,
         })
         .await
     }

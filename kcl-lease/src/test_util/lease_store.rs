@@ -93,11 +93,13 @@ pub enum LeaseOperation {
     DeleteLease,
     /// [`LeaseStore::client_version`].
     ClientVersion,
+    /// [`LeaseStore::reset_checkpoint`].
+    ResetCheckpoint,
 }
 
 impl LeaseOperation {
     /// Every operation, in declaration order.
-    pub const ALL: [LeaseOperation; 13] = [
+    pub const ALL: [LeaseOperation; 14] = [
         LeaseOperation::CreateTable,
         LeaseOperation::TableExists,
         LeaseOperation::CreateLease,
@@ -111,6 +113,7 @@ impl LeaseOperation {
         LeaseOperation::UpdateChildShardIds,
         LeaseOperation::DeleteLease,
         LeaseOperation::ClientVersion,
+        LeaseOperation::ResetCheckpoint,
     ];
 
     /// The trait method's name, e.g. `renew_lease`.
@@ -129,6 +132,7 @@ impl LeaseOperation {
             LeaseOperation::UpdateChildShardIds => "update_child_shard_ids",
             LeaseOperation::DeleteLease => "delete_lease",
             LeaseOperation::ClientVersion => "client_version",
+            LeaseOperation::ResetCheckpoint => "reset_checkpoint",
         }
     }
 
@@ -144,6 +148,7 @@ impl LeaseOperation {
                 | LeaseOperation::UpdatePendingCheckpoint
                 | LeaseOperation::UpdateChildShardIds
                 | LeaseOperation::DeleteLease
+                | LeaseOperation::ResetCheckpoint
         )
     }
 }
@@ -676,6 +681,18 @@ impl LeaseStore for InMemoryLeaseStore {
         };
         self.update(LeaseOperation::UpdateChildShardIds, write)
             .await
+    }
+
+    async fn reset_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+    ) -> Result<Lease, LeaseError> {
+        let write = LeaseWrite::ResetCheckpoint {
+            seen: lease,
+            checkpoint,
+        };
+        self.update(LeaseOperation::ResetCheckpoint, write).await
     }
 
     async fn client_version(&self) -> Result<Option<String>, LeaseError> {
