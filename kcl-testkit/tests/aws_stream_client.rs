@@ -845,6 +845,23 @@ async fn fan_out_through_the_sdk_outlives_the_call_timeouts() {
         assert!(started.elapsed() < Duration::from_secs(30), "{c:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // DescribeStreamConsumer by ConsumerARN alone: the stream ARN comes back; an unknown
+    // consumer is ResourceNotFound.
+    let by_arn = client
+        .describe_stream_consumer_by_arn(&registered.consumer_arn)
+        .await
+        .unwrap();
+    assert_eq!(
+        (by_arn.consumer_name.as_str(), by_arn.stream_arn.as_str()),
+        ("sdk-app", arn.as_str())
+    );
+    assert_eq!(registered.stream_arn, arn);
+    assert!(matches!(
+        client
+            .describe_stream_consumer_by_arn(&format!("{arn}/consumer/nobody:1"))
+            .await,
+        Err(StreamError::ResourceNotFound { .. })
+    ));
     let put = sdk
         .put_record()
         .stream_name(stream)

@@ -58,9 +58,13 @@ impl RetrievalConfig {
 /// The enhanced fan-out settings (the Java KCL's `FanOutConfig`).
 ///
 /// With neither `consumer_name` nor `consumer_arn`, the consumer is named after the
-/// application. With a `consumer_arn`, nothing is registered: that consumer is used as is.
-/// Otherwise the worker registers the consumer at start when it is missing and waits until it
-/// is `ACTIVE` (at most `registration_timeout`). It never deregisters it.
+/// application. With a `consumer_arn`, nothing is registered: that consumer is described by
+/// its ARN at start and must exist, be registered on `stream_name` and be `ACTIVE` within
+/// `registration_timeout` (else the start fails with [`ConfigError::Invalid`] naming
+/// `consumer_arn`). Otherwise the worker registers the consumer at start when it is missing
+/// and waits until it is `ACTIVE` (at most `registration_timeout`), and registers it again,
+/// once per worker, when someone deregisters it while the worker runs. It never deregisters
+/// it.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct FanOutConfig {
@@ -68,15 +72,16 @@ pub struct FanOutConfig {
     /// name; 1 to 128 of `a-z A-Z 0-9 _ . -`). After [`WorkerConfigBuilder::build`], set
     /// unless `consumer_arn` is.
     pub consumer_name: Option<String>,
-    /// `consumerArn`: a consumer registered beforehand; nothing is registered then. Not
+    /// `consumerArn`: a consumer registered beforehand; nothing is registered then, not
+    /// even when it is deregistered while the worker runs (its readers back off). Not
     /// together with `consumer_name`.
     pub consumer_arn: Option<String>,
     /// The longest wait for one event of a subscription (default 30 s, 1 s..=5 min). The
     /// service pushes an event at least every few seconds, records or not; a subscription
     /// silent for longer is torn down and renewed.
     pub event_timeout: Option<Duration>,
-    /// The longest wait at start for the consumer to be registered and `ACTIVE` (default
-    /// 2 min, 1 s..=1 h).
+    /// The longest wait for the consumer to be registered and `ACTIVE` (default 2 min,
+    /// 1 s..=1 h): at start (a given `consumer_arn` too), and when it is registered again.
     pub registration_timeout: Option<Duration>,
     /// How often, at most, a shard whose subscription is caught up (an event without
     /// records, nothing behind) is checked for its end with one `GetShardIterator` and one

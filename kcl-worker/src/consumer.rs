@@ -57,8 +57,8 @@ pub(crate) struct ConsumerContext {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) random: Arc<dyn RandomSource>,
     pub(crate) health: Arc<HealthRegistry>,
-    /// The enhanced fan-out consumer ARN; `None` for polling.
-    pub(crate) consumer_arn: Option<String>,
+    /// The enhanced fan-out consumer, shared by the worker's readers; `None` for polling.
+    pub(crate) fan_out_consumer: Option<Arc<crate::fanout::SharedConsumer>>,
 }
 
 /// One shard's consumer.
@@ -127,11 +127,11 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             random: self.ctx.random.clone(),
             health: self.ctx.health.clone(),
         };
-        let fetch_task = match &self.ctx.consumer_arn {
-            Some(arn) => {
+        let fetch_task = match &self.ctx.fan_out_consumer {
+            Some(consumer) => {
                 let reader = crate::fanout::FanOutReader {
                     base: fetcher,
-                    consumer_arn: arn.clone(),
+                    consumer: consumer.clone(),
                     shard_end_probe_interval: match &self.ctx.config.retrieval_specific_config {
                         crate::config::RetrievalConfig::FanOut(f) => {
                             f.shard_end_probe_interval_or_default()

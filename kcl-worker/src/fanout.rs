@@ -43,8 +43,8 @@ use crate::stream::{
 pub(crate) struct FanOutReader {
     /// The shard, its checkpoint and everything shared with polling.
     pub(crate) base: Fetcher,
-    /// The registered consumer.
-    pub(crate) consumer_arn: String,
+    /// The consumer, shared by the worker's readers.
+    pub(crate) consumer: Arc<SharedConsumer>,
     /// How often, at most, a caught-up shard is checked for its end by polling.
     pub(crate) shard_end_probe_interval: Duration,
 }
@@ -99,6 +99,7 @@ impl FanOutReader {
                 (None, Some(at)) => IteratorPosition::AtTimestamp(at),
                 (None, None) => initial.clone(),
             };
+            let consumer_arn = self.consumer.current();
             let asked_at = f.clock.system_time();
             last_subscribe = Some(f.clock.now());
             metrics::counter!(m::FAN_OUT_SUBSCRIPTIONS_TOTAL, "shard_id" => f.shard_id.clone())
@@ -106,7 +107,7 @@ impl FanOutReader {
             let subscribed = tokio::select! {
                 biased;
                 _ = tx.closed() => return,
-                s = f.stream.subscribe_to_shard(&self.consumer_arn, &f.shard_id, &position) => s,
+                s = f.stream.subscribe_to_shard(&consumer_arn, &f.shard_id, &position) => s,
             };
             let mut subscription: Box<dyn Subscription> = match subscribed {
                 Ok(s) => {
@@ -119,6 +120,9 @@ impl FanOutReader {
                 Err(e) => {
                     if f.shard_is_gone(&e).await {
                         let _ = tx.send(f.gone_batch()).await;
+                        return;
+                    }
+                    if let Next::Stop = self.consumer_may_be_gone(&e, &consumer_arn, &tx).await {
                         return;
                     }
                     f.failed(&e, &mut streak);
@@ -152,6 +156,10 @@ impl FanOutReader {
                         }
                         if f.shard_is_gone(&e).await {
                             let _ = tx.send(f.gone_batch()).await;
+                            return;
+                        }
+                        if let Next::Stop = self.consumer_may_be_gone(&e, &consumer_arn, &tx).await
+                        {
                             return;
                         }
                         f.failed(&e, &mut streak);
@@ -237,6 +245,26 @@ impl FanOutReader {
 }
 
 impl FanOutReader {
+    /// After a `ResourceNotFound` that is not about the shard (it is still in the stream):
+    /// the consumer may have been deregistered; [`SharedConsumer::recover`] checks it (and
+    /// registers it again when it was registered by name), unless the consumer goes away
+    /// first.
+    async fn consumer_may_be_gone(
+        &self,
+        e: &StreamError,
+        consumer_arn: &str,
+        tx: &mpsc::Sender<FetchedBatch>,
+    ) -> Next {
+        if !matches!(e, StreamError::ResourceNotFound { .. }) {
+            return Next::Go;
+        }
+        tokio::select! {
+            biased;
+            _ = tx.closed() => Next::Stop,
+            _ = self.consumer.recover(consumer_arn) => Next::Go,
+        }
+    }
+
     /// Whether the shard ended right after `after`: `Some(children)` when a `GetRecords`
     /// from there returns no record and no next iterator (a closed shard read to its end).
     async fn probe_shard_end(
@@ -269,11 +297,132 @@ async fn wait(clock: &dyn Clock, delay: Duration, tx: &mpsc::Sender<FetchedBatch
     }
 }
 
-/// The consumer ARN fan-out reads with: the configured ARN as is, else the consumer named in
-/// the configuration, registered when missing (a `ResourceInUse` answer means it already is:
-/// it is described instead; throttling, `LimitExceeded` included, and other retryable errors
-/// back off and retry), once it is `ACTIVE`. Bounded by `registration_timeout` on the clock.
-/// The consumer is never deregistered.
+/// The stream consumer all fan-out readers of one worker share: its current ARN, and its
+/// recovery when someone deregisters it while the worker runs.
+///
+/// A reader whose subscription fails with `ResourceNotFound` while its shard is still in
+/// the stream calls [`SharedConsumer::recover`] with the ARN it used. One recovery runs at
+/// a time, and a reader whose ARN was already replaced returns at once, so a deregistered
+/// consumer is registered again once per worker, not once per shard. Readers take
+/// [`SharedConsumer::current`] at every subscribe.
+#[derive(Debug)]
+pub(crate) struct SharedConsumer {
+    arn: std::sync::Mutex<String>,
+    /// `Some` when the consumer was registered by name (it is registered again then);
+    /// `None` for a given `consumer_arn` (never registered by the worker).
+    name: Option<String>,
+    /// Serialises recoveries; the time a given ARN was last found missing.
+    recovery: tokio::sync::Mutex<Option<std::time::Instant>>,
+    stream: Arc<dyn StreamClient>,
+    config: Arc<WorkerConfig>,
+    clock: Arc<dyn Clock>,
+    random: Arc<dyn RandomSource>,
+    registration_timeout: Duration,
+}
+
+impl SharedConsumer {
+    /// The consumer found at start ([`ensure_consumer`]) as `arn`.
+    pub(crate) fn new(
+        arn: String,
+        fan_out: &FanOutConfig,
+        stream: Arc<dyn StreamClient>,
+        config: Arc<WorkerConfig>,
+        clock: Arc<dyn Clock>,
+        random: Arc<dyn RandomSource>,
+    ) -> Self {
+        SharedConsumer {
+            arn: std::sync::Mutex::new(arn),
+            name: match fan_out.consumer_arn {
+                Some(_) => None,
+                None => fan_out.consumer_name.clone(),
+            },
+            recovery: tokio::sync::Mutex::new(None),
+            stream,
+            config,
+            clock,
+            random,
+            registration_timeout: fan_out.registration_timeout_or_default(),
+        }
+    }
+
+    /// The ARN to subscribe with now.
+    pub(crate) fn current(&self) -> String {
+        self.arn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A subscription with `failed` met `ResourceNotFound` for something other than its
+    /// shard. Describes the consumer by ARN; when it is gone (or `DELETING`):
+    /// - registered by name: registers it again (the same bounded wait for `ACTIVE` as at
+    ///   start) and makes the new ARN current; a failure is logged, and the next reader
+    ///   failure tries again;
+    /// - given by `consumer_arn`: logs at warn and counts; nothing is registered and the
+    ///   readers keep backing off. It is described again at most once per `max_backoff`.
+    pub(crate) async fn recover(&self, failed: &str) {
+        let mut missing_since = self.recovery.lock().await;
+        if self.current() != failed {
+            return; // Another reader renewed it meanwhile.
+        }
+        if self.name.is_none()
+            && missing_since.is_some_and(|at| {
+                self.clock.now().saturating_duration_since(at) < self.config.max_backoff
+            })
+        {
+            return;
+        }
+        let gone = match self.stream.describe_stream_consumer_by_arn(failed).await {
+            Ok(c) => c.status == ConsumerStatus::Deleting,
+            Err(StreamError::ResourceNotFound { .. }) => true,
+            Err(e) => {
+                debug!(consumer_arn = %failed, error = %kcl_lease::ErrorChain(&e),
+                    "describing the stream consumer failed; checking again at the next failure");
+                false
+            }
+        };
+        if !gone {
+            *missing_since = None;
+            return;
+        }
+        metrics::counter!(m::FAN_OUT_CONSUMER_GONE_TOTAL).increment(1);
+        let Some(name) = &self.name else {
+            *missing_since = Some(self.clock.now());
+            warn!(consumer_arn = %failed,
+                "the stream consumer given by consumer_arn is no longer registered; it is not \
+                 registered again (register it, or restart with another consumer_arn): the \
+                 shard readers keep backing off");
+            return;
+        };
+        warn!(consumer_name = %name, consumer_arn = %failed,
+            "the stream consumer was deregistered; registering it again");
+        match register_within(
+            &*self.stream,
+            &self.config,
+            name,
+            &self.clock,
+            self.random.clone(),
+            self.registration_timeout,
+        )
+        .await
+        {
+            Ok(arn) => {
+                metrics::counter!(m::FAN_OUT_CONSUMER_REREGISTERED_TOTAL).increment(1);
+                info!(consumer_name = %name, consumer_arn = %arn,
+                    "the stream consumer is registered again; readers subscribe with it");
+                *self.arn.lock().unwrap_or_else(|e| e.into_inner()) = arn;
+            }
+            Err(e) => {
+                warn!(consumer_name = %name, error = %kcl_lease::ErrorChain(&e),
+                    "registering the stream consumer again failed; retrying at the next failure");
+            }
+        }
+    }
+}
+
+/// The consumer ARN fan-out reads with: the configured ARN once it is checked
+/// ([`check_given_consumer`]), else the consumer named in the configuration, registered when
+/// missing (a `ResourceInUse` answer means it already is: it is described instead;
+/// throttling, `LimitExceeded` included, and other retryable errors back off and retry),
+/// once it is `ACTIVE`. Bounded by `registration_timeout` on the clock. The consumer is
+/// never deregistered.
 pub(crate) async fn ensure_consumer(
     stream: &dyn StreamClient,
     config: &WorkerConfig,
@@ -281,7 +430,9 @@ pub(crate) async fn ensure_consumer(
     clock: &Arc<dyn Clock>,
     random: Arc<dyn RandomSource>,
 ) -> Result<String, WorkerError> {
+    let limit = fan_out.registration_timeout_or_default();
     if let Some(arn) = &fan_out.consumer_arn {
+        check_given_consumer(stream, config, arn, clock, random, limit).await?;
         info!(consumer_arn = %arn, "enhanced fan-out with the given consumer");
         return Ok(arn.clone());
     }
@@ -292,8 +443,19 @@ pub(crate) async fn ensure_consumer(
         }
         .into());
     };
-    let limit = fan_out.registration_timeout_or_default();
-    let registration = register_and_wait(stream, config, &name, clock, random);
+    register_within(stream, config, &name, clock, random, limit).await
+}
+
+/// [`register_and_wait`] bounded by `limit` on the clock.
+async fn register_within(
+    stream: &dyn StreamClient,
+    config: &WorkerConfig,
+    name: &str,
+    clock: &Arc<dyn Clock>,
+    random: Arc<dyn RandomSource>,
+    limit: Duration,
+) -> Result<String, WorkerError> {
+    let registration = register_and_wait(stream, config, name, clock, random);
     match kcl_lease::timeouts::within(&**clock, limit, registration).await {
         Some(result) => result,
         None => Err(StreamError::TimedOut {
@@ -301,6 +463,85 @@ pub(crate) async fn ensure_consumer(
             limit,
         }
         .into()),
+    }
+}
+
+/// Checks a consumer given by `consumer_arn` (nothing is registered for it): described by
+/// its ARN alone, it must exist, be registered on the worker's stream, and be `ACTIVE`
+/// within `limit` (a `CREATING` one is waited for; retryable errors back off and retry).
+/// Otherwise the start fails with [`ConfigError::Invalid`](crate::error::ConfigError)
+/// naming `consumer_arn`.
+async fn check_given_consumer(
+    stream: &dyn StreamClient,
+    config: &WorkerConfig,
+    arn: &str,
+    clock: &Arc<dyn Clock>,
+    random: Arc<dyn RandomSource>,
+    limit: Duration,
+) -> Result<(), WorkerError> {
+    let invalid = |reason: String| -> WorkerError {
+        crate::error::ConfigError::Invalid {
+            option: "consumer_arn",
+            reason,
+        }
+        .into()
+    };
+    let mut backoff = Backoff::new(config.task_backoff, config.max_backoff, random);
+    let mut last = String::from("no answer yet");
+    let check = async {
+        let stream_arn = loop {
+            match stream.describe_stream_summary(&config.stream_name).await {
+                Ok(summary) => break summary.stream_arn,
+                Err(e) if e.is_retryable() => clock.sleep(backoff.next_delay()).await,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        loop {
+            match stream.describe_stream_consumer_by_arn(arn).await {
+                Ok(c) if c.stream_arn != stream_arn => {
+                    return Err(invalid(format!(
+                        "consumer {arn} is registered on stream {}, not on {stream_arn} \
+                         (stream_name {})",
+                        c.stream_arn, config.stream_name
+                    )));
+                }
+                Ok(c) => match c.status {
+                    ConsumerStatus::Active => return Ok(()),
+                    ConsumerStatus::Deleting => {
+                        return Err(invalid(format!(
+                            "consumer {arn} is being deregistered (DELETING)"
+                        )));
+                    }
+                    status => {
+                        last = format!("still {}", status.as_str());
+                        debug!(consumer_arn = %arn, status = status.as_str(),
+                            "waiting for the given stream consumer to be ACTIVE");
+                        clock.sleep(config.task_backoff).await;
+                    }
+                },
+                Err(StreamError::ResourceNotFound { message }) => {
+                    return Err(invalid(format!(
+                        "no stream consumer {arn} is registered ({message})"
+                    )));
+                }
+                Err(StreamError::InvalidArgument { message }) => {
+                    return Err(invalid(format!("{arn} was refused: {message}")));
+                }
+                Err(e) if e.is_retryable() => {
+                    last = format!("the last attempt failed: {}", kcl_lease::ErrorChain(&e));
+                    warn!(consumer_arn = %arn, error = %kcl_lease::ErrorChain(&e),
+                        "describing the given stream consumer failed; retrying");
+                    clock.sleep(backoff.next_delay()).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    match kcl_lease::timeouts::within(&**clock, limit, check).await {
+        Some(result) => result,
+        None => Err(invalid(format!(
+            "consumer {arn} did not become ACTIVE within registration_timeout ({limit:?}; {last})"
+        ))),
     }
 }
 

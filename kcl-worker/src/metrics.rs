@@ -68,3 +68,9 @@ pub const FAN_OUT_SUBSCRIPTIONS_TOTAL: &str = "kcl_fan_out_subscriptions_total";
 /// Counter: fan-out subscriptions torn down because no event arrived within `event_timeout`
 /// (label `shard_id`).
 pub const FAN_OUT_SILENT_SUBSCRIPTIONS_TOTAL: &str = "kcl_fan_out_silent_subscriptions_total";
+/// Counter: times a worker found its fan-out stream consumer no longer registered
+/// (deregistered by someone else) after a subscription failed with `ResourceNotFound`.
+pub const FAN_OUT_CONSUMER_GONE_TOTAL: &str = "kcl_fan_out_consumer_gone_total";
+/// Counter: times a worker registered its fan-out stream consumer (by name) again after it
+/// was deregistered.
+pub const FAN_OUT_CONSUMER_REREGISTERED_TOTAL: &str = "kcl_fan_out_consumer_reregistered_total";

@@ -184,6 +184,8 @@ pub struct StreamConsumer {
     pub consumer_name: String,
     /// The consumer ARN, given to `SubscribeToShard`.
     pub consumer_arn: String,
+    /// The ARN of the stream it is registered on.
+    pub stream_arn: String,
     /// Its state.
     pub status: ConsumerStatus,
 }
@@ -463,6 +465,17 @@ impl StreamClient for BoundedStreamClient {
         .await
     }
 
+    async fn describe_stream_consumer_by_arn(
+        &self,
+        consumer_arn: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        self.bound(
+            "DescribeStreamConsumer",
+            self.inner.describe_stream_consumer_by_arn(consumer_arn),
+        )
+        .await
+    }
+
     async fn subscribe_to_shard(
         &self,
         consumer_arn: &str,
@@ -552,6 +565,13 @@ pub trait StreamClient: Send + Sync + Debug {
         &self,
         stream_arn: &str,
         consumer_name: &str,
+    ) -> Result<StreamConsumer, StreamError>;
+
+    /// `DescribeStreamConsumer` by consumer ARN alone; a consumer that is not registered
+    /// (never was, or was deregistered) is a [`StreamError::ResourceNotFound`].
+    async fn describe_stream_consumer_by_arn(
+        &self,
+        consumer_arn: &str,
     ) -> Result<StreamConsumer, StreamError>;
 
     /// `SubscribeToShard`: opens a subscription of the consumer to the shard at `position`.

@@ -211,7 +211,11 @@ impl<F: RecordProcessorFactory> Worker<F> {
 
     /// Checks the application's client version, creates the lease table if needed, syncs
     /// shards once, then runs on tokio until the returned handle shuts it down. Fails at once
-    /// when the stream does not exist or the table cannot be created.
+    /// when the stream does not exist or the table cannot be created. With enhanced fan-out,
+    /// the stream consumer is registered (or a given `consumer_arn` checked) and `ACTIVE`
+    /// before any lease is taken; a `consumer_arn` that does not exist, belongs to another
+    /// stream or is not `ACTIVE` within `registration_timeout` fails the start with
+    /// [`ConfigError::Invalid`] naming `consumer_arn`.
     ///
     /// # The Java KCL 3.x mode
     ///
@@ -278,21 +282,29 @@ impl<F: RecordProcessorFactory> Worker<F> {
             })?;
             // Enhanced fan-out: the consumer is registered (if missing) and ACTIVE before any
             // lease is taken.
-            let consumer_arn = match &self.config.retrieval_specific_config {
-                crate::config::RetrievalConfig::FanOut(fan_out) => Some(
-                    crate::fanout::ensure_consumer(
+            let fan_out_consumer = match &self.config.retrieval_specific_config {
+                crate::config::RetrievalConfig::FanOut(fan_out) => {
+                    let arn = crate::fanout::ensure_consumer(
                         &*self.stream,
                         &self.config,
                         fan_out,
                         &self.clock,
                         self.random.clone(),
                     )
-                    .await?,
-                ),
+                    .await?;
+                    Some(Arc::new(crate::fanout::SharedConsumer::new(
+                        arn,
+                        fan_out,
+                        self.stream.clone(),
+                        self.config.clone(),
+                        self.clock.clone(),
+                        self.random.clone(),
+                    )))
+                }
                 _ => None,
             };
             let ctx = ConsumerContext {
-                consumer_arn,
+                fan_out_consumer,
                 config: self.config.clone(),
                 stream: self.stream.clone(),
                 coordinator: coordinator.clone(),

@@ -657,3 +657,279 @@ async fn events_carry_millis_behind_latest_and_are_bounded_in_size() {
     assert_eq!(second.records.len(), 500);
     assert_eq!(second.millis_behind_latest, Some(0));
 }
+
+// ---- the consumer: a given ARN checked at start, a deregistered one registered again -----
+
+#[tokio::test(start_paused = true)]
+async fn consumers_are_described_by_arn_and_deregistering_ends_their_subscriptions() {
+    let kinesis = InMemoryKinesis::new();
+    kinesis.create_stream(STREAM, 1).unwrap();
+    let arn = stream_arn(&kinesis).await;
+    let consumer = consumer(&kinesis, "app").await;
+    let d = kinesis
+        .describe_stream_consumer_by_arn(&consumer)
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.consumer_name.as_str(), d.stream_arn.as_str(), d.status),
+        ("app", arn.as_str(), ConsumerStatus::Active)
+    );
+    assert_eq!(
+        kinesis
+            .describe_stream_consumer(&arn, "app")
+            .await
+            .unwrap()
+            .stream_arn,
+        arn
+    );
+    assert!(matches!(
+        kinesis
+            .describe_stream_consumer_by_arn(&format!("{arn}/consumer/app:1"))
+            .await,
+        Err(StreamError::ResourceNotFound { .. })
+    ));
+    assert!(matches!(
+        kinesis.describe_stream_consumer_by_arn("not-an-arn").await,
+        Err(StreamError::InvalidArgument { .. })
+    ));
+    kinesis.put_record(STREAM, "k", None, "a".into()).unwrap();
+    let mut sub = kinesis
+        .subscribe_to_shard(&consumer, SHARD0, &IteratorPosition::TrimHorizon)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.records.len(), 1);
+    kinesis.deregister_stream_consumer(&arn, "app").unwrap();
+    // The open subscription ends with an error naming the consumer, not the shard.
+    match sub.next_event().await {
+        Err(StreamError::ResourceNotFound { message }) => {
+            assert!(message.contains(&consumer), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        kinesis.describe_stream_consumer_by_arn(&consumer).await,
+        Err(StreamError::ResourceNotFound { .. })
+    ));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(matches!(
+        kinesis
+            .subscribe_to_shard(&consumer, SHARD0, &IteratorPosition::TrimHorizon)
+            .await,
+        Err(StreamError::ResourceNotFound { .. })
+    ));
+    assert!(matches!(
+        kinesis.deregister_stream_consumer(&arn, "app"),
+        Err(StreamError::ResourceNotFound { .. })
+    ));
+}
+
+/// The start error for a given `consumer_arn`: `ConfigError::Invalid` naming the option.
+fn consumer_arn_invalid(err: kcl_worker::WorkerError) -> String {
+    match err {
+        kcl_worker::WorkerError::Config(kcl_worker::ConfigError::Invalid {
+            option: "consumer_arn",
+            reason,
+        }) => reason,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_given_consumer_arn_is_checked_at_start() {
+    let env = Fleet::new(STREAM, 1).unwrap();
+    let with_arn = |arn: String, timeout: u64| {
+        move |b: WorkerConfigBuilder| {
+            b.retrieval_specific_config(RetrievalConfig::FanOut(
+                FanOutConfig::new()
+                    .consumer_arn(arn)
+                    .registration_timeout(Duration::from_secs(timeout)),
+            ))
+        }
+    };
+    let arn = stream_arn(env.kinesis()).await;
+    // No such consumer.
+    let missing = format!("{arn}/consumer/nobody:1");
+    let err = env
+        .start_with("w1", Behaviour::new(), with_arn(missing.clone(), 20))
+        .await
+        .unwrap_err();
+    let reason = consumer_arn_invalid(err);
+    assert!(
+        reason.contains("no stream consumer") && reason.contains(&missing),
+        "{reason}"
+    );
+    // A consumer of another stream.
+    env.kinesis().create_stream("other", 1).unwrap();
+    let other_arn = env
+        .kinesis()
+        .describe_stream_summary("other")
+        .await
+        .unwrap()
+        .stream_arn;
+    let foreign = env
+        .kinesis()
+        .register_stream_consumer(&other_arn, "foreign")
+        .await
+        .unwrap()
+        .consumer_arn;
+    let reason = consumer_arn_invalid(
+        env.start_with("w1", Behaviour::new(), with_arn(foreign, 20))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        reason.contains(&other_arn) && reason.contains(STREAM),
+        "{reason}"
+    );
+    // A consumer that stays CREATING past registration_timeout.
+    env.kinesis()
+        .set_consumer_activation_delay(Duration::from_secs(3600));
+    let slow = consumer(env.kinesis(), "slow").await;
+    let started = tokio::time::Instant::now();
+    let reason = consumer_arn_invalid(
+        env.start_with("w1", Behaviour::new(), with_arn(slow, 20))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        reason.contains("registration_timeout") && reason.contains("CREATING"),
+        "{reason}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(20) && took < Duration::from_secs(30),
+        "{took:?}"
+    );
+    // One CREATING for 3 s is waited for, and used.
+    env.kinesis()
+        .set_consumer_activation_delay(Duration::from_secs(3));
+    let soon = consumer(env.kinesis(), "soon").await;
+    env.put_plain("k", "x").unwrap();
+    let (w1, _) = env
+        .start_with("w1", Behaviour::new(), with_arn(soon, 20))
+        .await
+        .unwrap();
+    env.wait_until("x", Duration::from_secs(30), |e| {
+        e.log().delivered_count() == 1
+    })
+    .await
+    .unwrap();
+    // Nothing was registered by the worker, and nothing delivered by the failed starts.
+    assert_eq!(env.kinesis().stats().register_stream_consumer, 3);
+    assert_eq!(env.log().delivered_count(), 1);
+    w1.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_deregistered_while_running_is_registered_again_once_per_worker() {
+    let env = Fleet::new(STREAM, 4).unwrap();
+    env.kinesis()
+        .set_consumer_activation_delay(Duration::from_secs(2));
+    let by_name = |b: WorkerConfigBuilder| {
+        b.retrieval_specific_config(RetrievalConfig::FanOut(
+            FanOutConfig::new().consumer_name("reader"),
+        ))
+    };
+    let (w1, _) = env
+        .start_with("w1", Behaviour::new(), by_name)
+        .await
+        .unwrap();
+    let mut expected = BTreeSet::new();
+    for p in payloads("before", 40) {
+        env.put_plain(&p, &p).unwrap();
+        expected.insert(p);
+    }
+    env.wait_until("the first records", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == expected.len()
+    })
+    .await
+    .unwrap();
+    assert_eq!(w1.held_leases().len(), 4);
+    let arn = stream_arn(env.kinesis()).await;
+    let old = env
+        .kinesis()
+        .describe_stream_consumer(&arn, "reader")
+        .await
+        .unwrap()
+        .consumer_arn;
+    let before = env.kinesis().stats();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    env.kinesis()
+        .deregister_stream_consumer(&arn, "reader")
+        .unwrap();
+    for p in payloads("after", 40) {
+        env.put_plain(&p, &p).unwrap();
+        expected.insert(p);
+    }
+    env.wait_until("the later records", Duration::from_secs(120), |e| {
+        e.delivered_payloads().len() == expected.len()
+    })
+    .await
+    .unwrap();
+    assert_eq!(env.delivered_payloads(), expected);
+    let after = env.kinesis().stats();
+    // Four shard readers lost their subscriptions; the consumer was registered once.
+    assert_eq!(
+        after.register_stream_consumer - before.register_stream_consumer,
+        1,
+        "{after:?}"
+    );
+    assert_eq!(env.kinesis().consumer_count(STREAM), 1);
+    let new = env
+        .kinesis()
+        .describe_stream_consumer(&arn, "reader")
+        .await
+        .unwrap()
+        .consumer_arn;
+    assert_ne!(new, old);
+    // Every reader subscribes with the new ARN: new subscriptions opened on all shards.
+    assert!(
+        after.subscriptions_opened >= before.subscriptions_opened + 4,
+        "{after:?}"
+    );
+    w1.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_given_consumer_deregistered_while_running_is_not_registered_again() {
+    let env = Fleet::new(STREAM, 2).unwrap();
+    let arn = stream_arn(env.kinesis()).await;
+    let given = consumer(env.kinesis(), "given").await;
+    let (w1, _) = env
+        .start_with("w1", Behaviour::new(), |b| {
+            b.retrieval_specific_config(RetrievalConfig::FanOut(
+                FanOutConfig::new().consumer_arn(given.clone()),
+            ))
+        })
+        .await
+        .unwrap();
+    env.put_plain("k", "first").unwrap();
+    env.wait_until("first", Duration::from_secs(30), |e| {
+        e.log().delivered_count() == 1
+    })
+    .await
+    .unwrap();
+    let before = env.kinesis().stats();
+    env.kinesis()
+        .deregister_stream_consumer(&arn, "given")
+        .unwrap();
+    env.put_plain("k", "second").unwrap();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let after = env.kinesis().stats();
+    assert_eq!(
+        after.register_stream_consumer,
+        before.register_stream_consumer
+    );
+    assert_eq!(env.kinesis().consumer_count(STREAM), 0);
+    assert_eq!(env.log().delivered_count(), 1);
+    assert_eq!(w1.held_leases().len(), 2, "the worker keeps running");
+    // The readers keep backing off (at most one SubscribeToShard per max_backoff of 10 s
+    // per shard once backed off), and the consumer is described again at most once per
+    // max_backoff for the whole worker, not once per failure.
+    let subscribes = after.subscribe_to_shard - before.subscribe_to_shard;
+    let describes = after.describe_stream_consumer - before.describe_stream_consumer;
+    assert!((2..=2 * 20).contains(&subscribes), "{subscribes}");
+    assert!((1..=13).contains(&describes), "{describes}");
+    assert!(describes < subscribes, "{describes} < {subscribes}");
+    w1.shutdown().await.unwrap();
+}

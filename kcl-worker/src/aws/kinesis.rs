@@ -188,6 +188,20 @@ fn consumer_status(status: &sdk::ConsumerStatus) -> Result<ConsumerStatus, Strea
     }
 }
 
+fn consumer_description(
+    output: aws_sdk_kinesis::operation::describe_stream_consumer::DescribeStreamConsumerOutput,
+) -> Result<StreamConsumer, StreamError> {
+    let consumer = output
+        .consumer_description
+        .ok_or_else(|| malformed("DescribeStreamConsumer returned no ConsumerDescription"))?;
+    Ok(StreamConsumer {
+        status: consumer_status(&consumer.consumer_status)?,
+        consumer_name: consumer.consumer_name,
+        consumer_arn: consumer.consumer_arn,
+        stream_arn: consumer.stream_arn,
+    })
+}
+
 #[async_trait]
 impl StreamClient for AwsStreamClient {
     async fn register_stream_consumer(
@@ -210,6 +224,7 @@ impl StreamClient for AwsStreamClient {
             status: consumer_status(&consumer.consumer_status)?,
             consumer_name: consumer.consumer_name,
             consumer_arn: consumer.consumer_arn,
+            stream_arn: stream_arn.to_owned(),
         })
     }
 
@@ -226,14 +241,21 @@ impl StreamClient for AwsStreamClient {
             .send()
             .await
             .map_err(|err| map_sdk_error(err, NotFound::Resource))?;
-        let consumer = output
-            .consumer_description
-            .ok_or_else(|| malformed("DescribeStreamConsumer returned no ConsumerDescription"))?;
-        Ok(StreamConsumer {
-            status: consumer_status(&consumer.consumer_status)?,
-            consumer_name: consumer.consumer_name,
-            consumer_arn: consumer.consumer_arn,
-        })
+        consumer_description(output)
+    }
+
+    async fn describe_stream_consumer_by_arn(
+        &self,
+        consumer_arn: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        let output = self
+            .client
+            .describe_stream_consumer()
+            .consumer_arn(consumer_arn)
+            .send()
+            .await
+            .map_err(|err| map_sdk_error(err, NotFound::Resource))?;
+        consumer_description(output)
     }
 
     async fn subscribe_to_shard(

@@ -87,7 +87,11 @@
 //!   each with the continuation sequence number (subscribe `AFTER_SEQUENCE_NUMBER` of it to
 //!   continue) and `MillisBehindLatest`; at a closed shard's end, a last event with the
 //!   children in `child_shards` and no continuation; after five minutes it ends
-//!   (`Ok(None)`). `deregister_stream_consumer` removes a consumer. Faults: an error
+//!   (`Ok(None)`). `describe_stream_consumer` answers by stream ARN and name,
+//!   `describe_stream_consumer_by_arn` by consumer ARN alone (`ResourceNotFound` for an ARN
+//!   of no registered consumer). `deregister_stream_consumer` (test-only, like the service's
+//!   `DeregisterStreamConsumer`) removes a consumer at once: its open subscriptions fail
+//!   with `ResourceNotFound` naming the consumer, and so does subscribing with its ARN. Faults: an error
 //!   [`Fault`] on [`Operation::SubscribeToShardEvent`] ends a subscription mid-stream with
 //!   that error; a `Hang` fault there makes it silent.
 //! * **Puts** check the partition key (1 to 256 characters), the record size (data and key
@@ -590,6 +594,15 @@ impl StreamClient for InMemoryKinesis {
         let now = self.now();
         self.state()
             .describe_consumer(stream_arn, consumer_name, now)
+    }
+
+    async fn describe_stream_consumer_by_arn(
+        &self,
+        consumer_arn: &str,
+    ) -> Result<StreamConsumer, StreamError> {
+        self.begin(Operation::DescribeStreamConsumer, None).await?;
+        let now = self.now();
+        self.state().describe_consumer_by_arn(consumer_arn, now)
     }
 
     async fn subscribe_to_shard(

@@ -102,6 +102,7 @@ impl ConsumerState {
         StreamConsumer {
             consumer_name: self.name.clone(),
             consumer_arn: self.arn.clone(),
+            stream_arn: format!("{ARN_PREFIX}{}", self.stream),
             status: if active {
                 ConsumerStatus::Active
             } else {
@@ -176,6 +177,25 @@ impl State {
             .find(|c| c.name == name)
             .map(|c| c.describe(now, self.fan_out.activation_delay))
             .ok_or_else(|| consumer_not_found(name))
+    }
+
+    /// `DescribeStreamConsumer` by `ConsumerARN` alone, as the service answers it: a
+    /// malformed ARN is `InvalidArgument`, an ARN of no registered consumer (never, or
+    /// deregistered, or of a deleted stream) `ResourceNotFound`.
+    pub(crate) fn describe_consumer_by_arn(
+        &self,
+        consumer_arn: &str,
+        now: Now,
+    ) -> Result<StreamConsumer, StreamError> {
+        let stream_arn = consumer_arn
+            .split_once("/consumer/")
+            .map(|(stream_arn, _)| stream_arn)
+            .ok_or_else(|| invalid(format!("ConsumerARN {consumer_arn} is not a consumer ARN")))?;
+        let stream = stream_name_of(stream_arn)?;
+        self.live_consumers(stream)
+            .find(|c| c.arn == consumer_arn)
+            .map(|c| c.describe(now, self.fan_out.activation_delay))
+            .ok_or_else(|| consumer_not_found(consumer_arn))
     }
 
     pub(crate) fn deregister_consumer(
@@ -330,10 +350,14 @@ impl State {
             cursor.finished = true;
             return Ok(Poll::Ended);
         }
+        if !consumer_live {
+            // Deregistered: the service ends its subscriptions with an error.
+            return Err(consumer_not_found(&cursor.consumer_arn));
+        }
         let Self { streams, stats, .. } = self;
         let stream = streams
             .get_mut(&cursor.stream)
-            .filter(|s| s.incarnation == cursor.incarnation && consumer_live)
+            .filter(|s| s.incarnation == cursor.incarnation)
             .ok_or_else(gone)?;
         let retention = stream.retention;
         let shard = stream.shards.get_mut(cursor.shard).ok_or_else(gone)?;
