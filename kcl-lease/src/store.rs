@@ -50,8 +50,9 @@ pub trait LeaseStore: Send + Sync + Debug {
     /// One lease, if it exists (consistent read).
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError>;
 
-    /// Renews: `leaseCounter = lease.lease_counter AND leaseOwner = lease.lease_owner`,
-    /// then counter + 1, and `throughputKBps = throughput_kbps` when given (`None` leaves
+    /// Renews: `leaseCounter = lease.lease_counter AND leaseOwner = lease.lease_owner` and
+    /// `checkpointOwner` as in `lease` (absent outside a handoff, so a renewal fails once a
+    /// handoff of the lease began), then counter + 1, and `throughputKBps = throughput_kbps` when given (`None` leaves
     /// the attribute as it is).
     async fn renew_lease(
         &self,
@@ -91,6 +92,34 @@ pub trait LeaseStore: Send + Sync + Debug {
         lease: &Lease,
         child_shard_ids: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError>;
+
+    /// Starts a graceful handoff (the Java KCL 3.x protocol, see [`crate::write`]): when the
+    /// row's `leaseOwner` is `lease.lease_owner` and it has no `checkpointOwner`, writes
+    /// `leaseOwner = next_owner` and `checkpointOwner` = the owner seen; the counter is
+    /// neither fenced on nor moved. Returns the new row.
+    ///
+    /// The default implementation returns [`LeaseError::Unsupported`]: a store without it
+    /// makes the coordinator steal instead (a store wrapping another should forward it).
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        let _ = (lease, next_owner);
+        Err(LeaseError::Unsupported {
+            operation: "initiate_handoff",
+        })
+    }
+
+    /// Completes a graceful handoff: when the row's `leaseOwner` and `checkpointOwner` are
+    /// those of `lease`, removes `checkpointOwner` (the next owner, already `leaseOwner`,
+    /// owns the lease from now on), counter + 1, `ownerSwitchesSinceCheckpoint` + 1.
+    /// Returns the new row.
+    ///
+    /// The default implementation returns [`LeaseError::Unsupported`] (see
+    /// [`LeaseStore::initiate_handoff`]).
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let _ = lease;
+        Err(LeaseError::Unsupported {
+            operation: "complete_handoff",
+        })
+    }
 
     /// Deletes the lease if its counter is still `lease.lease_counter`.
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError>;

@@ -163,6 +163,20 @@ impl LeaseCoordinatorConfig {
         self.failover_time / 2
     }
 
+    /// How long after its first pass (the fleet discovery pass, which takes one lease at
+    /// most) the taker runs again: `failover_time / 5`. Workers starting within that time of
+    /// each other see each other at their second pass and take fair shares.
+    pub fn discovery_delay(&self) -> Duration {
+        self.failover_time / 5
+    }
+
+    /// How often the taker runs while handoffs to this worker are in flight, so it takes a
+    /// handed-over lease soon after its current owner completes the handoff:
+    /// `failover_time / 8` (a quarter of the taker interval).
+    pub fn handoff_poll_interval(&self) -> Duration {
+        self.failover_time / 8
+    }
+
     /// The largest jitter subtracted from the taker interval: `failover_time / 10`.
     pub fn take_jitter(&self) -> Duration {
         self.failover_time / 10

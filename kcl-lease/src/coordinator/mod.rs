@@ -169,13 +169,22 @@
 //! // Alone, `a` takes every free lease in one pass.
 //! assert_eq!(a.take_once().await?.taken.len(), 3);
 //! assert!(matches!(a_events.try_recv(), Ok(LeaseEvent::Gained(_))));
-//! // `b` is owed ceil(3 / 2) = 2 leases; none is free, so it steals one per pass.
-//! assert_eq!(b.take_once().await?.stolen.len(), 1);
+//! // `b` is owed ceil(3 / 2) = 2 leases; none is free, so it asks `a` for one by a
+//! // graceful handoff (`a` keeps two, the target).
+//! assert_eq!(b.take_once().await?.handoffs_initiated.len(), 1);
 //!
-//! // `a` learns at its next renewal that it lost the stolen lease.
+//! // `a` learns at its next renewal that the lease is asked for; it renews all three.
 //! clock.advance(Duration::from_secs(4));
 //! let report = a.renew_once().await;
-//! assert_eq!((report.renewed, report.lost.len()), (2, 1));
+//! assert_eq!((report.renewed, report.lost.len()), (3, 0));
+//! while let Ok(event) = a_events.try_recv() {
+//!     if let LeaseEvent::HandoffRequested { lease_key, next_owner } = event {
+//!         assert_eq!(next_owner, "b");
+//!         // The processor stops (it may checkpoint), then the lease is handed over.
+//!         a.holding(&lease_key).unwrap().release().await?;
+//!     }
+//! }
+//! assert_eq!(b.take_once().await?.taken.len(), 1);
 //!
 //! // Checkpoints are fenced writes through a holding of the lease.
 //! let holding = a.holding(&a.held_keys()[0]).unwrap();

@@ -23,11 +23,23 @@ impl LeaseCoordinator {
             .ok_or_else(not_held)?;
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
-        let result = self
-            .bounded("release_lease", self.store.release_lease(&lease))
-            .await;
+        let handing_over = lease.is_in_handoff();
+        let result = if handing_over {
+            // A graceful handoff: the next owner owns the lease from now on.
+            self.bounded("complete_handoff", self.store.complete_handoff(&lease))
+                .await
+        } else {
+            self.bounded("release_lease", self.store.release_lease(&lease))
+                .await
+        };
         self.remove(lease_key, Some(generation));
         match &result {
+            Ok(_) if handing_over => tracing::info!(
+                worker_id = %self.config.worker_id,
+                lease_key,
+                next_owner = lease.lease_owner.as_deref().unwrap_or(""),
+                "lease handed over"
+            ),
             Ok(_) => {
                 tracing::info!(worker_id = %self.config.worker_id, lease_key, "lease released")
             }

@@ -93,11 +93,15 @@ pub enum LeaseOperation {
     DeleteLease,
     /// [`LeaseStore::client_version`].
     ClientVersion,
+    /// [`LeaseStore::initiate_handoff`].
+    InitiateHandoff,
+    /// [`LeaseStore::complete_handoff`].
+    CompleteHandoff,
 }
 
 impl LeaseOperation {
     /// Every operation, in declaration order.
-    pub const ALL: [LeaseOperation; 13] = [
+    pub const ALL: [LeaseOperation; 15] = [
         LeaseOperation::CreateTable,
         LeaseOperation::TableExists,
         LeaseOperation::CreateLease,
@@ -111,6 +115,8 @@ impl LeaseOperation {
         LeaseOperation::UpdateChildShardIds,
         LeaseOperation::DeleteLease,
         LeaseOperation::ClientVersion,
+        LeaseOperation::InitiateHandoff,
+        LeaseOperation::CompleteHandoff,
     ];
 
     /// The trait method's name, e.g. `renew_lease`.
@@ -129,6 +135,8 @@ impl LeaseOperation {
             LeaseOperation::UpdateChildShardIds => "update_child_shard_ids",
             LeaseOperation::DeleteLease => "delete_lease",
             LeaseOperation::ClientVersion => "client_version",
+            LeaseOperation::InitiateHandoff => "initiate_handoff",
+            LeaseOperation::CompleteHandoff => "complete_handoff",
         }
     }
 
@@ -144,6 +152,8 @@ impl LeaseOperation {
                 | LeaseOperation::UpdatePendingCheckpoint
                 | LeaseOperation::UpdateChildShardIds
                 | LeaseOperation::DeleteLease
+                | LeaseOperation::InitiateHandoff
+                | LeaseOperation::CompleteHandoff
         )
     }
 }
@@ -676,6 +686,19 @@ impl LeaseStore for InMemoryLeaseStore {
         };
         self.update(LeaseOperation::UpdateChildShardIds, write)
             .await
+    }
+
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        let write = LeaseWrite::InitiateHandoff {
+            seen: lease,
+            next_owner,
+        };
+        self.update(LeaseOperation::InitiateHandoff, write).await
+    }
+
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let write = LeaseWrite::CompleteHandoff { seen: lease };
+        self.update(LeaseOperation::CompleteHandoff, write).await
     }
 
     async fn client_version(&self) -> Result<Option<String>, LeaseError> {
