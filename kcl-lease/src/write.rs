@@ -258,7 +258,10 @@ impl<'a> LeaseWrite<'a> {
                 None => Err(not_held(seen)),
             },
             LeaseWrite::CompleteHandoff { seen } => {
-                match (seen.lease_owner.as_deref(), seen.checkpoint_owner.as_deref()) {
+                match (
+                    seen.lease_owner.as_deref(),
+                    seen.checkpoint_owner.as_deref(),
+                ) {
                     (Some(owner), Some(checkpoint_owner)) => Ok(Fence::Owners {
                         owner,
                         checkpoint_owner: Some(checkpoint_owner),

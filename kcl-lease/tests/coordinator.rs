@@ -499,7 +499,10 @@ async fn a_steal_is_a_graceful_handoff_and_nobody_is_a_zombie() {
     // b is owed one of a's two leases: it asks for it (leaseOwner = b, checkpointOwner =
     // a, the counter as it was).
     let report = b.take_once().await.unwrap();
-    assert!(report.stolen.is_empty() && report.taken.is_empty(), "{report:?}");
+    assert!(
+        report.stolen.is_empty() && report.taken.is_empty(),
+        "{report:?}"
+    );
     assert_eq!(report.handoffs_initiated.len(), 1);
     assert_eq!(report.handoffs_pending, 1);
     let k = report.handoffs_initiated[0].clone();

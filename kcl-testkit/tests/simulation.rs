@@ -35,6 +35,10 @@ struct Totals {
     faults: usize,
     workers: usize,
     checkpoints: usize,
+    graceful_handoffs: usize,
+    forced_handoffs: usize,
+    overlaps: usize,
+    handoff_redeliveries: usize,
     virtual_time: Duration,
 }
 
@@ -48,6 +52,10 @@ impl Totals {
         self.faults += r.faults_injected;
         self.workers += r.workers_started;
         self.checkpoints += r.checkpoints;
+        self.graceful_handoffs += r.graceful_handoffs;
+        self.forced_handoffs += r.forced_handoffs;
+        self.overlaps += r.overlaps;
+        self.handoff_redeliveries += r.handoff_redeliveries;
         self.virtual_time += r.virtual_time;
     }
 }
@@ -67,7 +75,7 @@ fn run_seeds(first: u64, count: u64) {
         }
     }
     println!(
-        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started, {} checkpoints",
+        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started, {} checkpoints, {} graceful handoffs ({} records repeated after them), {} forced handoffs, {} overlaps after a loss or a forced handoff",
         totals.seeds,
         wall.elapsed(),
         totals.virtual_time,
@@ -78,7 +86,19 @@ fn run_seeds(first: u64, count: u64) {
         totals.faults,
         totals.workers,
         totals.checkpoints,
+        totals.graceful_handoffs,
+        totals.handoff_redeliveries,
+        totals.forced_handoffs,
+        totals.overlaps,
     );
+    // The schedules move leases between live workers (a worker started after a crash or a
+    // stop asks the others): handoffs must really be exercised.
+    if count >= 50 {
+        assert!(
+            totals.graceful_handoffs > 0,
+            "no graceful handoff in {count} seeds"
+        );
+    }
     if !failures.is_empty() {
         let seeds: Vec<u64> = failures.iter().map(|f| f.seed).collect();
         panic!(

@@ -247,7 +247,10 @@ async fn run(args: Args) {
     }
     println!("# records delivered: {}", fleet.log().delivered_count());
     if let Some((took, phase)) = scale_out {
-        println!("# scale-out: {} workers joining the balanced fleet", args.scale_out);
+        println!(
+            "# scale-out: {} workers joining the balanced fleet",
+            args.scale_out
+        );
         report(
             args.workers + args.scale_out,
             args.shards,

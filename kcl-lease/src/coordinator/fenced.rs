@@ -75,7 +75,9 @@ impl LeaseCoordinator {
             Reread::HandoffBegun(row) => {
                 self.begin_handoff(lease_key, generation, row.clone());
                 let result = self.bounded(operation, write(row.clone())).await;
-                self.recover_spurious_failure(&row, result).await.into_result()
+                self.recover_spurious_failure(&row, result)
+                    .await
+                    .into_result()
             }
         };
         self.apply_write_result(lease_key, generation, result).0

@@ -237,7 +237,11 @@ pub(crate) fn plan_take(
                 Some(owner) if owner == me && !input.held.contains(&lease.lease_key) => {
                     mine += 1;
                     incoming += 1;
-                    if tracker.owners_unchanged_for(lease, input.now) >= input.handoff_timeout {
+                    // Too slow, or its current owner died (the counter stood still for the
+                    // failover time: nobody renews it).
+                    if tracker.owners_unchanged_for(lease, input.now) >= input.handoff_timeout
+                        || tracker.unchanged_for(lease, input.now) >= input.failover_time
+                    {
                         complete.push((*lease).clone());
                     }
                 }
@@ -263,7 +267,11 @@ pub(crate) fn plan_take(
         .min(input.max_leases_for_worker);
     let needed = target.saturating_sub(mine);
     // The discovery pass takes one lease at most: enough to be seen by the others.
-    let budget = if input.discovery { needed.min(1) } else { needed };
+    let budget = if input.discovery {
+        needed.min(1)
+    } else {
+        needed
+    };
 
     // Longest unchanged first; equal ages in random order so that workers starting together
     // do not all race for the same leases.
@@ -440,9 +448,9 @@ impl LeaseCoordinator {
         // Handoffs that timed out: this worker completes them and holds the lease (the
         // current owner's next write fails: in effect a steal).
         let completions = join_all_limited(
-            plan.complete.iter().map(|l| {
-                self.bounded("complete_handoff", self.store.complete_handoff(l))
-            }),
+            plan.complete
+                .iter()
+                .map(|l| self.bounded("complete_handoff", self.store.complete_handoff(l))),
             MAX_CONCURRENT_WRITES,
         )
         .await;
@@ -472,9 +480,9 @@ impl LeaseCoordinator {
         // Graceful handoffs; a store without them steals instead, at most
         // `max_leases_to_steal_at_one_time`.
         let initiated = join_all_limited(
-            plan.handoffs.iter().map(|l| {
-                self.bounded("initiate_handoff", self.store.initiate_handoff(l, me))
-            }),
+            plan.handoffs
+                .iter()
+                .map(|l| self.bounded("initiate_handoff", self.store.initiate_handoff(l, me))),
             MAX_CONCURRENT_WRITES,
         )
         .await;
@@ -534,7 +542,7 @@ impl LeaseCoordinator {
         Ok(report)
     }
 
-/// When the taker should run next, at the latest `latest`: earlier if a lease of another
+    /// When the taker should run next, at the latest `latest`: earlier if a lease of another
     /// worker expires before that.
     pub(super) fn next_take_at(&self, latest: Instant) -> Instant {
         let now = self.clock.now();
@@ -762,7 +770,11 @@ mod tests {
         let p = counts_plan(&[("a", 20), ("b", 10)], 0);
         assert_eq!((p.workers, p.target, p.needed), (3, 10, 10));
         assert_eq!(p.handoffs.len(), 10);
-        assert!(p.handoffs.iter().all(|l| l.lease_owner.as_deref() == Some("a")));
+        assert!(
+            p.handoffs
+                .iter()
+                .all(|l| l.lease_owner.as_deref() == Some("a"))
+        );
         let keys: HashSet<&str> = p.handoffs.iter().map(|l| l.lease_key.as_str()).collect();
         assert_eq!(keys.len(), 10);
         // Three equally loaded donors: the leases come from all three, none below target.

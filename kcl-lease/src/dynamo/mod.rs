@@ -829,7 +829,8 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
-        self.update(LeaseWrite::CompleteHandoff { seen: lease }).await
+        self.update(LeaseWrite::CompleteHandoff { seen: lease })
+            .await
     }
 
     async fn update_checkpoint(

@@ -57,6 +57,24 @@ pub(super) enum Entry {
     Deleted {
         key: String,
     },
+    /// A graceful handoff began: the lease is still its current owner's until the handoff
+    /// completes (journaled as `Taken` by the next owner).
+    HandoffInitiated {
+        key: String,
+        next_owner: String,
+    },
+    /// A graceful handoff completed: the lease is `owner`'s (the next owner) from now on.
+    /// `by` the worker that completed it: the current owner (after its processor stopped),
+    /// or the next owner itself (a forced completion, after `handoff_timeout`).
+    HandoffCompleted {
+        key: String,
+        owner: String,
+        by: Option<String>,
+    },
+    /// A worker crashed: its processors stopped without a shutdown.
+    Crashed {
+        worker: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -205,6 +223,8 @@ impl RecordProcessor for JournalingProcessor {
 pub(super) struct JournalingLeaseStore {
     pub(super) inner: Arc<InMemoryLeaseStore>,
     pub(super) journal: Journal,
+    /// The worker writing through this store, when it is one worker's.
+    pub(super) worker: Option<String>,
 }
 
 #[async_trait]
@@ -261,6 +281,25 @@ impl LeaseStore for JournalingLeaseStore {
         Ok(released)
     }
 
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        let written = self.inner.initiate_handoff(lease, next_owner).await?;
+        self.journal.push(Entry::HandoffInitiated {
+            key: lease.lease_key.clone(),
+            next_owner: next_owner.to_owned(),
+        });
+        Ok(written)
+    }
+
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let written = self.inner.complete_handoff(lease).await?;
+        self.journal.push(Entry::HandoffCompleted {
+            key: lease.lease_key.clone(),
+            owner: written.lease_owner.clone().unwrap_or_default(),
+            by: self.worker.clone(),
+        });
+        Ok(written)
+    }
+
     async fn update_checkpoint(
         &self,
         lease: &Lease,
@@ -269,7 +308,8 @@ impl LeaseStore for JournalingLeaseStore {
         let written = self.inner.update_checkpoint(lease, checkpoint).await?;
         self.journal.push(Entry::Checkpointed {
             key: lease.lease_key.clone(),
-            writer: lease.lease_owner.clone(),
+            // During a handoff the writer is the current owner (`checkpointOwner`).
+            writer: kcl_lease::write::actual_owner(lease).map(str::to_owned),
             checkpoint: written.checkpoint.clone(),
         });
         Ok(written)
