@@ -36,7 +36,8 @@ struct Args {
     limit: Duration,
 }
 
-fn args() -> Args {
+/// The arguments, or what is wrong with them.
+fn args() -> Result<Args, String> {
     let mut args = Args {
         workers: 10,
         shards: 1000,
@@ -47,31 +48,38 @@ fn args() -> Args {
         limit: Duration::from_secs(180),
     };
     let raw: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < raw.len() {
-        let value = raw.get(i + 1).cloned().unwrap_or_default();
-        let number = || -> u64 {
-            value
-                .parse()
-                .unwrap_or_else(|_| panic!("{} needs a number, got {value:?}", raw[i]))
+    for pair in raw.chunks(2) {
+        let (name, value) = match pair {
+            [name, value] => (name.as_str(), value.as_str()),
+            [name] => return Err(format!("{name} needs a value")),
+            _ => continue,
         };
-        match raw[i].as_str() {
-            "--workers" => args.workers = number() as usize,
-            "--shards" => args.shards = number() as u32,
-            "--failover-ms" => args.failover = Duration::from_millis(number()),
-            "--scale-out" => args.scale_out = number() as usize,
-            "--rate" => args.rate = number(),
-            "--settle-ms" => args.settle = Duration::from_millis(number()),
-            "--limit-s" => args.limit = Duration::from_secs(number()),
-            other => panic!("unknown argument {other}"),
+        let number: u64 = value
+            .parse()
+            .map_err(|_| format!("{name} needs a whole number, got {value:?}"))?;
+        let count = usize::try_from(number).map_err(|e| format!("{name}: {e}"))?;
+        match name {
+            "--workers" => args.workers = count.max(1),
+            "--shards" => {
+                args.shards = u32::try_from(number.max(1)).map_err(|e| format!("{name}: {e}"))?
+            }
+            "--failover-ms" => args.failover = Duration::from_millis(number.max(100)),
+            "--scale-out" => args.scale_out = count,
+            "--rate" => args.rate = number,
+            "--settle-ms" => args.settle = Duration::from_millis(number),
+            "--limit-s" => args.limit = Duration::from_secs(number),
+            other => {
+                return Err(format!(
+                    "unknown argument {other} (--workers, --shards, --failover-ms, --scale-out, --rate, --settle-ms, --limit-s)"
+                ));
+            }
         }
-        i += 2;
     }
     if args.settle.is_zero() {
         // Long enough to see a balance that does not hold: several taker intervals.
         args.settle = args.failover * 4;
     }
-    args
+    Ok(args)
 }
 
 /// True when every lease is held, none is in a handoff, and the held counts differ by at
@@ -88,7 +96,7 @@ fn balanced(fleet: &Fleet, workers: &[WorkerHandle], shards: usize) -> bool {
 }
 
 /// Waits until the fleet is balanced and stays so for `settle`; returns when it last
-/// became balanced, measured from `start`.
+/// became balanced, measured from `start`; exits the process when that takes `limit`.
 async fn balance(
     fleet: &Fleet,
     workers: &[WorkerHandle],
@@ -108,14 +116,11 @@ async fn balance(
         } else {
             since = None;
         }
-        assert!(
-            now.duration_since(start) < limit,
-            "not balanced within {limit:?}: {:?}",
-            workers
-                .iter()
-                .map(|w| w.held_leases().len())
-                .collect::<Vec<_>>()
-        );
+        if now.duration_since(start) >= limit {
+            let held: Vec<usize> = workers.iter().map(|w| w.held_leases().len()).collect();
+            eprintln!("fleet-bench: not balanced within {limit:?} (--limit-s): held {held:?}");
+            std::process::exit(1);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -162,7 +167,6 @@ async fn start_workers(fleet: &Fleet, ids: std::ops::Range<usize>) -> Vec<Worker
     workers
 }
 
-#[allow(clippy::too_many_arguments)]
 fn report(workers: usize, shards: u32, took: Duration, take: Duration, costs: (usize, usize)) {
     println!(
         "workers={workers} shards={shards} balanced_after_s={:.1} take_interval_s={:.1} zombies={} redelivered={}",
@@ -264,7 +268,13 @@ async fn run(args: Args) {
 }
 
 fn main() {
-    let args = args();
+    let args = match args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("fleet-bench: {e}");
+            std::process::exit(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

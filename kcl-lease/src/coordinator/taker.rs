@@ -333,14 +333,16 @@ pub(crate) fn plan_take(
         if !(max_load > target || (max_load == target && planned + 2 <= target)) {
             break;
         }
-        let loaded: Vec<usize> = (0..donors.len())
-            .filter(|i| donors[*i].0 == max_load && !donors[*i].1.is_empty())
+        let loaded: Vec<usize> = donors
+            .iter()
+            .enumerate()
+            .filter(|(_, (load, pool))| *load == max_load && !pool.is_empty())
+            .map(|(i, _)| i)
             .collect();
         let pick = usize::try_from(random.below(loaded.len() as u64)).unwrap_or(0);
-        let Some(&donor) = loaded.get(pick) else {
+        let Some((load, pool)) = loaded.get(pick).and_then(|&i| donors.get_mut(i)) else {
             break;
         };
-        let (load, pool) = &mut donors[donor];
         let index = usize::try_from(random.below(pool.len() as u64)).unwrap_or(0);
         plan.handoffs.push(pool.swap_remove(index).clone());
         *load -= 1;
