@@ -1182,3 +1182,52 @@ async fn renewals_write_the_delivered_bytes_as_smoothed_throughput_kbps() {
         .unwrap();
     assert_eq!(checkpointed.throughput_kbps, Some(0.75));
 }
+
+#[tokio::test]
+async fn with_an_owner_that_ignores_the_handoff_it_degrades_to_a_steal_after_the_timeout() {
+    // A Java KCL 2.x worker renews on the counter alone and never looks at
+    // checkpointOwner: it keeps renewing and processing the lease asked for. The next owner
+    // completes the handoff after handoff_timeout; the 2.x worker's next renewal, fenced on
+    // the counter it last wrote, then fails: it lost the lease, as after a steal.
+    const H: Duration = Duration::from_secs(8);
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    for i in 0..2 {
+        let free = store.get_lease(&key(i)).await.unwrap().unwrap();
+        store.take_lease(&free, "java2").await.unwrap();
+    }
+    let me = coordinator_with(
+        &store,
+        &clock,
+        LeaseCoordinatorConfig::new("me").with_handoff_timeout(H),
+        1,
+    );
+    let report = me.take_once().await.unwrap();
+    assert_eq!(report.handoffs_initiated.len(), 1, "{report:?}");
+    let k = report.handoffs_initiated[0].clone();
+    let t0 = clock.now();
+    let mut java_view = store.get_lease(&k).await.unwrap().unwrap();
+    loop {
+        clock.advance(Duration::from_secs(1));
+        // The 2.x worker's renewal: counter + 1, nothing else (here through our store,
+        // which fences on the row as it is, with the same effect).
+        let row = store.get_lease(&k).await.unwrap().unwrap();
+        if row.lease_counter != java_view.lease_counter {
+            // Its counter-only condition fails: it lost the lease.
+            break;
+        }
+        java_view = store.renew_lease(&row, None).await.unwrap();
+        let report = me.take_once().await.unwrap();
+        assert!(
+            clock.now().duration_since(t0) <= H,
+            "not completed after {H:?}: {report:?}"
+        );
+    }
+    assert_eq!(clock.now().duration_since(t0), H + Duration::from_secs(1));
+    assert!(me.is_held(&k));
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (row.lease_owner.as_deref(), row.checkpoint_owner.as_deref()),
+        (Some("me"), None)
+    );
+}
