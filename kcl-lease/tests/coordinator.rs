@@ -1231,3 +1231,23 @@ async fn with_an_owner_that_ignores_the_handoff_it_degrades_to_a_steal_after_the
         (Some("me"), None)
     );
 }
+
+#[tokio::test]
+async fn a_release_of_a_lease_asked_for_meanwhile_hands_it_over() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let a = coordinator(&store, &clock, "a", 1);
+    let b = coordinator(&store, &clock, "b", 2);
+    a.take_once().await.unwrap();
+    let k = b.take_once().await.unwrap().handoffs_initiated[0].clone();
+    // a stops before any renewal told it: its release finds the handoff and completes it.
+    let report = a.release_all().await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.released.len(), 2);
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (row.lease_owner.as_deref(), row.checkpoint_owner.as_deref()),
+        (Some("b"), None)
+    );
+    assert_eq!(b.take_once().await.unwrap().taken.len(), 2);
+}
