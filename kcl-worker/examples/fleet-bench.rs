@@ -14,6 +14,7 @@
 //! balanced (every lease held, no handoff in flight, held counts differing by at most one)
 //! and stayed so until the phase ended; `Z` the processors shut down as `Zombie` in the
 //! phase; `R` the records delivered again in the phase (by shard and sequence number).
+//! `FLEET_BENCH_TRACE=1` prints the fleet's state every 200 ms on stderr.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -106,8 +107,27 @@ async fn balance(
     limit: Duration,
 ) -> Duration {
     let mut since: Option<Instant> = None;
+    let trace = std::env::var_os("FLEET_BENCH_TRACE").is_some();
+    let mut traced = Instant::now();
     loop {
         let now = Instant::now();
+        if trace && now.duration_since(traced) >= Duration::from_millis(200) {
+            traced = now;
+            let held: Vec<usize> = workers.iter().map(|w| w.held_leases().len()).collect();
+            let in_flight = fleet
+                .store()
+                .snapshot()
+                .iter()
+                .filter(|l| l.checkpoint_owner.is_some())
+                .count();
+            eprintln!(
+                "# t={:.1}s held min {} max {} sum {}, handoffs in flight {in_flight}",
+                now.duration_since(start).as_secs_f64(),
+                held.iter().min().unwrap_or(&0),
+                held.iter().max().unwrap_or(&0),
+                held.iter().sum::<usize>()
+            );
+        }
         if balanced(fleet, workers, shards) {
             let at = *since.get_or_insert(now);
             if now.duration_since(at) >= settle {

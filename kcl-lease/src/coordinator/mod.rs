@@ -106,13 +106,18 @@
 //!   and concurrently. A take that fails its condition (another worker was faster) is
 //!   skipped and the next free lease tried, until `needed` are taken or no free lease is
 //!   left. Any other failure of a take (throttled, timed out, ...) ends the pass;
-//! * when too few are free, the rest of `needed` is asked for by graceful handoffs, one
-//!   lease at a time from the currently most loaded other worker (ties at random, its leases
-//!   at random, never one already in a handoff), never taking a worker below `target`, and
-//!   from a worker at `target` only while this one is at least two short of it. Nothing is
-//!   asked for while some lease of another worker has been unchanged for `failover_time / 2`
-//!   or more: a live owner writes each lease at least that often, so that lease is about to
-//!   expire and will be taken instead (a survivor must not take leases from another survivor
+//! * when too few are free, the rest of `needed` is asked for by graceful handoffs. The
+//!   excess of the workers above `target` is shared out among the workers below it that are
+//!   seen asking (a handoff to them in flight) and this one, the same way by all of them
+//!   from the same listing, so that workers asking at once ask for different leases and
+//!   take nobody below `target`: the excess as slots, round-robin over the loaded workers in
+//!   id order (each one's leases in key order), the shortfalls as runs of slots, the workers
+//!   in id order. What remains is asked one lease at a time from the currently most loaded
+//!   worker (ties at random), never taking one below `target`, and from one at `target` only
+//!   while this worker is at least two short of it. A lease in a handoff is never asked for
+//!   again. Nothing is asked for while some lease of another worker has been unchanged for
+//!   three quarters of `failover_time`: a live owner writes each lease at least every
+//!   `failover_time / 2`, so that lease is about to expire and will be taken instead (a survivor must not take leases from another survivor
 //!   that just took a dead worker's leases, on a view that still counts the dead worker).
 //!   Each move goes from a worker holding `c` to one holding `m <= c - 2`, so the sum of the
 //!   squared loads strictly decreases: balancing always comes to an end, and it ends only

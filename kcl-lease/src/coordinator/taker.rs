@@ -294,33 +294,93 @@ pub(crate) fn plan_take(
         return plan;
     }
     // A live owner writes each lease at least every `failover_time / 2` (renewals every third
-    // of it, skipped at most once after another write). A lease unchanged that long is
-    // probably about to expire: wait for it rather than move leases on a view that still
-    // counts a dead worker.
+    // of it, skipped at most once after another write), give or take the length of a
+    // renewal round. A lease unchanged for three quarters of the failover time is about to
+    // expire: wait for it rather than move leases on a view that still counts a dead worker.
     let suspicious = by_owner.values().flatten().any(|lease| {
         if lease.is_in_handoff() {
-            tracker.owners_unchanged_for(lease, input.now) >= input.handoff_expiry / 2
+            tracker.owners_unchanged_for(lease, input.now) >= input.handoff_expiry * 3 / 4
         } else {
-            tracker.unchanged_for(lease, input.now) >= input.failover_time / 2
+            tracker.unchanged_for(lease, input.now) >= input.failover_time * 3 / 4
         }
     });
     if suspicious {
         return plan;
     }
 
-    // Ask the most loaded workers, one lease at a time, each time from the most loaded
-    // (ties at random), never taking a worker below the target, and from a worker at the
-    // target only while this one is at least two short of it. Leases in a handoff are never
-    // asked for again.
-    let mut donors: Vec<(usize, Vec<&Lease>)> = by_owner
-        .into_values()
-        .map(|leases| {
-            let load = leases.len();
-            let pool = leases.into_iter().filter(|l| !l.is_in_handoff()).collect();
-            (load, pool)
-        })
+    // The excess of the workers above the target is shared out among the workers below it
+    // (this one included) in a way every one of them computes alike from the same listing,
+    // so that workers asking at the same time ask different workers and no worker is taken
+    // below the target: the excess as slots, round-robin over the loaded workers in id
+    // order; the shortfalls as runs of slots, the workers in id order; this worker asks
+    // for the slots of its run. Leases in a handoff are never asked for again.
+    // Other workers below the target count only while they are seen asking (a handoff to
+    // them in flight): one that does not ask (capped by its `max_leases_for_worker`, about
+    // to expire, a Java KCL 2.x worker) would otherwise keep its share reserved.
+    let asking: HashSet<&str> = by_owner
+        .values()
+        .flatten()
+        .filter(|l| l.is_in_handoff())
+        .filter_map(|l| l.lease_owner.as_deref())
         .collect();
+    let mut donors: Vec<(usize, Vec<&Lease>)> = Vec::with_capacity(by_owner.len());
+    let mut short_of: Vec<(&str, usize)> = vec![(me, short)];
+    for (owner, leases) in by_owner {
+        let load = leases.len();
+        if load < target && asking.contains(owner) {
+            short_of.push((owner, target - load));
+        }
+        // In key order: the k-th slot of a worker is its k-th lease for everyone.
+        let mut pool: Vec<&Lease> = leases.into_iter().filter(|l| !l.is_in_handoff()).collect();
+        pool.sort_unstable_by(|a, b| a.lease_key.cmp(&b.lease_key));
+        donors.push((load, pool));
+    }
+    short_of.sort_unstable();
+    let mut left: Vec<usize> = donors
+        .iter()
+        .map(|(load, pool)| load.saturating_sub(target).min(pool.len()))
+        .collect();
+    let mut slots: Vec<usize> = Vec::new();
+    while left.iter().any(|l| *l > 0) {
+        for (donor, l) in left.iter_mut().enumerate() {
+            if *l > 0 {
+                *l -= 1;
+                slots.push(donor);
+            }
+        }
+    }
+    let before: usize = short_of
+        .iter()
+        .take_while(|(owner, _)| *owner != me)
+        .map(|(_, n)| *n)
+        .sum();
+    let wanted: usize = short_of.iter().map(|(_, n)| *n).sum();
     let mut planned = mine + take;
+    let mut used = vec![0usize; donors.len()];
+    for (i, donor) in slots.iter().enumerate().take(wanted) {
+        let (Some((load, pool)), Some(used)) = (donors.get_mut(*donor), used.get_mut(*donor))
+        else {
+            continue;
+        };
+        // Slots of other workers' runs: their load is as good as moved.
+        *load -= 1;
+        let k = *used;
+        *used += 1;
+        if (before..before + short).contains(&i)
+            && let Some(lease) = pool.get(k)
+        {
+            plan.handoffs.push((*lease).clone());
+            planned += 1;
+        }
+    }
+    // The leases of the slots are spoken for.
+    for ((_, pool), used) in donors.iter_mut().zip(&used) {
+        pool.drain(..(*used).min(pool.len()));
+    }
+    short = budget.saturating_sub(planned.saturating_sub(mine));
+    // What remains (the slots ran out): one lease at a time from the most loaded worker
+    // (ties at random), never taking a worker below the target, and from a worker at the
+    // target only while this one is at least two short of it.
     while short > 0 {
         let Some(max_load) = donors
             .iter()
@@ -743,20 +803,20 @@ mod tests {
             .collect();
         tracker.observe(&fresh, renewed_at);
         let held = ["m0", "m1", "m2"];
-        // Dead leases unchanged for just under F/2: not suspicious yet, "busy" (5 > 4) is
-        // stolen from.
+        // Dead leases unchanged for just under 3F/4: not suspicious yet, "busy" (5 > 4) is
+        // asked.
         let p = plan(
             &fresh,
             &tracker,
             "me",
             &held,
-            t0 + F / 2 - Duration::from_millis(1),
+            t0 + F * 3 / 4 - Duration::from_millis(1),
             usize::MAX,
         );
         assert_eq!((p.workers, p.target, p.needed), (3, 4, 1));
         assert_eq!(p.handoffs.len(), 1);
-        // From F/2 on: no steal.
-        let p = plan(&fresh, &tracker, "me", &held, t0 + F / 2, usize::MAX);
+        // From 3F/4 on: nothing asked.
+        let p = plan(&fresh, &tracker, "me", &held, t0 + F * 3 / 4, usize::MAX);
         assert_eq!((p.workers, p.target, p.needed), (3, 4, 1));
         assert!(p.handoffs.is_empty());
         // Once expired, the dead worker's leases are simply taken.
@@ -974,5 +1034,53 @@ mod tests {
         let p = plan(&only, &tracker, "me", &[], t0, usize::MAX);
         assert_eq!(p.needed, 2);
         assert!(p.handoffs.is_empty() && p.candidates.is_empty());
+    }
+
+    #[test]
+    fn workers_asking_at_once_share_the_excess_out_exactly() {
+        // 10 workers at 100, 5 joining ones each asking already (one handoff to each in
+        // flight): every joining worker plans on the same listing.
+        let t0 = Instant::now();
+        let mut leases = Vec::new();
+        for d in 0..10 {
+            for i in 0..100 {
+                let key = format!("d{d}-{i:03}");
+                if i == 0 && d < 5 {
+                    leases.push(handing_over(
+                        &key,
+                        Some(&format!("j{d}")),
+                        &format!("d{d}"),
+                        1,
+                    ));
+                } else {
+                    leases.push(lease(&key, Some(&format!("d{d}")), 1));
+                }
+            }
+        }
+        let mut tracker = ExpiryTracker::default();
+        tracker.observe(&leases, t0);
+        let mut asked: HashMap<String, usize> = HashMap::new();
+        let mut keys = HashSet::new();
+        let mut loads = Vec::new();
+        for j in 0..5 {
+            let p = plan(&leases, &tracker, &format!("j{j}"), &[], t0, usize::MAX);
+            assert_eq!((p.workers, p.target, p.needed), (15, 67, 66), "j{j}");
+            for l in &p.handoffs {
+                assert!(
+                    keys.insert(l.lease_key.clone()),
+                    "asked twice: {}",
+                    l.lease_key
+                );
+                *asked.entry(l.lease_owner.clone().unwrap()).or_default() += 1;
+            }
+            loads.push(1 + p.handoffs.len());
+        }
+        // No worker is taken below 66 and every one ends at 66 or 67 in one pass.
+        for d in 0..10 {
+            let load = if d < 5 { 99 } else { 100 };
+            loads.push(load - asked[&format!("d{d}")]);
+        }
+        assert_eq!(loads.iter().sum::<usize>(), 1000);
+        assert!(loads.iter().all(|l| (66..=67).contains(l)), "{loads:?}");
     }
 }
