@@ -64,6 +64,8 @@ pub(super) struct Checker {
     pub(super) crashed: HashSet<String>,
     /// Processor instances whose lease moved to another worker while they ran.
     pub(super) lost: HashSet<u64>,
+    /// Processor instances dropped without a shutdown (aborted after a shutdown grace).
+    pub(super) dropped: HashSet<u64>,
 }
 
 impl Checker {
@@ -75,6 +77,12 @@ impl Checker {
     }
 
     pub(super) fn apply(&mut self, entry: Entry, parents: &HashMap<String, Vec<String>>) {
+        if std::env::var_os("KCL_SIM_TRACE").is_some() {
+            match &entry {
+                Entry::Delivered { .. } => {}
+                other => eprintln!("journal: {other:?}"),
+            }
+        }
         match entry {
             Entry::Init {
                 instance,
@@ -122,6 +130,9 @@ impl Checker {
             }
             Entry::Crashed { worker } => {
                 self.crashed.insert(worker);
+            }
+            Entry::Dropped { instance } => {
+                self.dropped.insert(instance);
             }
             Entry::Taken { key, owner } => {
                 if self.shard_end_written.contains(&key) {
@@ -218,6 +229,7 @@ impl Checker {
             .iter()
             .filter(|((w, s), _)| w != worker && s == shard && !self.crashed.contains(w))
             .map(|(_, instance)| *instance)
+            .filter(|i| !self.dropped.contains(i))
             .filter(|i| self.instances.get(i).is_some_and(|i| i.shutdown.is_none()))
             .collect()
     }

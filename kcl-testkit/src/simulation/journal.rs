@@ -71,6 +71,10 @@ pub(super) enum Entry {
         owner: String,
         by: Option<String>,
     },
+    /// A processor was dropped without `shutdown` (aborted).
+    Dropped {
+        instance: u64,
+    },
     /// A worker crashed: its processors stopped without a shutdown.
     Crashed {
         worker: String,
@@ -147,6 +151,8 @@ impl RecordProcessorFactory for JournalingFactory {
                 .map(|seed| SeededRandom::new(seed ^ instance.wrapping_mul(0x9E37_79B9))),
             shard: String::new(),
             log: self.log.clone(),
+            initialized: false,
+            shut_down: false,
         }
     }
 }
@@ -160,10 +166,25 @@ pub(super) struct JournalingProcessor {
     pub(super) partial: Option<SeededRandom>,
     pub(super) shard: String,
     pub(super) log: EventLog,
+    pub(super) initialized: bool,
+    pub(super) shut_down: bool,
+}
+
+impl Drop for JournalingProcessor {
+    /// A processor dropped without `shutdown` (its consumer was aborted: a shutdown grace
+    /// ran out) runs no more.
+    fn drop(&mut self) {
+        if self.initialized && !self.shut_down {
+            self.journal.push(Entry::Dropped {
+                instance: self.instance,
+            });
+        }
+    }
 }
 
 impl RecordProcessor for JournalingProcessor {
     async fn initialize(&mut self, input: InitializationInput) {
+        self.initialized = true;
         self.journal.push(Entry::Init {
             instance: self.instance,
             worker: self.worker.clone(),
@@ -210,6 +231,7 @@ impl RecordProcessor for JournalingProcessor {
     }
 
     async fn shutdown(&mut self, input: ShutdownInput) {
+        self.shut_down = true;
         self.journal.push(Entry::Shutdown {
             instance: self.instance,
             reason: input.shutdown_reason,
