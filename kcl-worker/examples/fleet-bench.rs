@@ -10,6 +10,7 @@
 //!
 //! For each phase it prints one line
 //! `workers=W shards=S balanced_after_s=T take_interval_s=I zombies=Z redelivered=R`
+//! (`--scale-in N` then stops N workers gracefully and says where their leases went)
 //! (the cold start's last): `T` is how long after the phase began the fleet last became
 //! balanced (every lease held, no handoff in flight, held counts differing by at most one)
 //! and stayed so until the phase ended; `Z` the processors shut down as `Zombie` in the
@@ -32,6 +33,7 @@ struct Args {
     shards: u32,
     failover: Duration,
     scale_out: usize,
+    scale_in: usize,
     rate: u64,
     settle: Duration,
     limit: Duration,
@@ -44,6 +46,7 @@ fn args() -> Result<Args, String> {
         shards: 1000,
         failover: Duration::from_millis(2000),
         scale_out: 0,
+        scale_in: 0,
         rate: 500,
         settle: Duration::ZERO,
         limit: Duration::from_secs(180),
@@ -66,12 +69,13 @@ fn args() -> Result<Args, String> {
             }
             "--failover-ms" => args.failover = Duration::from_millis(number.max(100)),
             "--scale-out" => args.scale_out = count,
+            "--scale-in" => args.scale_in = count,
             "--rate" => args.rate = number,
             "--settle-ms" => args.settle = Duration::from_millis(number),
             "--limit-s" => args.limit = Duration::from_secs(number),
             other => {
                 return Err(format!(
-                    "unknown argument {other} (--workers, --shards, --failover-ms, --scale-out, --rate, --settle-ms, --limit-s)"
+                    "unknown argument {other} (--workers, --shards, --failover-ms, --scale-out, --scale-in, --rate, --settle-ms, --limit-s)"
                 ));
             }
         }
@@ -264,12 +268,67 @@ async fn run(args: Args) {
         scale_out = Some((took, phase));
     }
 
+    // Scale-in: the last workers stop gracefully; where do their leases go?
+    let mut scale_in = None;
+    if args.scale_in > 0 && args.scale_in < workers.len() {
+        let before = fleet.log().events();
+        let before_costs = costs(&before);
+        let leaving = workers.split_off(workers.len() - args.scale_in);
+        let left_behind: HashSet<String> = leaving
+            .iter()
+            .flat_map(|w| w.held_leases())
+            .map(|l| l.lease_key)
+            .collect();
+        let start = Instant::now();
+        let stops = leaving.into_iter().map(|w| {
+            let fleet = fleet.clone();
+            tokio::spawn(async move { fleet.stop(w).await })
+        });
+        for stop in stops.collect::<Vec<_>>() {
+            let _ = stop.await;
+        }
+        let took = balance(
+            &fleet,
+            &workers,
+            args.shards as usize,
+            start,
+            args.settle,
+            args.limit,
+        )
+        .await;
+        let events = fleet.log().events();
+        let all = costs(&events);
+        let phase = (all.0 - before_costs.0, all.1 - before_costs.1);
+        let mut takers: std::collections::BTreeMap<String, usize> = Default::default();
+        for w in &workers {
+            let n = w
+                .held_leases()
+                .iter()
+                .filter(|l| left_behind.contains(&l.lease_key))
+                .count();
+            if n > 0 {
+                takers.insert(w.worker_id().to_owned(), n);
+            }
+        }
+        scale_in = Some((took, phase, left_behind.len(), takers));
+    }
+
     producing.store(false, Ordering::Relaxed);
     let _ = producer.await;
     for worker in workers.drain(..) {
         let _ = fleet.stop(worker).await;
     }
     println!("# records delivered: {}", fleet.log().delivered_count());
+    if let Some((took, phase, leases, takers)) = scale_in {
+        let most = takers.values().max().copied().unwrap_or(0);
+        println!(
+            "# scale-in: {} workers stopped gracefully; their {leases} leases went to {} workers (at most {most} to one)",
+            args.scale_in,
+            takers.len()
+        );
+        let remaining = args.workers + args.scale_out - args.scale_in;
+        report(remaining, args.shards, took, take_interval, phase);
+    }
     if let Some((took, phase)) = scale_out {
         println!(
             "# scale-out: {} workers joining the balanced fleet",
