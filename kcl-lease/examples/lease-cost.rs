@@ -82,6 +82,12 @@ impl LeaseStore for ItemCountingStore {
     async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
         self.inner.release_lease(lease).await
     }
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        self.inner.initiate_handoff(lease, next_owner).await
+    }
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.inner.complete_handoff(lease).await
+    }
     async fn update_checkpoint(
         &self,
         lease: &Lease,

@@ -81,6 +81,13 @@ pub enum LeaseError {
         /// The lease key.
         lease_key: String,
     },
+    /// The store does not implement this call (a graceful handoff on a store that predates
+    /// it): the caller does without it.
+    #[error("lease store call {operation} is not supported by this store")]
+    Unsupported {
+        /// The store call, e.g. `initiate_handoff`.
+        operation: &'static str,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration value for {option}: {reason}")]
     InvalidConfig {

@@ -1,7 +1,7 @@
 //! Leases for the Kinesis Client Library: the lease model, the [`LeaseStore`] trait with
 //! its DynamoDB implementation (`dynamo::DynamoLeaseStore`, the Java KCL 2.x table layout,
-//! behind the default-on `dynamodb` feature), and the [`coordinator::LeaseCoordinator`] that renews, takes, steals and
-//! releases leases.
+//! behind the default-on `dynamodb` feature), and the [`coordinator::LeaseCoordinator`] that renews, takes, hands over
+//! (the Java KCL 3.x graceful handoff) and releases leases.
 //!
 //! Every write is a conditional update fenced on the lease counter (and owner): a worker
 //! that lost a lease can never overwrite the new owner's checkpoint. Expiry is judged
@@ -33,12 +33,17 @@
 //! };
 //! let (a, b) = (worker("a")?, worker("b")?);
 //! a.take_once().await?; // alone: takes all four
-//! b.take_once().await?; // sees two workers: steals one (at most one per pass by default)
-//! assert_eq!((a.held_leases().len(), b.held_leases().len()), (4, 1));
-//! // The next renewal tells `a` it lost the stolen lease.
+//! // `b` sees two workers: it asks `a` for the two it is owed, by graceful handoffs.
+//! assert_eq!(b.take_once().await?.handoffs_initiated.len(), 2);
+//! // `a`'s next renewal learns of them; it still holds both, its processors may
+//! // checkpoint, then it hands them over.
 //! clock.advance(std::time::Duration::from_secs(4));
 //! a.renew_once().await;
-//! assert_eq!(a.held_leases().len(), 3);
+//! for lease in a.held_leases().iter().filter(|l| l.is_in_handoff()) {
+//!     a.holding(&lease.lease_key).unwrap().release().await?;
+//! }
+//! b.take_once().await?;
+//! assert_eq!((a.held_leases().len(), b.held_leases().len()), (2, 2));
 //! # Ok::<(), kcl_lease::LeaseError>(())
 //! # }).unwrap();
 //! ```

@@ -50,8 +50,9 @@ pub trait LeaseStore: Send + Sync + Debug {
     /// One lease, if it exists (consistent read).
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError>;
 
-    /// Renews: `leaseCounter = lease.lease_counter AND leaseOwner = lease.lease_owner`,
-    /// then counter + 1, and `throughputKBps = throughput_kbps` when given (`None` leaves
+    /// Renews: `leaseCounter = lease.lease_counter AND leaseOwner = lease.lease_owner` and
+    /// `checkpointOwner` as in `lease` (absent outside a handoff, so a renewal fails once a
+    /// handoff of the lease began), then counter + 1, and `throughputKBps = throughput_kbps` when given (`None` leaves
     /// the attribute as it is).
     async fn renew_lease(
         &self,
@@ -98,7 +99,7 @@ pub trait LeaseStore: Send + Sync + Debug {
     /// = 0, the owner and `checkpointOwner` removed (the lease is free), counter + 1
     /// ([`LeaseWrite::ResetCheckpoint`](crate::write::LeaseWrite::ResetCheckpoint)).
     ///
-    /// The default implementation refuses ([`LeaseError::Rejected`]) and writes nothing: it
+    /// The default implementation returns [`LeaseError::Unsupported`] and writes nothing: it
     /// is there for stores wrapping another in tests; `DynamoLeaseStore` and the in-memory
     /// store implement it, and a wrapping store should forward the call.
     async fn reset_checkpoint(
@@ -106,13 +107,37 @@ pub trait LeaseStore: Send + Sync + Debug {
         lease: &Lease,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
-        let _ = checkpoint;
-        Err(LeaseError::Rejected {
-            source: format!(
-                "this lease store ({self:?}) does not implement reset_checkpoint (lease {})",
-                lease.lease_key
-            )
-            .into(),
+        let _ = (lease, checkpoint);
+        Err(LeaseError::Unsupported {
+            operation: "reset_checkpoint",
+        })
+    }
+
+    /// Starts a graceful handoff (the Java KCL 3.x protocol, see [`crate::write`]): when the
+    /// row's `leaseOwner` is `lease.lease_owner` and it has no `checkpointOwner`, writes
+    /// `leaseOwner = next_owner` and `checkpointOwner` = the owner seen; the counter is
+    /// neither fenced on nor moved. Returns the new row.
+    ///
+    /// The default implementation returns [`LeaseError::Unsupported`]: a store without it
+    /// makes the coordinator steal instead (a store wrapping another should forward it).
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        let _ = (lease, next_owner);
+        Err(LeaseError::Unsupported {
+            operation: "initiate_handoff",
+        })
+    }
+
+    /// Completes a graceful handoff: when the row's `leaseOwner` and `checkpointOwner` are
+    /// those of `lease`, removes `checkpointOwner` (the next owner, already `leaseOwner`,
+    /// owns the lease from now on), counter + 1, `ownerSwitchesSinceCheckpoint` + 1.
+    /// Returns the new row.
+    ///
+    /// The default implementation returns [`LeaseError::Unsupported`] (see
+    /// [`LeaseStore::initiate_handoff`]).
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let _ = lease;
+        Err(LeaseError::Unsupported {
+            operation: "complete_handoff",
         })
     }
 

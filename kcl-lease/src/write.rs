@@ -12,20 +12,42 @@
 //! | write | changes | fence |
 //! |---|---|---|
 //! | [create](LeaseWrite::Create) | the whole row, as given | the row does not exist |
-//! | [renew](LeaseWrite::Renew) | counter + 1, `throughputKBps` when given | counter = seen, owner = me |
-//! | [take](LeaseWrite::Take) | owner = new owner, no `checkpointOwner`, counter + 1, owner switches + 1 when the owner changes | counter = seen, owner = the owner seen (or no owner when seen free) |
-//! | [release](LeaseWrite::Release) | no owner, counter + 1 | counter = seen, owner = me |
-//! | [checkpoint](LeaseWrite::Checkpoint) | checkpoint, no pending checkpoint, owner switches = 0, counter + 1 | counter = seen, owner = me |
-//! | [prepare checkpoint](LeaseWrite::PrepareCheckpoint) | pending checkpoint set or removed, counter + 1 | counter = seen, owner = me |
-//! | [child shard ids](LeaseWrite::ChildShardIds) | child shard ids (removed when empty), counter + 1 | counter = seen, owner = me |
+//! | [renew](LeaseWrite::Renew) | counter + 1, `throughputKBps` when given | counter = seen, owners = seen |
+//! | [take](LeaseWrite::Take) | owner = new owner, no `checkpointOwner`, counter + 1, owner switches + 1 when the actual owner changes | counter = seen, owners = seen (no owner when seen free) |
+//! | [release](LeaseWrite::Release) | no owner, counter + 1 | counter = seen, owners = seen |
+//! | [checkpoint](LeaseWrite::Checkpoint) | checkpoint, no pending checkpoint, owner switches = 0, counter + 1 | counter = seen, owners = seen |
+//! | [prepare checkpoint](LeaseWrite::PrepareCheckpoint) | pending checkpoint set or removed, counter + 1 | counter = seen, owners = seen |
+//! | [child shard ids](LeaseWrite::ChildShardIds) | child shard ids (removed when empty), counter + 1 | counter = seen, owners = seen |
+//! | [initiate handoff](LeaseWrite::InitiateHandoff) | owner = next owner, `checkpointOwner` = the owner seen; the counter does **not** move | owner = seen, no `checkpointOwner` |
+//! | [complete handoff](LeaseWrite::CompleteHandoff) | `checkpointOwner` removed (the next owner, already `leaseOwner`, now owns it), counter + 1, owner switches + 1 | owner = seen, `checkpointOwner` = seen |
 //! | [delete](LeaseWrite::Delete) | the row is removed | counter = seen |
-//! | [reset checkpoint](LeaseWrite::ResetCheckpoint) | checkpoint, no pending checkpoint, owner switches = 0, no owner, no `checkpointOwner`, counter + 1 | counter = seen, owner = the owner seen (or no owner when seen free) |
+//! | [reset checkpoint](LeaseWrite::ResetCheckpoint) | checkpoint, no pending checkpoint, owner switches = 0, no owner, no `checkpointOwner`, counter + 1 | counter = seen, owners = seen (no owner when seen free) |
 //!
 //! A reset is an operator's write (`kcl reset`), not a worker's: it moves the checkpoint of a
 //! lease whoever holds it, fenced like a take so that it fails if the row changed since the
 //! operator read it, and frees the lease. A worker holding it then fails its next fenced
 //! write (owner and counter moved: not mistaken for its own write applied by a client retry),
 //! loses the lease, and whoever takes it next resumes from the new checkpoint.
+//!
+//! "owners = seen" is `leaseOwner` as seen (absent when seen free) **and** `checkpointOwner` as
+//! seen: absent when the lease was seen outside a handoff (so an owner's renewal fails on
+//! `attribute_not_exists(checkpointOwner)` once a handoff of its lease began), the current
+//! owner's id when seen in a handoff (so that owner keeps renewing and checkpointing while
+//! its processor shuts down, the row's `leaseOwner` being the next owner).
+//!
+//! # The graceful handoff (the Java KCL 3.x protocol)
+//!
+//! 1. The worker that wants the lease (here the next owner; in the Java KCL 3.x the leader)
+//!    initiates it: `leaseOwner` = next owner, `checkpointOwner` = the current owner, fenced
+//!    on both owners only, as the Java KCL's `initiateGracefulLeaseHandoff` (the counter is
+//!    not fenced on nor moved: the current owner renews it all the time).
+//! 2. The current owner's next renewal fails its condition; it reads the row, sees itself as
+//!    `checkpointOwner`, and renews on the new owners from then on; its processor is shut
+//!    down with `Requested` and may checkpoint (fenced the same way).
+//! 3. The current owner completes it (the Java KCL's `assignLease` to the next owner):
+//!    `checkpointOwner` removed, counter + 1. The next owner takes it from that checkpoint.
+//!    A handoff that does not complete in time is completed by the next owner itself, which
+//!    then holds the lease (the current owner's next write fails: a steal).
 //!
 //! No write touches an attribute it does not name: every other attribute of the row (ones
 //! this library does not know included) is kept as it is.
@@ -91,6 +113,19 @@ pub enum LeaseWrite<'a> {
         /// The child shard ids (none removes them).
         child_shard_ids: &'a BTreeSet<String>,
     },
+    /// Starts a graceful handoff of the lease seen (owned, not in a handoff) to `next_owner`.
+    InitiateHandoff {
+        /// The caller's view of the row (its owner is the current owner).
+        seen: &'a Lease,
+        /// The worker the lease is handed to.
+        next_owner: &'a str,
+    },
+    /// Completes the graceful handoff seen: the next owner (`leaseOwner` in `seen`) owns the
+    /// lease from now on.
+    CompleteHandoff {
+        /// The caller's view of the row, in a handoff.
+        seen: &'a Lease,
+    },
     /// Deletes the row.
     Delete {
         /// The caller's view of the row.
@@ -113,14 +148,25 @@ pub enum Fence<'a> {
     NotExists,
     /// The row exists with this counter (`leaseCounter = :seen`).
     Counter(u64),
-    /// The row exists with this counter and this owner, or with no owner at all when
-    /// `owner` is `None` (`leaseCounter = :seen AND leaseOwner = :owner`, or the owner
-    /// attribute absent or NULL).
+    /// The row exists with this counter, this owner (or no owner at all when `owner` is
+    /// `None`) and this `checkpointOwner` (or none when `None`): `leaseCounter = :seen AND
+    /// leaseOwner = :owner AND checkpointOwner = :cpo`, an absent attribute (or NULL) for
+    /// `None`.
     CounterAndOwner {
         /// The counter.
         counter: u64,
         /// The owner, `None` for "no owner".
         owner: Option<&'a str>,
+        /// The `checkpointOwner`, `None` for "not in a handoff".
+        checkpoint_owner: Option<&'a str>,
+    },
+    /// The row exists with this owner and this `checkpointOwner` (none when `None`),
+    /// whatever its counter.
+    Owners {
+        /// The owner.
+        owner: &'a str,
+        /// The `checkpointOwner`, `None` for "not in a handoff".
+        checkpoint_owner: Option<&'a str>,
     },
 }
 
@@ -131,8 +177,27 @@ impl Fence<'_> {
             (Fence::NotExists, row) => row.is_none(),
             (_, None) => false,
             (Fence::Counter(counter), Some(row)) => row.lease_counter == *counter,
-            (Fence::CounterAndOwner { counter, owner }, Some(row)) => {
-                row.lease_counter == *counter && row.lease_owner.as_deref() == *owner
+            (
+                Fence::CounterAndOwner {
+                    counter,
+                    owner,
+                    checkpoint_owner,
+                },
+                Some(row),
+            ) => {
+                row.lease_counter == *counter
+                    && row.lease_owner.as_deref() == *owner
+                    && row.checkpoint_owner.as_deref() == *checkpoint_owner
+            }
+            (
+                Fence::Owners {
+                    owner,
+                    checkpoint_owner,
+                },
+                Some(row),
+            ) => {
+                row.lease_owner.as_deref() == Some(*owner)
+                    && row.checkpoint_owner.as_deref() == *checkpoint_owner
             }
         }
     }
@@ -149,6 +214,8 @@ impl<'a> LeaseWrite<'a> {
             | LeaseWrite::Checkpoint { seen, .. }
             | LeaseWrite::PrepareCheckpoint { seen, .. }
             | LeaseWrite::ChildShardIds { seen, .. }
+            | LeaseWrite::InitiateHandoff { seen, .. }
+            | LeaseWrite::CompleteHandoff { seen }
             | LeaseWrite::Delete { seen }
             | LeaseWrite::ResetCheckpoint { seen, .. } => &seen.lease_key,
         }
@@ -165,14 +232,20 @@ impl<'a> LeaseWrite<'a> {
             LeaseWrite::Checkpoint { .. } => "update_checkpoint",
             LeaseWrite::PrepareCheckpoint { .. } => "update_pending_checkpoint",
             LeaseWrite::ChildShardIds { .. } => "update_child_shard_ids",
+            LeaseWrite::InitiateHandoff { .. } => "initiate_handoff",
+            LeaseWrite::CompleteHandoff { .. } => "complete_handoff",
             LeaseWrite::Delete { .. } => "delete_lease",
             LeaseWrite::ResetCheckpoint { .. } => "reset_checkpoint",
         }
     }
 
     /// The fence of this write. [`LeaseError::NotHeld`] for a write fenced on the owner
-    /// (renew, release, the checkpoint writes) of a lease seen without owner.
+    /// (renew, release, the checkpoint writes, the handoff writes) of a lease seen without
+    /// owner, and for a completion of a lease seen outside a handoff.
     pub fn fence(&self) -> Result<Fence<'a>, LeaseError> {
+        let not_held = |seen: &Lease| LeaseError::NotHeld {
+            lease_key: seen.lease_key.clone(),
+        };
         match *self {
             LeaseWrite::Create { .. } => Ok(Fence::NotExists),
             LeaseWrite::Delete { seen } => Ok(Fence::Counter(seen.lease_counter)),
@@ -180,6 +253,7 @@ impl<'a> LeaseWrite<'a> {
                 Ok(Fence::CounterAndOwner {
                     counter: seen.lease_counter,
                     owner: seen.lease_owner.as_deref(),
+                    checkpoint_owner: seen.checkpoint_owner.as_deref(),
                 })
             }
             LeaseWrite::Renew { seen, .. }
@@ -190,11 +264,29 @@ impl<'a> LeaseWrite<'a> {
                 Some(owner) => Ok(Fence::CounterAndOwner {
                     counter: seen.lease_counter,
                     owner: Some(owner),
+                    checkpoint_owner: seen.checkpoint_owner.as_deref(),
                 }),
-                None => Err(LeaseError::NotHeld {
-                    lease_key: seen.lease_key.clone(),
-                }),
+                None => Err(not_held(seen)),
             },
+            LeaseWrite::InitiateHandoff { seen, .. } => match seen.lease_owner.as_deref() {
+                Some(owner) => Ok(Fence::Owners {
+                    owner,
+                    checkpoint_owner: None,
+                }),
+                None => Err(not_held(seen)),
+            },
+            LeaseWrite::CompleteHandoff { seen } => {
+                match (
+                    seen.lease_owner.as_deref(),
+                    seen.checkpoint_owner.as_deref(),
+                ) {
+                    (Some(owner), Some(checkpoint_owner)) => Ok(Fence::Owners {
+                        owner,
+                        checkpoint_owner: Some(checkpoint_owner),
+                    }),
+                    _ => Err(not_held(seen)),
+                }
+            }
         }
     }
 
@@ -217,11 +309,22 @@ impl<'a> LeaseWrite<'a> {
             }
             LeaseWrite::Take { seen, new_owner } => {
                 row.checkpoint_owner = None;
-                if seen.lease_owner.as_deref() != Some(new_owner) {
+                if actual_owner(seen) != Some(new_owner) {
                     row.owner_switches_since_checkpoint =
                         row.owner_switches_since_checkpoint.saturating_add(1);
                 }
                 row.lease_owner = Some(new_owner.to_owned());
+            }
+            LeaseWrite::InitiateHandoff { seen, next_owner } => {
+                // The counter stays: see the module docs.
+                row.checkpoint_owner = seen.lease_owner.clone();
+                row.lease_owner = Some(next_owner.to_owned());
+                return Some(row);
+            }
+            LeaseWrite::CompleteHandoff { .. } => {
+                row.checkpoint_owner = None;
+                row.owner_switches_since_checkpoint =
+                    row.owner_switches_since_checkpoint.saturating_add(1);
             }
             LeaseWrite::Release { .. } => row.lease_owner = None,
             LeaseWrite::Checkpoint { checkpoint, .. } => {
@@ -246,6 +349,15 @@ impl<'a> LeaseWrite<'a> {
         row.lease_counter = row.lease_counter.saturating_add(1);
         Some(row)
     }
+}
+
+/// The worker actually processing the lease: the `checkpointOwner` during a handoff, else
+/// the `leaseOwner`.
+pub fn actual_owner(lease: &Lease) -> Option<&str> {
+    lease
+        .checkpoint_owner
+        .as_deref()
+        .or(lease.lease_owner.as_deref())
 }
 
 #[cfg(test)]
@@ -279,7 +391,8 @@ mod tests {
             take.fence().unwrap(),
             Fence::CounterAndOwner {
                 counter: 0,
-                owner: None
+                owner: None,
+                checkpoint_owner: None
             }
         );
         assert!(matches!(
@@ -428,7 +541,8 @@ mod tests {
             write.fence().unwrap(),
             Fence::CounterAndOwner {
                 counter: 3,
-                owner: Some("w")
+                owner: Some("w"),
+                checkpoint_owner: None
             }
         );
         let reset = write.apply(Some(&mine)).unwrap();
@@ -452,10 +566,101 @@ mod tests {
             write.fence().unwrap(),
             Fence::CounterAndOwner {
                 counter: 0,
-                owner: None
+                owner: None,
+                checkpoint_owner: None
             }
         );
         assert_eq!(write.operation(), "reset_checkpoint");
         assert_eq!(write.apply(Some(&free)).unwrap().lease_owner, None);
+    }
+
+    #[test]
+    fn the_handoff_writes() {
+        let mine = owned("old", 3);
+        let initiate = LeaseWrite::InitiateHandoff {
+            seen: &mine,
+            next_owner: "new",
+        };
+        assert_eq!(
+            initiate.fence().unwrap(),
+            Fence::Owners {
+                owner: "old",
+                checkpoint_owner: None
+            }
+        );
+        assert_eq!(initiate.operation(), "initiate_handoff");
+        // Whatever the counter: the current owner renews all the time.
+        let mut renewed = owned("old", 9);
+        assert!(initiate.fence().unwrap().holds(Some(&renewed)));
+        let pending = initiate.apply(Some(&renewed)).unwrap();
+        assert_eq!(
+            (
+                pending.lease_owner.as_deref(),
+                pending.checkpoint_owner.as_deref(),
+                pending.lease_counter
+            ),
+            (Some("new"), Some("old"), 9)
+        );
+        assert_eq!(actual_owner(&pending), Some("old"));
+        // A second initiation, or an old owner's plain renewal, no longer holds.
+        assert!(!initiate.fence().unwrap().holds(Some(&pending)));
+        let plain_renewal = LeaseWrite::Renew {
+            seen: &renewed,
+            throughput_kbps: None,
+        };
+        assert!(!plain_renewal.fence().unwrap().holds(Some(&pending)));
+        // The current owner renews and checkpoints on the row in the handoff.
+        let renewal = LeaseWrite::Renew {
+            seen: &pending,
+            throughput_kbps: None,
+        };
+        assert!(renewal.fence().unwrap().holds(Some(&pending)));
+        let pending = renewal.apply(Some(&pending)).unwrap();
+        assert_eq!(pending.checkpoint_owner.as_deref(), Some("old"));
+        let complete = LeaseWrite::CompleteHandoff { seen: &pending };
+        assert_eq!(
+            complete.fence().unwrap(),
+            Fence::Owners {
+                owner: "new",
+                checkpoint_owner: Some("old")
+            }
+        );
+        let done = complete.apply(Some(&pending)).unwrap();
+        assert_eq!(
+            (
+                done.lease_owner.as_deref(),
+                done.checkpoint_owner.as_deref(),
+                done.lease_counter,
+                done.owner_switches_since_checkpoint
+            ),
+            (Some("new"), None, 11, 1)
+        );
+        assert!(!complete.fence().unwrap().holds(Some(&done)));
+        // Completing a lease seen outside a handoff, or initiating one of a free lease:
+        // not held.
+        assert!(matches!(
+            LeaseWrite::CompleteHandoff { seen: &done }.fence(),
+            Err(LeaseError::NotHeld { .. })
+        ));
+        renewed.lease_owner = None;
+        assert!(matches!(
+            LeaseWrite::InitiateHandoff {
+                seen: &renewed,
+                next_owner: "x"
+            }
+            .fence(),
+            Err(LeaseError::NotHeld { .. })
+        ));
+        // A take of a lease in a handoff fences on both owners and ends it; the switch
+        // counts when the actual owner changes.
+        let taken = LeaseWrite::Take {
+            seen: &pending,
+            new_owner: "new",
+        };
+        assert!(taken.fence().unwrap().holds(Some(&pending)));
+        assert!(!taken.fence().unwrap().holds(Some(&done)));
+        let row = taken.apply(Some(&pending)).unwrap();
+        assert_eq!(row.checkpoint_owner, None);
+        assert_eq!(row.owner_switches_since_checkpoint, 1);
     }
 }

@@ -487,29 +487,124 @@ async fn zombie_cannot_renew_or_checkpoint_after_its_lease_was_taken() {
 }
 
 #[tokio::test]
-async fn zombie_renewal_learns_the_lease_is_lost() {
+async fn a_steal_is_a_graceful_handoff_and_nobody_is_a_zombie() {
     let clock = ManualClock::new();
     let store = seeded_store(&clock, 2).await;
     let a = coordinator(&store, &clock, "a", 1);
     let b = coordinator(&store, &clock, "b", 2);
     let mut events = a.events().unwrap();
+    let mut b_events = b.events().unwrap();
     a.take_once().await.unwrap();
     drain(&mut events);
-    // b steals one of a's two leases.
+    // b is owed one of a's two leases: it asks for it (leaseOwner = b, checkpointOwner =
+    // a, the counter as it was).
     let report = b.take_once().await.unwrap();
-    assert_eq!(report.stolen.len(), 1);
-    let stolen = &report.stolen[0];
+    assert!(
+        report.stolen.is_empty() && report.taken.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(report.handoffs_initiated.len(), 1);
+    assert_eq!(report.handoffs_pending, 1);
+    let k = report.handoffs_initiated[0].clone();
+    let before = a.held_lease(&k).unwrap();
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            row.lease_owner.as_deref(),
+            row.checkpoint_owner.as_deref(),
+            row.lease_counter
+        ),
+        (Some("b"), Some("a"), before.lease_counter)
+    );
+    // a's renewal fails on attribute_not_exists(checkpointOwner), reads the row, and
+    // renews on the new owners: the lease stays held, its processor is asked to stop.
     clock.advance(F / 3);
     let renew = a.renew_once().await;
-    assert_eq!(renew.renewed, 1);
-    assert_eq!(renew.lost, vec![stolen.clone()]);
+    assert_eq!((renew.renewed, renew.lost.len()), (2, 0), "{renew:?}");
     assert_eq!(
         drain(&mut events),
-        vec![LeaseEvent::Lost {
-            lease_key: stolen.clone(),
-            reason: LostReason::ConditionFailed
+        vec![LeaseEvent::HandoffRequested {
+            lease_key: k.clone(),
+            next_owner: "b".to_owned()
         }]
     );
+    let holding = a.holding(&k).unwrap();
+    assert!(holding.is_handing_over());
+    // Its processor's last checkpoint lands.
+    let seq = ExtendedSequenceNumber::parse("4242", 0).unwrap();
+    holding.checkpoint(&seq).await.unwrap();
+    // Until the handoff completes, b waits (the lease counts as its).
+    let report = b.take_once().await.unwrap();
+    assert!(report.taken.is_empty() && report.handoffs_initiated.is_empty());
+    assert_eq!(report.handoffs_pending, 1);
+    // a completes it: checkpointOwner removed, counter + 1; b takes it from a's checkpoint.
+    holding.release().await.unwrap();
+    assert!(!holding.is_current());
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (row.lease_owner.as_deref(), row.checkpoint_owner.as_deref()),
+        (Some("b"), None)
+    );
+    assert_eq!(row.owner_switches_since_checkpoint, 1);
+    let report = b.take_once().await.unwrap();
+    assert_eq!(report.taken, vec![k.clone()]);
+    assert_eq!(b.held_lease(&k).unwrap().checkpoint, seq);
+    // No Lost event anywhere.
+    assert!(drain(&mut events).is_empty());
+    assert!(
+        drain(&mut b_events)
+            .iter()
+            .all(|e| matches!(e, LeaseEvent::Gained(_)))
+    );
+    assert_views_match_table(&store, &[a, b]);
+}
+
+#[tokio::test]
+async fn a_handoff_not_completed_in_time_is_completed_by_the_next_owner() {
+    // The current owner renews but never hands over (a Java KCL 2.x worker ignores the
+    // handoff; or its processor hangs): after handoff_timeout the next owner completes the
+    // handoff itself, and the current owner learns at its next write that it lost the lease.
+    const H: Duration = Duration::from_secs(6);
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let config = |id: &str| LeaseCoordinatorConfig::new(id).with_handoff_timeout(H);
+    let a = coordinator_with(&store, &clock, config("a"), 1);
+    let b = coordinator_with(&store, &clock, config("b"), 2);
+    let mut events = a.events().unwrap();
+    a.take_once().await.unwrap();
+    drain(&mut events);
+    let k = b.take_once().await.unwrap().handoffs_initiated[0].clone();
+    let t0 = clock.now();
+    loop {
+        clock.advance(Duration::from_secs(1));
+        a.renew_once().await;
+        let report = b.take_once().await.unwrap();
+        if !report.stolen.is_empty() {
+            assert_eq!(report.stolen, vec![k.clone()]);
+            break;
+        }
+        assert!(clock.now().duration_since(t0) < H, "{report:?}");
+    }
+    assert_eq!(clock.now().duration_since(t0), H);
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (row.lease_owner.as_deref(), row.checkpoint_owner.as_deref()),
+        (Some("b"), None)
+    );
+    assert!(b.is_held(&k));
+    // a's next write fails: lost (its processor is a zombie now, as after a steal).
+    let err = a
+        .holding(&k)
+        .unwrap()
+        .checkpoint(&ExtendedSequenceNumber::parse("7", 0).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.is_condition_failed(), "{err:?}");
+    let events = drain(&mut events);
+    assert!(events.contains(&LeaseEvent::Lost {
+        lease_key: k.clone(),
+        reason: LostReason::ConditionFailed
+    }));
     assert_views_match_table(&store, &[a, b]);
 }
 
@@ -1086,4 +1181,73 @@ async fn renewals_write_the_delivered_bytes_as_smoothed_throughput_kbps() {
         .await
         .unwrap();
     assert_eq!(checkpointed.throughput_kbps, Some(0.75));
+}
+
+#[tokio::test]
+async fn with_an_owner_that_ignores_the_handoff_it_degrades_to_a_steal_after_the_timeout() {
+    // A Java KCL 2.x worker renews on the counter alone and never looks at
+    // checkpointOwner: it keeps renewing and processing the lease asked for. The next owner
+    // completes the handoff after handoff_timeout; the 2.x worker's next renewal, fenced on
+    // the counter it last wrote, then fails: it lost the lease, as after a steal.
+    const H: Duration = Duration::from_secs(8);
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    for i in 0..2 {
+        let free = store.get_lease(&key(i)).await.unwrap().unwrap();
+        store.take_lease(&free, "java2").await.unwrap();
+    }
+    let me = coordinator_with(
+        &store,
+        &clock,
+        LeaseCoordinatorConfig::new("me").with_handoff_timeout(H),
+        1,
+    );
+    let report = me.take_once().await.unwrap();
+    assert_eq!(report.handoffs_initiated.len(), 1, "{report:?}");
+    let k = report.handoffs_initiated[0].clone();
+    let t0 = clock.now();
+    let mut java_view = store.get_lease(&k).await.unwrap().unwrap();
+    loop {
+        clock.advance(Duration::from_secs(1));
+        // The 2.x worker's renewal: counter + 1, nothing else (here through our store,
+        // which fences on the row as it is, with the same effect).
+        let row = store.get_lease(&k).await.unwrap().unwrap();
+        if row.lease_counter != java_view.lease_counter {
+            // Its counter-only condition fails: it lost the lease.
+            break;
+        }
+        java_view = store.renew_lease(&row, None).await.unwrap();
+        let report = me.take_once().await.unwrap();
+        assert!(
+            clock.now().duration_since(t0) <= H,
+            "not completed after {H:?}: {report:?}"
+        );
+    }
+    assert_eq!(clock.now().duration_since(t0), H + Duration::from_secs(1));
+    assert!(me.is_held(&k));
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (row.lease_owner.as_deref(), row.checkpoint_owner.as_deref()),
+        (Some("me"), None)
+    );
+}
+
+#[tokio::test]
+async fn a_release_of_a_lease_asked_for_meanwhile_hands_it_over() {
+    let clock = ManualClock::new();
+    let store = seeded_store(&clock, 2).await;
+    let a = coordinator(&store, &clock, "a", 1);
+    let b = coordinator(&store, &clock, "b", 2);
+    a.take_once().await.unwrap();
+    let k = b.take_once().await.unwrap().handoffs_initiated[0].clone();
+    // a stops before any renewal told it: its release finds the handoff and completes it.
+    let report = a.release_all().await;
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.released.len(), 2);
+    let row = store.get_lease(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (row.lease_owner.as_deref(), row.checkpoint_owner.as_deref()),
+        (Some("b"), None)
+    );
+    assert_eq!(b.take_once().await.unwrap().taken.len(), 2);
 }

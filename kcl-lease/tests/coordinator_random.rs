@@ -4,6 +4,11 @@
 //! injected faults. After every step the invariants are checked; at the end the faults stop
 //! and the survivors must converge to a balanced, consistent assignment.
 //!
+//! Its store wrapper does not implement the handoff writes (the `LeaseStore` defaults answer
+//! `Unsupported`), so this test exercises the coordinator's fallback: steals, at most
+//! `max_leases_to_steal_at_one_time` per pass. Graceful handoffs racing crashes, expiries
+//! and faults are exercised by the worker simulation (`kcl-testkit`).
+//!
 //! `KCL_SEED=<n>` replays one seed; `KCL_SEEDS=<n>` changes how many seeds run (300).
 #![allow(
     clippy::unwrap_used,

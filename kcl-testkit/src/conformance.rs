@@ -155,6 +155,8 @@ case_list!(
     case_renew_writes_throughput,
     case_take_free_lease,
     case_take_ends_a_handoff,
+    case_graceful_handoff,
+    case_handoff_fences,
     case_take_with_stale_view_fails,
     case_take_from_other_owner,
     case_concurrent_takes_have_one_winner,
@@ -429,6 +431,151 @@ pub async fn case_take_ends_a_handoff(store: &dyn LeaseStore) -> CaseResult {
     expected.owner_switches_since_checkpoint += 1;
     ensure_eq!(taken, expected, "row after the take");
     ensure_stored(store, &taken).await
+}
+
+/// The graceful handoff of the Java KCL 3.x: initiated (owners change, the counter stays),
+/// the current owner's plain renewal fails on `attribute_not_exists(checkpointOwner)`, its
+/// renewal and checkpoint on the new owners succeed, then it completes the handoff
+/// (`checkpointOwner` removed, counter + 1, owner switches + 1).
+pub async fn case_graceful_handoff(store: &dyn LeaseStore) -> CaseResult {
+    let held = setup_owned(store, "shardId-000000000001", "current").await?;
+    let pending = call(
+        "initiate_handoff",
+        store.initiate_handoff(&held, "next").await,
+    )?;
+    let mut expected = held.clone();
+    expected.lease_owner = Some("next".into());
+    expected.checkpoint_owner = Some("current".into());
+    ensure_eq!(pending, expected, "row after initiate_handoff");
+    ensure_stored(store, &pending).await?;
+    expect_condition_failed(
+        "renew by the current owner on its old view",
+        store.renew_lease(&held, None).await,
+    )?;
+    expect_condition_failed(
+        "a second initiate_handoff",
+        store.initiate_handoff(&held, "other").await,
+    )?;
+    let renewed = call(
+        "renew_lease on the handoff row",
+        store.renew_lease(&pending, Some(1.5)).await,
+    )?;
+    ensure_eq!(
+        (
+            renewed.lease_owner.as_deref(),
+            renewed.checkpoint_owner.as_deref(),
+            renewed.lease_counter
+        ),
+        (Some("next"), Some("current"), pending.lease_counter + 1),
+        "row after a renewal during the handoff"
+    );
+    let seq = esn("4242")?;
+    let checkpointed = call(
+        "update_checkpoint during the handoff",
+        store.update_checkpoint(&renewed, &seq).await,
+    )?;
+    ensure_eq!(
+        checkpointed.checkpoint,
+        seq,
+        "checkpoint during the handoff"
+    );
+    ensure_eq!(
+        checkpointed.checkpoint_owner.as_deref(),
+        Some("current"),
+        "checkpointOwner after a checkpoint"
+    );
+    let done = call(
+        "complete_handoff",
+        store.complete_handoff(&checkpointed).await,
+    )?;
+    let mut expected = checkpointed.clone();
+    expected.checkpoint_owner = None;
+    expected.lease_counter += 1;
+    expected.owner_switches_since_checkpoint += 1;
+    ensure_eq!(done, expected, "row after complete_handoff");
+    ensure_stored(store, &done).await?;
+    expect_condition_failed(
+        "complete_handoff again",
+        store.complete_handoff(&checkpointed).await,
+    )?;
+    expect_condition_failed(
+        "renew by the old owner after the handoff",
+        store.renew_lease(&checkpointed, None).await,
+    )?;
+    // The next owner takes it (fenced on no checkpointOwner).
+    let taken = call("take_lease by next", store.take_lease(&done, "next").await)?;
+    ensure_eq!(
+        taken.lease_counter,
+        done.lease_counter + 1,
+        "counter after the take"
+    );
+    ensure_eq!(
+        taken.owner_switches_since_checkpoint,
+        done.owner_switches_since_checkpoint,
+        "owner switches after a take by the same owner"
+    );
+    Ok(())
+}
+
+/// The handoff writes' fences: initiate needs the owner seen and no `checkpointOwner`
+/// (whatever the counter); complete needs both owners seen; a take on a view from before an
+/// initiation fails although the counter did not move; a handoff of a free lease is NotHeld.
+pub async fn case_handoff_fences(store: &dyn LeaseStore) -> CaseResult {
+    let held = setup_owned(store, "shardId-000000000001", "current").await?;
+    let mut wrong_owner = held.clone();
+    wrong_owner.lease_owner = Some("someone".into());
+    expect_condition_failed(
+        "initiate_handoff with another owner seen",
+        store.initiate_handoff(&wrong_owner, "next").await,
+    )?;
+    // The counter moved since the view (a renewal): the initiation still lands.
+    let renewed = call("renew_lease", store.renew_lease(&held, None).await)?;
+    let pending = call(
+        "initiate_handoff on a stale counter",
+        store.initiate_handoff(&held, "next").await,
+    )?;
+    ensure_eq!(
+        pending.lease_counter,
+        renewed.lease_counter,
+        "counter after initiate_handoff"
+    );
+    // A take on the view from before the initiation (same counter) fails.
+    expect_condition_failed(
+        "take_lease on a view without the handoff",
+        store.take_lease(&renewed, "thief").await,
+    )?;
+    let mut wrong_current = pending.clone();
+    wrong_current.checkpoint_owner = Some("someone".into());
+    expect_condition_failed(
+        "complete_handoff with another checkpointOwner seen",
+        store.complete_handoff(&wrong_current).await,
+    )?;
+    match store.complete_handoff(&renewed).await {
+        Err(LeaseError::NotHeld { .. }) => {}
+        other => {
+            return Err(format!(
+                "complete_handoff of a lease seen outside a handoff: expected NotHeld, got {}",
+                describe(&other)
+            ));
+        }
+    }
+    let free = create(store, "shardId-000000000002").await?;
+    match store.initiate_handoff(&free, "next").await {
+        Err(LeaseError::NotHeld { .. }) => {}
+        other => {
+            return Err(format!(
+                "initiate_handoff of a free lease: expected NotHeld, got {}",
+                describe(&other)
+            ));
+        }
+    }
+    let mut missing = held.clone();
+    missing.lease_key = "shardId-000000000009".into();
+    expect_condition_failed(
+        "initiate_handoff of a missing lease",
+        store.initiate_handoff(&missing, "next").await,
+    )?;
+    ensure_stored(store, &pending).await
 }
 
 /// After another worker took the lease, the old owner's renew fails with ConditionFailed.

@@ -467,13 +467,14 @@ impl Env {
         }
     }
 
-    /// The owners of the leases not finished (checkpoint not SHARD_END).
+    /// The owners of the leases not finished (checkpoint not SHARD_END): during a graceful
+    /// handoff the current owner (`checkpointOwner`), which still processes the lease.
     async fn active_owners(&self) -> BTreeMap<String, Option<String>> {
         self.leases()
             .await
             .into_iter()
             .filter(|(_, l)| !l.is_finished())
-            .map(|(k, l)| (k, l.lease_owner))
+            .map(|(k, l)| (k, kcl_lease::write::actual_owner(&l).map(str::to_owned)))
             .collect()
     }
 
@@ -772,6 +773,16 @@ async fn one_side_stops(name: &str, stopped_is_java: bool, how: Stop) {
             count_owned(o, "j1") == 2 && count_owned(o, "r1") == 2
         })
         .await;
+    // The two handed over to ours are held by it (taken at its next taker pass).
+    let held_since = Instant::now();
+    while rust.held_leases().len() != 2 {
+        assert!(
+            held_since.elapsed() < PATIENCE,
+            "[{name}] r1 holds {:?}",
+            rust.held_leases()
+        );
+        tokio::time::sleep(POLL).await;
+    }
     env.wait_delivered(&expected, PATIENCE).await;
     let (stopped, survivor) = if stopped_is_java {
         ("j1", "r1")

@@ -600,7 +600,10 @@ async fn dynamo_writes_are_conditional_update_items() {
     let children: std::collections::BTreeSet<String> = ["c1".to_owned()].into();
     let mut free = lease.clone();
     free.lease_owner = None;
-    for _ in 0..10 {
+    let mut handing_over = lease.clone();
+    handing_over.lease_owner = Some("w2".into());
+    handing_over.checkpoint_owner = Some("w1".into());
+    for _ in 0..12 {
         script.respond(200, ROW);
     }
     script.respond(200, "{}");
@@ -623,6 +626,8 @@ async fn dynamo_writes_are_conditional_update_items() {
         .update_child_shard_ids(&lease, &children)
         .await
         .unwrap();
+    store.initiate_handoff(&lease, "w2").await.unwrap();
+    store.complete_handoff(&handing_over).await.unwrap();
     store.delete_lease(&lease).await.unwrap();
 
     let requests = script.requests();
@@ -640,10 +645,20 @@ async fn dynamo_writes_are_conditional_update_items() {
             "UpdateItem",
             "UpdateItem",
             "UpdateItem",
+            "UpdateItem",
+            "UpdateItem",
             "DeleteItem"
         ]
     );
-    let fenced = "leaseCounter = :seen AND leaseOwner = :owner";
+    let no_handoff =
+        "(attribute_not_exists(checkpointOwner) OR attribute_type(checkpointOwner, :null_type))";
+    let fenced = format!("leaseCounter = :seen AND leaseOwner = :owner AND {no_handoff}");
+    let fenced = fenced.as_str();
+    let take = format!("leaseCounter = :seen AND leaseOwner = :seen_owner AND {no_handoff}");
+    let take_free = format!(
+        "leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, :null_type)) AND {no_handoff}"
+    );
+    let initiate = format!("leaseOwner = :seen_owner AND {no_handoff}");
     let expected = [
         (
             "attribute_not_exists(leaseKey)",
@@ -651,15 +666,15 @@ async fn dynamo_writes_are_conditional_update_items() {
         ),
         (fenced, "SET leaseCounter = leaseCounter + :one"),
         (
-            "leaseCounter = :seen AND leaseOwner = :seen_owner",
+            take.as_str(),
             "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
         (
-            "leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, :null_type))",
+            take_free.as_str(),
             "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
         (
-            "leaseCounter = :seen AND leaseOwner = :seen_owner",
+            take.as_str(),
             "SET leaseOwner = :new_owner, leaseCounter = leaseCounter + :one REMOVE checkpointOwner",
         ),
         (
@@ -681,6 +696,15 @@ async fn dynamo_writes_are_conditional_update_items() {
         (
             fenced,
             "SET leaseCounter = leaseCounter + :one, childShardIds = :children",
+        ),
+        // The handoff: the counter neither fenced on nor moved by the initiation.
+        (
+            initiate.as_str(),
+            "SET leaseOwner = :new_owner, checkpointOwner = :seen_owner",
+        ),
+        (
+            "leaseOwner = :seen_owner AND checkpointOwner = :seen_cpowner",
+            "SET leaseCounter = leaseCounter + :one, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one REMOVE checkpointOwner",
         ),
     ];
     for (request, (condition, update)) in requests.iter().zip(expected) {
@@ -704,7 +728,23 @@ async fn dynamo_writes_are_conditional_update_items() {
         requests[3].body["ExpressionAttributeValues"][":null_type"],
         serde_json::json!({"S": "NULL"})
     );
-    let delete = &requests[10].body;
+    assert_eq!(
+        requests[10].body["ExpressionAttributeValues"][":seen_owner"],
+        serde_json::json!({"S": "w1"})
+    );
+    assert_eq!(
+        requests[10].body["ExpressionAttributeValues"][":new_owner"],
+        serde_json::json!({"S": "w2"})
+    );
+    assert_eq!(
+        requests[11].body["ExpressionAttributeValues"][":seen_owner"],
+        serde_json::json!({"S": "w2"})
+    );
+    assert_eq!(
+        requests[11].body["ExpressionAttributeValues"][":seen_cpowner"],
+        serde_json::json!({"S": "w1"})
+    );
+    let delete = &requests[12].body;
     assert_eq!(
         scripted::resolve(delete, "ConditionExpression"),
         "leaseCounter = :seen"
@@ -732,7 +772,7 @@ async fn dynamo_renew_with_throughput_sets_throughput_kbps() {
     );
     assert_eq!(
         scripted::resolve(body, "ConditionExpression"),
-        "leaseCounter = :seen AND leaseOwner = :owner"
+        "leaseCounter = :seen AND leaseOwner = :owner AND (attribute_not_exists(checkpointOwner) OR attribute_type(checkpointOwner, :null_type))"
     );
     assert_eq!(
         body["ExpressionAttributeValues"][":tp"],

@@ -40,6 +40,10 @@ struct Totals {
     fan_out_workers: usize,
     subscriptions: u64,
     checkpoints: usize,
+    graceful_handoffs: usize,
+    forced_handoffs: usize,
+    overlaps: usize,
+    handoff_redeliveries: usize,
     virtual_time: Duration,
 }
 
@@ -55,6 +59,10 @@ impl Totals {
         self.fan_out_workers += r.fan_out_workers_started;
         self.subscriptions += r.subscriptions_opened;
         self.checkpoints += r.checkpoints;
+        self.graceful_handoffs += r.graceful_handoffs;
+        self.forced_handoffs += r.forced_handoffs;
+        self.overlaps += r.overlaps;
+        self.handoff_redeliveries += r.handoff_redeliveries;
         self.virtual_time += r.virtual_time;
     }
 }
@@ -74,7 +82,7 @@ fn run_seeds(first: u64, count: u64) {
         }
     }
     println!(
-        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started ({} by fan-out, {} subscriptions), {} checkpoints",
+        "simulation: {} seeds passed of {count} in {:.1?} wall ({:.0?} virtual): {} records produced, {} delivered ({} repeats, {} of them by zombies), {} faults injected, {} workers started ({} by fan-out, {} subscriptions), {} checkpoints, {} graceful handoffs ({} records repeated after them), {} forced handoffs, {} overlaps after a loss or a forced handoff",
         totals.seeds,
         wall.elapsed(),
         totals.virtual_time,
@@ -87,6 +95,10 @@ fn run_seeds(first: u64, count: u64) {
         totals.fan_out_workers,
         totals.subscriptions,
         totals.checkpoints,
+        totals.graceful_handoffs,
+        totals.handoff_redeliveries,
+        totals.forced_handoffs,
+        totals.overlaps,
     );
     // Both kinds of retrieval ran (unless turned off with KCL_SIM_FAN_OUT=0).
     if totals.seeds > 0 && env_number("KCL_SIM_FAN_OUT") != Some(0) {
@@ -95,6 +107,14 @@ fn run_seeds(first: u64, count: u64) {
             "fan-out and polling workers mixed"
         );
         assert!(totals.subscriptions > 0, "fan-out workers subscribed");
+    }
+    // The schedules move leases between live workers (a worker started after a crash or a
+    // stop asks the others): handoffs must really be exercised.
+    if count >= 50 {
+        assert!(
+            totals.graceful_handoffs > 0,
+            "no graceful handoff in {count} seeds"
+        );
     }
     if !failures.is_empty() {
         let seeds: Vec<u64> = failures.iter().map(|f| f.seed).collect();

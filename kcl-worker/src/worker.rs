@@ -500,6 +500,9 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 event = events.recv() => match event {
                     Some(LeaseEvent::Gained(lease)) => self.gained(lease),
                     Some(LeaseEvent::Lost { lease_key, .. }) => self.lost(&lease_key),
+                    Some(LeaseEvent::HandoffRequested { lease_key, next_owner }) => {
+                        self.handoff_requested(&lease_key, &next_owner);
+                    }
                     Some(_) => {}
                     None => {
                         error!("the lease coordinator stopped; stopping the worker");
@@ -575,6 +578,47 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         }
     }
 
+    /// A graceful handoff of `key` to `next_owner` was requested: the processor is shut down
+    /// with `Requested` (it may checkpoint), and the lease is handed over once it stopped
+    /// (in `finished`). With no processor running, the lease is handed over at once.
+    fn handoff_requested(&mut self, key: &str, next_owner: &str) {
+        if let Some(tx) = self.running.get(key) {
+            info!(lease_key = %key, %next_owner, "graceful handoff requested; shutting the processor down");
+            tx.send_if_modified(|s| {
+                if *s == Signal::Run {
+                    *s = Signal::Shutdown;
+                    true
+                } else {
+                    false
+                }
+            });
+            return;
+        }
+        self.regained.remove(key);
+        self.hand_over(key);
+    }
+
+    /// Completes the graceful handoff of `key` (if it is still held and being handed over)
+    /// in its own task; the coordinator bounds the write by `call_timeout`.
+    fn hand_over(&self, key: &str) {
+        let Some(holding) = self.ctx.coordinator.holding(key) else {
+            return;
+        };
+        if !holding.is_handing_over() {
+            return;
+        }
+        let key = key.to_owned();
+        tokio::spawn(
+            async move {
+                if let Err(e) = holding.release().await {
+                    warn!(lease_key = %key, error = %kcl_lease::ErrorChain(&e),
+                        "completing the graceful handoff failed; the next owner completes it after handoff_timeout");
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
     async fn finished(&mut self, done: Result<(Id, Outcome), tokio::task::JoinError>) {
         let (id, outcome) = match done {
             Ok((id, outcome)) => (id, outcome),
@@ -604,12 +648,26 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                     }
                 }
             }
-            Outcome::LeaseLost | Outcome::ShutdownRequested => {}
+            Outcome::LeaseLost | Outcome::ShutdownRequested => {
+                // A graceful handoff: the processor stopped, the lease goes to its next owner.
+                if holding.is_handing_over() {
+                    self.hand_over(&key);
+                }
+            }
         }
         if let Some(lease) = self.regained.remove(&key)
             && self.ctx.coordinator.is_held(&key)
         {
-            self.gained(lease);
+            if self
+                .ctx
+                .coordinator
+                .holding(&key)
+                .is_some_and(|h| h.is_handing_over())
+            {
+                self.hand_over(&key);
+            } else {
+                self.gained(lease);
+            }
         }
     }
 

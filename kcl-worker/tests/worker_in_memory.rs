@@ -981,3 +981,79 @@ async fn renewals_carry_the_throughput_of_the_records_delivered() {
     .unwrap();
     w1.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_joining_gets_its_share_by_graceful_handoffs_no_zombie_nothing_twice() {
+    let env = env(6);
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
+    env.wait_until("3/3", Duration::from_secs(120), |_| {
+        w1.held_leases().len() == 3 && w2.held_leases().len() == 3
+    })
+    .await
+    .unwrap();
+    let mut expected = BTreeSet::new();
+    for (i, p) in payloads("before", 300).into_iter().enumerate() {
+        env.put_plain(&format!("key-{}", i % 37), &p).unwrap();
+        expected.insert(p);
+    }
+    env.wait_until("the first records", Duration::from_secs(60), |e| {
+        e.delivered_payloads() == expected
+    })
+    .await
+    .unwrap();
+    // A third worker joins: it is owed two leases, none is free: it asks for them.
+    let joined = Instant::now();
+    let (w3, _) = env.start("w3", Behaviour::new()).await.unwrap();
+    let workers = [&w1, &w2, &w3];
+    env.wait_until(
+        "2/2/2, no handoff in flight",
+        Duration::from_secs(120),
+        |e| {
+            workers.iter().all(|w| w.held_leases().len() == 2)
+                && e.store()
+                    .snapshot()
+                    .iter()
+                    .all(|l| l.checkpoint_owner.is_none())
+        },
+    )
+    .await
+    .unwrap();
+    let took = joined.elapsed();
+    println!(
+        "a joining worker had its share after {took:?} (taker interval {:?})",
+        FAILOVER / 2
+    );
+    assert!(took <= 3 * (FAILOVER / 2), "{took:?}");
+    for (i, p) in payloads("after", 300).into_iter().enumerate() {
+        env.put_plain(&format!("key-{}", i % 37), &p).unwrap();
+        expected.insert(p);
+    }
+    env.wait_until("every record", Duration::from_secs(60), |e| {
+        e.delivered_payloads() == expected
+    })
+    .await
+    .unwrap();
+    let events = env.log().events();
+    // Two processors of w1/w2 were asked to stop (Requested), none was a zombie.
+    let shutdowns: Vec<(String, kcl_interfaces::ShutdownReason)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Shutdown { worker, reason, .. } => Some((worker.clone(), *reason)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        shutdowns
+            .iter()
+            .all(|(_, r)| *r == kcl_interfaces::ShutdownReason::Requested),
+        "{shutdowns:?}"
+    );
+    assert_eq!(shutdowns.len(), 2, "{shutdowns:?}");
+    // Nothing delivered twice: w3 started each lease at the last record its previous
+    // owner delivered and checkpointed.
+    assert_eq!(env.log().delivered_count(), expected.len());
+    for w in [w1, w2, w3] {
+        w.shutdown().await.unwrap();
+    }
+}

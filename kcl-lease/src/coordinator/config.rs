@@ -36,20 +36,21 @@ pub struct LeaseCoordinatorConfig {
     pub failover_time: Duration,
     /// The most leases this worker takes (default unlimited). At least 1.
     pub max_leases_for_worker: usize,
-    /// The most leases stolen from another worker in one taker pass (default 1). At least 1.
+    /// The most leases stolen from other workers in one taker pass without a graceful
+    /// handoff (default 1; at least 1): only on a lease store that does not implement the
+    /// handoff writes. Graceful handoffs are bounded by what the worker is owed instead (see
+    /// the [coordinator docs](super#taking-handing-over-balancing)).
     pub max_leases_to_steal_at_one_time: usize,
     /// The bounds on every lease store call the coordinator makes (default
     /// [`CallTimeouts::default`]): a call still pending after `call_timeouts.call` is
     /// abandoned as [`LeaseError::Timeout`], a retryable error. Renewals are also bounded
     /// by the renewal round's deadline (one renewal interval), whichever is shorter.
     pub call_timeouts: CallTimeouts,
-    /// How much longer than `failover_time` a lease in a graceful handoff must stay
-    /// unchanged before this worker's taker considers it expired (default 30 s, as the Java
-    /// KCL's handoff timeout; zero to [`MAX_HANDOFF_TIMEOUT`]). A Java KCL 3.x worker hands
-    /// a lease over by writing `checkpointOwner` (the current owner) and the next owner as
-    /// `leaseOwner` without moving the counter, and completes it, or gives up, within its
-    /// handoff timeout. Such a lease is never free, never stolen, and expired only once its
-    /// counter stood still for `failover_time + handoff_timeout`.
+    /// How long a graceful handoff may take (default 30 s, as the Java KCL's
+    /// `gracefulLeaseHandoffTimeoutMillis`; zero to [`MAX_HANDOFF_TIMEOUT`]). A handoff to
+    /// this worker not completed by its current owner within it is completed by this worker
+    /// (a steal); a lease in a handoff to another worker is never free nor asked for, and
+    /// expired only once its owners stood still for `failover_time + handoff_timeout`.
     pub handoff_timeout: Duration,
 }
 
@@ -161,6 +162,20 @@ impl LeaseCoordinatorConfig {
     /// minus a random jitter of up to [`LeaseCoordinatorConfig::take_jitter`].
     pub fn take_interval(&self) -> Duration {
         self.failover_time / 2
+    }
+
+    /// How long after its first pass (the fleet discovery pass, which takes one lease at
+    /// most) the taker runs again: `failover_time / 5`. Workers starting within that time of
+    /// each other see each other at their second pass and take fair shares.
+    pub fn discovery_delay(&self) -> Duration {
+        self.failover_time / 5
+    }
+
+    /// How often the taker runs while handoffs to this worker are in flight, so it takes a
+    /// handed-over lease soon after its current owner completes the handoff:
+    /// `failover_time / 8` (a quarter of the taker interval).
+    pub fn handoff_poll_interval(&self) -> Duration {
+        self.failover_time / 8
     }
 
     /// The largest jitter subtracted from the taker interval: `failover_time / 10`.

@@ -60,6 +60,18 @@ pub enum LeaseEvent {
         /// Why.
         reason: LostReason,
     },
+    /// Another worker asked for the lease by a graceful handoff (the row now names it as
+    /// `leaseOwner` and this worker as `checkpointOwner`). The lease is still held and its
+    /// writes still succeed: the processor should be shut down with `Requested` (it may
+    /// checkpoint), then [`Holding::release`](super::Holding::release) hands the lease to
+    /// `next_owner`. Not done within `handoff_timeout`, the next owner completes the handoff
+    /// itself and this worker loses the lease.
+    HandoffRequested {
+        /// The lease key.
+        lease_key: String,
+        /// The worker the lease is handed to.
+        next_owner: String,
+    },
 }
 
 impl LeaseEvent {
@@ -67,7 +79,9 @@ impl LeaseEvent {
     pub fn lease_key(&self) -> &str {
         match self {
             LeaseEvent::Gained(lease) => &lease.lease_key,
-            LeaseEvent::Lost { lease_key, .. } => lease_key,
+            LeaseEvent::Lost { lease_key, .. } | LeaseEvent::HandoffRequested { lease_key, .. } => {
+                lease_key
+            }
         }
     }
 }
@@ -98,8 +112,17 @@ pub struct TakeReport {
     pub target: usize,
     /// Free leases taken in this pass.
     pub taken: Vec<String>,
-    /// Leases stolen from another worker in this pass.
+    /// Leases stolen from another worker in this pass: taken from a live owner without a
+    /// handoff (a store without handoffs), or handed to this worker by a handoff that did not
+    /// complete within `handoff_timeout` and that this worker completed itself.
     pub stolen: Vec<String>,
+    /// Graceful handoffs to this worker initiated in this pass (the leases are gained once
+    /// their current owners complete them, see [`LeaseEvent::HandoffRequested`]).
+    pub handoffs_initiated: Vec<String>,
+    /// Handoffs to this worker still in flight after the pass.
+    pub handoffs_pending: usize,
+    /// True for the fleet discovery pass (the taker loop's first: at most one lease).
+    pub discovery: bool,
     /// Leases held after the pass.
     pub held: usize,
 }

@@ -10,6 +10,38 @@ use super::LeaseCoordinator;
 use super::events::LostReason;
 use crate::{Lease, LeaseError};
 
+/// What the re-read after a failed condition found.
+pub(super) enum Reread {
+    /// The outcome of the write (recovered, or the failure as it was).
+    Done(Result<Lease, LeaseError>),
+    /// A graceful handoff of the lease began: the row now.
+    HandoffBegun(Lease),
+}
+
+impl Reread {
+    /// The outcome, a handoff that began (again) being the failure it is.
+    pub(super) fn into_result(self) -> Result<Lease, LeaseError> {
+        match self {
+            Reread::Done(result) => result,
+            Reread::HandoffBegun(row) => Err(LeaseError::ConditionFailed {
+                lease_key: row.lease_key,
+            }),
+        }
+    }
+}
+
+/// True when `row` shows a graceful handoff from `me` that began after `seen` (this worker's
+/// view, outside a handoff): `checkpointOwner = me`, another `leaseOwner`, and the counter
+/// seen or one above it (only this worker moves the counter while it is the actual owner).
+pub(super) fn handoff_begun(seen: &Lease, row: &Lease, me: &str) -> bool {
+    seen.checkpoint_owner.is_none()
+        && seen.lease_owner.as_deref() == Some(me)
+        && row.checkpoint_owner.as_deref() == Some(me)
+        && row.lease_owner.as_deref().is_some_and(|owner| owner != me)
+        && (row.lease_counter == seen.lease_counter
+            || row.lease_counter == seen.lease_counter.saturating_add(1))
+}
+
 impl LeaseCoordinator {
     /// Runs one fenced write of holding `generation` of `lease_key` under its write lock,
     /// and applies the outcome to the held set: success updates the view; a failed condition
@@ -23,7 +55,7 @@ impl LeaseCoordinator {
         write: F,
     ) -> Result<Lease, LeaseError>
     where
-        F: FnOnce(Lease) -> Fut,
+        F: Fn(Lease) -> Fut,
         Fut: Future<Output = Result<Lease, LeaseError>>,
     {
         let not_held = || LeaseError::NotHeld {
@@ -36,7 +68,18 @@ impl LeaseCoordinator {
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
         let result = self.bounded(operation, write(lease.clone())).await;
-        let result = self.recover_spurious_failure(&lease, result).await;
+        let result = match self.recover_spurious_failure(&lease, result).await {
+            Reread::Done(result) => result,
+            // A handoff began: the write is made again on the new owners (at most once: a
+            // handoff never begins twice in one holding).
+            Reread::HandoffBegun(row) => {
+                self.begin_handoff(lease_key, generation, row.clone());
+                let result = self.bounded(operation, write(row.clone())).await;
+                self.recover_spurious_failure(&row, result)
+                    .await
+                    .into_result()
+            }
+        };
         self.apply_write_result(lease_key, generation, result).0
     }
 
@@ -47,13 +90,18 @@ impl LeaseCoordinator {
     /// the owner seen, one counter above the value seen, was written by this very call.
     /// The re-read is bounded like any other store call; when it fails the original
     /// failure stands.
+    ///
+    /// The re-read also tells a graceful handoff that began since this worker's view
+    /// ([`Reread::HandoffBegun`]): the row names this worker as `checkpointOwner` and another
+    /// as `leaseOwner`, at the counter seen (the initiation does not move it) or one above
+    /// (this call had been applied before the initiation).
     pub(super) async fn recover_spurious_failure(
         &self,
         seen: &Lease,
         result: Result<Lease, LeaseError>,
-    ) -> Result<Lease, LeaseError> {
+    ) -> Reread {
         let Err(LeaseError::ConditionFailed { .. }) = &result else {
-            return result;
+            return Reread::Done(result);
         };
         let reread = self
             .bounded("get_lease", self.store.get_lease(&seen.lease_key))
@@ -62,6 +110,7 @@ impl LeaseCoordinator {
             Ok(Some(row))
                 if row.lease_owner.is_some()
                     && row.lease_owner == seen.lease_owner
+                    && row.checkpoint_owner == seen.checkpoint_owner
                     && row.lease_counter == seen.lease_counter.saturating_add(1) =>
             {
                 tracing::info!(
@@ -69,9 +118,12 @@ impl LeaseCoordinator {
                     lease_key = %seen.lease_key,
                     "conditional write failed but had been applied (client retry); recovered"
                 );
-                Ok(row)
+                Reread::Done(Ok(row))
             }
-            _ => result,
+            Ok(Some(row)) if handoff_begun(seen, &row, &self.config.worker_id) => {
+                Reread::HandoffBegun(row)
+            }
+            _ => Reread::Done(result),
         }
     }
 

@@ -111,6 +111,12 @@ impl Holding {
         self.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// True while this holding lasts and the lease is being handed to another worker (see
+    /// [`LeaseEvent::HandoffRequested`]).
+    pub fn is_handing_over(&self) -> bool {
+        self.lease().is_some_and(|l| l.is_in_handoff())
+    }
+
     /// True while this holding lasts.
     pub fn is_current(&self) -> bool {
         self.coordinator
@@ -162,9 +168,11 @@ impl Holding {
     }
 
     /// Releases the lease (graceful shutdown, or a shard given up): fenced on owner and
-    /// counter, removes the owner, so another worker takes it at its next taker pass. The
-    /// holding ends whatever the outcome and no [`LeaseEvent::Lost`] is sent.
-    /// [`LeaseError::ConditionFailed`] when the lease had already been taken or changed.
+    /// counter, removes the owner, so another worker takes it at its next taker pass. During
+    /// a graceful handoff ([`LeaseEvent::HandoffRequested`]) it completes the handoff
+    /// instead: the next owner owns the lease from then on. The holding ends whatever the
+    /// outcome and no [`LeaseEvent::Lost`] is sent. [`LeaseError::ConditionFailed`] when the
+    /// lease had already been taken or changed.
     pub async fn release(&self) -> Result<(), LeaseError> {
         self.coordinator()?
             .release_write(&self.lease_key, self.generation)
@@ -242,6 +250,37 @@ impl LeaseCoordinator {
                 h.throughput_kbps = Some(sample.kbps);
             }
         }
+    }
+
+    /// The row `row` shows that a graceful handoff of holding `generation` began: takes it as
+    /// the held view (writes are fenced on it from now on; the time of the last write stays)
+    /// and sends [`LeaseEvent::HandoffRequested`]. False when that holding ended.
+    pub(super) fn begin_handoff(&self, key: &str, generation: u64, row: Lease) -> bool {
+        let next_owner = row.lease_owner.clone().unwrap_or_default();
+        {
+            let mut held = lock(&self.held);
+            let Some(h) = held.get_mut(key).filter(|h| h.generation == generation) else {
+                return false;
+            };
+            h.lease = row;
+        }
+        tracing::info!(
+            worker_id = %self.config.worker_id,
+            lease_key = %key,
+            %next_owner,
+            "graceful handoff requested"
+        );
+        metrics::counter!(
+            "kcl_lease_handoffs_total",
+            "worker_id" => self.config.worker_id.clone(),
+            "role" => "from"
+        )
+        .increment(1);
+        self.send_event(LeaseEvent::HandoffRequested {
+            lease_key: key.to_owned(),
+            next_owner,
+        });
+        true
     }
 
     pub(super) fn record_write(&self, generation: u64, written: &Lease) {

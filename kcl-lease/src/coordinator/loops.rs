@@ -134,17 +134,26 @@ pub(super) async fn take_loop(
     coordinator: Weak<LeaseCoordinator>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The first pass discovers the fleet (see the module docs, "Fast balance").
+    let mut discovery = true;
     loop {
         let sleep = {
             let Some(this) = coordinator.upgrade() else {
                 return;
             };
+            let mut soon = None;
             let started = this.clock.now();
-            let pass = this.take_once().await;
+            let pass = this.take_pass(discovery).await;
             record_take_pass(&this, pass.as_ref().ok(), started);
             match pass {
                 Ok(report) => {
-                    tracing::trace!(worker_id = %this.config.worker_id, ?report, "taker pass")
+                    tracing::trace!(worker_id = %this.config.worker_id, ?report, "taker pass");
+                    if report.discovery {
+                        discovery = false;
+                        soon = Some(this.config.discovery_delay());
+                    } else if report.handoffs_pending > 0 {
+                        soon = Some(this.config.handoff_poll_interval());
+                    }
                 }
                 Err(err) => tracing::warn!(
                     worker_id = %this.config.worker_id,
@@ -157,6 +166,7 @@ pub(super) async fn take_loop(
                 .config
                 .take_interval()
                 .saturating_sub(this.random.jitter(this.config.take_jitter()));
+            let interval = soon.map_or(interval, |soon| soon.min(interval));
             let at = this.next_take_at(now.checked_add(interval).unwrap_or(now));
             this.clock.sleep(at.saturating_duration_since(now))
         };

@@ -54,12 +54,12 @@
 //! and so are leases the table shows owned by this worker id but missing from the held set
 //! (left by a previous run of this worker, or given up after renewals failed).
 //!
-//! A lease whose row carries a `checkpointOwner` is in a graceful handoff of the Java KCL
-//! 3.x (`leaseOwner` is the next owner, `checkpointOwner` the current one, and the counter
-//! stands still until the handoff completes or times out). Such a lease is never free and
-//! never stolen; it expires only once its counter and owner stood still for
-//! `failover_time + handoff_timeout` (see [`LeaseCoordinatorConfig::handoff_timeout`]).
-//! Taking it then removes `checkpointOwner`.
+//! A lease whose row carries a `checkpointOwner` is in a graceful handoff (see *Graceful
+//! handoff* below): `leaseOwner` is the next owner, `checkpointOwner` the current one. Such a
+//! lease is never free and never asked for again; it counts for its next owner; a worker
+//! other than the next owner considers it expired only once its owners stood still for
+//! `failover_time + handoff_timeout` (see [`LeaseCoordinatorConfig::handoff_timeout`]),
+//! whatever its counter did. Taking it then removes `checkpointOwner`.
 //!
 //! # Renewal
 //!
@@ -90,35 +90,88 @@
 //!   so it is dropped as lost with [`LostReason::RenewalTimeout`]. The same holds when the
 //!   renewal cannot even start because another write of the lease is stuck.
 //!
-//! # Taking and stealing
+//! # Taking, handing over, balancing
 //!
 //! A taker pass lists the whole table, updates the expiry bookkeeping, and then:
 //!
 //! * finished leases (checkpoint `SHARD_END`) are ignored: never taken, never counted;
-//! * `workers` is the number of distinct owners of the live (unexpired) leases of other
-//!   workers, plus this worker; `target = ceil(unfinished leases / workers)`, at most
-//!   `max_leases_for_worker`; `needed = target - unfinished leases held`;
-//! * free leases (unowned, expired, or owned by this worker id but not held) are taken, the
-//!   longest unchanged first (ties in random order, so workers starting together collide
-//!   less), all `needed` in one pass and concurrently. A take that fails its condition
-//!   (another worker was faster) is skipped and the next free lease tried, until `needed`
-//!   are taken or no free lease is left. Any other failure of a take (throttled, timed out,
-//!   ...) ends the pass's taking;
-//! * only when no lease is free and `needed > 0` does the taker steal, from the most loaded
-//!   other worker (ties at random), picking its leases at random: up to
-//!   `min(load - target, needed, max_leases_to_steal_at_one_time)` leases when that worker
-//!   holds more than `target`, or one lease when it holds exactly `target` and this worker
-//!   needs at least two more. Nothing is stolen while some lease of another worker has been
-//!   unchanged for `failover_time / 2` or more: a live owner writes each lease at least that
-//!   often, so that lease is about to expire and will be taken instead (a survivor must not
-//!   steal from another survivor that just took a dead worker's leases, on a view that still
-//!   counts the dead worker). Each steal moves a lease from a worker holding `c` to one
-//!   holding `m <= c - 2`, so the sum of the squared loads strictly decreases: stealing
-//!   always comes to an end, and it ends only when no two workers differ by more than one
-//!   lease (4/3/3 for 10 leases on 3 workers, say). It never oscillates.
+//! * every live lease counts for a worker: its owner, or for a lease in a handoff its next
+//!   owner; `workers` is the number of those other workers plus this one;
+//!   `target = ceil(unfinished leases / workers)`, at most `max_leases_for_worker`;
+//!   `needed = target - mine`, where `mine` counts the unfinished leases held (less those
+//!   this worker is handing over) plus the handoffs to this worker in flight;
+//! * free leases (unowned, expired, or owned by this worker id but not held, which includes
+//!   a lease just handed over to this worker) are taken, the longest unchanged first (ties
+//!   in random order, so workers starting together collide less), all `needed` in one pass
+//!   and concurrently. A take that fails its condition (another worker was faster) is
+//!   skipped and the next free lease tried, until `needed` are taken or no free lease is
+//!   left. Any other failure of a take (throttled, timed out, ...) ends the pass;
+//! * when too few are free, the rest of `needed` is asked for by graceful handoffs. The
+//!   excess of the workers above `target` is shared out among the workers below it that are
+//!   seen asking (a handoff to them in flight) and this one, the same way by all of them
+//!   from the same listing, so that workers asking at once ask for different leases and
+//!   take nobody below `target`: the excess as slots, round-robin over the loaded workers in
+//!   id order (each one's leases in key order), the shortfalls as runs of slots, the workers
+//!   in id order. What remains is asked one lease at a time from the currently most loaded
+//!   worker (ties at random), never taking one below `target`, and from one at `target` only
+//!   while this worker is at least two short of it. A lease in a handoff is never asked for
+//!   again. Nothing is asked for while some lease of another worker has been unchanged for
+//!   three quarters of `failover_time`: a live owner writes each lease at least every
+//!   `failover_time / 2`, so that lease is about to expire and will be taken instead (a survivor must not take leases from another survivor
+//!   that just took a dead worker's leases, on a view that still counts the dead worker).
+//!   Each move goes from a worker holding `c` to one holding `m <= c - 2`, so the sum of the
+//!   squared loads strictly decreases: balancing always comes to an end, and it ends only
+//!   when no two workers differ by more than one lease (4/3/3 for 10 leases on 3 workers).
+//!   It never oscillates;
+//! * a handoff to this worker that did not complete within `handoff_timeout` of its
+//!   initiation (its owners unchanged so long), or whose counter stood still for
+//!   `failover_time` (its current owner died), is completed by this worker, which then holds
+//!   the lease: in effect a steal, reported in [`TakeReport::stolen`].
+//!
+//! `max_leases_to_steal_at_one_time` (the Java KCL's name) bounds the *ungraceful* steals of
+//! one pass: takes of a live lease from its owner without a handoff, which happen only on a
+//! store that does not implement the handoff writes ([`LeaseError::Unsupported`]). Graceful
+//! handoffs are not steals: a pass asks for at most `needed` of them, as above, and
+//! completes every handoff to it that timed out (those leases were asked for by earlier
+//! passes, within their `needed`).
 //!
 //! A successful take adds the lease to the held set (a new holding) and sends
 //! [`LeaseEvent::Gained`].
+//!
+//! # Fast balance: the discovery pass
+//!
+//! A worker that holds no lease is invisible to the others in the 2.x table (no
+//! `<app>-WorkerMetricStats` row is written: a Java KCL 3.x leader would count such a row
+//! as a 3.x-ready worker). So the taker loop's first pass (the *discovery pass*) takes, or
+//! asks for, one lease at most, which makes the worker visible, and the next pass runs
+//! [`LeaseCoordinatorConfig::discovery_delay`] (`failover_time / 5`) later: workers that
+//! started within that time of each other see each other then and take fair shares at
+//! once. While handoffs to this worker are in flight the taker runs every
+//! [`LeaseCoordinatorConfig::handoff_poll_interval`] (`failover_time / 8`), so it takes a
+//! handed-over lease soon after its current owner completes the handoff.
+//! [`LeaseCoordinator::take_once`] is always a full pass (the discovery pass is the loop's).
+//!
+//! # Graceful handoff
+//!
+//! The protocol of the Java KCL 3.x, so a Java 3.x worker (in any mode) and this one agree
+//! on the table; the writes are in [`crate::write`]:
+//!
+//! 1. The next owner initiates: `leaseOwner` = next owner, `checkpointOwner` = current
+//!    owner, conditioned on the current owner and no `checkpointOwner`; the counter is not
+//!    moved (as the Java KCL's `initiateGracefulLeaseHandoff`).
+//! 2. The current owner's next renewal (or checkpoint) fails its condition (`leaseOwner =
+//!    me AND attribute_not_exists(checkpointOwner)`); the re-read shows the handoff: the
+//!    held view takes the row, the write is made again on the new owners (`checkpointOwner
+//!    = me`), and [`LeaseEvent::HandoffRequested`] is sent. The lease stays held and
+//!    renewed; the worker shuts its processor down with `Requested` (it may checkpoint).
+//! 3. The current owner completes it with [`Holding::release`]: `checkpointOwner`
+//!    removed, counter + 1 (as the Java KCL's `assignLease` to the next owner). The next
+//!    owner takes the lease at its next pass, from that checkpoint.
+//! 4. Not completed within `handoff_timeout`, the next owner completes it itself (above);
+//!    the current owner's next write fails and its processor is a `Zombie`, as after a
+//!    steal. An owner that does not know the protocol (a Java KCL 2.x worker, which renews on
+//!    the counter alone and never looks at `checkpointOwner`) keeps processing until then:
+//!    with it a handoff degrades to a steal after `handoff_timeout`.
 //!
 //! # Failover time
 //!
@@ -169,13 +222,22 @@
 //! // Alone, `a` takes every free lease in one pass.
 //! assert_eq!(a.take_once().await?.taken.len(), 3);
 //! assert!(matches!(a_events.try_recv(), Ok(LeaseEvent::Gained(_))));
-//! // `b` is owed ceil(3 / 2) = 2 leases; none is free, so it steals one per pass.
-//! assert_eq!(b.take_once().await?.stolen.len(), 1);
+//! // `b` is owed ceil(3 / 2) = 2 leases; none is free, so it asks `a` for one by a
+//! // graceful handoff (`a` keeps two, the target).
+//! assert_eq!(b.take_once().await?.handoffs_initiated.len(), 1);
 //!
-//! // `a` learns at its next renewal that it lost the stolen lease.
+//! // `a` learns at its next renewal that the lease is asked for; it renews all three.
 //! clock.advance(Duration::from_secs(4));
 //! let report = a.renew_once().await;
-//! assert_eq!((report.renewed, report.lost.len()), (2, 1));
+//! assert_eq!((report.renewed, report.lost.len()), (3, 0));
+//! while let Ok(event) = a_events.try_recv() {
+//!     if let LeaseEvent::HandoffRequested { lease_key, next_owner } = event {
+//!         assert_eq!(next_owner, "b");
+//!         // The processor stops (it may checkpoint), then the lease is handed over.
+//!         a.holding(&lease_key).unwrap().release().await?;
+//!     }
+//! }
+//! assert_eq!(b.take_once().await?.taken.len(), 1);
 //!
 //! // Checkpoints are fenced writes through a holding of the lease.
 //! let holding = a.holding(&a.held_keys()[0]).unwrap();
@@ -194,8 +256,9 @@
 //!
 //! Through the `metrics` facade, labelled with `worker_id`: the gauge `kcl_leases_held`, the
 //! counters `kcl_lease_renewals_total` (label `result` = `success` / `failure`),
-//! `kcl_leases_lost_total` (label `reason`), `kcl_leases_taken_total` and
-//! `kcl_leases_stolen_total`. `tracing` events carry `worker_id` and `lease_key`.
+//! `kcl_leases_lost_total` (label `reason`), `kcl_leases_taken_total`,
+//! `kcl_leases_stolen_total` and `kcl_lease_handoffs_total` (label `role` = `to` for a
+//! handoff this worker initiated, `from` for one of its leases asked for). `tracing` events carry `worker_id` and `lease_key`.
 //!
 //! # Layout
 //!

@@ -1,6 +1,7 @@
 //! Releasing held leases on graceful shutdown.
 
 use super::events::ReleaseReport;
+use super::fenced::handoff_begun;
 use super::join::join_all_limited;
 use super::{LeaseCoordinator, MAX_CONCURRENT_WRITES};
 use crate::LeaseError;
@@ -23,11 +24,40 @@ impl LeaseCoordinator {
             .ok_or_else(not_held)?;
         let _guard = write_lock.lock().await;
         let (lease, _) = self.view(lease_key, generation).ok_or_else(not_held)?;
-        let result = self
-            .bounded("release_lease", self.store.release_lease(&lease))
-            .await;
+        let mut lease = lease;
+        let mut handing_over = lease.is_in_handoff();
+        let mut result = if handing_over {
+            // A graceful handoff: the next owner owns the lease from now on.
+            self.bounded("complete_handoff", self.store.complete_handoff(&lease))
+                .await
+        } else {
+            self.bounded("release_lease", self.store.release_lease(&lease))
+                .await
+        };
+        // A handoff that began since the last write (not noticed yet): complete it rather
+        // than leave it to time out.
+        if !handing_over && matches!(result, Err(LeaseError::ConditionFailed { .. })) {
+            let reread = self
+                .bounded("get_lease", self.store.get_lease(lease_key))
+                .await;
+            if let Ok(Some(row)) = reread
+                && handoff_begun(&lease, &row, &self.config.worker_id)
+            {
+                handing_over = true;
+                result = self
+                    .bounded("complete_handoff", self.store.complete_handoff(&row))
+                    .await;
+                lease = row;
+            }
+        }
         self.remove(lease_key, Some(generation));
         match &result {
+            Ok(_) if handing_over => tracing::info!(
+                worker_id = %self.config.worker_id,
+                lease_key,
+                next_owner = lease.lease_owner.as_deref().unwrap_or(""),
+                "lease handed over"
+            ),
             Ok(_) => {
                 tracing::info!(worker_id = %self.config.worker_id, lease_key, "lease released")
             }

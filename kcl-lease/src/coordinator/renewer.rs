@@ -1,6 +1,7 @@
 //! The renewer: one round renews every held lease that was not written recently.
 
 use super::events::{LostReason, RenewReport};
+use super::fenced::Reread;
 use super::join::join_all_limited;
 use super::{LeaseCoordinator, MAX_CONCURRENT_WRITES};
 use crate::LeaseError;
@@ -74,8 +75,20 @@ impl LeaseCoordinator {
         // The renewal and the re-read after a failed condition both fit in the deadline.
         let bound = bound.min(self.until_failover(key, generation));
         let renewal = async {
-            let result = self.store.renew_lease(&lease, sample.map(|s| s.kbps)).await;
-            self.recover_spurious_failure(&lease, result).await
+            let kbps = sample.map(|s| s.kbps);
+            let result = self.store.renew_lease(&lease, kbps).await;
+            match self.recover_spurious_failure(&lease, result).await {
+                Reread::Done(result) => result,
+                // A graceful handoff began: renew on the new owners, as the Java KCL 3.x
+                // does, while the processor shuts down.
+                Reread::HandoffBegun(row) => {
+                    self.begin_handoff(key, generation, row.clone());
+                    let result = self.store.renew_lease(&row, kbps).await;
+                    self.recover_spurious_failure(&row, result)
+                        .await
+                        .into_result()
+                }
+            }
         };
         let result = within(self.clock.as_ref(), bound, renewal)
             .await

@@ -12,8 +12,13 @@
 //! |---|---|
 //! | [`Fence::NotExists`] | `attribute_not_exists(leaseKey)` |
 //! | [`Fence::Counter`] | `leaseCounter = :seen` |
-//! | [`Fence::CounterAndOwner`] with an owner | `leaseCounter = :seen AND leaseOwner = :owner` |
-//! | [`Fence::CounterAndOwner`] without owner | `leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, NULL))` |
+//! | [`Fence::CounterAndOwner`] with an owner | `leaseCounter = :seen AND leaseOwner = :owner AND` the `checkpointOwner` clause |
+//! | [`Fence::CounterAndOwner`] without owner | `leaseCounter = :seen AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, NULL)) AND` the `checkpointOwner` clause |
+//! | [`Fence::Owners`] | `leaseOwner = :owner AND` the `checkpointOwner` clause |
+//!
+//! The `checkpointOwner` clause is `checkpointOwner = :cpo` for a lease seen in a handoff,
+//! `(attribute_not_exists(checkpointOwner) OR attribute_type(checkpointOwner, NULL))`
+//! otherwise (as the Java KCL 3.x renewal's `attribute_not_exists(checkpointOwner)`).
 //!
 //! | write | request |
 //! |---|---|
@@ -24,6 +29,8 @@
 //! | checkpoint | `UpdateItem`, checkpoint fields, switches = 0, `REMOVE` pending, counter + 1 |
 //! | pending checkpoint | `UpdateItem`, `SET` or `REMOVE` pending, counter + 1 |
 //! | child shard ids | `UpdateItem`, `SET` or `REMOVE childShardIds`, counter + 1 |
+//! | initiate handoff | `UpdateItem`, `SET leaseOwner = :next, checkpointOwner = :seen_owner` (the counter stays) |
+//! | complete handoff | `UpdateItem`, `REMOVE checkpointOwner`, counter + 1, switches + 1 |
 //! | delete | `DeleteItem` |
 //!
 //! No `PutItem` is ever sent: each write names the attributes it changes, so every other
@@ -194,6 +201,23 @@ struct Expression {
 }
 
 impl Expression {
+    /// The condition on `checkpointOwner`: equal to the one seen, or absent (or NULL) when
+    /// the lease was seen outside a handoff.
+    fn checkpoint_owner_clause(&mut self, checkpoint_owner: Option<&str>) -> String {
+        self.name("#cpowner", attr::CHECKPOINT_OWNER);
+        match checkpoint_owner {
+            Some(checkpoint_owner) => {
+                self.value(":seen_cpowner", s(checkpoint_owner));
+                "#cpowner = :seen_cpowner".to_owned()
+            }
+            None => {
+                self.value(":null_type", s("NULL"));
+                "(attribute_not_exists(#cpowner) OR attribute_type(#cpowner, :null_type))"
+                    .to_owned()
+            }
+        }
+    }
+
     fn name(&mut self, placeholder: &'static str, attribute: &'static str) {
         if !self.names.iter().any(|(p, _)| *p == placeholder) {
             self.names.push((placeholder, attribute));
@@ -234,26 +258,41 @@ impl Expression {
                 e.value(":seen", n(counter));
                 "#counter = :seen".to_owned()
             }
-            Fence::CounterAndOwner { counter, owner } => {
+            Fence::CounterAndOwner {
+                counter,
+                owner,
+                checkpoint_owner,
+            } => {
                 e.name("#counter", attr::LEASE_COUNTER);
                 e.name("#owner", attr::LEASE_OWNER);
                 e.value(":seen", n(counter));
-                match owner {
+                let owner = match owner {
                     // A take also names the new owner: the one seen gets its own name.
                     Some(owner) if matches!(write, LeaseWrite::Take { .. }) => {
                         e.value(":seen_owner", s(owner));
-                        "#counter = :seen AND #owner = :seen_owner".to_owned()
+                        "#owner = :seen_owner".to_owned()
                     }
                     Some(owner) => {
                         e.value(":owner", s(owner));
-                        "#counter = :seen AND #owner = :owner".to_owned()
+                        "#owner = :owner".to_owned()
                     }
                     None => {
                         e.value(":null_type", s("NULL"));
-                        "#counter = :seen AND (attribute_not_exists(#owner) OR attribute_type(#owner, :null_type))"
+                        "(attribute_not_exists(#owner) OR attribute_type(#owner, :null_type))"
                             .to_owned()
                     }
-                }
+                };
+                let handoff = e.checkpoint_owner_clause(checkpoint_owner);
+                format!("#counter = :seen AND {owner} AND {handoff}")
+            }
+            Fence::Owners {
+                owner,
+                checkpoint_owner,
+            } => {
+                e.name("#owner", attr::LEASE_OWNER);
+                e.value(":seen_owner", s(owner));
+                let handoff = e.checkpoint_owner_clause(checkpoint_owner);
+                format!("#owner = :seen_owner AND {handoff}")
             }
         };
         let mut set: Vec<String> = Vec::new();
@@ -269,6 +308,15 @@ impl Expression {
                 }
             }
             LeaseWrite::Delete { .. } => {}
+            LeaseWrite::InitiateHandoff { next_owner, .. } => {
+                // Both owners change; the counter stays (see `crate::write`). The fence
+                // named the owner seen `:seen_owner`.
+                e.name("#owner", attr::LEASE_OWNER);
+                e.name("#cpowner", attr::CHECKPOINT_OWNER);
+                e.value(":new_owner", s(next_owner));
+                set.push("#owner = :new_owner".to_owned());
+                set.push("#cpowner = :seen_owner".to_owned());
+            }
             _ => {
                 if let LeaseWrite::Take { new_owner, .. } = *write {
                     e.name("#owner", attr::LEASE_OWNER);
@@ -287,8 +335,8 @@ impl Expression {
                 // A take ends any graceful handoff recorded in the row.
                 e.name("#cpowner", attr::CHECKPOINT_OWNER);
                 remove.push("#cpowner");
-                // It counts an owner switch when the owner changes.
-                if seen.lease_owner.as_deref() != Some(new_owner) {
+                // It counts an owner switch when the actual owner changes.
+                if crate::write::actual_owner(seen) != Some(new_owner) {
                     e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
                     e.value(":zero", n(0));
                     set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
@@ -297,6 +345,13 @@ impl Expression {
             LeaseWrite::Release { .. } => {
                 e.name("#owner", attr::LEASE_OWNER);
                 remove.push("#owner");
+            }
+            LeaseWrite::CompleteHandoff { .. } => {
+                e.name("#cpowner", attr::CHECKPOINT_OWNER);
+                remove.push("#cpowner");
+                e.name("#switches", attr::OWNER_SWITCHES_SINCE_CHECKPOINT);
+                e.value(":zero", n(0));
+                set.push("#switches = if_not_exists(#switches, :zero) + :one".to_owned());
             }
             LeaseWrite::Renew {
                 throughput_kbps: Some(throughput),
@@ -770,6 +825,19 @@ impl LeaseStore for DynamoLeaseStore {
 
     async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
         self.update(LeaseWrite::Release { seen: lease }).await
+    }
+
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        self.update(LeaseWrite::InitiateHandoff {
+            seen: lease,
+            next_owner,
+        })
+        .await
+    }
+
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.update(LeaseWrite::CompleteHandoff { seen: lease })
+            .await
     }
 
     async fn update_checkpoint(

@@ -95,11 +95,15 @@ pub enum LeaseOperation {
     ClientVersion,
     /// [`LeaseStore::reset_checkpoint`].
     ResetCheckpoint,
+    /// [`LeaseStore::initiate_handoff`].
+    InitiateHandoff,
+    /// [`LeaseStore::complete_handoff`].
+    CompleteHandoff,
 }
 
 impl LeaseOperation {
     /// Every operation, in declaration order.
-    pub const ALL: [LeaseOperation; 14] = [
+    pub const ALL: [LeaseOperation; 16] = [
         LeaseOperation::CreateTable,
         LeaseOperation::TableExists,
         LeaseOperation::CreateLease,
@@ -114,6 +118,8 @@ impl LeaseOperation {
         LeaseOperation::DeleteLease,
         LeaseOperation::ClientVersion,
         LeaseOperation::ResetCheckpoint,
+        LeaseOperation::InitiateHandoff,
+        LeaseOperation::CompleteHandoff,
     ];
 
     /// The trait method's name, e.g. `renew_lease`.
@@ -133,6 +139,8 @@ impl LeaseOperation {
             LeaseOperation::DeleteLease => "delete_lease",
             LeaseOperation::ClientVersion => "client_version",
             LeaseOperation::ResetCheckpoint => "reset_checkpoint",
+            LeaseOperation::InitiateHandoff => "initiate_handoff",
+            LeaseOperation::CompleteHandoff => "complete_handoff",
         }
     }
 
@@ -149,6 +157,8 @@ impl LeaseOperation {
                 | LeaseOperation::UpdateChildShardIds
                 | LeaseOperation::DeleteLease
                 | LeaseOperation::ResetCheckpoint
+                | LeaseOperation::InitiateHandoff
+                | LeaseOperation::CompleteHandoff
         )
     }
 }
@@ -693,6 +703,19 @@ impl LeaseStore for InMemoryLeaseStore {
             checkpoint,
         };
         self.update(LeaseOperation::ResetCheckpoint, write).await
+    }
+
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        let write = LeaseWrite::InitiateHandoff {
+            seen: lease,
+            next_owner,
+        };
+        self.update(LeaseOperation::InitiateHandoff, write).await
+    }
+
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let write = LeaseWrite::CompleteHandoff { seen: lease };
+        self.update(LeaseOperation::CompleteHandoff, write).await
     }
 
     async fn client_version(&self) -> Result<Option<String>, LeaseError> {

@@ -44,6 +44,28 @@ pub(super) struct Checker {
     pub(super) zombie_redeliveries: usize,
     pub(super) zombie_inits: usize,
     pub(super) checkpoints: usize,
+    /// Lease key -> the next owner of a graceful handoff in flight.
+    pub(super) handoff_to: HashMap<String, String>,
+    /// Lease key -> the processor instance that handed the lease over, while the last move
+    /// of the lease was a graceful handoff (its processor had stopped when it completed).
+    pub(super) handed_over_from: HashMap<String, u64>,
+    /// Handoffs completed after the handing-over processor stopped.
+    pub(super) graceful_handoffs: usize,
+    /// Handoffs completed while the handing-over processor still ran (the next owner
+    /// completed a handoff that timed out, or whose owner had died).
+    pub(super) forced_handoffs: usize,
+    /// Processors started while another worker's processor of the same shard still ran:
+    /// the bounded overlap after a loss (crash, expiry, partition) or a forced handoff.
+    pub(super) overlaps: usize,
+    /// Records the next owner delivered again after a graceful handoff (only those the
+    /// handing-over processor had not checkpointed may be).
+    pub(super) handoff_redeliveries: usize,
+    /// Workers that crashed: their processors stopped without a shutdown.
+    pub(super) crashed: HashSet<String>,
+    /// Processor instances whose lease moved to another worker while they ran.
+    pub(super) lost: HashSet<u64>,
+    /// Processor instances dropped without a shutdown (aborted after a shutdown grace).
+    pub(super) dropped: HashSet<u64>,
 }
 
 impl Checker {
@@ -55,6 +77,12 @@ impl Checker {
     }
 
     pub(super) fn apply(&mut self, entry: Entry, parents: &HashMap<String, Vec<String>>) {
+        if std::env::var_os("KCL_SIM_TRACE").is_some() {
+            match &entry {
+                Entry::Delivered { .. } => {}
+                other => eprintln!("journal: {other:?}"),
+            }
+        }
         match entry {
             Entry::Init {
                 instance,
@@ -100,15 +128,41 @@ impl Checker {
                 self.durable.insert(key.clone(), checkpoint);
                 self.owner.insert(key, None);
             }
+            Entry::Crashed { worker } => {
+                self.crashed.insert(worker);
+            }
+            Entry::Dropped { instance } => {
+                self.dropped.insert(instance);
+            }
             Entry::Taken { key, owner } => {
                 if self.shard_end_written.contains(&key) {
                     self.violation(format!(
                         "{owner} took the lease of {key} after it was finished (SHARD_END)"
                     ));
                 }
+                self.handoff_to.remove(&key);
+                self.moved(&key, &owner, None);
                 self.owner.insert(key, Some(owner));
             }
+            Entry::HandoffCompleted { key, owner, by } => {
+                // On a lease whose shard ended during the handoff (the handing-over
+                // processor wrote SHARD_END) this is no take for processing: finished
+                // leases are never taken.
+                if self.handoff_to.remove(&key).as_deref() != Some(owner.as_str()) {
+                    self.violation(format!(
+                        "a handoff of {key} to {owner} completed that was never initiated"
+                    ));
+                }
+                self.moved(&key, &owner, Some(by.unwrap_or_default()));
+                self.owner.insert(key, Some(owner));
+            }
+            Entry::HandoffInitiated { key, next_owner } => {
+                // The lease stays its current owner's until the handoff completes.
+                self.handoff_to.insert(key, next_owner);
+            }
             Entry::Released { key } => {
+                self.handoff_to.remove(&key);
+                self.handed_over_from.remove(&key);
                 self.owner.insert(key, None);
             }
             Entry::Deleted { key } => {
@@ -125,6 +179,59 @@ impl Checker {
                 checkpoint,
             } => self.checkpointed(key, writer, checkpoint),
         }
+    }
+
+    /// The lease `key` is written to `owner`: by a take (`completed_by` none), or by the
+    /// completion of a handoff by `completed_by`.
+    fn moved(&mut self, key: &str, owner: &str, completed_by: Option<String>) {
+        let previous = self.owner.get(key).cloned().flatten();
+        if previous.as_deref() == Some(owner) {
+            // The next owner taking a lease handed to it: no move.
+            return;
+        }
+        self.handed_over_from.remove(key);
+        let graceful = completed_by.is_some() && completed_by == previous;
+        if completed_by.is_some() {
+            if graceful {
+                self.graceful_handoffs += 1;
+            } else {
+                self.forced_handoffs += 1;
+            }
+        }
+        // Every processor of the shard still running on another worker than the new owner
+        // has lost the lease now: it may run on (the bounded overlap) until told Zombie.
+        // Not after a graceful handoff: its current owner completes it only once its
+        // processor stopped.
+        for instance in self.running_elsewhere(owner, key) {
+            let worker = self
+                .instances
+                .get(&instance)
+                .map(|i| i.worker.clone())
+                .unwrap_or_default();
+            if graceful && previous.as_deref() == Some(worker.as_str()) {
+                self.violation(format!(
+                    "{worker} completed the handoff of {key} to {owner} while its processor still ran"
+                ));
+            }
+            self.lost.insert(instance);
+        }
+        if graceful
+            && let Some(previous) = previous
+            && let Some(instance) = self.current.get(&(previous, key.to_owned())).copied()
+        {
+            self.handed_over_from.insert(key.to_owned(), instance);
+        }
+    }
+
+    /// The processors of `shard` on workers other than `worker` that have not been shut down.
+    fn running_elsewhere(&self, worker: &str, shard: &str) -> Vec<u64> {
+        self.current
+            .iter()
+            .filter(|((w, s), _)| w != worker && s == shard && !self.crashed.contains(w))
+            .map(|(_, instance)| *instance)
+            .filter(|i| !self.dropped.contains(i))
+            .filter(|i| self.instances.get(i).is_some_and(|i| i.shutdown.is_none()))
+            .collect()
     }
 
     pub(super) fn init(
@@ -159,6 +266,30 @@ impl Checker {
             // The lease moved on between the take and `initialize` (the zombie window): this
             // processor can only be told Zombie, and its checkpoints are fenced.
             self.zombie_inits += 1;
+        }
+        // Two processors of one shard at once: only in the bounded overlap after a loss (a
+        // crash, an expiry, a partition) or a forced handoff, while the processor that lost
+        // the lease runs on until it is told; never after a graceful handoff.
+        let elsewhere = if owns {
+            self.running_elsewhere(&worker, &shard)
+        } else {
+            // A processor of a lease already lost runs in that bounded overlap itself.
+            self.lost.insert(instance);
+            Vec::new()
+        };
+        for other in &elsewhere {
+            if self.lost.contains(other) {
+                self.overlaps += 1;
+            } else {
+                let other_worker = self
+                    .instances
+                    .get(other)
+                    .map(|i| i.worker.clone())
+                    .unwrap_or_default();
+                self.violation(format!(
+                    "{worker} started processing {shard} while {other_worker}'s processor, which never lost the lease, still processed it"
+                ));
+            }
         }
         self.current
             .insert((worker.clone(), shard.clone()), instance);
@@ -208,6 +339,22 @@ impl Checker {
         match self.last_deliverer.get(&r.data).copied() {
             Some(previous) => {
                 self.redeliveries += 1;
+                // A completed handoff delivers nothing twice: the next owner starts from
+                // the checkpoint the handing-over processor wrote when it stopped.
+                if is_owner && self.handed_over_from.get(&shard) == Some(&previous) {
+                    self.handoff_redeliveries += 1;
+                    if let Some(prev) = self.instances.get(&previous)
+                        && prev.shutdown == Some(ShutdownReason::Requested)
+                        && prev.checkpointed.is_some()
+                        && prev.checkpointed >= prev.last_delivered
+                    {
+                        problems.push(format!(
+                            "{worker} delivered {} of {shard} again after a graceful handoff from {}, whose processor had checkpointed all it delivered",
+                            String::from_utf8_lossy(&r.data),
+                            prev.worker
+                        ));
+                    }
+                }
                 if !is_owner {
                     self.zombie_redeliveries += 1;
                 } else if let Some(prev) = self.instances.get(&previous)

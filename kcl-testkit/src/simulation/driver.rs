@@ -177,6 +177,7 @@ impl Simulation {
         let journaled_store = Arc::new(JournalingLeaseStore {
             inner: fleet.store().clone(),
             journal: journal.clone(),
+            worker: None,
         });
         let (failover, idle, shard_sync, parent_poll, max_records) = (
             timings.failover,
@@ -250,20 +251,27 @@ impl Simulation {
                 .is_multiple_of(2);
         // `start` fails at once on a lease store error (faults may be injected right now):
         // retry a few times, as a supervisor restarting the process would.
+        // The worker's own journaling store: the journal names who completed a handoff.
+        let fleet = self
+            .fleet
+            .clone()
+            .with_workers_lease_store(Arc::new(JournalingLeaseStore {
+                inner: self.fleet.store().clone(),
+                journal: self.journal.clone(),
+                worker: Some(id.clone()),
+            }));
         let mut attempt = 0;
         let handle = loop {
             attempt += 1;
-            let start = self
-                .fleet
-                .start_factory(&id, journaling.clone(), random_seed, |b| {
-                    if fan_out {
-                        b.retrieval_specific_config(kcl_worker::RetrievalConfig::FanOut(
-                            kcl_worker::FanOutConfig::new().event_timeout(Duration::from_secs(10)),
-                        ))
-                    } else {
-                        b
-                    }
-                });
+            let start = fleet.start_factory(&id, journaling.clone(), random_seed, |b| {
+                if fan_out {
+                    b.retrieval_specific_config(kcl_worker::RetrievalConfig::FanOut(
+                        kcl_worker::FanOutConfig::new().event_timeout(Duration::from_secs(10)),
+                    ))
+                } else {
+                    b
+                }
+            });
             // A start whose calls hang (a hanging path) is given up and tried again.
             let outcome = within(&SystemClock, DRIVER_CALL_LIMIT, start)
                 .await
@@ -435,6 +443,10 @@ impl Simulation {
                             let w = self.workers.remove(i);
                             if kind == FaultKind::Crash {
                                 w.handle.abort().await;
+                                // Its processors are gone without a shutdown.
+                                self.journal.push(Entry::Crashed {
+                                    worker: w.id.clone(),
+                                });
                                 self.note(report, started, format!("crashed {}", w.id));
                             } else {
                                 within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown())
@@ -896,6 +908,10 @@ impl Simulation {
         report.zombie_redeliveries = checker.zombie_redeliveries;
         report.processors = checker.instances.len();
         report.zombie_inits = checker.zombie_inits;
+        report.graceful_handoffs = checker.graceful_handoffs;
+        report.forced_handoffs = checker.forced_handoffs;
+        report.overlaps = checker.overlaps;
+        report.handoff_redeliveries = checker.handoff_redeliveries;
         report.checkpoints = checker.checkpoints;
         let mut violations = checker.violations;
 

@@ -57,6 +57,28 @@ pub(super) enum Entry {
     Deleted {
         key: String,
     },
+    /// A graceful handoff began: the lease is still its current owner's until the handoff
+    /// completes (journaled as `Taken` by the next owner).
+    HandoffInitiated {
+        key: String,
+        next_owner: String,
+    },
+    /// A graceful handoff completed: the lease is `owner`'s (the next owner) from now on.
+    /// `by` the worker that completed it: the current owner (after its processor stopped),
+    /// or the next owner itself (a forced completion, after `handoff_timeout`).
+    HandoffCompleted {
+        key: String,
+        owner: String,
+        by: Option<String>,
+    },
+    /// A processor was dropped without `shutdown` (aborted).
+    Dropped {
+        instance: u64,
+    },
+    /// A worker crashed: its processors stopped without a shutdown.
+    Crashed {
+        worker: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -129,6 +151,8 @@ impl RecordProcessorFactory for JournalingFactory {
                 .map(|seed| SeededRandom::new(seed ^ instance.wrapping_mul(0x9E37_79B9))),
             shard: String::new(),
             log: self.log.clone(),
+            initialized: false,
+            shut_down: false,
         }
     }
 }
@@ -142,10 +166,25 @@ pub(super) struct JournalingProcessor {
     pub(super) partial: Option<SeededRandom>,
     pub(super) shard: String,
     pub(super) log: EventLog,
+    pub(super) initialized: bool,
+    pub(super) shut_down: bool,
+}
+
+impl Drop for JournalingProcessor {
+    /// A processor dropped without `shutdown` (its consumer was aborted: a shutdown grace
+    /// ran out) runs no more.
+    fn drop(&mut self) {
+        if self.initialized && !self.shut_down {
+            self.journal.push(Entry::Dropped {
+                instance: self.instance,
+            });
+        }
+    }
 }
 
 impl RecordProcessor for JournalingProcessor {
     async fn initialize(&mut self, input: InitializationInput) {
+        self.initialized = true;
         self.journal.push(Entry::Init {
             instance: self.instance,
             worker: self.worker.clone(),
@@ -192,6 +231,7 @@ impl RecordProcessor for JournalingProcessor {
     }
 
     async fn shutdown(&mut self, input: ShutdownInput) {
+        self.shut_down = true;
         self.journal.push(Entry::Shutdown {
             instance: self.instance,
             reason: input.shutdown_reason,
@@ -205,6 +245,8 @@ impl RecordProcessor for JournalingProcessor {
 pub(super) struct JournalingLeaseStore {
     pub(super) inner: Arc<InMemoryLeaseStore>,
     pub(super) journal: Journal,
+    /// The worker writing through this store, when it is one worker's.
+    pub(super) worker: Option<String>,
 }
 
 #[async_trait]
@@ -261,6 +303,25 @@ impl LeaseStore for JournalingLeaseStore {
         Ok(released)
     }
 
+    async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        let written = self.inner.initiate_handoff(lease, next_owner).await?;
+        self.journal.push(Entry::HandoffInitiated {
+            key: lease.lease_key.clone(),
+            next_owner: next_owner.to_owned(),
+        });
+        Ok(written)
+    }
+
+    async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let written = self.inner.complete_handoff(lease).await?;
+        self.journal.push(Entry::HandoffCompleted {
+            key: lease.lease_key.clone(),
+            owner: written.lease_owner.clone().unwrap_or_default(),
+            by: self.worker.clone(),
+        });
+        Ok(written)
+    }
+
     async fn update_checkpoint(
         &self,
         lease: &Lease,
@@ -269,7 +330,8 @@ impl LeaseStore for JournalingLeaseStore {
         let written = self.inner.update_checkpoint(lease, checkpoint).await?;
         self.journal.push(Entry::Checkpointed {
             key: lease.lease_key.clone(),
-            writer: lease.lease_owner.clone(),
+            // During a handoff the writer is the current owner (`checkpointOwner`).
+            writer: kcl_lease::write::actual_owner(lease).map(str::to_owned),
             checkpoint: written.checkpoint.clone(),
         });
         Ok(written)

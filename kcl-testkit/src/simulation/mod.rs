@@ -30,7 +30,15 @@
 //!    notices) are counted, not flagged;
 //! 5. every closed shard ends at `SHARD_END` (or its lease was deleted after `SHARD_END`),
 //!    no lease is taken after it finished, a deleted lease is never recreated, and a child
-//!    is initialized only after every parent checkpointed `SHARD_END`.
+//!    is initialized only after every parent checkpointed `SHARD_END`;
+//! 6. graceful handoffs (a joining worker asks loaded ones for leases; they race crashes,
+//!    expiries, hangs and store faults): a lease is never processed by two processors at
+//!    once beyond the bounded overlap after a loss or a forced handoff (one the next owner
+//!    completed after `handoff_timeout` or its owner's death): a processor started after a
+//!    graceful handoff never finds the handing-over one still running; and a completed
+//!    handoff delivers nothing twice (the next owner delivers again no record the
+//!    handing-over processor had checkpointed when it stopped). Checkpoints during a handoff
+//!    are by its current owner (`checkpointOwner`).
 //!
 //! The checks read a journal written by a processor wrapper (around
 //! [`crate::recording::RecordingProcessor`], whose [`EventLog`](crate::recording::EventLog) is kept too) and by a
@@ -81,6 +89,17 @@ pub struct SimulationReport {
     pub zombie_redeliveries: usize,
     /// Processors initialized after their lease had already moved to another worker.
     pub zombie_inits: usize,
+    /// Graceful handoffs completed after the handing-over processor stopped.
+    pub graceful_handoffs: usize,
+    /// Handoffs the next owner completed while the handing-over processor still ran (it
+    /// took longer than `handoff_timeout`, or its worker had died).
+    pub forced_handoffs: usize,
+    /// Processors started while another worker's processor of the shard still ran (after
+    /// a loss or a forced handoff; never after a graceful handoff).
+    pub overlaps: usize,
+    /// Records delivered again by the next owner after a graceful handoff (only records
+    /// the handing-over processor had not checkpointed).
+    pub handoff_redeliveries: usize,
     /// Fault events executed.
     pub faults_injected: usize,
     /// The fault events, as executed, with their virtual time.
@@ -342,6 +361,125 @@ mod tests {
             e.insert(10 + i, entry);
         }
         expect_violation(e, "before its parent p checkpointed SHARD_END");
+    }
+
+    /// w1 holds p and delivers 10, 11; w2 asks for it; w1's processor checkpoints 11 and
+    /// stops (Requested); w1 completes the handoff; w2 starts from 11.
+    fn graceful_handoff() -> Vec<Entry> {
+        vec![
+            created("p"),
+            taken("p", "w1"),
+            init(1, "w1", "p", ExtendedSequenceNumber::TRIM_HORIZON),
+            delivered(1, vec![delivery("10", "k", 0), delivery("11", "k", 1)]),
+            Entry::HandoffInitiated {
+                key: "p".to_owned(),
+                next_owner: "w2".to_owned(),
+            },
+            // Still w1's: its last checkpoint during the handoff is fenced on it.
+            checkpointed("p", "w1", esn("11", 0)),
+            Entry::Shutdown {
+                instance: 1,
+                reason: ShutdownReason::Requested,
+            },
+            completed("p", "w2", "w1"),
+            // The next owner's take of the lease handed to it.
+            taken("p", "w2"),
+            init(2, "w2", "p", esn("11", 0)),
+            delivered(2, vec![delivery("12", "k", 2)]),
+        ]
+    }
+
+    fn completed(key: &str, owner: &str, by: &str) -> Entry {
+        Entry::HandoffCompleted {
+            key: key.to_owned(),
+            owner: owner.to_owned(),
+            by: Some(by.to_owned()),
+        }
+    }
+
+    fn checker_after(entries: Vec<Entry>) -> Checker {
+        let parents = HashMap::new();
+        let mut checker = Checker::default();
+        for e in entries {
+            checker.apply(e, &parents);
+        }
+        checker
+    }
+
+    #[test]
+    fn a_graceful_handoff_has_no_violations() {
+        let checker = checker_after(graceful_handoff());
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!(
+            (
+                checker.graceful_handoffs,
+                checker.forced_handoffs,
+                checker.overlaps
+            ),
+            (1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_by_the_next_owner_before_the_handoff_completed_is_caught() {
+        let mut e = graceful_handoff();
+        e[5] = checkpointed("p", "w2", esn("11", 0));
+        expect_violation(e, "while the lease belonged to Some(\"w1\")");
+    }
+
+    #[test]
+    fn a_handoff_completed_while_its_processor_still_ran_is_caught() {
+        let mut e = graceful_handoff();
+        e.remove(6);
+        expect_violation(
+            e,
+            "w1 completed the handoff of p to w2 while its processor still ran",
+        );
+    }
+
+    #[test]
+    fn a_forced_handoff_is_an_overlap_not_a_violation() {
+        // w1's processor did not stop in time: w2 completed the handoff itself, and w1's
+        // processor runs on until it is told Zombie.
+        let mut e = graceful_handoff();
+        e.remove(6);
+        e[6] = completed("p", "w2", "w2");
+        e.push(delivered(1, vec![delivery("13", "k", 3)]));
+        e.push(Entry::Shutdown {
+            instance: 1,
+            reason: ShutdownReason::Zombie,
+        });
+        let checker = checker_after(e);
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!(
+            (
+                checker.graceful_handoffs,
+                checker.forced_handoffs,
+                checker.overlaps
+            ),
+            (0, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_crashed_workers_processors_do_not_count_as_running() {
+        let mut e = graceful_handoff();
+        // w1 crashes instead of shutting down; w2 takes the expired lease.
+        e[4] = created("q");
+        e[6] = Entry::Crashed {
+            worker: "w1".to_owned(),
+        };
+        e[7] = taken("p", "w2");
+        let checker = checker_after(e);
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!(checker.overlaps, 0);
+    }
+
+    #[test]
+    fn a_record_delivered_twice_across_a_graceful_handoff_is_caught() {
+        let mut e = graceful_handoff();
+        e[10] = delivered(2, vec![delivery("11", "k", 1)]);
+        expect_violation(e, "again after a graceful handoff from w1");
     }
 
     #[test]
