@@ -165,8 +165,13 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 biased;
                 changed = signal.changed() => {
                     if changed.is_err() {
-                        // The worker is gone: behave as a graceful shutdown.
-                        return self.shutdown(processor, &backend, checkpointer, ShutdownReason::Requested).await;
+                        // The worker's task is gone without a signal: it was aborted (a
+                        // crash, `WorkerHandle::abort`, a dropped handle), and dropping its
+                        // `JoinSet` aborts this task too. A crash calls no processor method:
+                        // wait for the abort instead of shutting the processor down (a
+                        // graceful stop always sends `Signal::Shutdown` first, which
+                        // `changed` reports before the closed channel).
+                        std::future::pending::<()>().await;
                     }
                     continue;
                 }
