@@ -51,6 +51,16 @@ fn lease_json(o: &Observed) -> Value {
     })
 }
 
+/// The owner column: `next<-current` while a graceful handoff is in flight (`leaseOwner` is
+/// the next owner, `checkpointOwner` the current one), `-` for a free lease.
+fn owner_cell(l: &kcl_lease::Lease) -> String {
+    let owner = l.lease_owner.as_deref().unwrap_or("-");
+    match &l.checkpoint_owner {
+        Some(current) => format!("{owner}<-{current}"),
+        None => owner.to_owned(),
+    }
+}
+
 pub(crate) async fn leases(conn: &Connection, args: &TableArgs) -> CliResult<()> {
     let store = conn.lease_store(&args.application).await?;
     let observed = observe(&store, args.interval).await?;
@@ -80,7 +90,7 @@ pub(crate) async fn leases(conn: &Connection, args: &TableArgs) -> CliResult<()>
         let parents: Vec<&str> = l.parent_shard_ids.iter().map(String::as_str).collect();
         rows.push(vec![
             l.lease_key.clone(),
-            l.lease_owner.clone().unwrap_or_else(|| "-".to_owned()),
+            owner_cell(l),
             l.lease_counter.to_string(),
             short_esn(&l.checkpoint),
             l.pending_checkpoint
@@ -255,5 +265,16 @@ mod tests {
             "a free lease is not balanced"
         );
         assert!(!balance(&[], 3).balanced);
+    }
+
+    #[test]
+    fn owner_column_shows_a_handoff() {
+        let mut lease =
+            kcl_lease::Lease::new("shardId-0", kcl_kpl::ExtendedSequenceNumber::TRIM_HORIZON);
+        assert_eq!(owner_cell(&lease), "-");
+        lease.lease_owner = Some("worker-b".to_owned());
+        assert_eq!(owner_cell(&lease), "worker-b");
+        lease.checkpoint_owner = Some("worker-a".to_owned());
+        assert_eq!(owner_cell(&lease), "worker-b<-worker-a");
     }
 }
