@@ -486,46 +486,7 @@ impl DynamoLeaseStore {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: fmt::Debug + Send + Sync + 'static,
     {
-        let error = match &err {
-            SdkError::DispatchFailure(_)
-            | SdkError::TimeoutError(_)
-            | SdkError::ResponseError(_) => LeaseError::Unreachable {
-                source: Box::new(err),
-            },
-            SdkError::ServiceError(_) => match err.code() {
-                Some("ConditionalCheckFailedException") => LeaseError::ConditionFailed {
-                    lease_key: lease_key.unwrap_or("?").to_owned(),
-                },
-                Some(
-                    "ProvisionedThroughputExceededException"
-                    | "RequestLimitExceeded"
-                    | "ThrottlingException",
-                ) => LeaseError::Throttled {
-                    source: Box::new(err),
-                },
-                Some("ResourceNotFoundException") => LeaseError::TableMissing {
-                    table: self.table_name.clone(),
-                },
-                // Requests the service will refuse however often they are sent.
-                Some(
-                    "ValidationException"
-                    | "AccessDeniedException"
-                    | "UnrecognizedClientException"
-                    | "MissingAuthenticationTokenException"
-                    | "IncompleteSignature"
-                    | "InvalidSignatureException"
-                    | "SerializationException",
-                ) => LeaseError::Rejected {
-                    source: Box::new(err),
-                },
-                _ => LeaseError::Service {
-                    source: Box::new(err),
-                },
-            },
-            _ => LeaseError::Service {
-                source: Box::new(err),
-            },
-        };
+        let error = map_sdk_error(&self.table_name, err, lease_key);
         tracing::debug!(table = %self.table_name, ?lease_key, error = %error, "lease table call failed");
         error
     }
@@ -940,5 +901,60 @@ impl LeaseStore for DynamoLeaseStore {
             .await
             .map_err(|err| self.map_err(err, Some(&lease.lease_key)))?;
         Ok(())
+    }
+}
+
+/// Maps an AWS SDK error of a call on `table` to a [`LeaseError`] (shared by the lease store and
+/// the 3.x state tables): transport failures are `Unreachable`, throttling `Throttled`, a failed
+/// condition `ConditionFailed` (on `lease_key`), a missing table `TableMissing`, requests the
+/// service refuses however often they are sent `Rejected`, anything else `Service`.
+pub(crate) fn map_sdk_error<E, R>(
+    table: &str,
+    err: SdkError<E, R>,
+    lease_key: Option<&str>,
+) -> LeaseError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            LeaseError::Unreachable {
+                source: Box::new(err),
+            }
+        }
+        SdkError::ServiceError(_) => match err.code() {
+            Some("ConditionalCheckFailedException") => LeaseError::ConditionFailed {
+                lease_key: lease_key.unwrap_or("?").to_owned(),
+            },
+            Some(
+                "ProvisionedThroughputExceededException"
+                | "RequestLimitExceeded"
+                | "ThrottlingException",
+            ) => LeaseError::Throttled {
+                source: Box::new(err),
+            },
+            Some("ResourceNotFoundException") => LeaseError::TableMissing {
+                table: table.to_owned(),
+            },
+            // Requests the service will refuse however often they are sent.
+            Some(
+                "ValidationException"
+                | "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "MissingAuthenticationTokenException"
+                | "IncompleteSignature"
+                | "InvalidSignatureException"
+                | "SerializationException",
+            ) => LeaseError::Rejected {
+                source: Box::new(err),
+            },
+            _ => LeaseError::Service {
+                source: Box::new(err),
+            },
+        },
+        _ => LeaseError::Service {
+            source: Box::new(err),
+        },
     }
 }

@@ -225,7 +225,7 @@ impl DynamoStateTable {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: fmt::Debug + Send + Sync + 'static,
     {
-        map_err(&self.table_name, err, key)
+        crate::dynamo::map_sdk_error(&self.table_name, err, key)
     }
 
     async fn status(&self) -> Result<Option<TableStatus>, LeaseError> {
@@ -262,53 +262,6 @@ impl DynamoStateTable {
             operation: "wait_table_active",
             after: TABLE_ACTIVE_TIMEOUT,
         })
-    }
-}
-
-/// Maps an SDK error as the lease store does.
-fn map_err<E, R>(table: &str, err: SdkError<E, R>, key: Option<&str>) -> LeaseError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: fmt::Debug + Send + Sync + 'static,
-{
-    match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            LeaseError::Unreachable {
-                source: Box::new(err),
-            }
-        }
-        SdkError::ServiceError(_) => match err.code() {
-            Some("ConditionalCheckFailedException") => LeaseError::ConditionFailed {
-                lease_key: key.unwrap_or("?").to_owned(),
-            },
-            Some(
-                "ProvisionedThroughputExceededException"
-                | "RequestLimitExceeded"
-                | "ThrottlingException",
-            ) => LeaseError::Throttled {
-                source: Box::new(err),
-            },
-            Some("ResourceNotFoundException") => LeaseError::TableMissing {
-                table: table.to_owned(),
-            },
-            Some(
-                "ValidationException"
-                | "AccessDeniedException"
-                | "UnrecognizedClientException"
-                | "MissingAuthenticationTokenException"
-                | "IncompleteSignature"
-                | "InvalidSignatureException"
-                | "SerializationException",
-            ) => LeaseError::Rejected {
-                source: Box::new(err),
-            },
-            _ => LeaseError::Service {
-                source: Box::new(err),
-            },
-        },
-        _ => LeaseError::Service {
-            source: Box::new(err),
-        },
     }
 }
 
@@ -549,7 +502,10 @@ impl LeaseOwnerIndex {
                 &*self.clock,
                 self.call_timeout,
                 "query_lease_owner_index",
-                async { call.await.map_err(|e| map_err(&self.lease_table, e, None)) },
+                async {
+                    call.await
+                        .map_err(|e| crate::dynamo::map_sdk_error(&self.lease_table, e, None))
+                },
             )
             .await?;
             keys.extend(out.items().iter().filter_map(
