@@ -31,8 +31,20 @@ impl Clock for SystemClock {
     fn now(&self) -> Instant {
         tokio::time::Instant::now().into_std()
     }
+    /// The system's wall clock, moved by as far as tokio's clock is ahead of (or behind)
+    /// the real monotonic clock: exactly the wall clock normally, and following virtual
+    /// time under `tokio::time::pause` (so wall-clock stamps such as a WorkerMetricStats
+    /// row's `lut` age as the rest of a paused test does).
     fn system_time(&self) -> SystemTime {
-        SystemTime::now()
+        let tokio_now = tokio::time::Instant::now().into_std();
+        let real_now = Instant::now();
+        let wall = SystemTime::now();
+        match tokio_now.checked_duration_since(real_now) {
+            Some(ahead) => wall.checked_add(ahead).unwrap_or(wall),
+            None => wall
+                .checked_sub(real_now.saturating_duration_since(tokio_now))
+                .unwrap_or(wall),
+        }
     }
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
         Box::pin(tokio::time::sleep(duration))

@@ -155,6 +155,40 @@ pub trait LeaseStore: Send + Sync + Debug {
     async fn client_version(&self) -> Result<Option<String>, LeaseError> {
         Ok(None)
     }
+
+    /// The keys of the leases whose `leaseOwner` is `owner`, as the lease owner index
+    /// (`LeaseOwnerToLeaseKeyIndex`) lists them: possibly stale, so read a lease before
+    /// acting on it. This is the KCL 3.x follower's discovery query; it reads only the
+    /// owner's own index entries, so its cost does not grow with the fleet.
+    ///
+    /// The default implementation answers from [`LeaseStore::list_leases`] (a whole scan;
+    /// right, but as costly as a 2.x taker pass). A store wrapping another should forward.
+    async fn lease_keys_of_owner(&self, owner: &str) -> Result<Vec<String>, LeaseError> {
+        let mut keys: Vec<String> = self
+            .list_leases()
+            .await?
+            .into_iter()
+            .filter(|l| l.lease_owner.as_deref() == Some(owner))
+            .map(|l| l.lease_key)
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Whether the lease owner index exists and is usable (`ACTIVE`): the Java KCL's
+    /// condition for moving an application to 3.x. The default answers `false` (a store
+    /// without such an index).
+    async fn lease_owner_index_active(&self) -> Result<bool, LeaseError> {
+        Ok(false)
+    }
+
+    /// The KCL 3.x state tables that go with this lease table (`<table>-CoordinatorState`
+    /// and `<table>-WorkerMetricStats`), when the store has them. `None` (the default): a
+    /// worker on this store can run only the 2.x protocol and follows no migration. A
+    /// store wrapping another should forward.
+    fn state_tables(&self) -> Option<crate::v3::table::StateTables> {
+        None
+    }
 }
 
 /// The client versions the Java KCL records in its coordinator state table (the values of

@@ -215,7 +215,23 @@ pub struct WorkerConfig {
     /// fan-out. Validated: a fan-out consumer name is filled in (the application name) unless
     /// a consumer ARN is given.
     pub retrieval_specific_config: RetrievalConfig,
+    /// Which lease protocol the worker runs (`clientVersionConfig`):
+    /// [`ClientVersionConfig::CompatibleWith2x`] (the default here; the Java KCL 3.x's
+    /// default is 3.x) runs the 2.x lease taker and follows the application's migration
+    /// to 3.x exactly as a Java worker in that mode does; [`ClientVersionConfig::V3x`] runs
+    /// the 3.x protocol (a leader assigns the leases). Either way the version stored in
+    /// `<app>-CoordinatorState` decides once the store has state tables (see
+    /// `kcl_lease::v3::runtime`).
+    pub client_version_config: ClientVersionConfig,
+    /// Write WorkerMetricStats rows without CPU metrics (`disableWorkerMetrics`, default
+    /// false): the leader then balances this worker by throughput alone.
+    pub disable_worker_metrics: bool,
+    /// How often the 3.x leader assigns leases (`leaseAssignmentIntervalMillis`; default
+    /// half the failover time, the Java KCL's is twice it).
+    pub lease_assignment_interval: Duration,
 }
+
+pub use kcl_lease::v3::migration::ClientVersionConfig;
 
 impl WorkerConfig {
     /// The bounds on every Kinesis and lease store call (`call_attempt_timeout`,
@@ -267,6 +283,9 @@ pub struct WorkerConfigBuilder {
     call_attempt_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
     retrieval_specific_config: Option<RetrievalConfig>,
+    client_version_config: Option<ClientVersionConfig>,
+    disable_worker_metrics: Option<bool>,
+    lease_assignment_interval: Option<Duration>,
 }
 
 macro_rules! setters {
@@ -354,6 +373,14 @@ impl WorkerConfigBuilder {
         /// How records are read: polling (default) or enhanced fan-out (see
         /// [`RetrievalConfig`], [`FanOutConfig`]).
         retrieval_specific_config, set_retrieval_specific_config: RetrievalConfig;
+        /// The lease protocol (default [`ClientVersionConfig::CompatibleWith2x`]; see
+        /// [`WorkerConfig::client_version_config`]).
+        client_version_config, set_client_version_config: ClientVersionConfig;
+        /// WorkerMetricStats rows without CPU metrics (default false).
+        disable_worker_metrics, set_disable_worker_metrics: bool;
+        /// How often the 3.x leader assigns leases (default half the failover time, not
+        /// zero).
+        lease_assignment_interval, set_lease_assignment_interval: Duration;
     }
 
     /// Validates every option and builds the configuration. The error names the option.
@@ -451,6 +478,16 @@ impl WorkerConfigBuilder {
             self.call_timeout.unwrap_or(defaults.call),
         ));
         lease.validate().map_err(from_lease)?;
+        let lease_assignment_interval = match self.lease_assignment_interval {
+            None => lease.failover_time / 2,
+            Some(d) if d.is_zero() || d > MAX_DURATION => {
+                return Err(invalid(
+                    "lease_assignment_interval",
+                    format!("{d:?} must be greater than zero and at most a week"),
+                ));
+            }
+            Some(d) => d,
+        };
         let max_records = self
             .max_records
             .unwrap_or(limits::MAX_RECORDS_PER_GET_RECORDS);
@@ -566,6 +603,11 @@ impl WorkerConfigBuilder {
             max_prefetch_records,
             max_prefetch_bytes,
             deliver_out_of_range_aggregates: self.deliver_out_of_range_aggregates.unwrap_or(false),
+            client_version_config: self
+                .client_version_config
+                .unwrap_or(ClientVersionConfig::CompatibleWith2x),
+            disable_worker_metrics: self.disable_worker_metrics.unwrap_or(false),
+            lease_assignment_interval,
         })
     }
 }

@@ -84,8 +84,9 @@ pub mod test_util;
 mod worker;
 
 pub use config::{
-    DEFAULT_EVENT_TIMEOUT, DEFAULT_REGISTRATION_TIMEOUT, DEFAULT_SHARD_END_PROBE_INTERVAL,
-    FanOutConfig, InitialPosition, RetrievalConfig, WorkerConfig, WorkerConfigBuilder,
+    ClientVersionConfig, DEFAULT_EVENT_TIMEOUT, DEFAULT_REGISTRATION_TIMEOUT,
+    DEFAULT_SHARD_END_PROBE_INTERVAL, FanOutConfig, InitialPosition, RetrievalConfig, WorkerConfig,
+    WorkerConfigBuilder,
 };
 pub use error::{ConfigError, WorkerError};
 pub use health::{ShardFailure, ShardHealth};

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use kcl_interfaces::RecordProcessorFactory;
 use kcl_lease::coordinator::{Holding, LeaseCoordinator, LeaseEvent};
+use kcl_lease::v3::runtime::{ProtocolConfig, ProtocolHandle, ProtocolRuntime, UtilisationSource};
+
+use crate::config::ClientVersionConfig;
 use kcl_lease::timeouts::within;
 use kcl_lease::{Clock, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom, SystemClock};
 use tokio::sync::{oneshot, watch};
@@ -217,18 +220,24 @@ impl<F: RecordProcessorFactory> Worker<F> {
     /// stream or is not `ACTIVE` within `registration_timeout` fails the start with
     /// [`ConfigError::Invalid`] naming `consumer_arn`.
     ///
-    /// # The Java KCL 3.x mode
+    /// # The lease protocol: KCL 2.x or 3.x
     ///
-    /// Before anything else, and so before the first take, the worker reads
-    /// [`LeaseStore::client_version`] (bounded by `call_timeout`). When it is
-    /// `CLIENT_VERSION_3X` or `CLIENT_VERSION_3X_WITH_ROLLBACK`, the Java workers of the
-    /// application run the 3.x protocol (a leader assigns leases, and the assignee may take
-    /// seconds to renew them), which this worker does not speak: the start fails with
-    /// [`WorkerError::UnsupportedClientVersion`]. Any other value
-    /// (`CLIENT_VERSION_UPGRADE_FROM_2X`, `CLIENT_VERSION_2X`) or none starts normally: in
-    /// those modes the Java workers run the 2.x protocol. They stay there, because a Java
-    /// fleet flips itself to 3.x only once every lease owner writes a worker metrics row
-    /// (`<app>-WorkerMetricStats`), and this worker writes none.
+    /// When the lease store has the KCL 3.x state tables ([`LeaseStore::state_tables`]: a
+    /// DynamoDB store always), the worker creates them if missing, reads the `Migration3.0`
+    /// item of `<app>-CoordinatorState` (writing it when absent, from
+    /// [`WorkerConfig::client_version_config`]) and runs the version stored there, as a
+    /// Java KCL 3.x worker does: `CLIENT_VERSION_UPGRADE_FROM_2X` and `CLIENT_VERSION_2X`
+    /// run the 2.x lease taker, `CLIENT_VERSION_3X_WITH_ROLLBACK` and `CLIENT_VERSION_3X`
+    /// the 3.x protocol (a leader elected with the `Leader` lock item assigns the leases;
+    /// followers find theirs through the lease owner index), switching while it runs when
+    /// the application migrates (see `kcl_lease::v3::runtime`). It writes its
+    /// `<app>-WorkerMetricStats` row in every version but `CLIENT_VERSION_2X`.
+    ///
+    /// Without state tables (a custom store) it runs the 2.x protocol; then an application
+    /// whose stored version is `CLIENT_VERSION_3X` or `CLIENT_VERSION_3X_WITH_ROLLBACK`
+    /// fails the start with [`WorkerError::UnsupportedClientVersion`], and a
+    /// [`ClientVersionConfig::V3x`] configuration with [`ConfigError::Invalid`] naming
+    /// `client_version_config`.
     pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
         let span = info_span!("worker", worker_id = %self.config.worker_id);
         async {
@@ -313,6 +322,12 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 random: self.random.clone(),
                 health: health.clone(),
             };
+            // The KCL 3.x machinery, when the store has its state tables: the version
+            // stored in `Migration3.0` decides whether the taker or the leader assigns.
+            let protocol = match self.store.state_tables() {
+                Some(tables) => Some(self.start_protocol(&coordinator, tables).await?),
+                None => None,
+            };
             let coordinator_handle = coordinator.spawn();
             let (stop_tx, stop_rx) = oneshot::channel();
             let run = WorkerLoop {
@@ -333,6 +348,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 task: Some(task),
                 coordinator,
                 health,
+                protocol,
                 _coordinator_handle: coordinator_handle,
             })
         }
@@ -342,8 +358,21 @@ impl<F: RecordProcessorFactory> Worker<F> {
 }
 
 impl<F> Worker<F> {
-    /// Refuses an application in the Java KCL 3.x mode (see [`Worker::start`]).
+    /// Refuses an application in the Java KCL 3.x mode when the store has no state tables
+    /// (see [`Worker::start`]), and a 3.x configuration on such a store.
     async fn check_client_version(&self) -> Result<(), WorkerError> {
+        if self.store.state_tables().is_some() {
+            return Ok(());
+        }
+        if self.config.client_version_config == ClientVersionConfig::V3x {
+            return Err(ConfigError::Invalid {
+                option: "client_version_config",
+                reason: "CLIENT_VERSION_CONFIG_3X needs the KCL 3.x state tables, and this \
+                         lease store has none"
+                    .to_owned(),
+            }
+            .into());
+        }
         let limit = self.config.call_timeouts().call;
         let version = within(&*self.clock, limit, self.store.client_version())
             .await
@@ -355,7 +384,8 @@ impl<F> Worker<F> {
             Some(client_version) if kcl_lease::client_version::is_3x(&client_version) => {
                 error!(
                     %client_version,
-                    "the application runs the Java KCL 3.x lease protocol; not starting"
+                    "the application runs the Java KCL 3.x lease protocol and this lease store \
+                     has no state tables; not starting"
                 );
                 Err(WorkerError::UnsupportedClientVersion { client_version })
             }
@@ -364,6 +394,55 @@ impl<F> Worker<F> {
                 Ok(())
             }
         }
+    }
+
+    /// Starts the KCL 3.x runtime beside `coordinator` (before its loops run, so the
+    /// taker is already off when the application runs 3.x).
+    async fn start_protocol(
+        &self,
+        coordinator: &Arc<LeaseCoordinator>,
+        tables: kcl_lease::v3::table::StateTables,
+    ) -> Result<ProtocolHandle, WorkerError> {
+        let mut config = ProtocolConfig::new(
+            &self.config.worker_id,
+            self.config.lease.failover_time,
+            self.config.client_version_config,
+        );
+        config.assignment_interval = self.config.lease_assignment_interval;
+        config.call_timeout = self.config.call_timeouts().call.min(config.call_timeout);
+        config.assignment.handoff_timeout = self.config.lease.handoff_timeout;
+        config.assignment.max_leases_for_worker = self.config.lease.max_leases_for_worker;
+        let utilisation: Option<Box<dyn UtilisationSource>> = if self.config.disable_worker_metrics
+        {
+            None
+        } else {
+            match kcl_lease::v3::utilisation::CpuSampler::detect("/") {
+                Ok(sampler) => Some(Box::new(sampler)),
+                Err(err) => {
+                    warn!(error = %err, "no CPU utilisation source; WorkerMetricStats rows carry no metrics");
+                    None
+                }
+            }
+        };
+        let limit = self.config.call_timeouts().call;
+        // Table creation may poll until ACTIVE: bounded by a few call timeouts.
+        let start = ProtocolRuntime::start(
+            coordinator.clone(),
+            self.store.clone(),
+            tables,
+            config,
+            self.config.billing_mode,
+            self.clock.clone(),
+            self.random.clone(),
+            utilisation,
+        );
+        let bound = limit.saturating_mul(6);
+        Ok(within(&*self.clock, bound, start)
+            .await
+            .unwrap_or(Err(LeaseError::Timeout {
+                operation: "start_protocol",
+                after: bound,
+            }))?)
     }
 }
 
@@ -399,6 +478,7 @@ pub struct WorkerHandle {
     task: Option<tokio::task::JoinHandle<ShutdownReport>>,
     coordinator: Arc<LeaseCoordinator>,
     health: Arc<HealthRegistry>,
+    protocol: Option<ProtocolHandle>,
     _coordinator_handle: kcl_lease::coordinator::CoordinatorHandle,
 }
 
@@ -420,6 +500,24 @@ impl WorkerHandle {
         self.coordinator.held_leases()
     }
 
+    /// The client version this worker runs now (`None`: its lease store has no KCL 3.x
+    /// state tables, so it runs the 2.x protocol and follows no migration).
+    pub fn client_version(&self) -> Option<kcl_lease::v3::migration::ClientVersion> {
+        self.protocol.as_ref().map(ProtocolHandle::client_version)
+    }
+
+    /// Whether this worker is the 3.x leader (holds the `Leader` lock) now.
+    pub fn is_leader(&self) -> bool {
+        self.protocol
+            .as_ref()
+            .is_some_and(ProtocolHandle::is_leader)
+    }
+
+    /// The 3.x runtime's handle (`None` without state tables), for its counters.
+    pub fn protocol(&self) -> Option<&ProtocolHandle> {
+        self.protocol.as_ref()
+    }
+
     /// Graceful shutdown: every processor gets `ShutdownReason::Requested` (and may
     /// checkpoint), the worker waits at most `shutdown_grace`, releases its leases, and
     /// returns once no processor callback can run any more.
@@ -428,6 +526,11 @@ impl WorkerHandle {
     /// lease store hangs: every step is bounded, and the leases it could not release are
     /// named in [`ShutdownReport::leases_not_released`].
     pub async fn shutdown(mut self) -> Result<ShutdownReport, WorkerError> {
+        // The 3.x tasks first: no lease is adopted or assigned from now on, and the leader
+        // lock is released (one bounded call) so another worker leads at once.
+        if let Some(protocol) = &self.protocol {
+            protocol.stop().await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -441,6 +544,9 @@ impl WorkerHandle {
     /// crash would (other workers take the leases after `failover_time`). For tests and
     /// simulations.
     pub async fn abort(mut self) {
+        if let Some(protocol) = &self.protocol {
+            protocol.abort();
+        }
         // Abort before the stop sender is dropped: a dropped sender would read as a request
         // for graceful shutdown.
         if let Some(task) = self.task.take() {
@@ -463,6 +569,9 @@ impl Drop for WorkerHandle {
         // A dropped handle stops the worker abruptly (no release): consumers are aborted.
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        if let Some(protocol) = &self.protocol {
+            protocol.abort();
         }
     }
 }

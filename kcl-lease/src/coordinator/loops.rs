@@ -137,6 +137,30 @@ pub(super) async fn take_loop(
     // The first pass discovers the fleet (see the module docs, "Fast balance").
     let mut discovery = true;
     loop {
+        // Off in the 3.x protocol: wait until the taker is switched on again.
+        let enabled = {
+            let Some(this) = coordinator.upgrade() else {
+                return;
+            };
+            let mut enabled = this.taker_enabled.subscribe();
+            drop(this);
+            if *enabled.borrow_and_update() {
+                None
+            } else {
+                Some(enabled)
+            }
+        };
+        if let Some(mut enabled) = enabled {
+            tokio::select! {
+                _ = enabled.wait_for(|on| *on) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            discovery = true;
+            continue;
+        }
         let sleep = {
             let Some(this) = coordinator.upgrade() else {
                 return;

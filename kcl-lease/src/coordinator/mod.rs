@@ -266,6 +266,7 @@
 //! [`Holding`]), `fenced` (the fenced writes), `renewer`, `taker` (the pass and its
 //! planning), `release`, `loops` (spawning and stopping the two loops), `config`.
 
+mod assigned;
 mod config;
 mod events;
 mod fenced;
@@ -284,6 +285,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use tokio::sync::mpsc;
 
+pub use self::assigned::DiscoveryReport;
 pub use self::config::{
     DEFAULT_FAILOVER_TIME, DEFAULT_HANDOFF_TIMEOUT, LeaseCoordinatorConfig, MAX_FAILOVER_TIME,
     MAX_HANDOFF_TIMEOUT, MIN_FAILOVER_TIME,
@@ -317,6 +319,8 @@ pub struct LeaseCoordinator {
     /// Set once `events()` handed the receiver out: events are only queued from then on.
     events_taken: std::sync::atomic::AtomicBool,
     loops: Mutex<Option<Loops>>,
+    /// Whether the taker loop takes (2.x) or sleeps (3.x: the leader assigns).
+    taker_enabled: tokio::sync::watch::Sender<bool>,
 }
 
 impl fmt::Debug for LeaseCoordinator {
@@ -360,6 +364,7 @@ impl LeaseCoordinator {
             events_rx: Mutex::new(Some(events_rx)),
             events_taken: std::sync::atomic::AtomicBool::new(false),
             loops: Mutex::new(None),
+            taker_enabled: tokio::sync::watch::Sender::new(true),
         }))
     }
 

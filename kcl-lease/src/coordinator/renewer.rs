@@ -8,7 +8,7 @@ use crate::LeaseError;
 use crate::timeouts::within;
 
 /// What happened to one lease in a renewal round.
-enum RenewOutcome {
+pub(super) enum RenewOutcome {
     Renewed,
     Skipped,
     Failed,
@@ -39,6 +39,16 @@ impl LeaseCoordinator {
     }
 
     async fn renew_lease(&self, key: &str) -> RenewOutcome {
+        self.renew_lease_with(key, false).await
+    }
+
+    /// Renews `key` now, even if it was written a moment ago (a lease just adopted from
+    /// the leader's assignment: the renewal shows the leader that its assignee is alive).
+    pub(super) async fn renew_lease_now(&self, key: &str) -> RenewOutcome {
+        self.renew_lease_with(key, true).await
+    }
+
+    async fn renew_lease_with(&self, key: &str, force: bool) -> RenewOutcome {
         let Some((generation, write_lock)) = self.held_entry(key) else {
             return RenewOutcome::NotHeld;
         };
@@ -68,7 +78,7 @@ impl LeaseCoordinator {
         };
         let now = self.clock.now();
         let since_write = now.saturating_duration_since(last_write);
-        if since_write < self.config.renew_interval() / 2 {
+        if !force && since_write < self.config.renew_interval() / 2 {
             return RenewOutcome::Skipped;
         }
         let sample = self.throughput_sample(key, generation, now);

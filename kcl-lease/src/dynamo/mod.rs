@@ -691,6 +691,64 @@ impl LeaseStore for DynamoLeaseStore {
         Ok(self.describe_status().await?.is_some())
     }
 
+    async fn lease_keys_of_owner(&self, owner: &str) -> Result<Vec<String>, LeaseError> {
+        // Each page is bounded by the caller (the coordinator bounds every store call).
+        crate::v3::dynamo::LeaseOwnerIndex::new(
+            self.client.clone(),
+            self.table_name.clone(),
+            self.clock.clone(),
+            crate::timeouts::DEFAULT_CALL_TIMEOUT,
+        )
+        .lease_keys_of(owner)
+        .await
+    }
+
+    async fn lease_owner_index_active(&self) -> Result<bool, LeaseError> {
+        match self
+            .client
+            .describe_table()
+            .table_name(&self.table_name)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.table().is_some_and(|t| {
+                t.global_secondary_indexes().iter().any(|g| {
+                    g.index_name() == Some(LEASE_OWNER_INDEX)
+                        && g.index_status() == Some(&aws_sdk_dynamodb::types::IndexStatus::Active)
+                })
+            })),
+            Err(err) => match self.map_err(err, None) {
+                LeaseError::TableMissing { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    fn state_tables(&self) -> Option<crate::v3::table::StateTables> {
+        use crate::v3::dynamo::DynamoStateTable;
+        use crate::v3::table::{
+            COORDINATOR_STATE_KEY, WORKER_METRIC_STATS_KEY, worker_metric_stats_table_name,
+        };
+        Some(crate::v3::table::StateTables {
+            coordinator_state: Arc::new(
+                DynamoStateTable::new(
+                    self.client.clone(),
+                    self.coordinator_state_table_name(),
+                    COORDINATOR_STATE_KEY,
+                )
+                .with_clock(self.clock.clone()),
+            ),
+            worker_metrics: Arc::new(
+                DynamoStateTable::new(
+                    self.client.clone(),
+                    worker_metric_stats_table_name(&self.table_name),
+                    WORKER_METRIC_STATS_KEY,
+                )
+                .with_clock(self.clock.clone()),
+            ),
+        })
+    }
+
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
         match self.update(LeaseWrite::Create { lease }).await {
             Ok(_) => Ok(true),

@@ -99,11 +99,14 @@ pub enum LeaseOperation {
     InitiateHandoff,
     /// [`LeaseStore::complete_handoff`].
     CompleteHandoff,
+    /// [`LeaseStore::lease_keys_of_owner`] (the lease owner index query; its `reads`
+    /// count the index entries returned).
+    QueryOwnerIndex,
 }
 
 impl LeaseOperation {
     /// Every operation, in declaration order.
-    pub const ALL: [LeaseOperation; 16] = [
+    pub const ALL: [LeaseOperation; 17] = [
         LeaseOperation::CreateTable,
         LeaseOperation::TableExists,
         LeaseOperation::CreateLease,
@@ -120,6 +123,7 @@ impl LeaseOperation {
         LeaseOperation::ResetCheckpoint,
         LeaseOperation::InitiateHandoff,
         LeaseOperation::CompleteHandoff,
+        LeaseOperation::QueryOwnerIndex,
     ];
 
     /// The trait method's name, e.g. `renew_lease`.
@@ -141,6 +145,7 @@ impl LeaseOperation {
             LeaseOperation::ResetCheckpoint => "reset_checkpoint",
             LeaseOperation::InitiateHandoff => "initiate_handoff",
             LeaseOperation::CompleteHandoff => "complete_handoff",
+            LeaseOperation::QueryOwnerIndex => "lease_keys_of_owner",
         }
     }
 
@@ -279,6 +284,9 @@ pub struct InMemoryLeaseStore {
     table_name: String,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    state_tables: Option<crate::v3::table::StateTables>,
+    coordinator_state: Option<crate::v3::memory::InMemoryStateTable>,
+    worker_metrics: Option<crate::v3::memory::InMemoryStateTable>,
 }
 
 impl fmt::Debug for InMemoryLeaseStore {
@@ -320,7 +328,47 @@ impl InMemoryLeaseStore {
                 stats: LeaseStoreStats::default(),
                 client_version: None,
             }),
+            state_tables: None,
+            coordinator_state: None,
+            worker_metrics: None,
         }
+    }
+
+    /// Gives the store its KCL 3.x state tables (`<table>-CoordinatorState` and
+    /// `<table>-WorkerMetricStats`, in memory, not created yet), as a DynamoDB lease store
+    /// has them: workers on it can then run the 3.x protocol and follow a migration. Its
+    /// [`LeaseStore::client_version`] then reads the `Migration3.0` item.
+    pub fn with_state_tables(mut self) -> Self {
+        use crate::v3::memory::InMemoryStateTable;
+        use crate::v3::table::{
+            COORDINATOR_STATE_KEY, WORKER_METRIC_STATS_KEY, coordinator_state_table_name,
+            worker_metric_stats_table_name,
+        };
+        let coordinator = InMemoryStateTable::new(
+            coordinator_state_table_name(&self.table_name),
+            COORDINATOR_STATE_KEY,
+        );
+        let metrics = InMemoryStateTable::new(
+            worker_metric_stats_table_name(&self.table_name),
+            WORKER_METRIC_STATS_KEY,
+        );
+        self.state_tables = Some(crate::v3::table::StateTables {
+            coordinator_state: Arc::new(coordinator.clone()),
+            worker_metrics: Arc::new(metrics.clone()),
+        });
+        self.coordinator_state = Some(coordinator);
+        self.worker_metrics = Some(metrics);
+        self
+    }
+
+    /// The in-memory `<table>-CoordinatorState` table ([`InMemoryLeaseStore::with_state_tables`]).
+    pub fn coordinator_state_table(&self) -> Option<&crate::v3::memory::InMemoryStateTable> {
+        self.coordinator_state.as_ref()
+    }
+
+    /// The in-memory `<table>-WorkerMetricStats` table ([`InMemoryLeaseStore::with_state_tables`]).
+    pub fn worker_metrics_table(&self) -> Option<&crate::v3::memory::InMemoryStateTable> {
+        self.worker_metrics.as_ref()
     }
 
     /// Starts with an empty pay-per-request table already created.
@@ -720,7 +768,45 @@ impl LeaseStore for InMemoryLeaseStore {
 
     async fn client_version(&self) -> Result<Option<String>, LeaseError> {
         self.begin(LeaseOperation::ClientVersion, None).await?;
+        if let Some(table) = &self.coordinator_state {
+            use crate::v3::table::StateTable;
+            if let Ok(Some(item)) = table.get(crate::v3::migration::MIGRATION_KEY).await {
+                let cv = item
+                    .get(crate::v3::migration::attr::CLIENT_VERSION)
+                    .and_then(crate::v3::item::Value::as_s)
+                    .map(str::to_owned);
+                if cv.is_some() {
+                    return Ok(cv);
+                }
+            }
+        }
         Ok(self.lock().client_version.clone())
+    }
+
+    async fn lease_keys_of_owner(&self, owner: &str) -> Result<Vec<String>, LeaseError> {
+        let operation = LeaseOperation::QueryOwnerIndex;
+        self.begin(operation, None).await?;
+        let mut state = self.lock();
+        let State { table, stats, .. } = &mut *state;
+        let table = table.as_ref().ok_or_else(|| self.table_missing())?;
+        let keys: Vec<String> = table
+            .rows
+            .values()
+            .filter(|l| l.lease_owner.as_deref() == Some(owner))
+            .map(|l| l.lease_key.clone())
+            .collect();
+        // Counted by the entries returned, like a KEYS_ONLY index query's items.
+        stats.operations.entry(operation).or_default().reads += keys.len() as u64;
+        Ok(keys)
+    }
+
+    async fn lease_owner_index_active(&self) -> Result<bool, LeaseError> {
+        self.begin(LeaseOperation::TableExists, None).await?;
+        Ok(self.lock().table.is_some())
+    }
+
+    fn state_tables(&self) -> Option<crate::v3::table::StateTables> {
+        self.state_tables.clone()
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {

@@ -846,6 +846,7 @@ mod tests {
             last_update_time: Some(NOW_SECS - 5),
             metric_stats: BTreeMap::from([("C".into(), values.to_vec())]),
             operating_range: BTreeMap::from([("C".into(), vec![100])]),
+            report_interval_ms: None,
         }
     }
 
@@ -855,6 +856,7 @@ mod tests {
             last_update_time: Some(NOW_SECS - 5),
             metric_stats: BTreeMap::new(),
             operating_range: BTreeMap::new(),
+            report_interval_ms: None,
         }
     }
 

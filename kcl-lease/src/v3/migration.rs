@@ -696,6 +696,7 @@ mod tests {
             last_update_time: Some(lut),
             metric_stats: BTreeMap::new(),
             operating_range: BTreeMap::new(),
+            report_interval_ms: None,
         }
     }
 

@@ -2,11 +2,11 @@
 //! the leader lock, the migration state machine, the worker utilisation sampler and a pure
 //! lease assignment planner.
 //!
-//! **Nothing here runs in the worker yet.** This is a library that a later change wires
-//! into the worker and the lease coordinator. In particular nothing writes a
-//! `<app>-WorkerMetricStats` row at run time: a row of ours would make a Java leader in
-//! `CLIENT_VERSION_UPGRADE_FROM_2X` count our worker as ready for 3.x (and so flip the
-//! application to 3.x) before our workers can run the 3.x protocol.
+//! [`runtime::ProtocolRuntime`] runs it beside a worker's lease coordinator: the worker
+//! starts it whenever its lease store has state tables
+//! ([`crate::LeaseStore::state_tables`]: a DynamoDB store always, the in-memory one when
+//! asked), whatever the configured [`migration::ClientVersionConfig`]; the version stored
+//! in `Migration3.0` then decides the protocol, as for a Java worker.
 //!
 //! | module | what |
 //! |---|---|
@@ -20,6 +20,8 @@
 //! | [`migration`] | the `Migration3.0` item, the client versions and the pure transition rules |
 //! | [`assignment`] | the leader's assignment planner: unassigned and expired first, then balance by utilisation and throughput |
 //! | [`discovery`] | the follower's discovery of its assigned leases through the lease owner index |
+//! | [`election`] | the Java KCL's 2.x-mode leader (deterministic shuffle), who checks readiness for 3.x |
+//! | [`runtime`] | the tasks a worker runs: reporter, leader lock, assignment, discovery, migration monitor |
 //!
 //! # The Java KCL 3.x protocol, as read from its source
 //!
@@ -166,11 +168,13 @@ pub mod assignment;
 pub mod discovery;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
+pub mod election;
 pub mod item;
 pub mod lock;
 #[cfg(feature = "test-util")]
 pub mod memory;
 pub mod migration;
+pub mod runtime;
 pub mod table;
 pub mod utilisation;
 pub mod worker_metrics;

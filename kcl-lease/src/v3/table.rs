@@ -122,6 +122,15 @@ pub trait StateTable: Send + Sync + Debug {
 }
 
 /// The key of `item` in a table whose key attribute is `key_attribute`.
+/// The two KCL 3.x state tables of one application, next to its lease table.
+#[derive(Clone, Debug)]
+pub struct StateTables {
+    /// `<app>-CoordinatorState` (key `key`): the `Migration3.0` and `Leader` items.
+    pub coordinator_state: std::sync::Arc<dyn StateTable>,
+    /// `<app>-WorkerMetricStats` (key `wid`): one row per worker.
+    pub worker_metrics: std::sync::Arc<dyn StateTable>,
+}
+
 pub(crate) fn item_key<'a>(item: &'a Item, key_attribute: &str) -> Result<&'a str, LeaseError> {
     item.get(key_attribute)
         .and_then(Value::as_s)

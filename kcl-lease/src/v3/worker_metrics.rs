@@ -34,6 +34,8 @@ pub mod attr {
     pub const METRIC_STATS: &str = "sts";
     /// `opr` (M of L of N): the operating range.
     pub const OPERATING_RANGE: &str = "opr";
+    /// How often the worker writes the row, in ms (written by our workers only).
+    pub const REPORT_INTERVAL: &str = "ri";
 }
 
 /// The short names of the worker metrics.
@@ -78,6 +80,11 @@ pub struct WorkerMetricStats {
     pub metric_stats: BTreeMap<String, Vec<f64>>,
     /// `opr`: per metric, `[max utilisation]`.
     pub operating_range: BTreeMap<String, Vec<i64>>,
+    /// `ri` (ours, not the Java KCL's, which ignores it): how often the worker writes its
+    /// row, in milliseconds. A leader of ours judges such a row stale after two of these
+    /// instead of two 30 s reports, so a crashed worker of ours stops receiving leases
+    /// seconds after its last report, not a minute.
+    pub report_interval_ms: Option<u64>,
 }
 
 impl WorkerMetricStats {
@@ -128,6 +135,12 @@ impl WorkerMetricStats {
             })
             .collect();
         out.push((attr::OPERATING_RANGE, Value::M(opr)));
+        if let Some(ms) = self.report_interval_ms {
+            out.push((
+                attr::REPORT_INTERVAL,
+                Value::int(i64::try_from(ms).unwrap_or(i64::MAX)),
+            ));
+        }
         out
     }
 
@@ -149,11 +162,16 @@ impl WorkerMetricStats {
         };
         let metric_stats = number_lists(&r, attr::METRIC_STATS, parse_float)?;
         let operating_range = number_lists(&r, attr::OPERATING_RANGE, parse_int)?;
+        let report_interval_ms = match r.get(attr::REPORT_INTERVAL) {
+            None | Some(Value::Null) => None,
+            Some(_) => u64::try_from(r.int(attr::REPORT_INTERVAL)?).ok(),
+        };
         Ok(Self {
             worker_id,
             last_update_time,
             metric_stats,
             operating_range,
+            report_interval_ms,
         })
     }
 
@@ -203,8 +221,14 @@ impl WorkerMetricStats {
     /// Counted by a leader at `now_secs`: valid, fresh within `2 × report_interval`, and
     /// not failing.
     pub fn is_active(&self, now_secs: i64, report_interval: Duration) -> bool {
+        // A row that says how often it is written is judged by that (in whole seconds and
+        // one more, as `lut` is in seconds); any other row as the Java leader does.
+        let max_age = match self.report_interval_ms.map(Duration::from_millis) {
+            Some(own) if own < report_interval => (own * STALE_AFTER_REPORTS).as_secs() + 1,
+            _ => (report_interval * STALE_AFTER_REPORTS).as_secs(),
+        };
         self.is_valid()
-            && self.is_fresh(now_secs, report_interval * STALE_AFTER_REPORTS)
+            && self.is_fresh(now_secs, Duration::from_secs(max_age))
             && !self.is_failing()
     }
 
@@ -343,6 +367,7 @@ impl MetricStatsRecorder {
                 .iter()
                 .map(|(k, max)| (k.clone(), vec![*max]))
                 .collect(),
+            report_interval_ms: None,
         }
     }
 }
@@ -446,6 +471,7 @@ mod tests {
             last_update_time: Some(1_000),
             metric_stats: BTreeMap::from([("C".into(), values.to_vec())]),
             operating_range: BTreeMap::from([("C".into(), vec![100])]),
+            report_interval_ms: None,
         }
     }
 

@@ -115,6 +115,17 @@ impl Fleet {
         self
     }
 
+    /// Gives the in-memory lease store its KCL 3.x state tables
+    /// ([`InMemoryLeaseStore::with_state_tables`]): the workers then run the version stored
+    /// in `Migration3.0` (3.x with [`crate::ClientVersionConfig::V3x`]). Call it before
+    /// [`Fleet::with_workers_lease_store`].
+    pub fn with_state_tables(mut self) -> Self {
+        let store = Arc::new(InMemoryLeaseStore::new().with_state_tables());
+        self.store = store.clone();
+        self.workers_store = store;
+        self
+    }
+
     /// Sets the application name (`app` by default).
     pub fn with_application(mut self, application: impl Into<String>) -> Self {
         self.application = application.into();
