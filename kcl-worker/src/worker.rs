@@ -331,6 +331,9 @@ impl<F: RecordProcessorFactory> Worker<F> {
             let coordinator_handle = coordinator.spawn();
             let (stop_tx, stop_rx) = oneshot::channel();
             let run = WorkerLoop {
+                protocol: protocol
+                    .as_ref()
+                    .map(|p| (p.watch_client_version(), p.watch_leader())),
                 ctx,
                 factory: self.factory,
                 consumers: JoinSet::new(),
@@ -578,6 +581,11 @@ impl Drop for WorkerHandle {
 
 struct WorkerLoop<F> {
     ctx: ConsumerContext,
+    /// The 3.x runtime's client version and leadership (`None` without state tables).
+    protocol: Option<(
+        watch::Receiver<kcl_lease::v3::migration::ClientVersion>,
+        watch::Receiver<bool>,
+    )>,
     factory: Arc<F>,
     consumers: JoinSet<Outcome>,
     /// lease key -> signal sender of its running consumer
@@ -622,6 +630,14 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 // handled while it lists shards and scans the table.
                 // A failed sync is retried with a back-off inside its task.
                 _ = &mut next_sync, if syncing.is_empty() => {
+                    // In 3.x only the leader syncs shards periodically (as the Java KCL):
+                    // a follower's sync would scan the whole table, so the fleet's reads
+                    // would grow with its size. Children of a finished shard are created by
+                    // its consumer either way.
+                    if !self.syncs_shards() {
+                        next_sync = self.ctx.clock.sleep(sync_interval);
+                        continue;
+                    }
                     let syncer = self.ctx.syncer.clone();
                     let clock = self.ctx.clock.clone();
                     let mut backoff = Backoff::new(
@@ -653,6 +669,15 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             }
         }
         self.graceful_shutdown().await
+    }
+
+    /// Whether this worker runs the periodic shard sync: always in 2.x, only as the leader
+    /// in 3.x.
+    fn syncs_shards(&self) -> bool {
+        self.protocol.as_ref().is_none_or(|(version, leader)| {
+            version.borrow().protocol().assignment != kcl_lease::v3::migration::Assignment::Leader
+                || *leader.borrow()
+        })
     }
 
     fn gained(&mut self, lease: Lease) {

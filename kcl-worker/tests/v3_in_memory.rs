@@ -29,6 +29,7 @@ fn fleet(shards: u32, version: ClientVersionConfig) -> Fleet {
                 .shard_sync_interval(Duration::from_secs(5))
                 .parent_shard_poll_interval(Duration::from_millis(500))
                 .client_version_config(version)
+                .disable_worker_metrics(true)
         })
 }
 
@@ -187,4 +188,64 @@ async fn a_3x_fleet_of_ours_is_led_assigned_balanced_and_fails_over() {
     .unwrap();
     assert_eq!(env.delivered_payloads(), expected);
     println!("start to first record {first_record:?}, leader failover {failover:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_2x_compatible_fleet_of_ours_moves_itself_to_3x_after_ten_ready_minutes() {
+    let env = fleet(4, ClientVersionConfig::CompatibleWith2x);
+    let mut expected = put(&env, "m", 100);
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    let (w2, _) = env.start("w2", Behaviour::new()).await.unwrap();
+    for w in [&w1, &w2] {
+        assert_eq!(w.client_version(), Some(ClientVersion::UpgradeFrom2x));
+        assert!(!w.is_leader());
+    }
+    env.wait_until("every record in 2.x", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == expected.len()
+    })
+    .await
+    .unwrap();
+    // Every owner writes a fresh row and the index is active: after ten minutes of that
+    // the 2.x leader (the Java KCL's deterministic shuffle) writes 3X_WITH_ROLLBACK, and
+    // both follow within a change-monitor period.
+    let started = Instant::now();
+    env.wait_until("both in 3.x", Duration::from_secs(15 * 60), |_| {
+        [&w1, &w2]
+            .iter()
+            .all(|w| w.client_version() == Some(ClientVersion::V3xWithRollback))
+    })
+    .await
+    .unwrap();
+    let flipped_after = started.elapsed();
+    assert!(
+        flipped_after >= Duration::from_secs(9 * 60),
+        "{flipped_after:?}"
+    );
+    let state = env.store().coordinator_state_table().unwrap();
+    let migration = state.peek("Migration3.0").unwrap();
+    assert_eq!(
+        migration.get("cv").and_then(|v| v.as_s()),
+        Some("CLIENT_VERSION_3X_WITH_ROLLBACK")
+    );
+    // The history keeps the previous version.
+    assert!(matches!(migration.get("h"), Some(kcl_lease::v3::item::Value::L(h)) if h.len() == 1));
+    env.wait_until("one leader", Duration::from_secs(30), |_| {
+        leaders(&[&w1, &w2]).len() == 1
+    })
+    .await
+    .unwrap();
+    // Records keep flowing, nothing twice: the leases stayed held across the switch.
+    expected.extend(put(&env, "n", 100));
+    env.wait_until("every record in 3.x", Duration::from_secs(60), |e| {
+        e.delivered_payloads().len() == expected.len()
+    })
+    .await
+    .unwrap();
+    assert_eq!(env.delivered_payloads(), expected);
+    assert_eq!(
+        env.log().delivered_count(),
+        expected.len(),
+        "a record was delivered twice"
+    );
+    println!("moved to 3.x {flipped_after:?} after the fleet was up");
 }
