@@ -1,7 +1,10 @@
 //! Leases for the Kinesis Client Library: the lease model, the [`LeaseStore`] trait with
 //! its DynamoDB implementation (`dynamo::DynamoLeaseStore`, the Java KCL 2.x table layout,
 //! behind the default-on `dynamodb` feature), and the [`coordinator::LeaseCoordinator`] that renews, takes, hands over
-//! (the Java KCL 3.x graceful handoff) and releases leases.
+//! (the Java KCL 3.x graceful handoff) and releases leases; and [`v3`], the Java KCL 3.x
+//! protocol (leader election with the `Leader` lock item, leader-run lease assignment,
+//! WorkerMetricStats rows, follower discovery through the lease owner index, the
+//! `Migration3.0` state machine), run beside the coordinator by [`v3::runtime`].
 //!
 //! Every write is a conditional update fenced on the lease counter (and owner): a worker
 //! that lost a lease can never overwrite the new owner's checkpoint. Expiry is judged

@@ -2,8 +2,9 @@
 //!
 //! A [`Worker`] lists the stream's shards, keeps a lease per shard in the lease table
 //! (DynamoDB, compatible with the Java KCL 2.x), shares the leases with the other workers
-//! of the application through the lease coordinator, and runs one record processor per
-//! lease it holds: polling the shard, deaggregating KPL records, and checkpointing through
+//! of the application (by the Java KCL 2.x lease taker, or in the KCL 3.x protocol by a
+//! leader's assignment: [`WorkerConfig::client_version_config`]), and runs one record
+//! processor per lease it holds: polling the shard, deaggregating KPL records, and checkpointing through
 //! a fenced [`kcl_interfaces::Checkpointer`].
 //!
 //! AWS SDK types appear only in [`aws`]; everything else speaks this crate's own types, so

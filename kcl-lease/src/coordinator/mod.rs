@@ -140,9 +140,9 @@
 //!
 //! # Fast balance: the discovery pass
 //!
-//! A worker that holds no lease is invisible to the others in the 2.x table (no
-//! `<app>-WorkerMetricStats` row is written: a Java KCL 3.x leader would count such a row
-//! as a 3.x-ready worker). So the taker loop's first pass (the *discovery pass*) takes, or
+//! A worker that holds no lease is invisible to other 2.x takers (they read the lease
+//! table only; the `<app>-WorkerMetricStats` rows of `crate::v3` are for a 3.x leader). So
+//! the taker loop's first pass (the *discovery pass*) takes, or
 //! asks for, one lease at most, which makes the worker visible, and the next pass runs
 //! [`LeaseCoordinatorConfig::discovery_delay`] (`failover_time / 5`) later: workers that
 //! started within that time of each other see each other then and take fair shares at
@@ -172,6 +172,16 @@
 //!    steal. An owner that does not know the protocol (a Java KCL 2.x worker, which renews on
 //!    the counter alone and never looks at `checkpointOwner`) keeps processing until then:
 //!    with it a handoff degrades to a steal after `handoff_timeout`.
+//!
+//! # The 3.x protocol
+//!
+//! In the KCL 3.x protocol (see `crate::v3::runtime`) a leader assigns the leases and the
+//! taker loop sleeps ([`LeaseCoordinator::set_taker_enabled`]). The worker instead finds the
+//! leases assigned to it with [`LeaseCoordinator::discover_assigned`] (the lease owner index,
+//! then a consistent read of each new key) and adopts each one still naming it as owner
+//! without a pending handoff: it joins the held set as read and is renewed at once. From
+//! then on renewal, checkpoints, a graceful handoff asked for by the leader and release are
+//! the same as in 2.x.
 //!
 //! # Failover time
 //!
