@@ -16,6 +16,12 @@
 //! Timing: the Java taker runs every `2 x (failover + 25 ms)`; ours every `failover / 2`. A
 //! crashed worker's leases are expired `failover` after the other side last saw its counter
 //! move, so the other side takes them within `1.5 x failover + its take interval`.
+//!
+//! Sections a to e run the 2.x protocol on both sides (the Java workers in
+//! `CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X`, ours compatible with 2.x); section f the 3.x
+//! protocol (a leader elected with the `Leader` lock item assigns the leases): mixed fleets led
+//! by either side, a crash and a graceful stop of the leader, and the migration of a running
+//! 2.x-compatible fleet to 3.x. Each scenario prints how long it took when it ends.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -25,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{
@@ -37,6 +44,8 @@ use bytes::Bytes;
 use kcl_interfaces::ShutdownReason;
 use kcl_kpl::{Aggregator, ExtendedSequenceNumber, SequenceNumber};
 use kcl_lease::dynamo::DynamoLeaseStore;
+use kcl_lease::v3::dynamo::DynamoStateTable;
+use kcl_lease::v3::migration::{self, ClientVersion as StoredVersion};
 use kcl_lease::{Lease, LeaseStore};
 use kcl_testkit::emulators::{
     KinesisAndDynamoDb, dynamodb_client, kinesis_client, shared_kinesis_and_dynamodb,
@@ -47,7 +56,9 @@ use kcl_testkit::java_kcl::{
 use kcl_testkit::recording::{Behaviour, Event, EventLog, RecordingFactory};
 use kcl_worker::aws::AwsStreamClient;
 use kcl_worker::stream::StreamClient;
-use kcl_worker::{InitialPosition, Worker, WorkerConfig, WorkerConfigBuilder, WorkerHandle};
+use kcl_worker::{
+    ClientVersionConfig, InitialPosition, Worker, WorkerConfig, WorkerConfigBuilder, WorkerHandle,
+};
 
 /// Both sides' failover time.
 const FAILOVER: Duration = Duration::from_secs(3);
@@ -120,6 +131,14 @@ struct Env {
     log: EventLog,
     /// The Java workers started so far, by id (kept to read their logs after they stop).
     java_logs: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    /// When the scenario began (its time is printed when it ends).
+    started: Instant,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        println!("[{}] scenario took {:?}", self.name, self.started.elapsed());
+    }
 }
 
 impl Env {
@@ -127,6 +146,7 @@ impl Env {
     /// 3.1.3 creates it (with its GSI).
     async fn new(name: &str, shards: i32, with_table: bool) -> Self {
         init_logging();
+        let started = Instant::now();
         let emulators = tokio::task::block_in_place(emulators);
         let kinesis = kinesis_client(emulators.kinesis.endpoint());
         let dynamodb = dynamodb_client(emulators.dynamodb.endpoint());
@@ -145,6 +165,7 @@ impl Env {
             dynamodb,
             log: EventLog::new(),
             java_logs: std::sync::Mutex::new(Vec::new()),
+            started,
         };
         env.wait_active().await;
         if with_table {
@@ -253,42 +274,7 @@ impl Env {
     }
 
     async fn put(&self, entries: &[(String, Option<String>, Bytes)]) {
-        for chunk in entries.chunks(500) {
-            let mut pending: Vec<&(String, Option<String>, Bytes)> = chunk.iter().collect();
-            let mut attempts = 0;
-            while !pending.is_empty() {
-                attempts += 1;
-                assert!(attempts <= 10, "PutRecords kept failing");
-                let records = pending
-                    .iter()
-                    .map(|(key, hash, data)| {
-                        PutRecordsRequestEntry::builder()
-                            .partition_key(key)
-                            .set_explicit_hash_key(hash.clone())
-                            .data(Blob::new(data.to_vec()))
-                            .build()
-                            .unwrap()
-                    })
-                    .collect();
-                let output = self
-                    .kinesis
-                    .put_records()
-                    .stream_name(&self.name)
-                    .set_records(Some(records))
-                    .send()
-                    .await
-                    .unwrap();
-                pending = pending
-                    .into_iter()
-                    .zip(output.records())
-                    .filter(|(_, r)| r.error_code().is_some())
-                    .map(|(e, _)| e)
-                    .collect();
-                if !pending.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        put_entries(&self.kinesis, &self.name, entries).await;
     }
 
     /// Puts `n` plain records `<prefix>-NNNN` under 23 partition keys.
@@ -583,6 +569,50 @@ impl Env {
             println!("[{}] known gap (throughputKBps): {gaps:?}", self.name);
         }
         gaps
+    }
+}
+
+/// PutRecords of `entries` (partition key, explicit hash key, data) into `stream`, 500 at a
+/// time, retrying the records that failed.
+async fn put_entries(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    entries: &[(String, Option<String>, Bytes)],
+) {
+    for chunk in entries.chunks(500) {
+        let mut pending: Vec<&(String, Option<String>, Bytes)> = chunk.iter().collect();
+        let mut attempts = 0;
+        while !pending.is_empty() {
+            attempts += 1;
+            assert!(attempts <= 10, "PutRecords kept failing");
+            let records = pending
+                .iter()
+                .map(|(key, hash, data)| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(key)
+                        .set_explicit_hash_key(hash.clone())
+                        .data(Blob::new(data.to_vec()))
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let output = kinesis
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(records))
+                .send()
+                .await
+                .unwrap();
+            pending = pending
+                .into_iter()
+                .zip(output.records())
+                .filter(|(_, r)| r.error_code().is_some())
+                .map(|(e, _)| e)
+                .collect();
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
@@ -1376,7 +1406,36 @@ impl Env {
 }
 
 // ---------------------------------------------------------------------------------------------
-// f. The Java KCL in its 3.x mode.
+// f. The KCL 3.x protocol: mixed fleets of ours and the Java KCL in its 3.x mode.
+//
+// Notes that shape these scenarios (from the Java KCL 3.1.3 source, restated):
+// * The Java workers here run with `disableWorkerMetrics` (their CPU source needs a metadata
+//   service), so their WorkerMetricStats rows have empty maps: "default-metric" rows, which
+//   both leaders balance by the synthetic throughput metric `T`. Both leaders average each
+//   metric over the workers that report it, so a fleet where ours reports CPU and Java
+//   nothing never balances (each side sits at its own metric's average). Our workers in the
+//   3.x mixed fleets therefore run with `disable_worker_metrics` too.
+// * A Java leader derives `T` from the leases' `throughputKBps` and balances only while some
+//   lease reports throughput: records flow through every scenario ([`Producer`]), spread
+//   evenly over the shards by explicit hash keys.
+// * A Java follower looks at the leader lock at most once per lock heartbeat period (30 s)
+//   and takes over an item whose record version number stood still for the item's
+//   `leaseDuration` since it first saw it: a crashed leader of ours (item duration = our
+//   failover time) is replaced after 30 to 60 s. A crashed Java leader writes 120 s: ours
+//   would wait that long, so the crash case crashes OUR leader and the graceful case stops
+//   the Java leader, whose shutdown deletes the lock item (`DynamoDBLockBasedLeaderDecider::
+//   shutdown`, reached through the periodic shard sync manager's stop).
+// * A Java leader judges a worker active while its row is less than 2 x 30 s old, and
+//   assigns expired leases to active workers only: a crashed worker's leases move once its
+//   row is a minute old.
+
+/// Java's lock checks as a follower: at most once per lock heartbeat period.
+const JAVA_LOCK_CHECK: Duration = Duration::from_secs(30);
+/// A Java leader's worker expiry: 2 x its 30-s report interval.
+const JAVA_WORKER_EXPIRY: Duration = Duration::from_secs(60);
+/// The client version change monitors (ours and Java's): every minute, the first read 60 to
+/// 90 s after start.
+const CHANGE_MONITOR: Duration = Duration::from_secs(60);
 
 /// The `Migration3.0` item of `<app>-CoordinatorState`, once the Java worker wrote it.
 async fn migration_state(env: &Env) -> Option<HashMap<String, AttributeValue>> {
@@ -1391,103 +1450,581 @@ async fn migration_state(env: &Env) -> Option<HashMap<String, AttributeValue>> {
         .and_then(|o| o.item)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f_our_worker_refuses_an_application_in_java_3x_mode_and_the_java_fleet_is_unaffected() {
-    let name = "f-java-3x";
-    let env = Env::new(name, 2, true).await;
-    let expected = env.put_plain("before", 100).await;
-    let java = env.java(&env.java_options("j1").client_version(ClientVersion::V3x));
-    let first = wait_java_first_record(&env, &java).await;
-    println!("[{name}] the Java 3.x worker's first record {first:?} after its start");
-    let state = migration_state(&env).await.expect("Migration3.0 item");
-    println!("[{name}] Migration3.0: {state:?}");
-    let (owners, _) = env
-        .wait_owners("the Java worker holds both leases", PATIENCE, |o| {
-            count_owned(o, "j1") == 2
-        })
-        .await;
-    let counters_before = env.leases().await;
-    match env.rust_worker("r1", Behaviour::new()).await {
-        Ok(handle) => {
-            tokio::time::sleep(FAILOVER * 2).await;
-            let after = env.active_owners().await;
-            handle.abort().await;
-            panic!(
-                "[{name}] our worker started in an application in the Java 3.x mode; owners \
-                 before {owners:?}, after {after:?}"
-            );
-        }
-        Err(err) => {
-            let mut message = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(s) = source {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                source = s.source();
+/// Puts 8 records `<prefix>-NNNNN` every 400 ms until stopped, under 8 partition keys
+/// whose explicit hash keys spread them evenly over the (evenly split) shards, so that every
+/// lease reports throughput and records flow through every step of a scenario.
+struct Producer {
+    sent: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Producer {
+    fn start(env: &Env, prefix: &str) -> Self {
+        const BATCH: usize = 8;
+        const EVERY: Duration = Duration::from_millis(400);
+        const KEYS: u128 = 8;
+        let sent = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let kinesis = env.kinesis.clone();
+        let stream = env.name.clone();
+        let prefix = prefix.to_owned();
+        let task = tokio::spawn({
+            let sent = sent.clone();
+            let stop = stop.clone();
+            async move {
+                let slot = u128::MAX / KEYS;
+                let mut next = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let payloads: Vec<String> = (next..next + BATCH)
+                        .map(|i| format!("{prefix}-{i:05}"))
+                        .collect();
+                    let entries: Vec<_> = payloads
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| {
+                            let k = ((next + j) as u128) % KEYS;
+                            (
+                                format!("{prefix}-key-{k}"),
+                                Some((k * slot + slot / 2).to_string()),
+                                Bytes::from(p.clone()),
+                            )
+                        })
+                        .collect();
+                    put_entries(&kinesis, &stream, &entries).await;
+                    next += BATCH;
+                    sent.lock().unwrap().extend(payloads);
+                    tokio::time::sleep(EVERY).await;
+                }
             }
-            println!("[{name}] our worker refused: {message}");
+        });
+        Self { sent, stop, task }
+    }
+
+    /// Every record put so far.
+    fn sent(&self) -> BTreeSet<String> {
+        self.sent.lock().unwrap().clone()
+    }
+
+    /// Stops and returns every record put.
+    async fn stop(self) -> BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.sent.clone();
+        self.task.await.unwrap();
+        sent.lock().unwrap().clone()
+    }
+}
+
+impl Env {
+    /// Our worker configured for 3.x, its WorkerMetricStats rows without CPU metrics as the
+    /// Java workers' here (see the notes above).
+    async fn rust_3x(&self, id: &str) -> WorkerHandle {
+        self.rust_worker_with(id, Behaviour::new(), |c| {
+            c.client_version_config(ClientVersionConfig::V3x)
+                .disable_worker_metrics(true)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// One item of `<app>-CoordinatorState`.
+    async fn coordinator_item(&self, key: &str) -> Option<HashMap<String, AttributeValue>> {
+        self.dynamodb
+            .get_item()
+            .table_name(format!("{}-CoordinatorState", self.name))
+            .key("key", AttributeValue::S(key.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.item)
+    }
+
+    /// The holder of the `Leader` lock item (none when absent or released) and the item's
+    /// `leaseDuration`.
+    async fn leader(&self) -> (Option<String>, Option<String>) {
+        let Some(item) = self.coordinator_item("Leader").await else {
+            return (None, None);
+        };
+        let s = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+        if item.contains_key("isReleased") {
+            return (None, s("leaseDuration"));
+        }
+        (s("ownerName"), s("leaseDuration"))
+    }
+
+    /// Waits until the lock holder is `who`; returns how long it took.
+    async fn wait_leader(&self, who: &str, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let (owner, _) = self.leader().await;
+            if owner.as_deref() == Some(who) {
+                return started.elapsed();
+            }
             assert!(
-                message.contains("3.x") || message.contains("3X"),
-                "{message}"
+                started.elapsed() < limit,
+                "[{}] {who} does not hold the leader lock after {limit:?} (holder {owner:?})",
+                self.name
             );
-            assert!(
-                message.contains("CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X"),
-                "{message}"
-            );
-            assert!(message.contains("roll"), "names the rollback: {message}");
+            tokio::time::sleep(POLL).await;
         }
     }
-    // The Java fleet is unaffected: it keeps both leases and renews them.
-    tokio::time::sleep(FAILOVER * 2).await;
-    let after = env.leases().await;
-    for (key, lease) in &after {
-        assert_eq!(lease.lease_owner.as_deref(), Some("j1"), "{lease:?}");
+
+    /// The worker ids of the `<app>-WorkerMetricStats` rows.
+    async fn metric_rows(&self) -> BTreeMap<String, HashMap<String, AttributeValue>> {
+        self.dynamodb
+            .scan()
+            .table_name(format!("{}-WorkerMetricStats", self.name))
+            .consistent_read(true)
+            .send()
+            .await
+            .map(|o| o.items().to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|row| Some((row.get("wid")?.as_s().ok()?.clone(), row)))
+            .collect()
+    }
+
+    /// The payloads delivered more than once so far.
+    fn repeated(&self) -> BTreeMap<String, usize> {
+        let mut count: BTreeMap<String, usize> = BTreeMap::new();
+        for d in self.deliveries() {
+            *count.entry(d.payload).or_default() += 1;
+        }
+        count.retain(|_, n| *n > 1);
+        count
+    }
+
+    /// Waits until every record `producer` put so far is delivered (records keep flowing).
+    async fn wait_flowing(&self, producer: &Producer) -> Duration {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.wait_delivered(&producer.sent(), PATIENCE).await
+    }
+
+    /// Waits until `cond` holds.
+    async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl FnMut() -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        while !cond() {
+            assert!(
+                started.elapsed() < limit,
+                "[{}] timed out after {limit:?} waiting for {what}",
+                self.name
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        started.elapsed()
+    }
+}
+
+/// The shards `who` holds in `owners`.
+fn shards_of(owners: &BTreeMap<String, Option<String>>, who: &str) -> BTreeSet<String> {
+    owners
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some(who))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Whether the Java worker's output has a line containing `needle`.
+fn java_said(java: &JavaKclWorker, needle: &str) -> bool {
+    std::fs::read_to_string(java.output_path()).is_ok_and(|text| text.contains(needle))
+}
+
+/// Scenarios 1 and 4: a Java 3.x worker alone takes the lock and every lease of a fresh
+/// application; ours (configured for 3.x) joins, runs 3.x as a follower and receives leases
+/// from the Java leader's balancing (graceful handoffs, found by our discovery). Then the
+/// Java leader is stopped with SIGTERM: its shutdown deletes the lock item, ours takes the
+/// lock, judges the Java worker's leases expired once their counters stood still for the
+/// failover time and takes them. Nothing lost, no record delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f1_java_3x_leads_ours_joins_then_the_java_leader_stops_and_ours_leads() {
+    let name = "f1-java-leads";
+    let env = Env::new(name, 4, true).await;
+    let producer = Producer::start(&env, "f1");
+    let mut java = env.java(&env.java_options("j1").client_version(ClientVersion::V3x));
+    let first = wait_java_first_record(&env, &java).await;
+    println!(
+        "[{name}] the Java 3.x worker alone on a fresh application: first record {first:?} after \
+         its start"
+    );
+    env.wait_leader("j1", PATIENCE).await;
+    let (_, duration) = env.leader().await;
+    println!("[{name}] Java's Leader item: leaseDuration {duration:?}");
+    assert_eq!(duration.as_deref(), Some("120000"));
+    env.wait_owners("the Java leader holds every lease", PATIENCE, |o| {
+        count_owned(o, "j1") == 4
+    })
+    .await;
+
+    // Ours joins: the stored version (CLIENT_VERSION_3X, written by Java) is run.
+    let rust = env.rust_3x("r1").await;
+    assert_eq!(rust.client_version(), Some(StoredVersion::V3x), "[{name}]");
+    let (owners, took) = env
+        .wait_owners(
+            "the Java leader balances leases to ours",
+            Duration::from_secs(120),
+            |o| count_owned(o, "r1") >= 1 && count_owned(o, "j1") >= 1,
+        )
+        .await;
+    println!("[{name}] shared {took:?} after ours joined: {owners:?}");
+    // Ours holds (renews) what the table says it owns: found through the lease owner index.
+    let ours = shards_of(&owners, "r1");
+    env.wait_for("ours to hold its leases", PATIENCE, || {
+        rust.held_leases()
+            .iter()
+            .map(|l| l.lease_key.clone())
+            .collect::<BTreeSet<_>>()
+            == ours
+    })
+    .await;
+    let stats = rust.protocol().unwrap().stats();
+    println!(
+        "[{name}] ours: {} discoveries, {} leases adopted, {} rows written",
+        stats.discoveries.load(Ordering::Relaxed),
+        stats.adopted.load(Ordering::Relaxed),
+        stats.rows_written.load(Ordering::Relaxed)
+    );
+    assert!(stats.adopted.load(Ordering::Relaxed) >= 1, "[{name}]");
+    assert!(
+        !rust.is_leader(),
+        "[{name}] ours leads next to a Java leader"
+    );
+    env.wait_flowing(&producer).await;
+    let deliveries = env.deliveries();
+    for shard in &ours {
         assert!(
-            lease.lease_counter > counters_before[key].lease_counter,
-            "{lease:?}"
+            deliveries
+                .iter()
+                .any(|d| &d.shard == shard && d.worker == "r1"),
+            "[{name}] ours delivered nothing of {shard}"
         );
     }
+    assert_eq!(env.leader().await.0.as_deref(), Some("j1"), "[{name}]");
+    assert!(env.repeated().is_empty(), "[{name}] {:?}", env.repeated());
+
+    // The Java leader stops gracefully (SIGTERM, waited for in the background: seconds).
+    let java_shards = shards_of(&env.active_owners().await, "j1");
+    let java_mark = env.java_events().len();
+    let stop_at = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || {
+        let took = java.terminate(Duration::from_secs(60));
+        (java, took)
+    });
+    let lead = env
+        .wait_for(
+            "ours to take the leader lock",
+            Duration::from_secs(60),
+            || rust.is_leader(),
+        )
+        .await;
+    env.wait_leader("r1", PATIENCE).await;
+    let (after, _) = env
+        .wait_owners("ours holds every lease", PATIENCE, |o| {
+            count_owned(o, "r1") == 4
+        })
+        .await;
+    let all = stop_at.elapsed();
+    let (java, exited) = stopping.await.unwrap();
+    let exited = exited.unwrap();
+    println!(
+        "[{name}] SIGTERM to the Java leader: it exited after {exited:?}; ours led after \
+         {lead:?} and held all 4 leases after {all:?}: {after:?}"
+    );
+    // Every processor of the Java worker's shards was asked to shut down (and checkpointed).
+    let asked: BTreeSet<String> = env
+        .java_events()
+        .into_iter()
+        .skip(java_mark)
+        .filter_map(|e| match e {
+            JavaEvent::Shutdown { reason, shard, .. } if reason == "shutdown_requested" => {
+                Some(shard)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        java_shards.is_subset(&asked),
+        "[{name}] shutdown requested for {asked:?}, the Java worker held {java_shards:?}"
+    );
+    env.wait_flowing(&producer).await;
+    let expected = producer.stop().await;
     env.wait_delivered(&expected, PATIENCE).await;
-    assert_eq!(env.check_nothing_lost_and_order(&expected), 0);
-    env.check_table_shape(&[]).await;
+    let repeats = env.check_nothing_lost_and_order(&expected);
+    println!(
+        "[{name}] {} records, {repeats} delivered twice",
+        expected.len()
+    );
+    assert_eq!(repeats, 0, "[{name}] {:?}", env.repeated());
+    let deliveries = env.deliveries();
+    for shard in &java_shards {
+        assert!(
+            deliveries
+                .iter()
+                .any(|d| &d.shard == shard && d.worker == "r1"),
+            "[{name}] ours read nothing of {shard} after the Java leader stopped"
+        );
+    }
+    env.check_table_shape(&["r1"]).await;
+    drop(java);
+    rust.abort().await;
+}
+
+/// Scenarios 2 and 3: ours (3.x) alone on a fresh application takes the lock and every
+/// lease; a Java 3.x worker joins as a follower, and our leader hands it leases (its rows have
+/// empty metric maps: default-metric rows, balanced by throughput). Then our leader crashes:
+/// the Java worker takes the lock (our item's leaseDuration is our failover time) and, once
+/// our row is older than its worker expiry, assigns our leases to itself. Nothing lost;
+/// records repeat only on our shards, after the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f2_ours_leads_java_3x_joins_then_our_leader_crashes_and_java_leads() {
+    let name = "f2-ours-leads";
+    let env = Env::new(name, 4, true).await;
+    let producer = Producer::start(&env, "f2");
+    let started = Instant::now();
+    let rust = env.rust_3x("r1").await;
+    assert_eq!(rust.client_version(), Some(StoredVersion::V3x), "[{name}]");
+    env.wait_until_rust_delivered(1, PATIENCE).await;
+    let first = started.elapsed();
+    env.wait_for("ours to lead", PATIENCE, || rust.is_leader())
+        .await;
+    env.wait_leader("r1", PATIENCE).await;
+    let (_, duration) = env.leader().await;
+    println!(
+        "[{name}] ours (3.x) alone on a fresh application: first record {first:?} after its \
+         start; it leads (Leader item leaseDuration {duration:?})"
+    );
+    assert_eq!(
+        duration.as_deref(),
+        Some(FAILOVER.as_millis().to_string().as_str())
+    );
+    env.wait_owners("our leader holds every lease", PATIENCE, |o| {
+        count_owned(o, "r1") == 4
+    })
+    .await;
+
+    let java = env.java(&env.java_options("j1").client_version(ClientVersion::V3x));
+    let (owners, took) = env
+        .wait_owners("our leader hands leases to Java", JAVA_START, |o| {
+            count_owned(o, "j1") >= 1 && count_owned(o, "r1") >= 1
+        })
+        .await;
+    let rows = env.metric_rows().await;
+    println!(
+        "[{name}] shared {took:?} after the Java worker started: {owners:?}; its row {:?}",
+        rows.get("j1")
+    );
+    let handoffs = rust
+        .protocol()
+        .unwrap()
+        .stats()
+        .handoffs
+        .load(Ordering::Relaxed);
+    assert!(handoffs >= 1, "[{name}] no handoff by our leader");
+    // Balance settles (throughput is even across shards): 2 and 2.
+    let (owners, took) = env
+        .wait_owners("a 2/2 split", PATIENCE, |o| {
+            count_owned(o, "j1") == 2 && count_owned(o, "r1") == 2
+        })
+        .await;
+    println!("[{name}] 2/2 after {took:?} more: {owners:?}");
+    env.wait_flowing(&producer).await;
+    let deliveries = env.deliveries();
+    for shard in shards_of(&owners, "j1") {
+        assert!(
+            deliveries
+                .iter()
+                .any(|d| d.shard == shard && d.worker == "j1"),
+            "[{name}] the Java worker delivered nothing of {shard}"
+        );
+    }
+    assert!(env.repeated().is_empty(), "[{name}] {:?}", env.repeated());
+
+    // Our leader crashes.
+    let stats = rust.protocol().unwrap().stats();
+    println!(
+        "[{name}] our leader: {} assignment runs, {} leases assigned, {} handoffs, {} \
+         conflicts",
+        stats.assignment_runs.load(Ordering::Relaxed),
+        stats.assigned.load(Ordering::Relaxed),
+        stats.handoffs.load(Ordering::Relaxed),
+        stats.conflicts.load(Ordering::Relaxed)
+    );
+    let owners = env.active_owners().await;
+    let ours = shards_of(&owners, "r1");
+    let crash = Instant::now();
+    rust.abort().await;
+    let java_leads = env.wait_leader("j1", JAVA_LOCK_CHECK * 2 + PATIENCE).await;
+    let (after, _) = env
+        .wait_owners(
+            "the Java leader takes our leases",
+            JAVA_WORKER_EXPIRY + PATIENCE,
+            |o| count_owned(o, "j1") == 4,
+        )
+        .await;
+    let moved = crash.elapsed();
+    println!(
+        "[{name}] our leader crashed holding {ours:?}: the Java worker led after {java_leads:?} \
+         and held every lease after {moved:?}: {after:?}"
+    );
+    env.wait_flowing(&producer).await;
+    let expected = producer.stop().await;
+    env.wait_delivered(&expected, PATIENCE).await;
+    let repeats = env.check_nothing_lost_and_order(&expected);
+    let repeated = env.repeated();
+    let deliveries = env.deliveries();
+    for payload in repeated.keys() {
+        let on: BTreeSet<(String, String)> = deliveries
+            .iter()
+            .filter(|d| &d.payload == payload)
+            .map(|d| (d.worker.clone(), d.shard.clone()))
+            .collect();
+        assert!(
+            on.iter().all(|(_, shard)| ours.contains(shard))
+                && on.iter().any(|(worker, _)| worker == "r1"),
+            "[{name}] {payload} delivered again, not a record of our crashed worker: {on:?}"
+        );
+    }
+    println!(
+        "[{name}] {} records, {repeats} delivered again after the crash",
+        expected.len()
+    );
+    env.check_table_shape(&["r1"]).await;
     drop(java);
 }
 
-/// What our worker does next to a Java 3.x leader: measured, not asserted (the test above
-/// asserts the refusal). Shows whether it started and took leases the leader assigned.
+/// Scenario 5: a running fleet of ours (compatible with 2.x) and a Java worker in
+/// CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X, both processing, both writing WorkerMetricStats
+/// rows; `Migration3.0` is then written to CLIENT_VERSION_3X_WITH_ROLLBACK as the Java KCL's
+/// migration tool (or its 2.x leader's readiness flip) does. Both sides switch to the 3.x
+/// protocol at their next change monitor read (within two monitor periods); one leader
+/// emerges; records keep flowing, none lost, none twice. Ours holds at most 2 leases, so the
+/// Java taker finds 2 free leases and never steals (a 2.x steal cuts a processor off).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f_measured_our_worker_today_next_to_a_java_3x_worker() {
-    let name = "f-java-3x-today";
-    let env = Env::new(name, 2, true).await;
-    let expected = env.put_plain("before", 100).await;
-    let java = env.java(&env.java_options("j1").client_version(ClientVersion::V3x));
-    wait_java_first_record(&env, &java).await;
-    env.wait_owners("the Java worker holds both leases", PATIENCE, |o| {
-        count_owned(o, "j1") == 2
+async fn f3_a_2x_compatible_fleet_of_ours_and_java_migrates_to_3x_while_processing() {
+    let name = "f3-migration";
+    let env = Env::new(name, 4, true).await;
+    let producer = Producer::start(&env, "f3");
+    let rust = env
+        .rust_worker_with("r1", Behaviour::new(), |c| c.max_leases_for_worker(2usize))
+        .await
+        .unwrap();
+    assert_eq!(
+        rust.client_version(),
+        Some(StoredVersion::UpgradeFrom2x),
+        "[{name}]"
+    );
+    let java = env.java(&env.java_options("j1"));
+    let (owners, _) = env
+        .wait_owners("a 2/2 split", JAVA_START, |o| {
+            count_owned(o, "j1") == 2 && count_owned(o, "r1") == 2
+        })
+        .await;
+    env.wait_flowing(&producer).await;
+    let rows = env.metric_rows().await;
+    assert!(
+        rows.contains_key("r1") && rows.contains_key("j1"),
+        "[{name}] WorkerMetricStats rows: {rows:?}"
+    );
+    println!(
+        "[{name}] 2.x-compatible fleet processing: {owners:?}; rows {:?}",
+        rows.keys()
+    );
+
+    // The flip, conditional on CLIENT_VERSION_UPGRADE_FROM_2X.
+    let table = DynamoStateTable::new(
+        env.dynamodb.clone(),
+        format!("{}-CoordinatorState", env.name),
+        "key",
+    );
+    let clock = kcl_lease::SystemClock;
+    let state = migration::read_state(&table, &clock, PATIENCE)
+        .await
+        .unwrap()
+        .expect("Migration3.0");
+    assert_eq!(
+        state.client_version,
+        StoredVersion::UpgradeFrom2x,
+        "{state:?}"
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let next = state.changed(StoredVersion::V3xWithRollback, "kcl-testkit", now_ms);
+    assert!(
+        migration::write_change(&table, &clock, PATIENCE, &state, &next)
+            .await
+            .unwrap()
+    );
+    let flipped = Instant::now();
+    println!(
+        "[{name}] Migration3.0 written: {:?}",
+        migration_state(&env).await
+    );
+    // Both sides switch at their next change monitor read; one leader emerges.
+    let limit = CHANGE_MONITOR * 2 + PATIENCE;
+    let (mut ours, mut java_switch, mut lead) = (None, None, None);
+    let leader = loop {
+        let now = flipped.elapsed();
+        if ours.is_none() && rust.client_version() == Some(StoredVersion::V3xWithRollback) {
+            ours = Some(now);
+        }
+        if java_switch.is_none()
+            && java_said(&java, "transitioned to CLIENT_VERSION_3X_WITH_ROLLBACK")
+        {
+            java_switch = Some(now);
+        }
+        let (holder, _) = env.leader().await;
+        if lead.is_none() && holder.is_some() {
+            lead = Some(now);
+        }
+        if let (Some(_), Some(_), Some(holder)) = (ours, java_switch, holder) {
+            break holder;
+        }
+        assert!(
+            now < limit,
+            "[{name}] {limit:?} after the flip: ours switched {ours:?}, Java {java_switch:?}, \
+             leader since {lead:?}; Java's output:\n{}",
+            java.output_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    println!(
+        "[{name}] after the flip: ours ran CLIENT_VERSION_3X_WITH_ROLLBACK after {ours:?}, the \
+         Java worker after {java_switch:?}; a leader ({leader}) after {lead:?}"
+    );
+    assert!(leader == "r1" || leader == "j1", "[{name}] leader {leader}");
+    env.wait_for("ours to know who leads", PATIENCE, || {
+        rust.is_leader() == (leader == "r1")
     })
     .await;
-    let started = Instant::now();
-    let result = env.rust_worker("r1", Behaviour::new()).await;
-    let mut changes = Vec::new();
-    let mut last = env.active_owners().await;
-    while started.elapsed() < STABLE {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = env.active_owners().await;
-        if now != last {
-            changes.push((started.elapsed(), now.clone()));
-            last = now;
-        }
-    }
-    println!(
-        "[{name}] our worker started: {}; owner changes in {STABLE:?}: {changes:?}",
-        result.is_ok()
+    // Records keep flowing through the switch, and the leases stay where they were.
+    env.wait_flowing(&producer).await;
+    tokio::time::sleep(FAILOVER * 2).await;
+    assert_eq!(env.leader().await.0.as_deref(), Some(leader.as_str()));
+    assert_eq!(rust.is_leader(), leader == "r1");
+    let after = env.active_owners().await;
+    assert_eq!(
+        after.values().filter(|o| o.is_some()).count(),
+        4,
+        "{after:?}"
     );
-    if let Ok(handle) = result {
-        handle.abort().await;
-    }
+    let expected = producer.stop().await;
     env.wait_delivered(&expected, PATIENCE).await;
-    env.check_nothing_lost_and_order(&expected);
+    let repeats = env.check_nothing_lost_and_order(&expected);
+    println!(
+        "[{name}] {} records, {repeats} delivered twice; owners after {after:?}",
+        expected.len()
+    );
+    assert_eq!(repeats, 0, "[{name}] {:?}", env.repeated());
+    env.check_table_shape(&["r1"]).await;
     drop(java);
+    rust.abort().await;
 }
 
 // ---------------------------------------------------------------------------------------------
