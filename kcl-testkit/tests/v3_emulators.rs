@@ -803,13 +803,23 @@ async fn a_2x_compatible_fleet_follows_the_migration_to_3x_with_rollback() {
     assert_eq!(s(&migration, "cv"), "CLIENT_VERSION_UPGRADE_FROM_2X");
     assert!(env.coordinator_item("Leader").await.is_none());
     env.wait_checkpoints(PATIENCE).await;
-    let rows = env.metric_rows().await;
-    let wids: BTreeSet<&str> = rows.iter().map(|r| s(r, "wid")).collect();
-    assert_eq!(
-        wids,
-        BTreeSet::from(["m1", "m2"]),
-        "rows in UPGRADE_FROM_2X"
-    );
+    // Rows in UPGRADE_FROM_2X too: each worker writes its first after its first CPU
+    // sample (about a second after its start).
+    let rows_started = Instant::now();
+    loop {
+        let rows = env.metric_rows().await;
+        let wids: BTreeSet<&str> = rows.iter().map(|r| s(r, "wid")).collect();
+        if wids == BTreeSet::from(["m1", "m2"]) {
+            let now = now_secs();
+            rows.iter().for_each(|r| assert_row_shape(r, now));
+            break;
+        }
+        assert!(
+            rows_started.elapsed() < PATIENCE,
+            "no rows of both workers in UPGRADE_FROM_2X: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The migration tool's write, conditional on the version read.
     let tables = env.store.state_tables().unwrap();
@@ -896,8 +906,8 @@ async fn a_2x_compatible_fleet_follows_the_migration_to_3x_with_rollback() {
     assert_eq!(s(&migration, "mb"), "migration-tool");
     println!(
         "[v3-migration] CLIENT_VERSION_3X_WITH_ROLLBACK written {written_after_start:?} after \
-         the fleet started; followed by {switched:?} after the write; leader {leader} after \
-         {leader_after:?}; shares {:?}; (runs, assigned, handoffs, adopted): {:?}",
+         the fleet started; followed by {switched:?} after the write; one leader ({leader}) \
+         {leader_after:?} after the write, once both followed; shares {:?}; (runs, assigned, handoffs, adopted): {:?}",
         fleet.iter().map(|w| held(w).len()).collect::<Vec<_>>(),
         fleet.iter().map(|w| protocol_stats(w)).collect::<Vec<_>>()
     );
