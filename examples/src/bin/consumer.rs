@@ -108,7 +108,7 @@ struct Args {
     no_lease_owner_index: bool,
     /// The lease protocol (clientVersionConfig): 2x (compatible with the KCL 2.x: the lease
     /// taker, following a migration to 3.x) or 3x (a leader assigns the leases). The
-    /// version stored in <app>-CoordinatorState decides once it exists.
+    /// version stored in `<app>-CoordinatorState` decides once it exists.
     #[arg(long, default_value = "2x", value_parser = parse_client_version)]
     client_version: ClientVersionConfig,
     /// Write the WorkerMetricStats row without CPU utilisation (disableWorkerMetrics).
