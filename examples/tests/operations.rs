@@ -1,7 +1,8 @@
 //! Operating an application on the emulators (kinesis-local + dynalite): the `kcl` tool
 //! (leases, workers, lag, reset, decode, and its errors) and the consumer's operator
 //! features (`--health`, `--metrics prometheus:`, `--format`, no progress line when stderr
-//! is not a terminal), all through the real binaries.
+//! is not a terminal), all through the real binaries; and a consumer in
+//! `--client-version 3x` leading its application, with `kcl` showing the KCL 3.x state.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,6 +11,7 @@
     clippy::panic
 )]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Output, Stdio};
@@ -19,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_cloudwatch::types::{MetricDataQuery, MetricStat};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
 };
 use kcl_testkit::emulators::{
     Emulator, EmulatorKind, REGION, dynamodb_client, sdk_config, shared_kinesis_and_dynamodb,
@@ -356,6 +359,14 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         assert_eq!(row["owner"], "worker-1", "{leases}");
         assert_eq!(row["state"], "live", "{leases}");
     }
+    // The consumer (default --client-version 2x) started the application in the 2.x
+    // compatible version: no leader, but a WorkerMetricStats row.
+    assert_eq!(
+        leases["client_version"], "CLIENT_VERSION_UPGRADE_FROM_2X",
+        "{leases}"
+    );
+    assert_eq!(leases["client_version_modified_by"], "worker-1", "{leases}");
+    assert!(leases["leader"].is_null(), "{leases}");
     let table = ok(&kcl(
         &e,
         &["leases", "--application", app, "--interval-ms", "2500"],
@@ -364,6 +375,14 @@ fn operating_an_application_with_kcl_and_the_consumer() {
     assert!(table.starts_with("SHARD"), "{table}");
     assert!(
         table.contains("2 leases: 2 live, 0 stale, 0 free"),
+        "{table}"
+    );
+    assert!(
+        table.contains("client version CLIENT_VERSION_UPGRADE_FROM_2X (set by worker-1 at "),
+        "{table}"
+    );
+    assert!(
+        table.contains("; no leader; 1 WorkerMetricStats rows (1 fresh)"),
         "{table}"
     );
     let workers = json(&kcl(
@@ -381,6 +400,41 @@ fn operating_an_application_with_kcl_and_the_consumer() {
     assert_eq!(workers["workers"][0]["worker_id"], "worker-1", "{workers}");
     assert_eq!(workers["workers"][0]["leases"], 2, "{workers}");
     assert_eq!(workers["balanced"], true, "{workers}");
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
+    assert_eq!(workers["workers"][0]["leader"], false, "{workers}");
+    let row = &workers["workers"][0]["metric_stats"];
+    assert_eq!(row["fresh"], true, "{workers}");
+    assert!(row["last_update_age_s"].as_i64().unwrap() <= 3, "{workers}");
+    assert_eq!(row["report_interval_ms"], 1500, "{workers}");
+    assert_eq!(
+        workers["client_version"], "CLIENT_VERSION_UPGRADE_FROM_2X",
+        "{workers}"
+    );
+    let table = ok(&kcl(
+        &e,
+        &["workers", "--application", app, "--interval-ms", "200"],
+        None,
+    ));
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "WORKER",
+            "LEASES",
+            "LIVE",
+            "STALE",
+            "FINISHED",
+            "METRIC_STATS",
+            "ROLE"
+        ],
+        "{table}"
+    );
+    let line: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(line[0], "worker-1", "{table}");
+    assert!(
+        line[5].ends_with("s") && line[6] == "ago" && line[7] == "-",
+        "{table}"
+    );
     // A reset of a live lease is refused and writes nothing.
     let shard0 = rows[0]["shard_id"].as_str().unwrap().to_owned();
     let refused = failed(&kcl(
@@ -471,7 +525,25 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         "a progress line although stderr is not a terminal:\n{log}"
     );
 
-    // Stopped: the leases are free and nothing is behind.
+    // Stopped: the leases are free and nothing is behind; the worker took its
+    // WorkerMetricStats row away, so no worker is left.
+    let workers = json(&kcl(
+        &e,
+        &[
+            "workers",
+            "--application",
+            app,
+            "--interval-ms",
+            "200",
+            "--json",
+        ],
+        None,
+    ));
+    assert_eq!(workers["workers"], serde_json::json!([]), "{workers}");
+    assert_eq!(
+        workers["client_version"], "CLIENT_VERSION_UPGRADE_FROM_2X",
+        "{workers}"
+    );
     let leases = json(&kcl(
         &e,
         &[
@@ -877,4 +949,295 @@ fn operating_an_application_with_kcl_and_the_consumer() {
     );
     let err = failed(&kcl(&e, &["decode", "/no/such/file"], None));
     assert!(err.contains("cannot read /no/such/file"), "{err}");
+}
+
+/// One item of a 3.x state table, read consistently (`None`: absent).
+fn state_item(
+    runtime: &tokio::runtime::Runtime,
+    e: &Endpoints,
+    table: &str,
+    key_name: &str,
+    key: &str,
+) -> Option<HashMap<String, AttributeValue>> {
+    runtime
+        .block_on(
+            dynamodb_client(&e.dynamodb)
+                .get_item()
+                .table_name(table)
+                .key(key_name, AttributeValue::S(key.to_owned()))
+                .consistent_read(true)
+                .send(),
+        )
+        .unwrap()
+        .item
+}
+
+fn s_attr<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> &'a str {
+    item[name]
+        .as_s()
+        .unwrap_or_else(|_| panic!("{name} is not an S: {item:?}"))
+}
+
+/// `--client-version 3x`: the consumer alone is the leader of its application and assigns
+/// itself the leases; `<app>-CoordinatorState` holds `Migration3.0` = `CLIENT_VERSION_3X`
+/// and a `Leader` item it owns, `<app>-WorkerMetricStats` its row (CPU utilisation in it,
+/// none with `--disable-worker-metrics`); `kcl leases` / `kcl workers` show all that, and
+/// after a graceful stop the lock and the row are gone. A bad `--client-version` is a usage
+/// error naming the flag.
+#[test]
+fn a_consumer_in_3x_leads_its_application_and_kcl_shows_the_3x_state() {
+    let emulators = shared_kinesis_and_dynamodb().unwrap_or_else(|e| panic!("{e}"));
+    let e = Endpoints {
+        kinesis: emulators.kinesis.endpoint().to_owned(),
+        dynamodb: emulators.dynamodb.endpoint().to_owned(),
+    };
+    let (stream, app) = ("ops3x-stream", "ops3x-app");
+    let coordinator_state = format!("{app}-CoordinatorState");
+    let worker_metrics = format!("{app}-WorkerMetricStats");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // A bad value: exit 2, the flag and the choices named.
+    let bad = aws_env(&mut Command::new(env!("CARGO_BIN_EXE_consumer")))
+        .args(e.args())
+        .args([
+            "--stream",
+            stream,
+            "--application",
+            app,
+            "--client-version",
+            "4x",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--client-version") && stderr.contains("expected 2x or 3x"),
+        "{stderr}"
+    );
+
+    produce(
+        &e,
+        stream,
+        &[
+            "--create-stream",
+            "--shards",
+            "2",
+            "--count",
+            "20",
+            "--payload-prefix",
+            "v3-",
+        ],
+    );
+    let started = Instant::now();
+    let consumer = Consumer::start(
+        &e,
+        &[
+            "--stream",
+            stream,
+            "--application",
+            app,
+            "--worker-id",
+            "w3x",
+            "--client-version",
+            "3x",
+            "--initial-position",
+            "trim-horizon",
+            "--failover-time-ms",
+            "3000",
+        ],
+    );
+    let first = consumer.take(1, Duration::from_secs(60));
+    let first_in = started.elapsed();
+    let mut lines = first;
+    lines.extend(consumer.take(19, Duration::from_secs(60)));
+    let all_in = started.elapsed();
+    let mut payloads: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            use base64::Engine as _;
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(v["data_b64"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        (0..20).map(|i| format!("v3-{i:06}")).collect::<Vec<_>>()
+    );
+    let log = consumer.log();
+    assert!(
+        log.contains("client_version=CLIENT_VERSION_3X"),
+        "the consumer should name the version it runs:\n{log}"
+    );
+
+    // The tables, as a Java worker reads them.
+    let migration = state_item(&runtime, &e, &coordinator_state, "key", "Migration3.0")
+        .expect("a Migration3.0 item");
+    assert_eq!(
+        s_attr(&migration, "cv"),
+        "CLIENT_VERSION_3X",
+        "{migration:?}"
+    );
+    assert_eq!(s_attr(&migration, "mb"), "w3x", "{migration:?}");
+    assert!(migration["mts"].as_n().is_ok(), "{migration:?}");
+    let leader =
+        state_item(&runtime, &e, &coordinator_state, "key", "Leader").expect("a Leader item");
+    assert_eq!(s_attr(&leader, "ownerName"), "w3x", "{leader:?}");
+    assert_eq!(s_attr(&leader, "leaseDuration"), "3000", "{leader:?}");
+    assert_eq!(
+        s_attr(&leader, "recordVersionNumber").len(),
+        36,
+        "{leader:?}"
+    );
+    let row = state_item(&runtime, &e, &worker_metrics, "wid", "w3x").expect("a row");
+    let lut: i64 = row["lut"].as_n().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - lut).abs() <= 5, "lut {lut} at {now}");
+    let sts = row["sts"].as_m().unwrap();
+    let opr = row["opr"].as_m().unwrap();
+    assert!(
+        sts.contains_key("C"),
+        "CPU utilisation in the row by default: {row:?}"
+    );
+    assert_eq!(
+        opr["C"].as_l().unwrap()[0].as_n().unwrap(),
+        "100",
+        "{row:?}"
+    );
+
+    // kcl shows it.
+    let leases = json(&kcl(
+        &e,
+        &[
+            "leases",
+            "--application",
+            app,
+            "--interval-ms",
+            "2500",
+            "--json",
+        ],
+        None,
+    ));
+    assert_eq!(leases["client_version"], "CLIENT_VERSION_3X", "{leases}");
+    assert_eq!(leases["leader"]["owner"], "w3x", "{leases}");
+    assert_eq!(leases["leader"]["state"], "live", "{leases}");
+    assert_eq!(leases["leader"]["lease_duration_ms"], 3000, "{leases}");
+    let rows = leases["leases"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{leases}");
+    assert!(
+        rows.iter()
+            .all(|r| r["owner"] == "w3x" && r["state"] == "live"),
+        "{leases}"
+    );
+    let workers = json(&kcl(
+        &e,
+        &[
+            "workers",
+            "--application",
+            app,
+            "--interval-ms",
+            "200",
+            "--json",
+        ],
+        None,
+    ));
+    let w = &workers["workers"];
+    assert_eq!(w.as_array().unwrap().len(), 1, "{workers}");
+    assert_eq!(w[0]["worker_id"], "w3x", "{workers}");
+    assert_eq!(w[0]["leases"], 2, "{workers}");
+    assert_eq!(w[0]["leader"], true, "{workers}");
+    assert_eq!(w[0]["metric_stats"]["fresh"], true, "{workers}");
+    assert!(w[0]["metric_stats"]["cpu"].is_number(), "{workers}");
+    let table = ok(&kcl(
+        &e,
+        &["workers", "--application", app, "--interval-ms", "2500"],
+        None,
+    ));
+    let line: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(line.first(), Some(&"w3x"), "{table}");
+    assert_eq!(line.last(), Some(&"leader"), "{table}");
+    assert!(
+        table.contains("client version CLIENT_VERSION_3X (set by w3x at ")
+            && table.contains(
+                "; leader w3x (live, leaseDuration 3000 ms); 1 WorkerMetricStats rows (1 fresh)"
+            ),
+        "{table}"
+    );
+
+    // A graceful stop releases the lock and takes the row away.
+    consumer.stop();
+    assert!(state_item(&runtime, &e, &coordinator_state, "key", "Leader").is_none());
+    assert!(state_item(&runtime, &e, &worker_metrics, "wid", "w3x").is_none());
+    let workers = json(&kcl(
+        &e,
+        &[
+            "workers",
+            "--application",
+            app,
+            "--interval-ms",
+            "200",
+            "--json",
+        ],
+        None,
+    ));
+    assert!(workers["leader"].is_null(), "{workers}");
+    assert_eq!(workers["workers"], serde_json::json!([]), "{workers}");
+
+    // --disable-worker-metrics: the row carries no metric, the worker still leads and
+    // reads (the application stays in CLIENT_VERSION_3X).
+    let restarted = Instant::now();
+    let consumer = Consumer::start(
+        &e,
+        &[
+            "--stream",
+            stream,
+            "--application",
+            app,
+            "--worker-id",
+            "w3x-quiet",
+            "--client-version",
+            "3x",
+            "--disable-worker-metrics",
+            "--failover-time-ms",
+            "3000",
+        ],
+    );
+    produce(&e, stream, &["--count", "5", "--payload-prefix", "quiet-"]);
+    let lines = consumer.take(5, Duration::from_secs(60));
+    let restart_in = restarted.elapsed();
+    assert!(
+        lines.iter().all(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            // base64 of "quiet-".
+            v["data_b64"].as_str().unwrap().starts_with("cXVpZXQt")
+        }),
+        "{lines:?}"
+    );
+    let row = state_item(&runtime, &e, &worker_metrics, "wid", "w3x-quiet").expect("a row");
+    assert!(row["sts"].as_m().unwrap().is_empty(), "{row:?}");
+    assert!(row["opr"].as_m().unwrap().is_empty(), "{row:?}");
+    let leader =
+        state_item(&runtime, &e, &coordinator_state, "key", "Leader").expect("a Leader item");
+    assert_eq!(s_attr(&leader, "ownerName"), "w3x-quiet", "{leader:?}");
+    let migration = state_item(&runtime, &e, &coordinator_state, "key", "Migration3.0").unwrap();
+    assert_eq!(s_attr(&migration, "cv"), "CLIENT_VERSION_3X");
+    consumer.stop();
+    eprintln!(
+        "3x consumer: first record {first_in:?}, all 20 {all_in:?} after its start \
+         (failover 3 s, fresh leases); restarted with --disable-worker-metrics: 5 new \
+         records {restart_in:?} after its start"
+    );
 }

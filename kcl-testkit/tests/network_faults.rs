@@ -237,10 +237,12 @@ impl Env {
     }
 
     /// Waits until the table's checkpoints are at the last records delivered per shard.
+    /// The producer keeps writing, so the last deliveries are read again each round: the
+    /// wait ends at a moment when the table and the processors agree.
     async fn wait_checkpointed(&self) {
-        let last = last_delivered_per_shard(&self.log);
         let start = Instant::now();
         loop {
+            let last = last_delivered_per_shard(&self.log);
             let checkpoints = self.checkpoints().await;
             if checkpoints == last {
                 return;

@@ -7,6 +7,7 @@
 //!     [--kinesis-endpoint URL] [--dynamodb-endpoint URL] \
 //!     [--initial-position trim-horizon|latest|at-timestamp:RFC3339] [--worker-id ID] [--failover-time-ms N] \
 //!     [--call-timeout MS] [--call-attempt-timeout MS] [--no-lease-owner-index] \
+//!     [--client-version 2x|3x] [--disable-worker-metrics] \
 //!     [--retrieval polling|fan-out] [--consumer-name NAME] \
 //!     [--format json|raw|text] [--health ADDR] \
 //!     [--metrics prometheus:ADDR] [--metrics cloudwatch [--cloudwatch-endpoint URL]] \
@@ -32,6 +33,15 @@
 //! A lease table it creates gets the `LeaseOwnerToLeaseKeyIndex` index the Java KCL 3.x
 //! needs, unless `--no-lease-owner-index`.
 //!
+//! `--client-version` is the Java KCL's `clientVersionConfig`: `2x` (the default,
+//! `CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X`) runs the 2.x lease taker and follows the
+//! application's migration to 3.x; `3x` (`CLIENT_VERSION_CONFIG_3X`) runs the 3.x protocol:
+//! a leader elected with the `Leader` item of `<app>-CoordinatorState` assigns the leases.
+//! Either way the version stored in `<app>-CoordinatorState` (`Migration3.0`) decides, as
+//! for a Java worker; the log names the version run and when this worker becomes the
+//! leader. `--disable-worker-metrics` writes the `<app>-WorkerMetricStats` row without CPU
+//! utilisation (the leader then balances this worker by throughput alone).
+//!
 //! It exits 0 after SIGINT or SIGTERM even when Kinesis or DynamoDB hang: shutdown is bounded
 //! (`shutdown_grace` plus one call timeout) and leases it could not release are logged.
 
@@ -53,7 +63,8 @@ use kcl_worker::export::cloudwatch::CloudWatchPublisher;
 use kcl_worker::export::http::{HttpServer, Response};
 use kcl_worker::export::prometheus::PrometheusEndpoint;
 use kcl_worker::{
-    FanOutConfig, InitialPosition, RetrievalConfig, ShardHealth, Worker, WorkerConfig, WorkerHandle,
+    ClientVersionConfig, FanOutConfig, InitialPosition, RetrievalConfig, ShardHealth, Worker,
+    WorkerConfig, WorkerHandle,
 };
 use tracing::{error, info, warn};
 
@@ -95,6 +106,14 @@ struct Args {
     /// global secondary index.
     #[arg(long)]
     no_lease_owner_index: bool,
+    /// The lease protocol (clientVersionConfig): 2x (compatible with the KCL 2.x: the lease
+    /// taker, following a migration to 3.x) or 3x (a leader assigns the leases). The
+    /// version stored in `<app>-CoordinatorState` decides once it exists.
+    #[arg(long, default_value = "2x", value_parser = parse_client_version)]
+    client_version: ClientVersionConfig,
+    /// Write the WorkerMetricStats row without CPU utilisation (disableWorkerMetrics).
+    #[arg(long)]
+    disable_worker_metrics: bool,
     /// How records are read: polling (GetRecords) or fan-out (enhanced fan-out,
     /// SubscribeToShard).
     #[arg(long, default_value = "polling", value_parser = ["polling", "fan-out"])]
@@ -156,6 +175,14 @@ fn parse_metrics(s: &str) -> Result<MetricsSink, String> {
             .map(MetricsSink::Prometheus)
             .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9464: {e}")),
         None => Err(format!("{s:?}: expected prometheus:ADDR or cloudwatch")),
+    }
+}
+
+fn parse_client_version(s: &str) -> Result<ClientVersionConfig, String> {
+    match s {
+        "2x" => Ok(ClientVersionConfig::CompatibleWith2x),
+        "3x" => Ok(ClientVersionConfig::V3x),
+        other => Err(format!("{other:?}: expected 2x or 3x")),
     }
 }
 
@@ -445,6 +472,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     b.set_failover_time(args.failover_time_ms.map(Duration::from_millis));
     b.set_call_timeout(args.call_timeout.map(Duration::from_millis));
     b.set_call_attempt_timeout(args.call_attempt_timeout.map(Duration::from_millis));
+    b.set_client_version_config(Some(args.client_version));
+    b.set_disable_worker_metrics(Some(args.disable_worker_metrics));
     match (args.retrieval.as_str(), args.consumer_name.clone()) {
         ("fan-out", name) => {
             let mut fan_out = FanOutConfig::new();
@@ -469,14 +498,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         format,
         printed: Arc::clone(&counter),
     };
-    let handle: SharedHandle = Arc::new(Mutex::new(Some(
-        Worker::builder(config, factory)
-            .aws(aws)
-            .build()
-            .await?
-            .start()
-            .await?,
-    )));
+    let worker = Worker::builder(config, factory)
+        .aws(aws)
+        .build()
+        .await?
+        .start()
+        .await?;
+    match worker.client_version() {
+        Some(version) => info!(client_version = %version, "running the stored client version"),
+        None => info!("no KCL 3.x state tables: running the 2.x protocol"),
+    }
+    let handle: SharedHandle = Arc::new(Mutex::new(Some(worker)));
     let _health: Option<HttpServer> = match args.health {
         Some(addr) => {
             let shared = Arc::clone(&handle);

@@ -533,7 +533,18 @@ pub async fn run_leader_lock(
                 .config
                 .heartbeat_period
                 .min(held.valid_until.saturating_duration_since(lock.clock.now())),
-            None => lock.config.check_period,
+            // Not the leader: look again at the next check, or exactly when the holder's
+            // record version number would have stood for its lease duration, if sooner,
+            // so a dead holder is replaced at once (within check_period + leaseDuration
+            // of its last heartbeat).
+            None => match lock.observed.as_ref() {
+                Some(seen) => lock.config.check_period.min(
+                    (seen.first_seen + seen.lease_duration)
+                        .saturating_duration_since(lock.clock.now())
+                        + Duration::from_millis(1),
+                ),
+                None => lock.config.check_period,
+            },
         };
         let sleep = lock.clock.sleep(wait);
         tokio::select! {

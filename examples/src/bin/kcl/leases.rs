@@ -1,4 +1,6 @@
-//! `kcl leases` and `kcl workers`: the lease table as an operator reads it.
+//! `kcl leases` and `kcl workers`: the lease table as an operator reads it, and the KCL 3.x
+//! state when the application has one (client version, leader, WorkerMetricStats rows; see
+//! [`crate::protocol`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -6,8 +8,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::common::{
-    CliResult, Connection, LeaseState, Observed, observe, parse_millis, print_table, short_esn,
+    CliResult, Connection, LeaseState, Observed, parse_millis, print_table, short_esn,
 };
+use crate::protocol::{ProtocolState, observe_with_protocol};
 
 /// Options of `kcl leases` and `kcl workers`.
 #[derive(clap::Args, Debug)]
@@ -63,13 +66,12 @@ fn owner_cell(l: &kcl_lease::Lease) -> String {
 
 pub(crate) async fn leases(conn: &Connection, args: &TableArgs) -> CliResult<()> {
     let store = conn.lease_store(&args.application).await?;
-    let observed = observe(&store, args.interval).await?;
+    let (observed, protocol) = observe_with_protocol(conn, &store, args.interval).await?;
     if args.json {
         let leases: Vec<Value> = observed.iter().map(lease_json).collect();
-        println!(
-            "{}",
-            json!({ "application": args.application, "interval_ms": args.interval.as_millis() as u64, "leases": leases })
-        );
+        let mut out = json!({ "application": args.application, "interval_ms": args.interval.as_millis() as u64, "leases": leases });
+        extend(&mut out, ProtocolState::json_fields(protocol.as_ref()));
+        println!("{out}");
         return Ok(());
     }
     let mut rows = vec![
@@ -115,7 +117,19 @@ pub(crate) async fn leases(conn: &Connection, args: &TableArgs) -> CliResult<()>
         count(LeaseState::Free),
         args.interval.as_millis()
     );
+    if let Some(protocol) = &protocol {
+        println!("{}", protocol.summary());
+    }
     Ok(())
+}
+
+/// Adds `fields` to the JSON object `out`.
+fn extend(out: &mut Value, fields: Vec<(&'static str, Value)>) {
+    if let Some(object) = out.as_object_mut() {
+        for (name, value) in fields {
+            object.insert(name.to_owned(), value);
+        }
+    }
 }
 
 /// One worker's share.
@@ -165,8 +179,18 @@ pub(crate) fn balance(unfinished_per_worker: &[usize], free: usize) -> Balance {
 
 pub(crate) async fn workers(conn: &Connection, args: &TableArgs) -> CliResult<()> {
     let store = conn.lease_store(&args.application).await?;
-    let observed = observe(&store, args.interval).await?;
+    let (observed, protocol) = observe_with_protocol(conn, &store, args.interval).await?;
     let mut shares: BTreeMap<String, Share> = BTreeMap::new();
+    // In the 3.x state: a worker with a fresh row is in the fleet even while it holds no
+    // lease (a leader has yet to give it some), and so is the leader.
+    if let Some(p) = &protocol {
+        for (worker, _) in p.rows.iter().filter(|(_, r)| r.fresh) {
+            shares.entry(worker.clone()).or_default();
+        }
+        if let Some(leader) = p.leader_owner() {
+            shares.entry(leader.to_owned()).or_default();
+        }
+    }
     let mut free = 0usize;
     for o in &observed {
         let finished = o.lease.is_finished();
@@ -193,47 +217,71 @@ pub(crate) async fn workers(conn: &Connection, args: &TableArgs) -> CliResult<()
     }
     let per_worker: Vec<usize> = shares.values().map(|s| s.leases).collect();
     let b = balance(&per_worker, free);
+    let is_leader = |w: &str| {
+        protocol
+            .as_ref()
+            .and_then(ProtocolState::leader_owner)
+            .is_some_and(|l| l == w)
+    };
+    let row_of = |w: &str| protocol.as_ref().and_then(|p| p.rows.get(w));
     if args.json {
         let workers: Vec<Value> = shares
             .iter()
             .map(|(w, s)| {
-                json!({
+                let mut worker = json!({
                     "worker_id": w,
                     "leases": s.leases,
                     "finished_leases": s.finished,
                     "live": s.live,
                     "stale": s.stale,
-                })
+                });
+                if protocol.is_some() {
+                    extend(
+                        &mut worker,
+                        vec![
+                            ("leader", json!(is_leader(w))),
+                            (
+                                "metric_stats",
+                                row_of(w).map_or(Value::Null, |r| r.to_json()),
+                            ),
+                        ],
+                    );
+                }
+                worker
             })
             .collect();
-        println!(
-            "{}",
-            json!({
-                "application": args.application,
-                "workers": workers,
-                "unfinished_leases": b.unfinished,
-                "free_leases": b.free,
-                "target_per_worker": b.target,
-                "most": b.most,
-                "fewest": b.fewest,
-                "balanced": b.balanced,
-            })
-        );
+        let mut out = json!({
+            "application": args.application,
+            "workers": workers,
+            "unfinished_leases": b.unfinished,
+            "free_leases": b.free,
+            "target_per_worker": b.target,
+            "most": b.most,
+            "fewest": b.fewest,
+            "balanced": b.balanced,
+        });
+        extend(&mut out, ProtocolState::json_fields(protocol.as_ref()));
+        println!("{out}");
         return Ok(());
     }
-    let mut rows = vec![
-        ["WORKER", "LEASES", "LIVE", "STALE", "FINISHED"]
-            .map(str::to_owned)
-            .to_vec(),
-    ];
+    let mut header = vec!["WORKER", "LEASES", "LIVE", "STALE", "FINISHED"];
+    if protocol.is_some() {
+        header.extend(["METRIC_STATS", "ROLE"]);
+    }
+    let mut rows = vec![header.into_iter().map(str::to_owned).collect::<Vec<_>>()];
     for (w, s) in &shares {
-        rows.push(vec![
+        let mut row = vec![
             w.clone(),
             s.leases.to_string(),
             s.live.to_string(),
             s.stale.to_string(),
             s.finished.to_string(),
-        ]);
+        ];
+        if protocol.is_some() {
+            row.push(row_of(w).map_or_else(|| "-".to_owned(), |r| r.cell()));
+            row.push(if is_leader(w) { "leader" } else { "-" }.to_owned());
+        }
+        rows.push(row);
     }
     print_table(&rows);
     println!(
@@ -246,6 +294,9 @@ pub(crate) async fn workers(conn: &Connection, args: &TableArgs) -> CliResult<()
         b.fewest,
         if b.balanced { "balanced" } else { "unbalanced" }
     );
+    if let Some(protocol) = &protocol {
+        println!("{}", protocol.summary());
+    }
     Ok(())
 }
 

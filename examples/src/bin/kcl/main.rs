@@ -10,6 +10,13 @@
 //! kcl decode  FILE|- [--input auto|raw|base64] [--hash-range START:END]
 //! ```
 //!
+//! `leases` and `workers` also show the KCL 3.x state when the application has one (its
+//! `<app>-CoordinatorState` table): the client version stored in `Migration3.0`, the leader
+//! (the `Leader` item's owner, and whether it heartbeated between the two reads) and, per
+//! worker, how old its `<app>-WorkerMetricStats` row is and whether a leader counts it
+//! fresh. With `--json` these are the fields `client_version`, `leader` and, per worker,
+//! `leader` and `metric_stats` (`null` / absent for an application without that table).
+//!
 //! Every command takes `--region`, `--kinesis-endpoint`, `--dynamodb-endpoint`,
 //! `--call-timeout` and `--call-attempt-timeout`; credentials come from the AWS default
 //! chain, as for the consumer. Errors name what is wrong and exit 1 (bad arguments: 2).
@@ -19,6 +26,7 @@ mod decode;
 mod kinesis;
 mod lag;
 mod leases;
+mod protocol;
 mod reset;
 
 use std::process::ExitCode;
@@ -42,9 +50,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// One row per lease: shard, owner, counter, checkpoint, pending checkpoint, parents, and
-    /// whether its counter moved between two reads (live / stale / free).
+    /// whether its counter moved between two reads (live / stale / free); with the KCL 3.x
+    /// state, the client version and the leader.
     Leases(leases::TableArgs),
-    /// The workers holding leases, their lease counts, and the balance.
+    /// The workers holding leases, their lease counts, and the balance; with the KCL 3.x
+    /// state, each worker's WorkerMetricStats row (its age) and the leader.
     Workers(leases::TableArgs),
     /// Per shard, records and milliseconds from the checkpoint to the tip, and a total.
     Lag(lag::LagArgs),
