@@ -1157,7 +1157,9 @@ impl Simulation {
             started,
             "producer done, faults stopped; draining".to_owned(),
         );
+        let faults_stopped = tokio::time::Instant::now();
         self.drain(report, started).await?;
+        report.drain_time = faults_stopped.elapsed();
         if self.config.protocol == LeaseProtocol::Migration {
             self.finish_migration(report, started).await?;
         }
@@ -1219,6 +1221,7 @@ impl Simulation {
         loop {
             let problems = self.unsettled();
             if problems.is_empty() {
+                report.settle_time = waited.elapsed();
                 self.note(
                     report,
                     started,
@@ -1441,6 +1444,7 @@ impl Simulation {
         report.handoff_redeliveries = checker.handoff_redeliveries;
         report.checkpoints = checker.checkpoints;
         report.protocol = self.config.protocol;
+        report.failover_time = self.timings.failover;
         report.v3_workers_started = self.v3_workers_started;
         report.version_switches = self.protocol_totals.version_changes;
         report.migrated_at = self.migrated_at;

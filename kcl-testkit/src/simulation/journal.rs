@@ -13,8 +13,10 @@ use kcl_interfaces::{
 use kcl_kpl::ExtendedSequenceNumber;
 use kcl_lease::v3::item::{Condition, Item};
 use kcl_lease::v3::memory::StateFaultKind;
-use kcl_lease::v3::table::{StateTable, StateTables, Update};
-use kcl_lease::{BillingMode, BoxError, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom};
+use kcl_lease::v3::table::{StateTable, StateTables, Update, bounded};
+use kcl_lease::{
+    BillingMode, BoxError, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom, SystemClock,
+};
 
 use crate::lease_store::InMemoryLeaseStore;
 use crate::recording::{Event, EventLog, RecordingFactory, RecordingProcessor};
@@ -337,6 +339,10 @@ impl StateFaults {
     }
 }
 
+/// The bound on one table creation call of the state tables (see
+/// [`PathStateTable::create_table_if_not_exists`]).
+const CREATE_TABLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 #[error("injected state table fault: {0}")]
 struct InjectedStateFault(&'static str);
@@ -410,10 +416,15 @@ impl StateTable for PathStateTable {
         self.inner.key_attribute()
     }
 
+    /// Bounded here, as the DynamoDB state table bounds each of its calls (the runtime
+    /// leaves table creation, which polls until the table is usable, to the table).
     async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError> {
-        let lose = self.begin().await?;
-        let result = self.inner.create_table_if_not_exists(billing).await;
-        self.finish("create_table", "", lose, result)
+        let call = async {
+            let lose = self.begin().await?;
+            let result = self.inner.create_table_if_not_exists(billing).await;
+            self.finish("create_table", "", lose, result)
+        };
+        bounded(&SystemClock, CREATE_TABLE_LIMIT, "create_table", call).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Item>, LeaseError> {

@@ -146,6 +146,13 @@ pub struct SimulationReport {
     pub virtual_time: Duration,
     /// The lease protocol of the fleet.
     pub protocol: LeaseProtocol,
+    /// The workers' failover time.
+    pub failover_time: Duration,
+    /// From the faults' end to every record delivered (virtual time).
+    pub drain_time: Duration,
+    /// After that (and the partitions' end), until every unfinished lease was held by a
+    /// running worker with no handoff in flight and (3.x) one leader (virtual time).
+    pub settle_time: Duration,
     /// Workers started that ran a 3.x version (`CLIENT_VERSION_3X_WITH_ROLLBACK` or
     /// `CLIENT_VERSION_3X`) from their start.
     pub v3_workers_started: usize,
