@@ -1,6 +1,7 @@
 //! The invariant checks of a simulation run: a replay of the journal.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kcl_interfaces::ShutdownReason;
@@ -66,6 +67,87 @@ pub(super) struct Checker {
     pub(super) lost: HashSet<u64>,
     /// Processor instances dropped without a shutdown (aborted after a shutdown grace).
     pub(super) dropped: HashSet<u64>,
+    /// The 3.x leadership, from the `Leader` entries.
+    pub(super) leaders: LeaderCheck,
+    /// Takes of a lease for another worker, and handoffs initiated by a worker that is not
+    /// the next owner: the 3.x leader's assignments.
+    pub(super) assignments: usize,
+    /// Of those, written while the writer did not count itself leader (a deposed leader's
+    /// assignment run finishing: fenced by the lease's conditions, so churn, not harm).
+    pub(super) stale_assignments: usize,
+}
+
+/// At most one worker counts itself the 3.x leader at a time, beyond a bounded overlap:
+/// the lock's lease duration (a holder counts itself leader until its last write is that
+/// old; a contender takes over only after the same record version number stood that
+/// long, so in principle no overlap at all).
+#[derive(Debug, Default)]
+pub(super) struct LeaderCheck {
+    /// The longest overlap allowed (the lock's lease duration).
+    pub(super) limit: Duration,
+    /// Workers counting themselves leader now, since when.
+    pub(super) leading: BTreeMap<String, tokio::time::Instant>,
+    /// The worker that became leader last.
+    pub(super) last: Option<String>,
+    /// Times a worker became leader.
+    pub(super) elections: usize,
+    /// Of those, times it was another worker than the previous leader.
+    pub(super) changes: usize,
+    /// Since when two or more count themselves leader.
+    pub(super) overlap_since: Option<tokio::time::Instant>,
+    /// Overlaps that lasted any time.
+    pub(super) overlaps: usize,
+    /// The longest overlap.
+    pub(super) max_overlap: Duration,
+}
+
+impl LeaderCheck {
+    /// `worker` starts (`leading`) or stops counting itself leader at `at`; returns a
+    /// violation when an overlap ended that lasted longer than the limit.
+    pub(super) fn apply(
+        &mut self,
+        worker: String,
+        leading: bool,
+        at: tokio::time::Instant,
+    ) -> Option<String> {
+        if leading {
+            if self.leading.contains_key(&worker) {
+                return None;
+            }
+            self.elections += 1;
+            if self.last.as_ref().is_some_and(|l| *l != worker) {
+                self.changes += 1;
+            }
+            self.last = Some(worker.clone());
+            self.leading.insert(worker, at);
+            if self.leading.len() > 1 && self.overlap_since.is_none() {
+                self.overlap_since = Some(at);
+            }
+            return None;
+        }
+        self.leading.remove(&worker)?;
+        if self.leading.len() > 1 {
+            return None;
+        }
+        let since = self.overlap_since.take()?;
+        let lasted = at.saturating_duration_since(since);
+        if lasted.is_zero() {
+            return None;
+        }
+        self.overlaps += 1;
+        self.max_overlap = self.max_overlap.max(lasted);
+        (lasted > self.limit).then(|| {
+            format!(
+                "two workers counted themselves 3.x leader at once for {lasted:?} (longer than the lock's lease duration {:?}); {worker} was one of them",
+                self.limit
+            )
+        })
+    }
+
+    /// Whether `worker` counts itself leader now.
+    pub(super) fn is_leading(&self, worker: &str) -> bool {
+        self.leading.contains_key(worker)
+    }
 }
 
 impl Checker {
@@ -119,10 +201,15 @@ impl Checker {
                     self.violation(msg);
                 }
             }
-            Entry::Created { key, checkpoint } => {
+            Entry::Created {
+                key,
+                checkpoint,
+                by,
+            } => {
                 if self.deleted.contains(&key) {
                     self.violation(format!(
-                        "the lease of {key} was created again after cleanup deleted it"
+                        "the lease of {key} was created again after cleanup deleted it (by {})",
+                        by.as_deref().unwrap_or("?")
                     ));
                 }
                 self.durable.insert(key.clone(), checkpoint);
@@ -134,7 +221,17 @@ impl Checker {
             Entry::Dropped { instance } => {
                 self.dropped.insert(instance);
             }
-            Entry::Taken { key, owner } => {
+            Entry::Leader {
+                worker,
+                leading,
+                at,
+            } => {
+                if let Some(v) = self.leaders.apply(worker, leading, at) {
+                    self.violation(v);
+                }
+            }
+            Entry::Taken { key, owner, by } => {
+                self.assignment(by.as_deref(), &owner);
                 if self.shard_end_written.contains(&key) {
                     self.violation(format!(
                         "{owner} took the lease of {key} after it was finished (SHARD_END)"
@@ -156,7 +253,12 @@ impl Checker {
                 self.moved(&key, &owner, Some(by.unwrap_or_default()));
                 self.owner.insert(key, Some(owner));
             }
-            Entry::HandoffInitiated { key, next_owner } => {
+            Entry::HandoffInitiated {
+                key,
+                next_owner,
+                by,
+            } => {
+                self.assignment(by.as_deref(), &next_owner);
                 // The lease stays its current owner's until the handoff completes.
                 self.handoff_to.insert(key, next_owner);
             }
@@ -178,6 +280,21 @@ impl Checker {
                 writer,
                 checkpoint,
             } => self.checkpointed(key, writer, checkpoint),
+        }
+    }
+
+    /// A lease written to `to` by `by`: a leader's assignment when `by` is another worker
+    /// (or `by` counts itself leader).
+    fn assignment(&mut self, by: Option<&str>, to: &str) {
+        let Some(by) = by else {
+            return;
+        };
+        let leading = self.leaders.is_leading(by);
+        if by != to || leading {
+            self.assignments += 1;
+            if !leading {
+                self.stale_assignments += 1;
+            }
         }
     }
 

@@ -4,6 +4,36 @@ use std::time::Duration;
 
 use kcl_lease::{RandomSource, SeededRandom};
 
+/// The lease protocol a simulated fleet runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeaseProtocol {
+    /// The KCL 2.x protocol: a lease store without the 3.x state tables, every worker takes
+    /// leases itself.
+    #[default]
+    V2x,
+    /// The KCL 3.x protocol: the store has its `<app>-CoordinatorState` and
+    /// `<app>-WorkerMetricStats` tables and every worker is configured
+    /// `ClientVersionConfig::V3x` (a leader assigns, followers discover).
+    V3x,
+    /// A migration: the workers start `ClientVersionConfig::CompatibleWith2x` (the
+    /// application in `CLIENT_VERSION_UPGRADE_FROM_2X`, 2.x taker), the driver writes
+    /// `CLIENT_VERSION_3X_WITH_ROLLBACK` mid-run (as the Java 2.x leader or an operator
+    /// does), workers started after that are configured either way (a 3.x one completes
+    /// the upgrade to `CLIENT_VERSION_3X`), and the running ones switch to the leader
+    /// protocol while records flow, when their migration monitor reads the item (60 to
+    /// 90 s after their start). The production phase is stretched to about two minutes so
+    /// the switches happen under load and faults.
+    Migration,
+}
+
+impl LeaseProtocol {
+    /// Whether the store has the 3.x state tables (every protocol but 2.x).
+    pub fn has_state_tables(self) -> bool {
+        self != LeaseProtocol::V2x
+    }
+}
+
 /// What one simulation run does. [`SimulationConfig::new`] derives the sizes from the seed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -32,25 +62,47 @@ pub struct SimulationConfig {
     /// both kinds present whenever two or more workers run) and adds the fan-out faults
     /// (subscription errors mid-stream, silent subscriptions); `false` polls only.
     pub fan_out: bool,
+    /// The lease protocol of the fleet (see [`LeaseProtocol`]). With state tables the
+    /// faults also hit them: failed, throttled, lost-answer and hanging calls, and spells
+    /// in which one worker is cut off from DynamoDB (lease and state tables) while it
+    /// still reaches Kinesis.
+    pub protocol: LeaseProtocol,
 }
 
 impl SimulationConfig {
     /// The configuration for `seed`: 3 workers, 4 shards, 300 to 800 records under 10 to
-    /// 40 keys, faults on (1 to 6 fault events), hangs among them.
+    /// 40 keys, faults on (1 to 6 fault events), hangs among them; the protocol drawn
+    /// from the seed: 2.x for half the seeds, 3.x for 45 in 100, a migration from 2.x to
+    /// 3.x for one in twenty.
     pub fn new(seed: u64) -> Self {
         let rng = SeededRandom::new(seed ^ 0x5EED_C0F1_6000_0001);
+        let records = 300 + rng.below(501) as usize;
+        let keys = 10 + rng.below(31) as usize;
+        // Drawn last, so the sizes of every seed stay as they were.
+        let protocol = match rng.below(40) {
+            0..=19 => LeaseProtocol::V2x,
+            20..=37 => LeaseProtocol::V3x,
+            _ => LeaseProtocol::Migration,
+        };
         Self {
             seed,
             workers: 3,
             shards: 4,
-            records: 300 + rng.below(501) as usize,
-            keys: 10 + rng.below(31) as usize,
+            records,
+            keys,
             faults: true,
             hangs: true,
             max_faults: 6,
             drain_limit: Duration::from_secs(600),
             fan_out: true,
+            protocol,
         }
+    }
+
+    /// Sets the lease protocol of the fleet.
+    pub fn protocol(mut self, protocol: LeaseProtocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     /// Sets the number of workers at the start (at least 1).

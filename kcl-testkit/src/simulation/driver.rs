@@ -3,16 +3,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use kcl_interfaces::ShutdownReason;
 use kcl_kpl::Aggregator;
 use kcl_lease::timeouts::within;
-use kcl_lease::{Lease, RandomSource, SeededRandom, SystemClock};
+use kcl_lease::v3::memory::StateFaultKind;
+use kcl_lease::v3::migration::{self, ClientVersion};
+use kcl_lease::v3::table::StateTable;
+use kcl_lease::{Clock, Lease, RandomSource, SeededRandom, SystemClock};
 use kcl_worker::stream::{Shard, StreamClient};
 use kcl_worker::test_util::Fleet;
-use kcl_worker::{WorkerError, WorkerHandle};
+use kcl_worker::{ClientVersionConfig, WorkerError, WorkerHandle};
 
 use super::checker::*;
 use super::config::*;
@@ -59,7 +63,27 @@ pub(super) enum FaultKind {
     SubscriptionError,
     /// A subscription of one shard goes silent: no event ever comes (fan-out).
     SilentSubscription,
+    /// The next few calls of one 3.x state table fail (unreachable, throttled, or applied
+    /// with the answer lost).
+    StateTableFailure,
+    /// The next few calls of one 3.x state table never complete.
+    StateTableHang,
+    /// Every call of both 3.x state tables started for a while hangs for good.
+    StateTableHangingPath,
+    /// One worker is cut off from DynamoDB (its lease and state table calls fail, or hang
+    /// for good) for a while; it still reaches Kinesis.
+    Partition,
 }
+
+/// The faults of the 3.x state tables and the partitions, drawn from the protocol's own
+/// random source (so a seed's other faults stay as they were) when the store has state
+/// tables.
+pub(super) const STATE_KINDS: [FaultKind; 4] = [
+    FaultKind::StateTableFailure,
+    FaultKind::StateTableHang,
+    FaultKind::StateTableHangingPath,
+    FaultKind::Partition,
+];
 
 /// The fan-out faults, drawn besides the others when [`SimulationConfig::fan_out`] is on.
 pub(super) const FAN_OUT_KINDS: [FaultKind; 2] =
@@ -93,6 +117,8 @@ pub(super) enum Action {
     StartWorker,
     /// Back to the default behaviour for this worker's processors.
     Restore(String),
+    /// Write `CLIENT_VERSION_3X_WITH_ROLLBACK` to `Migration3.0` (a migration run).
+    Migrate,
 }
 
 pub(super) struct Timings {
@@ -111,6 +137,10 @@ pub(super) struct RunningWorker {
     pub(super) factory: RecordingFactory,
     /// The behaviour its processors go back to after a slow spell.
     pub(super) behaviour: Behaviour,
+    /// Its path to DynamoDB (partitions).
+    pub(super) path: DynamoPath,
+    /// The task journaling its 3.x leadership.
+    pub(super) leader_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub(super) struct Simulation {
@@ -131,6 +161,47 @@ pub(super) struct Simulation {
     pub(super) stopped_at_end: Vec<StoppedWorker>,
     pub(super) produced: BTreeMap<String, Vec<Bytes>>,
     pub(super) produced_total: usize,
+    /// The random source of the protocol's choices (client version configs, the
+    /// migration's time, state table faults and partitions), apart from `rng` so the
+    /// other faults of a seed are the same whatever the protocol.
+    pub(super) protocol_rng: SeededRandom,
+    /// When `CLIENT_VERSION_3X_WITH_ROLLBACK` was written (migration runs).
+    pub(super) migrated_at: Option<Duration>,
+    /// The 3.x runtimes' own counters of workers gone.
+    pub(super) protocol_totals: ProtocolTotals,
+    pub(super) v3_workers_started: usize,
+    /// When the last partition ends (partitions run their spell out, past the producer's
+    /// end).
+    pub(super) partitions_until: Option<tokio::time::Instant>,
+    /// The faults of the state tables, as the workers reach them.
+    pub(super) state_faults: StateFaults,
+}
+
+/// The 3.x runtimes' counters, summed over workers.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ProtocolTotals {
+    pub(super) handoffs: u64,
+    pub(super) conflicts: u64,
+    pub(super) version_changes: u64,
+}
+
+impl ProtocolTotals {
+    pub(super) fn add(&mut self, handle: &WorkerHandle) {
+        if let Some(protocol) = handle.protocol() {
+            let stats = protocol.stats();
+            self.handoffs += stats.handoffs.load(Ordering::Relaxed);
+            self.conflicts += stats.conflicts.load(Ordering::Relaxed);
+            self.version_changes += stats.version_changes.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a worker runs the 3.x protocol (a leader assigns).
+pub(super) fn runs_3x(version: Option<ClientVersion>) -> bool {
+    matches!(
+        version,
+        Some(ClientVersion::V3xWithRollback | ClientVersion::V3x)
+    )
 }
 
 /// A worker stopped gracefully at the end of the run.
@@ -163,7 +234,7 @@ pub(super) fn millis(rng: &SeededRandom, low: u64, high: u64) -> Duration {
 impl Simulation {
     pub(super) fn new(config: SimulationConfig) -> Self {
         let rng = SeededRandom::new(config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA5A5);
-        let timings = Timings {
+        let mut timings = Timings {
             failover: millis(&rng, 2_000, 10_000),
             idle: millis(&rng, 100, 200),
             shard_sync: millis(&rng, 1_000, 2_000),
@@ -172,12 +243,27 @@ impl Simulation {
             rounds: between(&rng, 20, 40) as usize,
             max_records: between(&rng, 20, 200) as u32,
         };
+        let protocol_rng = SeededRandom::new(config.seed ^ 0x3C0F_FEE0_3000_0003);
+        if config.protocol == LeaseProtocol::Migration {
+            // Production over 95 to 130 s: the running workers' migration monitors (first
+            // read 60 to 90 s after their start) switch them while records flow. Idle
+            // reads less often, so the long run stays cheap.
+            let production = millis(&protocol_rng, 95_000, 130_000);
+            timings.round_every = production / timings.rounds.max(1) as u32;
+            timings.idle *= 4;
+            timings.shard_sync *= 4;
+        }
         let journal = Journal::default();
-        let fleet = Fleet::without_stream(STREAM).with_application(APPLICATION);
+        let mut fleet = Fleet::without_stream(STREAM).with_application(APPLICATION);
+        if config.protocol.has_state_tables() {
+            fleet = fleet.with_state_tables();
+        }
         let journaled_store = Arc::new(JournalingLeaseStore {
             inner: fleet.store().clone(),
             journal: journal.clone(),
             worker: None,
+            path: DynamoPath::default(),
+            state_faults: StateFaults::default(),
         });
         let (failover, idle, shard_sync, parent_poll, max_records) = (
             timings.failover,
@@ -198,6 +284,10 @@ impl Simulation {
                     .task_backoff(Duration::from_millis(100))
                     .max_backoff(Duration::from_secs(2))
                     .max_records(max_records)
+                    // Rows without CPU metrics: a CPU sample of this process on a virtual
+                    // clock means nothing, and would make replays differ. The leader then
+                    // balances by lease throughput.
+                    .disable_worker_metrics(true)
             });
         Self {
             config,
@@ -211,6 +301,12 @@ impl Simulation {
             stopped_at_end: Vec::new(),
             produced: BTreeMap::new(),
             produced_total: 0,
+            protocol_rng,
+            migrated_at: None,
+            protocol_totals: ProtocolTotals::default(),
+            v3_workers_started: 0,
+            partitions_until: None,
+            state_faults: StateFaults::default(),
         }
     }
 
@@ -249,9 +345,30 @@ impl Simulation {
                 .seed
                 .wrapping_add(self.workers_started as u64)
                 .is_multiple_of(2);
+        let client_version = match self.config.protocol {
+            LeaseProtocol::V2x => ClientVersionConfig::CompatibleWith2x,
+            LeaseProtocol::V3x => ClientVersionConfig::V3x,
+            // The first fleet is 2.x-compatible; restarts are configured either way once
+            // every running worker runs 3.x (the Java KCL's migration guide: redeploy with
+            // 3.x only after the flip completed). Earlier, a 3.x-configured worker would
+            // write CLIENT_VERSION_3X, which a worker still in UPGRADE_FROM_2X ignores, as a
+            // Java worker does: it would stay on the 2.x taker for good.
+            LeaseProtocol::Migration
+                if self.migrated_at.is_some()
+                    && self
+                        .workers
+                        .iter()
+                        .all(|w| runs_3x(w.handle.client_version()))
+                    && self.protocol_rng.below(2) == 0 =>
+            {
+                ClientVersionConfig::V3x
+            }
+            LeaseProtocol::Migration => ClientVersionConfig::CompatibleWith2x,
+        };
         // `start` fails at once on a lease store error (faults may be injected right now):
         // retry a few times, as a supervisor restarting the process would.
         // The worker's own journaling store: the journal names who completed a handoff.
+        let path = DynamoPath::default();
         let fleet = self
             .fleet
             .clone()
@@ -259,11 +376,14 @@ impl Simulation {
                 inner: self.fleet.store().clone(),
                 journal: self.journal.clone(),
                 worker: Some(id.clone()),
+                path: path.clone(),
+                state_faults: self.state_faults.clone(),
             }));
         let mut attempt = 0;
         let handle = loop {
             attempt += 1;
             let start = fleet.start_factory(&id, journaling.clone(), random_seed, |b| {
+                let b = b.client_version_config(client_version);
                 if fan_out {
                     b.retrieval_specific_config(kcl_worker::RetrievalConfig::FanOut(
                         kcl_worker::FanOutConfig::new().event_timeout(Duration::from_secs(10)),
@@ -292,17 +412,76 @@ impl Simulation {
                 Ok(Err(e)) => return Err(format!("starting {id} failed {attempt} times: {e}")),
             }
         };
-        tracing::info!(worker_id = %id, fan_out, "worker started");
+        let version = handle.client_version();
+        tracing::info!(worker_id = %id, fan_out, ?version, "worker started");
+        // A lease store wrapper that did not forward `state_tables` would leave the worker
+        // on 2.x silently.
+        if self.config.protocol.has_state_tables() == version.is_none() {
+            return Err(format!(
+                "{id} started with client version {version:?} in a {:?} run",
+                self.config.protocol
+            ));
+        }
+        if self.config.protocol == LeaseProtocol::V3x && !runs_3x(version) {
+            // (A 3.x fleet's workers all write or find CLIENT_VERSION_3X.)
+            return Err(format!("{id} runs {version:?} in a 3.x fleet"));
+        }
+        if runs_3x(version) {
+            self.v3_workers_started += 1;
+        }
         if fan_out {
             self.fan_out_workers_started += 1;
         }
+        let leader_watch = self.watch_leader(&id, &handle);
         self.workers.push(RunningWorker {
             id,
             handle,
             factory,
             behaviour,
+            path,
+            leader_watch,
         });
         Ok(())
+    }
+
+    /// Journals every change of what `handle`'s 3.x runtime publishes as its leadership.
+    pub(super) fn watch_leader(
+        &self,
+        id: &str,
+        handle: &WorkerHandle,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let mut leader = handle.protocol()?.watch_leader();
+        let journal = self.journal.clone();
+        let worker = id.to_owned();
+        Some(tokio::spawn(async move {
+            let mut leading = false;
+            loop {
+                let now = *leader.borrow_and_update();
+                if now != leading {
+                    leading = now;
+                    journal.push(Entry::Leader {
+                        worker: worker.clone(),
+                        leading,
+                        at: tokio::time::Instant::now(),
+                    });
+                }
+                if leader.changed().await.is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+
+    /// A worker is gone (crashed, or its graceful stop returned): its leadership ended.
+    pub(super) fn gone(&self, id: &str, leader_watch: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(watch) = leader_watch {
+            watch.abort();
+        }
+        self.journal.push(Entry::Leader {
+            worker: id.to_owned(),
+            leading: false,
+            at: tokio::time::Instant::now(),
+        });
     }
 
     /// Writes one round of records: plain ones through `put_records`, and aggregates of one
@@ -396,6 +575,53 @@ impl Simulation {
         Ok(open)
     }
 
+    /// The name of one of the two state tables, at random (from the protocol's random
+    /// source).
+    pub(super) fn pick_state_table(&self) -> String {
+        let store = self.fleet.store();
+        let table = if self.protocol_rng.below(2) == 0 {
+            store.coordinator_state_table()
+        } else {
+            store.worker_metrics_table()
+        };
+        table.map(|t| t.table_name().to_owned()).unwrap_or_default()
+    }
+
+    /// Writes `CLIENT_VERSION_3X_WITH_ROLLBACK` over the stored version, conditionally on
+    /// it (as the Java 2.x leader's flip or an operator's tool would); the version found,
+    /// `None` when there is no item yet. A state table hanging spell hangs it too
+    /// (bounded).
+    pub(super) async fn migrate(&self) -> Result<Option<ClientVersion>, String> {
+        let Some(table) = self.fleet.store().coordinator_state_table() else {
+            return Err("the store has no state tables".to_owned());
+        };
+        let limit = Duration::from_secs(2);
+        let Some(current) = migration::read_state(table, &SystemClock, limit)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        if current.client_version != ClientVersion::UpgradeFrom2x {
+            // Nothing to flip.
+            return Ok(Some(current.client_version));
+        }
+        let now_ms = SystemClock
+            .system_time()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let next = current.changed(
+            ClientVersion::V3xWithRollback,
+            "simulation-operator",
+            now_ms,
+        );
+        match migration::write_change(table, &SystemClock, limit, &current, &next).await {
+            Ok(true) => Ok(Some(current.client_version)),
+            Ok(false) => Err("the version changed meanwhile".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub(super) fn pick_worker(&self) -> Option<usize> {
         if self.workers.is_empty() {
             None
@@ -427,6 +653,39 @@ impl Simulation {
                     w.factory.set_behaviour(w.behaviour.clone());
                 }
             }
+            Action::Migrate => match self.migrate().await {
+                Ok(Some(other)) if other != ClientVersion::UpgradeFrom2x => {
+                    self.note(
+                        report,
+                        started,
+                        format!("migration: the application already runs {other}"),
+                    );
+                }
+                Ok(Some(from)) => {
+                    self.migrated_at = Some(started.elapsed());
+                    self.note(
+                        report,
+                        started,
+                        format!("migration: wrote CLIENT_VERSION_3X_WITH_ROLLBACK over {from}"),
+                    );
+                }
+                Ok(None) => {
+                    self.note(
+                        report,
+                        started,
+                        "migration: no Migration3.0 item yet; again in 1s".to_owned(),
+                    );
+                    follow.push((Duration::from_secs(1), Action::Migrate));
+                }
+                Err(e) => {
+                    self.note(
+                        report,
+                        started,
+                        format!("migration: the write failed ({e}); again in 1s"),
+                    );
+                    follow.push((Duration::from_secs(1), Action::Migrate));
+                }
+            },
             Action::Fault(kind) => {
                 report.faults_injected += 1;
                 match kind {
@@ -441,16 +700,26 @@ impl Simulation {
                             );
                         } else if let Some(i) = self.pick_worker() {
                             let w = self.workers.remove(i);
+                            self.protocol_totals.add(&w.handle);
+                            let was_leader = if w.handle.is_leader() {
+                                " (the leader)"
+                            } else {
+                                ""
+                            };
                             if kind == FaultKind::Crash {
                                 w.handle.abort().await;
+                                self.gone(&w.id, w.leader_watch);
                                 // Its processors are gone without a shutdown.
                                 self.journal.push(Entry::Crashed {
                                     worker: w.id.clone(),
                                 });
-                                self.note(report, started, format!("crashed {}", w.id));
+                                self.note(report, started, format!("crashed {}{was_leader}", w.id));
                             } else {
-                                within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown())
-                                    .await
+                                let stopped =
+                                    within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown())
+                                        .await;
+                                self.gone(&w.id, w.leader_watch);
+                                stopped
                                     .ok_or_else(|| {
                                         format!(
                                             "graceful stop of {} did not return within {DRIVER_CALL_LIMIT:?}",
@@ -458,7 +727,11 @@ impl Simulation {
                                         )
                                     })?
                                     .map_err(|e| format!("graceful stop of {}: {e}", w.id))?;
-                                self.note(report, started, format!("stopped {} gracefully", w.id));
+                                self.note(
+                                    report,
+                                    started,
+                                    format!("stopped {}{was_leader} gracefully", w.id),
+                                );
                             }
                             follow.push((millis(&self.rng, 0, 4_000), Action::StartWorker));
                         }
@@ -665,6 +938,104 @@ impl Simulation {
                             store.set_hanging(false);
                         });
                     }
+                    FaultKind::StateTableFailure | FaultKind::StateTableHang => {
+                        let name = self.pick_state_table();
+                        let n = between(&self.protocol_rng, 1, 6) as u32;
+                        let fault = if kind == FaultKind::StateTableHang {
+                            StateFaultKind::Hang
+                        } else {
+                            [
+                                StateFaultKind::Unreachable,
+                                StateFaultKind::Throttle,
+                                StateFaultKind::LoseAnswer,
+                            ]
+                            .get(self.protocol_rng.below(3) as usize)
+                            .copied()
+                            .unwrap_or(StateFaultKind::Unreachable)
+                        };
+                        self.state_faults.inject(&name, fault, n);
+                        self.note(
+                            report,
+                            started,
+                            format!("the next {n} calls of {name} fail: {fault:?}"),
+                        );
+                    }
+                    FaultKind::StateTableHangingPath => {
+                        let spell = millis(&self.protocol_rng, 500, 8_000);
+                        let tables: Vec<_> = [
+                            self.fleet.store().coordinator_state_table(),
+                            self.fleet.store().worker_metrics_table(),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                        .collect();
+                        for t in &tables {
+                            t.set_hanging(true);
+                        }
+                        self.note(
+                            report,
+                            started,
+                            format!("every state table call started in the next {spell:?} hangs for good"),
+                        );
+                        tokio::spawn(async move {
+                            tokio::time::sleep(spell).await;
+                            for t in &tables {
+                                t.set_hanging(false);
+                            }
+                        });
+                    }
+                    FaultKind::Partition => {
+                        // Often the leader: its lock, its assignments and its leases at once.
+                        let leader = self.workers.iter().position(|w| w.handle.is_leader());
+                        let pick = match leader {
+                            Some(i) if self.protocol_rng.below(2) == 0 => Some(i),
+                            _ => (!self.workers.is_empty()).then(|| {
+                                self.protocol_rng.below(self.workers.len() as u64) as usize
+                            }),
+                        };
+                        if let Some(w) = pick.and_then(|i| self.workers.get(i)) {
+                            let spell = self
+                                .timings
+                                .failover
+                                .mul_f64(0.2 + self.protocol_rng.below(1_000) as f64 / 400.0);
+                            let dead = self.protocol_rng.below(2) == 0;
+                            let id = w.id.clone();
+                            let was_leader = if w.handle.is_leader() {
+                                " (the leader)"
+                            } else {
+                                ""
+                            };
+                            if dead {
+                                w.path.set_dead(true);
+                            } else {
+                                w.path.set_cut(true);
+                            }
+                            // Ended by a timer of its own, also after the producer finished
+                            // (the settling check waits for it).
+                            let path = w.path.clone();
+                            let reconnected = id.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(spell).await;
+                                path.set_cut(false);
+                                tracing::info!(worker_id = %reconnected, "the partition ends: DynamoDB reachable again");
+                            });
+                            let until = tokio::time::Instant::now() + spell;
+                            self.partitions_until = self.partitions_until.max(Some(until));
+                            self.note(
+                                report,
+                                started,
+                                format!(
+                                    "{id}{was_leader} cut off from DynamoDB for {spell:?} ({})",
+                                    if dead {
+                                        "calls hang for good"
+                                    } else {
+                                        "calls fail"
+                                    }
+                                ),
+                            );
+                        }
+                    }
                     FaultKind::SlowProcessor => {
                         if let Some(i) = self.pick_worker()
                             && let Some(w) = self.workers.get(i)
@@ -719,6 +1090,25 @@ impl Simulation {
                 schedule.push((at, Action::Fault(kind)));
             }
         }
+        if self.config.protocol.has_state_tables() {
+            let production_ms = production.as_millis() as u64;
+            if self.config.faults {
+                for _ in 0..self.protocol_rng.below(4) {
+                    let at = Duration::from_millis(self.protocol_rng.below(production_ms + 1));
+                    let kind = STATE_KINDS
+                        .get(self.protocol_rng.below(STATE_KINDS.len() as u64) as usize)
+                        .copied()
+                        .unwrap_or(FaultKind::Partition);
+                    schedule.push((at, Action::Fault(kind)));
+                }
+            }
+            if self.config.protocol == LeaseProtocol::Migration {
+                // The flip early enough that workers started before it switch while
+                // records still flow, and late enough that restarts come both ways.
+                let at = between(&self.protocol_rng, production_ms / 20, production_ms / 3);
+                schedule.push((Duration::from_millis(at), Action::Migrate));
+            }
+        }
         schedule.sort_by_key(|(at, _)| *at);
         let per_round = self.config.records / self.timings.rounds.max(1);
         let mut extra = self.config.records % self.timings.rounds.max(1);
@@ -745,6 +1135,17 @@ impl Simulation {
         // Faults stop; at least one worker runs.
         self.fleet.kinesis().clear_faults();
         self.fleet.store().clear_faults();
+        for table in [
+            self.fleet.store().coordinator_state_table(),
+            self.fleet.store().worker_metrics_table(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            table.set_hanging(false);
+            table.set_unreachable(false);
+        }
+        self.state_faults.clear();
         for w in &self.workers {
             w.factory.set_behaviour(w.behaviour.clone());
         }
@@ -756,7 +1157,127 @@ impl Simulation {
             started,
             "producer done, faults stopped; draining".to_owned(),
         );
+        let faults_stopped = tokio::time::Instant::now();
+        self.drain(report, started).await?;
+        report.drain_time = faults_stopped.elapsed();
+        if self.config.protocol == LeaseProtocol::Migration {
+            self.finish_migration(report, started).await?;
+        }
+        self.settle(report, started).await
+    }
+
+    /// A migration run after the drain: every running worker runs 3.x within the monitor's
+    /// bound (its first read 60 to 90 s after its start, then every 60 s); then a last round
+    /// of records, all delivered under 3.x.
+    pub(super) async fn finish_migration(
+        &mut self,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let waited = tokio::time::Instant::now();
+        let limit = Duration::from_secs(200);
+        loop {
+            let behind: Vec<String> = self
+                .workers
+                .iter()
+                .filter(|w| !runs_3x(w.handle.client_version()))
+                .map(|w| format!("{} on {:?}", w.id, w.handle.client_version()))
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
+            if waited.elapsed() >= limit {
+                return Err(format!(
+                    "migration: {limit:?} after the drain workers still run 2.x: {behind:?} (flip written at {:?})",
+                    self.migrated_at
+                ));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        self.note(
+            report,
+            started,
+            "migration: every running worker runs 3.x; a last round of records".to_owned(),
+        );
+        let count = (self.config.records / 10).max(1);
+        self.produce_round(count, report)?;
+        report.records_produced = self.produced_total;
         self.drain(report, started).await
+    }
+
+    /// After the faults stopped (partitions ended too) and every record came: within a
+    /// bound, every unfinished lease is held by a running worker that owns it, no handoff
+    /// is in flight, and (in 3.x) exactly one running worker counts itself leader.
+    pub(super) async fn settle(
+        &mut self,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<(), String> {
+        if let Some(until) = self.partitions_until {
+            tokio::time::sleep_until(until).await;
+        }
+        let limit = self.timings.failover * 6 + Duration::from_secs(10);
+        let waited = tokio::time::Instant::now();
+        loop {
+            let problems = self.unsettled();
+            if problems.is_empty() {
+                report.settle_time = waited.elapsed();
+                self.note(
+                    report,
+                    started,
+                    "every lease held by a running worker".to_owned(),
+                );
+                return Ok(());
+            }
+            if waited.elapsed() >= limit {
+                return Err(format!(
+                    "{limit:?} after the faults stopped and every record was delivered: {}; leases: {}",
+                    problems.join("; "),
+                    self.describe_leases()
+                ));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    pub(super) fn unsettled(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for lease in self.fleet.store().snapshot() {
+            if lease.is_finished() {
+                continue;
+            }
+            let key = &lease.lease_key;
+            match &lease.lease_owner {
+                None => problems.push(format!("{key} has no owner")),
+                Some(owner) => {
+                    let held = self.workers.iter().any(|w| {
+                        &w.id == owner && w.handle.held_leases().iter().any(|l| &l.lease_key == key)
+                    });
+                    if !held {
+                        problems.push(format!("{key} is owned by {owner}, which does not hold it"));
+                    }
+                }
+            }
+            if let Some(from) = &lease.checkpoint_owner {
+                problems.push(format!("{key} is being handed over from {from}"));
+            }
+        }
+        if self
+            .workers
+            .iter()
+            .any(|w| runs_3x(w.handle.client_version()))
+        {
+            let leaders: Vec<&str> = self
+                .workers
+                .iter()
+                .filter(|w| w.handle.is_leader())
+                .map(|w| w.id.as_str())
+                .collect();
+            if leaders.len() != 1 {
+                problems.push(format!("the running workers' leaders: {leaders:?}"));
+            }
+        }
+        problems
     }
 
     pub(super) async fn run_due(
@@ -848,6 +1369,8 @@ impl Simulation {
     pub(super) async fn stop_all(&mut self, report: &mut SimulationReport) {
         for w in std::mem::take(&mut self.workers) {
             let id = w.id.clone();
+            self.protocol_totals.add(&w.handle);
+            let leader_watch = w.leader_watch;
             let held = w
                 .handle
                 .held_leases()
@@ -866,6 +1389,7 @@ impl Simulation {
                     "graceful shutdown of {id} did not return within {DRIVER_CALL_LIMIT:?}"
                 )),
             }
+            self.gone(&id, leader_watch);
             self.stopped_at_end.push(StoppedWorker {
                 id,
                 held,
@@ -899,7 +1423,13 @@ impl Simulation {
                 )
             })
             .collect();
-        let mut checker = Checker::default();
+        let mut checker = Checker {
+            leaders: LeaderCheck {
+                limit: self.timings.failover,
+                ..LeaderCheck::default()
+            },
+            ..Checker::default()
+        };
         for entry in self.journal.entries() {
             checker.apply(entry, &parents);
         }
@@ -913,6 +1443,19 @@ impl Simulation {
         report.overlaps = checker.overlaps;
         report.handoff_redeliveries = checker.handoff_redeliveries;
         report.checkpoints = checker.checkpoints;
+        report.protocol = self.config.protocol;
+        report.failover_time = self.timings.failover;
+        report.v3_workers_started = self.v3_workers_started;
+        report.version_switches = self.protocol_totals.version_changes;
+        report.migrated_at = self.migrated_at;
+        report.leader_elections = checker.leaders.elections;
+        report.leader_changes = checker.leaders.changes;
+        report.leader_overlaps = checker.leaders.overlaps;
+        report.max_leader_overlap = checker.leaders.max_overlap;
+        report.leader_assignments = checker.assignments;
+        report.stale_leader_assignments = checker.stale_assignments;
+        report.leader_handoffs = self.protocol_totals.handoffs;
+        report.assignment_conflicts = self.protocol_totals.conflicts;
         let mut violations = checker.violations;
 
         // 1. Every record delivered.

@@ -1,6 +1,7 @@
 //! The journal of a simulation run: processor callbacks and lease store writes in one order.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -10,7 +11,12 @@ use kcl_interfaces::{
     ShutdownInput, ShutdownReason,
 };
 use kcl_kpl::ExtendedSequenceNumber;
-use kcl_lease::{BillingMode, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom};
+use kcl_lease::v3::item::{Condition, Item};
+use kcl_lease::v3::memory::StateFaultKind;
+use kcl_lease::v3::table::{StateTable, StateTables, Update, bounded};
+use kcl_lease::{
+    BillingMode, BoxError, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom, SystemClock,
+};
 
 use crate::lease_store::InMemoryLeaseStore;
 use crate::recording::{Event, EventLog, RecordingFactory, RecordingProcessor};
@@ -41,10 +47,15 @@ pub(super) enum Entry {
     Created {
         key: String,
         checkpoint: ExtendedSequenceNumber,
+        /// The worker that created it.
+        by: Option<String>,
     },
+    /// A take: by the new owner itself (the 2.x taker), or by the 3.x leader assigning the
+    /// lease (`by` the leader, `owner` the assignee).
     Taken {
         key: String,
         owner: String,
+        by: Option<String>,
     },
     Released {
         key: String,
@@ -62,6 +73,8 @@ pub(super) enum Entry {
     HandoffInitiated {
         key: String,
         next_owner: String,
+        /// Who wrote it: the next owner (2.x fast balance) or the 3.x leader.
+        by: Option<String>,
     },
     /// A graceful handoff completed: the lease is `owner`'s (the next owner) from now on.
     /// `by` the worker that completed it: the current owner (after its processor stopped),
@@ -78,6 +91,13 @@ pub(super) enum Entry {
     /// A worker crashed: its processors stopped without a shutdown.
     Crashed {
         worker: String,
+    },
+    /// What a worker's 3.x runtime publishes as its leadership (`is_leader`) changed, at
+    /// `at`; a crash or a stop ends it (the driver journals `leading: false` then).
+    Leader {
+        worker: String,
+        leading: bool,
+        at: tokio::time::Instant,
     },
 }
 
@@ -240,41 +260,260 @@ impl RecordProcessor for JournalingProcessor {
     }
 }
 
-/// A [`LeaseStore`] that logs every successful write to the journal.
+/// One worker's path to DynamoDB (its lease table and state tables): open, cut off (every
+/// call fails as unreachable) or dead (every call started hangs for good). Kinesis is not
+/// on it. Clones share the path.
+#[derive(Clone, Debug, Default)]
+pub(super) struct DynamoPath {
+    state: Arc<AtomicU8>,
+}
+
+const PATH_OPEN: u8 = 0;
+const PATH_CUT: u8 = 1;
+const PATH_DEAD: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+#[error("simulated partition: this worker cannot reach DynamoDB")]
+struct Partitioned;
+
+impl DynamoPath {
+    /// Every call from now fails as unreachable (`true`), or the path opens again.
+    pub(super) fn set_cut(&self, cut: bool) {
+        self.state
+            .store(if cut { PATH_CUT } else { PATH_OPEN }, Ordering::SeqCst);
+    }
+
+    /// Every call started from now hangs for good (`true`), or the path opens again (calls
+    /// already hanging stay hung).
+    pub(super) fn set_dead(&self, dead: bool) {
+        self.state
+            .store(if dead { PATH_DEAD } else { PATH_OPEN }, Ordering::SeqCst);
+    }
+
+    /// Waits for nothing on an open path; fails on a cut one; never returns on a dead one.
+    async fn pass(&self) -> Result<(), LeaseError> {
+        match self.state.load(Ordering::SeqCst) {
+            PATH_OPEN => Ok(()),
+            PATH_CUT => Err(LeaseError::Unreachable {
+                source: Box::new(Partitioned) as BoxError,
+            }),
+            _ => std::future::pending().await,
+        }
+    }
+}
+
+/// Faults for the next calls of the 3.x state tables, shared by every worker's
+/// [`PathStateTable`]: kept here rather than in the in-memory tables so the driver can
+/// clear what is left when the faults stop (a table called once a minute would otherwise
+/// carry them far into the drain). Clones share the faults.
+#[derive(Clone, Debug, Default)]
+pub(super) struct StateFaults {
+    pending: Arc<Mutex<Vec<(String, StateFaultKind, u32)>>>,
+}
+
+impl StateFaults {
+    /// `kind` for the next `count` calls of the table named `table`.
+    pub(super) fn inject(&self, table: &str, kind: StateFaultKind, count: u32) {
+        self.lock().push((table.to_owned(), kind, count));
+    }
+
+    /// Drops every fault left.
+    pub(super) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<(String, StateFaultKind, u32)>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The fault of the next call of `table`, if any (its count goes down by one).
+    fn take(&self, table: &str) -> Option<StateFaultKind> {
+        let mut pending = self.lock();
+        let (_, kind, left) = pending
+            .iter_mut()
+            .find(|(t, _, left)| t == table && *left > 0)?;
+        *left -= 1;
+        let kind = *kind;
+        pending.retain(|(_, _, left)| *left > 0);
+        Some(kind)
+    }
+}
+
+/// The bound on one table creation call of the state tables (see
+/// [`PathStateTable::create_table_if_not_exists`]).
+const CREATE_TABLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected state table fault: {0}")]
+struct InjectedStateFault(&'static str);
+
+/// A [`StateTable`] reached over one worker's [`DynamoPath`], with the [`StateFaults`].
+#[derive(Debug)]
+pub(super) struct PathStateTable {
+    pub(super) inner: Arc<dyn StateTable>,
+    pub(super) path: DynamoPath,
+    pub(super) faults: StateFaults,
+    /// The worker calling (for the debug log of every call).
+    pub(super) worker: Option<String>,
+}
+
+impl PathStateTable {
+    /// Passes the path, then the next fault: `Ok(true)` when the call is to be applied and
+    /// its answer lost.
+    async fn begin(&self) -> Result<bool, LeaseError> {
+        tracing::trace!(
+            worker = self.worker.as_deref().unwrap_or("-"),
+            table = self.inner.table_name(),
+            "simulation: state table call starts"
+        );
+        self.path.pass().await?;
+        match self.faults.take(self.inner.table_name()) {
+            None => Ok(false),
+            Some(StateFaultKind::LoseAnswer) => Ok(true),
+            Some(StateFaultKind::Throttle) => Err(LeaseError::Throttled {
+                source: Box::new(InjectedStateFault("throttled")) as BoxError,
+            }),
+            Some(StateFaultKind::Hang) => std::future::pending().await,
+            Some(_) => Err(LeaseError::Unreachable {
+                source: Box::new(InjectedStateFault("unreachable")) as BoxError,
+            }),
+        }
+    }
+
+    /// The answer of an applied call, or its loss; logged (debug) with the caller.
+    fn finish<T>(
+        &self,
+        call: &str,
+        key: &str,
+        lose_answer: bool,
+        result: Result<T, LeaseError>,
+    ) -> Result<T, LeaseError> {
+        let result = match (lose_answer, result) {
+            (true, Ok(_)) => Err(LeaseError::Unreachable {
+                source: Box::new(InjectedStateFault("answer lost")) as BoxError,
+            }),
+            (_, result) => result,
+        };
+        tracing::debug!(
+            worker = self.worker.as_deref().unwrap_or("-"),
+            table = self.inner.table_name(),
+            call,
+            key,
+            error = result.as_ref().err().map(ToString::to_string),
+            "simulation: state table call"
+        );
+        result
+    }
+}
+
+#[async_trait]
+impl StateTable for PathStateTable {
+    fn table_name(&self) -> &str {
+        self.inner.table_name()
+    }
+
+    fn key_attribute(&self) -> &str {
+        self.inner.key_attribute()
+    }
+
+    /// Bounded here, as the DynamoDB state table bounds each of its calls (the runtime
+    /// leaves table creation, which polls until the table is usable, to the table).
+    async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError> {
+        let call = async {
+            let lose = self.begin().await?;
+            let result = self.inner.create_table_if_not_exists(billing).await;
+            self.finish("create_table", "", lose, result)
+        };
+        bounded(&SystemClock, CREATE_TABLE_LIMIT, "create_table", call).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Item>, LeaseError> {
+        let lose = self.begin().await?;
+        let result = self.inner.get(key).await;
+        self.finish("get", key, lose, result)
+    }
+
+    async fn scan(&self) -> Result<Vec<Item>, LeaseError> {
+        let lose = self.begin().await?;
+        let result = self.inner.scan().await;
+        self.finish("scan", "", lose, result)
+    }
+
+    async fn put(&self, item: &Item, condition: &Condition) -> Result<(), LeaseError> {
+        let lose = self.begin().await?;
+        let result = self.inner.put(item, condition).await;
+        let key = item
+            .get(self.inner.key_attribute())
+            .and_then(kcl_lease::v3::item::Value::as_s)
+            .unwrap_or("?");
+        self.finish("put", key, lose, result)
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        update: &Update,
+        condition: &Condition,
+    ) -> Result<(), LeaseError> {
+        let lose = self.begin().await?;
+        let result = self.inner.update(key, update, condition).await;
+        self.finish("update", key, lose, result)
+    }
+
+    async fn delete(&self, key: &str, condition: &Condition) -> Result<(), LeaseError> {
+        let lose = self.begin().await?;
+        let result = self.inner.delete(key, condition).await;
+        self.finish("delete", key, lose, result)
+    }
+}
+
+/// A [`LeaseStore`] that logs every successful write to the journal, over one worker's
+/// [`DynamoPath`]. It forwards every method, the KCL 3.x ones included (without
+/// `state_tables` the worker would run 2.x), and hands out the state tables over the same
+/// path.
 #[derive(Debug)]
 pub(super) struct JournalingLeaseStore {
     pub(super) inner: Arc<InMemoryLeaseStore>,
     pub(super) journal: Journal,
     /// The worker writing through this store, when it is one worker's.
     pub(super) worker: Option<String>,
+    pub(super) path: DynamoPath,
+    /// The faults of the state tables it hands out.
+    pub(super) state_faults: StateFaults,
 }
 
 #[async_trait]
 impl LeaseStore for JournalingLeaseStore {
     async fn create_table_if_not_exists(&self, billing: BillingMode) -> Result<bool, LeaseError> {
+        self.path.pass().await?;
         self.inner.create_table_if_not_exists(billing).await
     }
 
     async fn table_exists(&self) -> Result<bool, LeaseError> {
+        self.path.pass().await?;
         self.inner.table_exists().await
     }
 
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        self.path.pass().await?;
         let created = self.inner.create_lease_if_not_exists(lease).await?;
         if created {
             self.journal.push(Entry::Created {
                 key: lease.lease_key.clone(),
                 checkpoint: lease.checkpoint.clone(),
+                by: self.worker.clone(),
             });
         }
         Ok(created)
     }
 
     async fn list_leases(&self) -> Result<Vec<Lease>, LeaseError> {
+        self.path.pass().await?;
         self.inner.list_leases().await
     }
 
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseError> {
+        self.path.pass().await?;
         self.inner.get_lease(lease_key).await
     }
 
@@ -283,19 +522,23 @@ impl LeaseStore for JournalingLeaseStore {
         lease: &Lease,
         throughput_kbps: Option<f64>,
     ) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         self.inner.renew_lease(lease, throughput_kbps).await
     }
 
     async fn take_lease(&self, lease: &Lease, new_owner: &str) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         let taken = self.inner.take_lease(lease, new_owner).await?;
         self.journal.push(Entry::Taken {
             key: lease.lease_key.clone(),
             owner: new_owner.to_owned(),
+            by: self.worker.clone(),
         });
         Ok(taken)
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         let released = self.inner.release_lease(lease).await?;
         self.journal.push(Entry::Released {
             key: lease.lease_key.clone(),
@@ -304,15 +547,18 @@ impl LeaseStore for JournalingLeaseStore {
     }
 
     async fn initiate_handoff(&self, lease: &Lease, next_owner: &str) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         let written = self.inner.initiate_handoff(lease, next_owner).await?;
         self.journal.push(Entry::HandoffInitiated {
             key: lease.lease_key.clone(),
             next_owner: next_owner.to_owned(),
+            by: self.worker.clone(),
         });
         Ok(written)
     }
 
     async fn complete_handoff(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         let written = self.inner.complete_handoff(lease).await?;
         self.journal.push(Entry::HandoffCompleted {
             key: lease.lease_key.clone(),
@@ -327,6 +573,7 @@ impl LeaseStore for JournalingLeaseStore {
         lease: &Lease,
         checkpoint: &ExtendedSequenceNumber,
     ) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         let written = self.inner.update_checkpoint(lease, checkpoint).await?;
         self.journal.push(Entry::Checkpointed {
             key: lease.lease_key.clone(),
@@ -342,6 +589,7 @@ impl LeaseStore for JournalingLeaseStore {
         lease: &Lease,
         pending: Option<&ExtendedSequenceNumber>,
     ) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         self.inner.update_pending_checkpoint(lease, pending).await
     }
 
@@ -350,12 +598,14 @@ impl LeaseStore for JournalingLeaseStore {
         lease: &Lease,
         child_shard_ids: &BTreeSet<String>,
     ) -> Result<Lease, LeaseError> {
+        self.path.pass().await?;
         self.inner
             .update_child_shard_ids(lease, child_shard_ids)
             .await
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+        self.path.pass().await?;
         self.inner.delete_lease(lease).await?;
         self.journal.push(Entry::Deleted {
             key: lease.lease_key.clone(),
@@ -364,6 +614,33 @@ impl LeaseStore for JournalingLeaseStore {
     }
 
     async fn client_version(&self) -> Result<Option<String>, LeaseError> {
+        self.path.pass().await?;
         self.inner.client_version().await
+    }
+
+    async fn lease_keys_of_owner(&self, owner: &str) -> Result<Vec<String>, LeaseError> {
+        self.path.pass().await?;
+        self.inner.lease_keys_of_owner(owner).await
+    }
+
+    async fn lease_owner_index_active(&self) -> Result<bool, LeaseError> {
+        self.path.pass().await?;
+        self.inner.lease_owner_index_active().await
+    }
+
+    fn state_tables(&self) -> Option<StateTables> {
+        let tables = self.inner.state_tables()?;
+        let over_path = |inner: Arc<dyn StateTable>| -> Arc<dyn StateTable> {
+            Arc::new(PathStateTable {
+                inner,
+                path: self.path.clone(),
+                faults: self.state_faults.clone(),
+                worker: self.worker.clone(),
+            })
+        };
+        Some(StateTables {
+            coordinator_state: over_path(tables.coordinator_state),
+            worker_metrics: over_path(tables.worker_metrics),
+        })
     }
 }

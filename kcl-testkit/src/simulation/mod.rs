@@ -12,10 +12,26 @@
 //! calls hang: a few calls that never complete, and a path on which every call started for
 //! a while hangs for good. One worker in three checkpoints at a random record of
 //! each batch (often inside a KPL aggregate) or skips the checkpoint, instead of
-//! checkpointing the largest delivered record. After the producer finishes, the faults stop, at least
+//! checkpointing the largest delivered record.
+//!
+//! The fleet runs the lease protocol of [`SimulationConfig::protocol`] ([`LeaseProtocol`],
+//! drawn per seed: 2.x for half the seeds, 3.x for 45 in 100, a migration for one in
+//! twenty): in 3.x the lease store has its `<app>-CoordinatorState` and
+//! `<app>-WorkerMetricStats` tables, a leader elected with the `Leader` lock item assigns
+//! the leases and balances them by graceful handoffs, followers discover theirs; a
+//! migration starts a 2.x-compatible fleet, writes `CLIENT_VERSION_3X_WITH_ROLLBACK`
+//! mid-run and lets the running workers switch while records flow. With state tables the
+//! schedule adds faults of those tables (failed, throttled, lost-answer and hanging calls,
+//! a spell in which every call hangs) and partitions: one worker (often the leader) cut off
+//! from DynamoDB, its lease and state table calls failing or hanging for good, while it
+//! still reads Kinesis. WorkerMetricStats rows carry no CPU metrics (a CPU sample on a
+//! virtual clock means nothing), so the leader balances by throughput.
+//!
+//! After the producer finishes, the faults stop (partitions run their spell out), at least
 //! one worker keeps running, and the simulation waits (bounded, in virtual time) until every
-//! record was delivered and every closed shard finished, then shuts everything down
-//! gracefully and checks:
+//! record was delivered and every closed shard finished (in a migration: every running
+//! worker runs 3.x, then a last round of records is delivered too), then until the fleet
+//! settled, then shuts everything down gracefully and checks:
 //!
 //! 1. every produced record was delivered at least once;
 //! 2. per partition key, first deliveries come in produced order (across splits and merges);
@@ -39,6 +55,14 @@
 //!    handoff delivers nothing twice (the next owner delivers again no record the
 //!    handing-over processor had checkpointed when it stopped). Checkpoints during a handoff
 //!    are by its current owner (`checkpointOwner`).
+//! 7. at most one worker counts itself the 3.x leader at a time, beyond an overlap bounded
+//!    by the lock's lease duration (none is expected: a holder counts itself leader until
+//!    its last lock write is that old, a contender takes over only after the same record
+//!    version stood that long); overlaps, leader changes and assignments written by a
+//!    deposed leader are counted;
+//! 8. after the faults stopped and every record came, within six failover times: every
+//!    unfinished lease is held by a running worker that owns it, no handoff is in flight,
+//!    and (3.x) exactly one running worker counts itself leader.
 //!
 //! The checks read a journal written by a processor wrapper (around
 //! [`crate::recording::RecordingProcessor`], whose [`EventLog`](crate::recording::EventLog) is kept too) and by a
@@ -53,6 +77,8 @@
 //! KCL_SEED=<seed> cargo test -p kcl-testkit --test simulation replay
 //! ```
 //!
+//! (with `KCL_SIM_V3=0|1|migrate` when the run chose the protocol by hand).
+//!
 //! ```no_run
 //! let report = kcl_testkit::simulation::run_seed(7).map_err(|f| f.to_string()).unwrap();
 //! assert!(report.records_produced > 0);
@@ -64,7 +90,7 @@ mod config;
 mod driver;
 mod journal;
 
-pub use config::SimulationConfig;
+pub use config::{LeaseProtocol, SimulationConfig};
 
 use std::fmt;
 use std::time::Duration;
@@ -118,6 +144,38 @@ pub struct SimulationReport {
     pub shards_at_end: usize,
     /// Virtual time the run took.
     pub virtual_time: Duration,
+    /// The lease protocol of the fleet.
+    pub protocol: LeaseProtocol,
+    /// The workers' failover time.
+    pub failover_time: Duration,
+    /// From the faults' end to every record delivered (virtual time).
+    pub drain_time: Duration,
+    /// After that (and the partitions' end), until every unfinished lease was held by a
+    /// running worker with no handoff in flight and (3.x) one leader (virtual time).
+    pub settle_time: Duration,
+    /// Workers started that ran a 3.x version (`CLIENT_VERSION_3X_WITH_ROLLBACK` or
+    /// `CLIENT_VERSION_3X`) from their start.
+    pub v3_workers_started: usize,
+    /// Client version changes running workers followed (a migration's live switches).
+    pub version_switches: u64,
+    /// When the driver wrote `CLIENT_VERSION_3X_WITH_ROLLBACK` (migration runs).
+    pub migrated_at: Option<Duration>,
+    /// Times a worker became the 3.x leader.
+    pub leader_elections: usize,
+    /// Of those, times leadership passed to another worker.
+    pub leader_changes: usize,
+    /// Times two workers counted themselves leader at once (for any time).
+    pub leader_overlaps: usize,
+    /// The longest such overlap.
+    pub max_leader_overlap: Duration,
+    /// Lease writes of the 3.x leader for other workers (takes and handoffs initiated).
+    pub leader_assignments: usize,
+    /// Of those, written by a worker that no longer counted itself leader.
+    pub stale_leader_assignments: usize,
+    /// Graceful handoffs the 3.x leaders initiated (their own count).
+    pub leader_handoffs: u64,
+    /// Assignment writes of the 3.x leaders whose condition failed (their own count).
+    pub assignment_conflicts: u64,
     /// Every invariant violation found (empty when the run passed).
     pub violations: Vec<String>,
 }
@@ -132,6 +190,7 @@ impl SimulationReport {
                 seed: self.seed,
                 violations: self.violations,
                 fault_log: self.fault_log,
+                protocol: self.protocol,
             })
         }
     }
@@ -146,14 +205,27 @@ pub struct SimulationFailure {
     pub violations: Vec<String>,
     /// The fault events of the run, as executed (not part of `Display`).
     pub fault_log: Vec<String>,
+    /// The lease protocol of the fleet (the replay command names it when it is not the
+    /// seed's own draw).
+    pub protocol: LeaseProtocol,
 }
 
 impl fmt::Display for SimulationFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env = if SimulationConfig::new(self.seed).protocol == self.protocol {
+            ""
+        } else {
+            match self.protocol {
+                LeaseProtocol::V2x => "KCL_SIM_V3=0 ",
+                LeaseProtocol::V3x => "KCL_SIM_V3=1 ",
+                LeaseProtocol::Migration => "KCL_SIM_V3=migrate ",
+            }
+        };
         write!(
             f,
-            "simulation seed {} failed with {} violation(s) (replay: KCL_SEED={} cargo test -p kcl-testkit --test simulation replay)",
+            "simulation seed {} ({:?}) failed with {} violation(s) (replay: {env}KCL_SEED={} cargo test -p kcl-testkit --test simulation replay)",
             self.seed,
+            self.protocol,
             self.violations.len(),
             self.seed
         )?;
@@ -184,6 +256,7 @@ pub fn run_config(config: SimulationConfig) -> Result<SimulationReport, Simulati
             seed,
             violations: vec![format!("building the tokio runtime failed: {e}")],
             fault_log: Vec::new(),
+            protocol: config.protocol,
         })?;
     runtime.block_on(run_simulation(config)).into_result()
 }
@@ -241,6 +314,7 @@ mod tests {
         Entry::Created {
             key: key.to_owned(),
             checkpoint: ExtendedSequenceNumber::TRIM_HORIZON,
+            by: Some("w1".to_owned()),
         }
     }
 
@@ -248,6 +322,7 @@ mod tests {
         Entry::Taken {
             key: key.to_owned(),
             owner: owner.to_owned(),
+            by: Some(owner.to_owned()),
         }
     }
 
@@ -374,6 +449,7 @@ mod tests {
             Entry::HandoffInitiated {
                 key: "p".to_owned(),
                 next_owner: "w2".to_owned(),
+                by: Some("w2".to_owned()),
             },
             // Still w1's: its last checkpoint during the handoff is fenced on it.
             checkpointed("p", "w1", esn("11", 0)),
@@ -542,6 +618,111 @@ mod tests {
         expect_violation(e, "shut down twice");
     }
 
+    fn leader(worker: &str, leading: bool, at: tokio::time::Instant) -> Entry {
+        Entry::Leader {
+            worker: worker.to_owned(),
+            leading,
+            at,
+        }
+    }
+
+    fn with_leader_limit(entries: Vec<Entry>, limit: Duration) -> Checker {
+        let mut checker = Checker {
+            leaders: LeaderCheck {
+                limit,
+                ..LeaderCheck::default()
+            },
+            ..Checker::default()
+        };
+        for e in entries {
+            checker.apply(e, &HashMap::new());
+        }
+        checker
+    }
+
+    #[test]
+    fn a_leader_handover_without_overlap_passes_and_is_counted() {
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let checker = with_leader_limit(
+            vec![
+                leader("w1", true, t0),
+                leader("w1", false, t0 + s),
+                // The same instant: no overlap.
+                leader("w2", true, t0 + s),
+                leader("w2", false, t0 + 3 * s),
+                leader("w2", true, t0 + 4 * s),
+            ],
+            s,
+        );
+        assert_eq!(checker.violations, Vec::<String>::new());
+        let l = &checker.leaders;
+        assert_eq!((l.elections, l.changes, l.overlaps), (3, 1, 0));
+    }
+
+    #[test]
+    fn two_leaders_at_once_beyond_the_lock_duration_are_caught() {
+        let t0 = tokio::time::Instant::now();
+        let ms = Duration::from_millis(1);
+        // Within the bound: counted, not flagged.
+        let checker = with_leader_limit(
+            vec![
+                leader("w1", true, t0),
+                leader("w2", true, t0 + 100 * ms),
+                leader("w1", false, t0 + 157 * ms),
+            ],
+            1000 * ms,
+        );
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!(checker.leaders.overlaps, 1);
+        assert_eq!(checker.leaders.max_overlap, 57 * ms);
+        // Beyond it (three at once, the overlap ends when one is left).
+        let checker = with_leader_limit(
+            vec![
+                leader("w1", true, t0),
+                leader("w2", true, t0 + 100 * ms),
+                leader("w3", true, t0 + 200 * ms),
+                leader("w2", false, t0 + 300 * ms),
+                leader("w1", false, t0 + 1200 * ms),
+            ],
+            1000 * ms,
+        );
+        assert!(
+            checker
+                .violations
+                .iter()
+                .any(|v| v.contains("two workers counted themselves 3.x leader at once for 1.1s")),
+            "{:?}",
+            checker.violations
+        );
+    }
+
+    #[test]
+    fn assignments_by_a_deposed_leader_are_counted() {
+        let t0 = tokio::time::Instant::now();
+        let assign = |owner: &str| Entry::Taken {
+            key: "p".to_owned(),
+            owner: owner.to_owned(),
+            by: Some("w1".to_owned()),
+        };
+        let checker = with_leader_limit(
+            vec![
+                created("p"),
+                leader("w1", true, t0),
+                // The leader assigns to another worker and to itself.
+                assign("w2"),
+                assign("w1"),
+                leader("w1", false, t0 + Duration::from_secs(1)),
+                assign("w3"),
+                // A 2.x take (for itself, not leading): no assignment.
+                taken("p", "w3"),
+            ],
+            Duration::from_secs(1),
+        );
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!((checker.assignments, checker.stale_assignments), (3, 1));
+    }
+
     #[test]
     fn payloads_round_trip() {
         assert_eq!(
@@ -557,13 +738,28 @@ mod tests {
             seed: 42,
             violations: vec!["something".to_owned()],
             fault_log: Vec::new(),
+            protocol: SimulationConfig::new(42).protocol,
         };
         let text = f.to_string();
         assert!(text.contains("seed 42"), "{text}");
         assert!(
-            text.contains("KCL_SEED=42 cargo test -p kcl-testkit --test simulation replay"),
+            text.contains(
+                "(replay: KCL_SEED=42 cargo test -p kcl-testkit --test simulation replay)"
+            ),
             "{text}"
         );
         assert!(text.contains("something"), "{text}");
+        // A protocol the seed does not draw itself is named in the command.
+        let other = if f.protocol == LeaseProtocol::V3x {
+            LeaseProtocol::V2x
+        } else {
+            LeaseProtocol::V3x
+        };
+        let text = SimulationFailure {
+            protocol: other,
+            ..f
+        }
+        .to_string();
+        assert!(text.contains("replay: KCL_SIM_V3="), "{text}");
     }
 }
