@@ -35,23 +35,14 @@ impl LeaseOwnerQuery for super::dynamo::LeaseOwnerIndex {
     }
 }
 
-/// A [`LeaseOwnerQuery`] answered from a lease store's listing.
+/// A [`LeaseOwnerQuery`] answered by a lease store ([`LeaseStore::lease_keys_of_owner`]).
 #[derive(Debug)]
 pub struct StoreOwnerQuery(pub Arc<dyn LeaseStore>);
 
 #[async_trait]
 impl LeaseOwnerQuery for StoreOwnerQuery {
     async fn lease_keys_of(&self, owner: &str) -> Result<Vec<String>, LeaseError> {
-        let mut keys: Vec<String> = self
-            .0
-            .list_leases()
-            .await?
-            .into_iter()
-            .filter(|l| l.lease_owner.as_deref() == Some(owner))
-            .map(|l| l.lease_key)
-            .collect();
-        keys.sort();
-        Ok(keys)
+        self.0.lease_keys_of_owner(owner).await
     }
 }
 
