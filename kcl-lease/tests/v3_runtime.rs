@@ -252,3 +252,88 @@ async fn a_crashed_leader_is_replaced_within_two_failover_times() {
         w.coordinator.stop().await;
     }
 }
+
+/// A graceful stop of a 3.x leader deletes its row and frees the lock at once; a
+/// 2.x-compatible runtime wrote no row, so its stop makes no call on that table (and ends
+/// while the table hangs).
+#[tokio::test(flavor = "current_thread")]
+async fn a_graceful_stop_deletes_the_row_it_wrote_and_only_that() {
+    let clock = ManualClock::new();
+    let (store, workers) = fleet(&clock).await;
+    clock.advance_and_settle(Duration::from_secs(60)).await;
+    let leader = workers.iter().position(|w| w.protocol.is_leader()).unwrap();
+    let leader_id = workers[leader].coordinator.worker_id().to_string();
+    let rows = store.worker_metrics_table().unwrap();
+    assert!(rows.peek(&leader_id).is_some(), "the leader's row exists");
+    workers[leader].protocol.stop().await;
+    workers[leader].coordinator.stop().await;
+    assert!(
+        rows.peek(&leader_id).is_none(),
+        "the row is deleted on stop"
+    );
+    let others: Vec<&Worker> = workers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, w)| w)
+        .collect();
+    // The lock was released, not left to expire: another worker leads within seconds.
+    let next = until(&clock, FAILOVER, || leaders(&others).len() == 1).await;
+    assert!(
+        next.is_some(),
+        "no leader {FAILOVER:?} after a graceful stop"
+    );
+    for w in &others {
+        w.protocol.stop().await;
+        w.coordinator.stop().await;
+    }
+
+    // A 2.x-compatible runtime (CLIENT_VERSION_UPGRADE_FROM_2X writes its row too, as the
+    // Java KCL's, for the readiness check) stopped while that table hangs: the delete is
+    // bounded by one call_timeout, then the stop ends and the row is left to age out.
+    let store = Arc::new(InMemoryLeaseStore::new().with_table().with_state_tables());
+    let coordinator = LeaseCoordinator::new(
+        Arc::clone(&store) as Arc<dyn LeaseStore>,
+        LeaseCoordinatorConfig::new("compat").with_failover_time(FAILOVER),
+        Arc::new(clock.clone()),
+        Arc::new(SeededRandom::new(7)),
+    )
+    .unwrap();
+    let config = ProtocolConfig::new("compat", FAILOVER, ClientVersionConfig::CompatibleWith2x);
+    let call_timeout = config.call_timeout;
+    let protocol = ProtocolRuntime::start(
+        Arc::clone(&coordinator),
+        Arc::clone(&store) as Arc<dyn LeaseStore>,
+        store.state_tables().unwrap(),
+        config,
+        BillingMode::PayPerRequest,
+        Arc::new(clock.clone()),
+        Arc::new(SeededRandom::new(8)),
+        Some(Box::new(FixedUtilisation(40.0))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(protocol.client_version(), ClientVersion::UpgradeFrom2x);
+    clock.advance_and_settle(Duration::from_secs(30)).await;
+    let rows = store.worker_metrics_table().unwrap();
+    assert!(
+        rows.peek("compat").is_some(),
+        "the upgrade-from-2x row is written"
+    );
+    rows.set_hanging(true);
+    let protocol = Arc::new(protocol);
+    let stopping = tokio::spawn({
+        let protocol = Arc::clone(&protocol);
+        async move { protocol.stop().await }
+    });
+    clock.advance_and_settle(call_timeout / 2).await;
+    assert!(!stopping.is_finished(), "the delete is still in flight");
+    clock
+        .advance_and_settle(call_timeout / 2 + Duration::from_millis(10))
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the stop ends once the delete timed out")
+        .unwrap();
+    assert!(rows.peek("compat").is_some(), "the row is left to age out");
+}

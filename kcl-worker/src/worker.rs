@@ -526,21 +526,32 @@ impl WorkerHandle {
     /// returns once no processor callback can run any more.
     ///
     /// It returns within `shutdown_grace` plus one `call_timeout` even while Kinesis or the
-    /// lease store hangs: every step is bounded, and the leases it could not release are
-    /// named in [`ShutdownReport::leases_not_released`].
+    /// lease store hangs (with the 3.x tables, within the longer of that and two
+    /// `call_timeout`s, the bound of [`ProtocolHandle::stop`]): every step is bounded, and
+    /// the leases it could not release are named in [`ShutdownReport::leases_not_released`].
     pub async fn shutdown(mut self) -> Result<ShutdownReport, WorkerError> {
-        // The 3.x tasks first: no lease is adopted or assigned from now on, and the leader
-        // lock is released (one bounded call) so another worker leads at once.
-        if let Some(protocol) = &self.protocol {
-            protocol.stop().await;
-        }
+        // The 3.x tasks are told first (no lease is adopted or assigned from their next
+        // step on) and stop beside the processors: the leader lock's release and our row's
+        // deletion run within the shutdown grace instead of before it, so another worker
+        // leads at once and the whole stays within its bound while the store hangs.
+        let protocol = self.protocol.take();
+        let protocol_stop = async {
+            if let Some(protocol) = &protocol {
+                protocol.stop().await;
+            }
+        };
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match self.task.take() {
-            Some(task) => task.await.map_err(WorkerError::Join),
-            None => Ok(ShutdownReport::default()),
-        }
+        let task = self.task.take();
+        let worker = async {
+            match task {
+                Some(task) => task.await.map_err(WorkerError::Join),
+                None => Ok(ShutdownReport::default()),
+            }
+        };
+        let ((), report) = tokio::join!(protocol_stop, worker);
+        report
     }
 
     /// Stops everything at once without shutting processors down or releasing leases, as a

@@ -302,27 +302,16 @@ impl ProtocolHandle {
         &self.shared.stats
     }
 
-    /// Stops every task and waits for them; the leader lock is released (one bounded
-    /// call). Used on graceful shutdown, before the leases are released.
+    /// Stops every task and waits for them: the leader lock is released and this worker's
+    /// `WorkerMetricStats` row deleted, one bounded call each, side by side. It takes at most
+    /// two `call_timeout`s (a call in flight, then those). A worker's graceful shutdown runs
+    /// it beside the shutdown of its processors.
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         for task in tasks {
             let _ = task.await;
-        }
-        // Our row goes too: a leader must not give leases to a worker that left (the Java
-        // KCL leaves the row, so its leader keeps assigning to a stopped worker for up to
-        // a minute). One bounded call; a failure leaves the row to age out.
-        let shared = &self.shared;
-        let delete = shared
-            .tables
-            .worker_metrics
-            .delete(shared.worker_id(), &super::item::Condition::Always);
-        if let Err(err) =
-            bounded(&*shared.clock, shared.config.call_timeout, "delete", delete).await
-        {
-            tracing::debug!(error = %crate::ErrorChain(&err), "could not delete our WorkerMetricStats row");
         }
     }
 
@@ -471,7 +460,7 @@ async fn reporter(
     let mut last_report: Option<std::time::Instant> = None;
     loop {
         if !wait_for_version(&shared, |v| v.protocol().writes_worker_metrics, &mut stop).await {
-            return;
+            break;
         }
         let now = shared.clock.now();
         if let Some(value) = source.as_mut().and_then(|s| s.sample(now)) {
@@ -513,7 +502,21 @@ async fn reporter(
             config.report_interval
         };
         if sleep_or_stop(&*shared.clock, wait, &mut stop).await {
-            return;
+            break;
+        }
+    }
+    // Stopped: our row goes too, so a leader does not give leases to a worker that left
+    // (the Java KCL leaves the row, and its leader keeps assigning to a stopped worker for
+    // up to a minute). One bounded call, made beside the lock's release, and only when a
+    // row was written (a 2.x-compatible worker never writes one); a failure leaves the row
+    // to age out.
+    if last_report.is_some() {
+        let delete = shared
+            .tables
+            .worker_metrics
+            .delete(shared.worker_id(), &super::item::Condition::Always);
+        if let Err(err) = bounded(&*shared.clock, config.call_timeout, "delete", delete).await {
+            tracing::debug!(error = %crate::ErrorChain(&err), "could not delete our WorkerMetricStats row");
         }
     }
 }
