@@ -10,7 +10,7 @@ use kcl_interfaces::{
     RecordProcessorFactory, ShutdownInput, ShutdownReason,
 };
 use kcl_lease::coordinator::{Holding, LeaseCoordinator};
-use kcl_lease::{Clock, Lease, RandomSource};
+use kcl_lease::{Clock, Lease, LeaseError, RandomSource};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -242,6 +242,12 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         // Children, then Terminate until SHARD_END is checkpointed.
         info!(children = shard_end.len(), "shard ended");
         self.record_children(&key, &shard_end).await;
+        // Lost while the children were recorded (a store cut off for long): Zombie.
+        if *self.signal.borrow() == Signal::LeaseLost || !self.holds(&key) {
+            return self
+                .shutdown(processor, &backend, checkpointer, ShutdownReason::Zombie)
+                .await;
+        }
         backend.mark_shard_ended();
         loop {
             let done = self
@@ -354,10 +360,21 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 self.ctx.config.max_backoff,
                 self.ctx.random.clone(),
             );
+            // Only while the parent's lease is still ours: a worker cut off from the store
+            // loses it meanwhile, another worker finishes the parent and the child, and
+            // cleanup deletes both; a late retry would create the child's lease again at
+            // TRIM_HORIZON and its records would be processed twice.
             let created = backoff
                 .retry(
                     &*self.ctx.clock,
-                    |_| self.ctx.syncer.create_child_lease(child),
+                    |_| async {
+                        if !self.holds(key) || *self.signal.borrow() == Signal::LeaseLost {
+                            return Err(LeaseError::NotHeld {
+                                lease_key: key.to_owned(),
+                            });
+                        }
+                        self.ctx.syncer.create_child_lease(child).await
+                    },
                     |e, attempt| {
                         if attempt < 5 && e.is_retryable() {
                             Retry::After
@@ -367,6 +384,11 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     },
                 )
                 .await;
+            if let Err(e @ LeaseError::NotHeld { .. }) = &created {
+                warn!(child = %child.shard_id, error = %kcl_lease::ErrorChain(e),
+                    "the finished shard's lease was lost; its children are left to their owner");
+                return;
+            }
             if let Err(e) = created {
                 warn!(child = %child.shard_id, error = %kcl_lease::ErrorChain(&e),
                     "creating a child lease failed; the next shard sync creates it");

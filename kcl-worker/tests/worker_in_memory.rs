@@ -1057,3 +1057,93 @@ async fn a_worker_joining_gets_its_share_by_graceful_handoffs_no_zombie_nothing_
         w.shutdown().await.unwrap();
     }
 }
+
+/// A worker whose store hangs while it records the children of a finished shard, and that
+/// loses the parent's lease meanwhile, stops retrying at once and shuts its processor down
+/// as `Zombie`: a late retry would create a child lease another worker may have finished
+/// and cleaned up since (a simulation seed found it), and `Terminate` would checkpoint a
+/// shard end the worker no longer owns.
+#[tokio::test(start_paused = true)]
+async fn a_parent_lease_lost_while_its_children_are_recorded_stops_the_retries() {
+    use kcl_lease::test_util::lease_store::{Fault, FaultKind, LeaseOperation};
+    let env = env(1);
+    env.put_plain("k", "one").unwrap();
+    let (w1, _) = env.start("w1", Behaviour::new()).await.unwrap();
+    env.wait_until("first record", Duration::from_secs(30), |e| {
+        e.log().delivered_count() == 1
+    })
+    .await
+    .unwrap();
+    const ATTEMPTS: u32 = 5;
+    for child in ["shardId-000000000001", "shardId-000000000002"] {
+        env.store().inject(
+            Fault::new(FaultKind::Hang, ATTEMPTS)
+                .for_operation(LeaseOperation::CreateLease)
+                .for_key(child),
+        );
+    }
+    env.kinesis()
+        .split_shard(STREAM, "shardId-000000000000", 1u128 << 127)
+        .unwrap();
+    env.wait_until(
+        "a child lease creation hangs",
+        Duration::from_secs(60),
+        |e| {
+            e.store()
+                .stats()
+                .operation(LeaseOperation::CreateLease)
+                .faults
+                >= 1
+        },
+    )
+    .await
+    .unwrap();
+    // Another worker takes the parent's lease while the creation hangs.
+    let lease = env
+        .store()
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
+    env.store().take_lease(&lease, "thief").await.unwrap();
+    let parent_shutdown = |e: &Fleet| {
+        e.log().events().into_iter().find_map(|ev| match ev {
+            Event::Shutdown { shard, reason, .. } if shard == "shardId-000000000000" => {
+                Some(reason)
+            }
+            _ => None,
+        })
+    };
+    env.wait_until(
+        "the parent's processor shut down",
+        Duration::from_secs(120),
+        |e| parent_shutdown(e).is_some(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        parent_shutdown(&env),
+        Some(kcl_interfaces::ShutdownReason::Zombie)
+    );
+    // One hung attempt, then none: the retries saw the lease gone.
+    let left: u32 = env
+        .store()
+        .pending_faults()
+        .iter()
+        .map(Fault::remaining)
+        .sum();
+    assert!(
+        left >= 2 * ATTEMPTS - 2,
+        "{} creations attempted after the lease was lost",
+        2 * ATTEMPTS - left
+    );
+    let after = env
+        .store()
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.lease_owner.as_deref(), Some("thief"));
+    assert!(!after.checkpoint.is_shard_end(), "{after:?}");
+    w1.shutdown().await.unwrap();
+}
