@@ -185,8 +185,9 @@ pub enum ClientVersionConfig {
 /// One previous state in `h`.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct HistoryEntry {
-    /// `cv`.
-    pub client_version: ClientVersion,
+    /// `cv` as written: any name, not only the versions a worker runs (the Java KCL records
+    /// its first state as a change from `CLIENT_VERSION_INIT`). Kept verbatim on a rewrite.
+    pub client_version: String,
     /// `mb`.
     pub modified_by: String,
     /// `mts`, epoch milliseconds.
@@ -225,7 +226,7 @@ impl MigrationState {
     pub fn changed(&self, next: ClientVersion, by: &str, now_ms: i64) -> Self {
         let mut history = Vec::with_capacity(MAX_HISTORY);
         history.push(HistoryEntry {
-            client_version: self.client_version,
+            client_version: self.client_version.as_str().to_owned(),
             modified_by: self.modified_by.clone(),
             modified_at_ms: self.modified_at_ms,
         });
@@ -246,10 +247,7 @@ impl MigrationState {
                 .map(|h| {
                     Value::M(
                         [
-                            (
-                                attr::CLIENT_VERSION.to_owned(),
-                                Value::s(h.client_version.as_str()),
-                            ),
+                            (attr::CLIENT_VERSION.to_owned(), Value::s(&h.client_version)),
                             (attr::MODIFIED_BY.to_owned(), Value::s(&h.modified_by)),
                             (
                                 attr::MODIFIED_TIMESTAMP.to_owned(),
@@ -286,7 +284,7 @@ impl MigrationState {
     }
 
     /// Reads the item. `cv`, `mb` and `mts` are required; an unknown `cv` is an error
-    /// naming it.
+    /// naming it (in the history any name is kept as written).
     pub fn from_item(item: &Item) -> Result<Self, LeaseError> {
         let r = Reader::new("coordinator state Migration3.0", item);
         if r.s(COORDINATOR_STATE_KEY)? != MIGRATION_KEY {
@@ -310,7 +308,7 @@ impl MigrationState {
                     };
                     let e = Reader::new("coordinator state Migration3.0 history", map);
                     history.push(HistoryEntry {
-                        client_version: version(&e)?,
+                        client_version: e.s(attr::CLIENT_VERSION)?.to_owned(),
                         modified_by: e.s(attr::MODIFIED_BY)?.to_owned(),
                         modified_at_ms: e.int(attr::MODIFIED_TIMESTAMP)?,
                     });
@@ -690,6 +688,39 @@ mod tests {
         assert!(MigrationState::from_item(&bad).is_err());
     }
 
+    #[test]
+    fn a_java_3x_item_with_its_init_history_entry_reads_and_round_trips() {
+        // A fresh application started by a Java KCL 3.x worker: its first state is recorded
+        // as a change from CLIENT_VERSION_INIT.
+        let init = Value::M(
+            [
+                ("cv".to_owned(), Value::s("CLIENT_VERSION_INIT")),
+                ("mb".to_owned(), Value::s("j1")),
+                ("mts".to_owned(), Value::int(1_700_000_000_000)),
+            ]
+            .into(),
+        );
+        let java = Item::from([
+            ("key".to_owned(), Value::s("Migration3.0")),
+            ("cv".to_owned(), Value::s("CLIENT_VERSION_3X")),
+            ("mb".to_owned(), Value::s("j1")),
+            ("mts".to_owned(), Value::int(1_700_000_000_001)),
+            ("h".to_owned(), Value::L(vec![init])),
+        ]);
+        let state = MigrationState::from_item(&java).unwrap();
+        assert_eq!(state.client_version, V3x);
+        assert_eq!(state.history.len(), 1);
+        assert_eq!(state.history[0].client_version, "CLIENT_VERSION_INIT");
+        assert_eq!(state.to_item(), java, "written back as read");
+        let next = state.changed(V3xWithRollback, "r1", 1_700_000_000_002);
+        let names: Vec<&str> = next
+            .history
+            .iter()
+            .map(|h| h.client_version.as_str())
+            .collect();
+        assert_eq!(names, ["CLIENT_VERSION_3X", "CLIENT_VERSION_INIT"]);
+    }
+
     fn row(id: &str, lut: i64) -> WorkerMetricStats {
         WorkerMetricStats {
             worker_id: id.into(),
@@ -805,7 +836,7 @@ mod tests {
             .unwrap();
         assert_eq!(v, V3x);
         assert_eq!(now.history.len(), 2);
-        assert_eq!(now.history[0].client_version, V3xWithRollback);
+        assert_eq!(now.history[0].client_version, V3xWithRollback.as_str());
         assert_eq!(read_state(&*t, &clock, LIMIT).await.unwrap().unwrap(), now);
     }
 
