@@ -329,6 +329,13 @@ fn long_mode() {
 ///   TRIM_HORIZON (`kcl-worker/src/consumer.rs`, `record_children`). The seed no longer
 ///   draws that interleaving since the simulation's draws changed; the worker test
 ///   `a_parent_lease_lost_while_its_children_are_recorded_stops_the_retries` pins the fix.
+/// - 3351 (3.x): a worker's graceful shutdown released its leases while its own leader run
+///   was still in flight, which gave a just-released lease back to the stopping worker
+///   (`kcl-worker/src/worker.rs`: the leases are released once the 3.x tasks ended).
+/// - 3192 (3.x), 1001 and 2243 (migrations): the leader balanced a lease whose owner did
+///   not hold it (just assigned and not picked up yet, or just handed over to it), and the
+///   handoff from that owner waited out the handoff timeout (`kcl-lease/src/v3/assignment.rs`:
+///   only leases the leader saw their owner renew are moved for balance).
 #[test]
 fn regression_seeds() {
     let mut failures = Vec::new();
@@ -341,6 +348,17 @@ fn regression_seeds() {
     // Found in a 3.x fleet: replayed as drawn.
     if let Err(f) = run_seed(2819) {
         failures.push(f.to_string());
+    }
+    let found = [
+        (3351, LeaseProtocol::V3x),
+        (3192, LeaseProtocol::V3x),
+        (1001, LeaseProtocol::Migration),
+        (2243, LeaseProtocol::Migration),
+    ];
+    for (seed, protocol) in found {
+        if let Err(f) = run_config(config(seed).protocol(protocol)) {
+            failures.push(f.to_string());
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

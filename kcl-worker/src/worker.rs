@@ -12,7 +12,7 @@ use crate::config::ClientVersionConfig;
 use kcl_lease::timeouts::within;
 use kcl_lease::{Clock, Lease, LeaseError, LeaseStore, RandomSource, SeededRandom, SystemClock};
 use tokio::sync::{oneshot, watch};
-use tokio::task::{Id, JoinSet};
+use tokio::task::{Id, JoinHandle, JoinSet};
 use tracing::{Instrument, error, info, info_span, warn};
 
 #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
@@ -477,7 +477,8 @@ impl ShutdownReport {
 #[derive(Debug)]
 pub struct WorkerHandle {
     worker_id: String,
-    stop: Option<oneshot::Sender<()>>,
+    /// The shutdown request, carrying the 3.x runtime's stopping task.
+    stop: Option<oneshot::Sender<Option<JoinHandle<()>>>>,
     task: Option<tokio::task::JoinHandle<ShutdownReport>>,
     coordinator: Arc<LeaseCoordinator>,
     health: Arc<HealthRegistry>,
@@ -526,32 +527,33 @@ impl WorkerHandle {
     /// returns once no processor callback can run any more.
     ///
     /// It returns within `shutdown_grace` plus one `call_timeout` even while Kinesis or the
-    /// lease store hangs (with the 3.x tables, within the longer of that and two
-    /// `call_timeout`s, the bound of [`ProtocolHandle::stop`]): every step is bounded, and
-    /// the leases it could not release are named in [`ShutdownReport::leases_not_released`].
+    /// lease store hangs (with the 3.x tables, within the longer of `shutdown_grace` and two
+    /// `call_timeout`s, the bound of [`ProtocolHandle::stop`], plus one `call_timeout`):
+    /// every step is bounded, and the leases it could not release are named in
+    /// [`ShutdownReport::leases_not_released`].
     pub async fn shutdown(mut self) -> Result<ShutdownReport, WorkerError> {
         // The 3.x tasks are told first (no lease is adopted or assigned from their next
         // step on) and stop beside the processors: the leader lock's release and our row's
         // deletion run within the shutdown grace instead of before it, so another worker
-        // leads at once and the whole stays within its bound while the store hangs.
-        let protocol = self.protocol.take();
-        let protocol_stop = async {
-            if let Some(protocol) = &protocol {
+        // leads at once and the whole stays within its bound while the store hangs. The
+        // leases are released only once those tasks ended (see `graceful_shutdown`).
+        let protocol_stopping = self.protocol.take().map(|protocol| {
+            tokio::spawn(async move {
                 protocol.stop().await;
-            }
+            })
+        });
+        let Some(stop) = self.stop.take() else {
+            return Ok(ShutdownReport::default());
         };
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        // A worker loop that ended on its own does not take the request: the tasks are
+        // then waited for here.
+        if let Err(Some(stopping)) = stop.send(protocol_stopping) {
+            let _ = stopping.await;
         }
-        let task = self.task.take();
-        let worker = async {
-            match task {
-                Some(task) => task.await.map_err(WorkerError::Join),
-                None => Ok(ShutdownReport::default()),
-            }
-        };
-        let ((), report) = tokio::join!(protocol_stop, worker);
-        report
+        match self.task.take() {
+            Some(task) => task.await.map_err(WorkerError::Join),
+            None => Ok(ShutdownReport::default()),
+        }
     }
 
     /// Stops everything at once without shutting processors down or releasing leases, as a
@@ -611,17 +613,19 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
     async fn run(
         mut self,
         mut events: tokio::sync::mpsc::UnboundedReceiver<LeaseEvent>,
-        mut stop: oneshot::Receiver<()>,
+        mut stop: oneshot::Receiver<Option<JoinHandle<()>>>,
     ) -> ShutdownReport {
+        let mut protocol_stopping = None;
         let sync_interval = self.ctx.config.shard_sync_interval;
         let mut next_sync = self.ctx.clock.sleep(sync_interval);
         let mut syncing: JoinSet<Result<crate::SyncReport, WorkerError>> = JoinSet::new();
         loop {
             tokio::select! {
                 request = &mut stop => {
-                    if request.is_err() {
+                    match request {
+                        Ok(stopping) => protocol_stopping = stopping,
                         // The handle was dropped without shutdown(): it aborts this task.
-                        std::future::pending::<()>().await;
+                        Err(_) => std::future::pending::<()>().await,
                     }
                     break;
                 }
@@ -679,7 +683,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 }
             }
         }
-        self.graceful_shutdown().await
+        self.graceful_shutdown(protocol_stopping).await
     }
 
     /// Whether this worker runs the periodic shard sync: always in 2.x, only as the leader
@@ -827,10 +831,15 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         }
     }
 
-    /// Shuts every processor down within `shutdown_grace`, then releases the leases within
-    /// one `call_timeout`: the whole takes at most `shutdown_grace + call_timeout`, whatever
-    /// Kinesis or the lease store do. Every step is bounded on the injected clock.
-    async fn graceful_shutdown(&mut self) -> ShutdownReport {
+    /// Shuts every processor down within `shutdown_grace`, waits for the 3.x tasks to end
+    /// (`protocol_stopping`, at most two `call_timeout`s from the request), then releases
+    /// the leases within one `call_timeout`: the whole takes at most `shutdown_grace +
+    /// call_timeout` (or two `call_timeout`s + one if longer), whatever Kinesis or the lease
+    /// store do. Every step is bounded on the injected clock.
+    async fn graceful_shutdown(
+        &mut self,
+        protocol_stopping: Option<JoinHandle<()>>,
+    ) -> ShutdownReport {
         info!("graceful shutdown: stopping processors");
         let held_at_start = self.ctx.coordinator.held_keys();
         let clock = self.ctx.clock.clone();
@@ -910,6 +919,20 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             );
             self.consumers.abort_all();
             while self.consumers.join_next().await.is_some() {}
+        }
+        // The 3.x tasks ended before anything is released: a leader run of ours or a
+        // discovery still in flight could otherwise give this worker a lease just released.
+        // They stop within two call timeouts (a call in flight, then the lock's release and
+        // the row's deletion side by side), mostly within the grace just spent.
+        if let Some(mut stopping) = protocol_stopping {
+            if within(&*clock, call_timeout * 2, &mut stopping)
+                .await
+                .is_none()
+            {
+                metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
+                warn!("the KCL 3.x tasks did not stop within two call timeouts; aborted");
+                stopping.abort();
+            }
         }
         // Each release bounded on its own, so that the report says exactly which landed
         // (a release that failed early leaves the held set as one that succeeded does).

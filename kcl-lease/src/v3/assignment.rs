@@ -151,6 +151,9 @@ struct Seen {
     checkpoint_owner: Option<String>,
     since: Instant,
     assigned_by_us: bool,
+    /// The counter moved under the same owner while this leader watched: the owner holds
+    /// the lease and renews it (it can hand it over).
+    renewed: bool,
     handoff_since: Option<Instant>,
 }
 
@@ -177,6 +180,12 @@ impl LeaseHistory {
             match self.seen.get_mut(&lease.lease_key) {
                 Some(seen) => {
                     if seen.counter != lease.lease_counter {
+                        // A renewal, not a take, nor a handoff's start or completion (the
+                        // completion moves the counter under the next owner's name).
+                        seen.renewed = lease.lease_owner.is_some()
+                            && seen.owner == lease.lease_owner
+                            && seen.checkpoint_owner.is_none()
+                            && handoff.is_none();
                         seen.counter = lease.lease_counter;
                         seen.since = now;
                         seen.assigned_by_us = false;
@@ -200,6 +209,7 @@ impl LeaseHistory {
                             checkpoint_owner: handoff,
                             since: now,
                             assigned_by_us: false,
+                            renewed: false,
                         },
                     );
                 }
@@ -219,11 +229,13 @@ impl LeaseHistory {
                 seen.counter = counter_after;
                 seen.since = now;
                 seen.assigned_by_us = true;
+                seen.renewed = false;
                 seen.owner = Some(mv.to.clone());
                 seen.checkpoint_owner = None;
                 seen.handoff_since = None;
             }
             MoveKind::Handoff => {
+                seen.renewed = false;
                 seen.owner = Some(mv.to.clone());
                 seen.checkpoint_owner = mv.from.clone();
                 seen.handoff_since = Some(now);
@@ -242,6 +254,15 @@ impl LeaseHistory {
             };
             now.saturating_duration_since(seen.since) > grace
         })
+    }
+
+    /// Whether this leader saw the lease's owner renew it (its counter moved under the same
+    /// owner): only such a lease is moved for balance. A lease just assigned and not picked
+    /// up yet, or whose owner a new leader has not seen renew, may be owned by a worker that
+    /// does not hold it (not yet, or no more), and a handoff from it would wait out the
+    /// handoff timeout.
+    pub fn is_renewed_by_its_owner(&self, lease_key: &str) -> bool {
+        self.seen.get(lease_key).is_some_and(|seen| seen.renewed)
     }
 
     /// Whether a handoff in flight on this lease has run out its time at `now`.
@@ -765,6 +786,7 @@ fn balance_load(
             .copied()
             .filter(|l| {
                 l.checkpoint_owner.is_none()
+                    && history.is_renewed_by_its_owner(&l.lease_key)
                     && !p.moved.contains(&l.lease_key)
                     && p.owner.get(&l.lease_key).cloned().flatten().as_deref()
                         == Some(source.as_str())
@@ -838,6 +860,23 @@ mod tests {
         l.lease_counter = counter;
         l.throughput_kbps = kbps;
         l
+    }
+
+    /// A leader's history that has seen every owned lease renewed once by its owner (its
+    /// counter moved from one less), as after a run or two: balance may move them.
+    fn renewing(leases: &[Lease], now: Instant) -> LeaseHistory {
+        let before: Vec<Lease> = leases
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                l.lease_counter = l.lease_counter.wrapping_sub(1);
+                l
+            })
+            .collect();
+        let mut h = LeaseHistory::new();
+        h.observe(&before, now);
+        h.observe(leases, now);
+        h
     }
 
     fn cpu(id: &str, values: &[f64]) -> WorkerMetricStats {
@@ -1059,6 +1098,74 @@ mod tests {
     }
 
     #[test]
+    fn a_just_assigned_lease_is_not_handed_off_before_its_assignee_renewed_it() {
+        let clock = ManualClock::new();
+        // a holds 6 leases at 90 % CPU, b 2 at 10 %: balance moves one lease from a to b.
+        let mut leases = Vec::new();
+        for i in 0..6 {
+            leases.push(lease(&format!("a{i}"), Some("a"), 1, Some(100.0)));
+        }
+        for i in 0..2 {
+            leases.push(lease(&format!("b{i}"), Some("b"), 1, Some(100.0)));
+        }
+        let rows = [cpu("a", &[90.0]), cpu("b", &[10.0])];
+        let mut h = renewing(&leases, clock.now());
+        let moved = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS).moves;
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        // Now every lease of a was just assigned to it by this leader, none renewed since.
+        for l in leases
+            .iter_mut()
+            .filter(|l| l.lease_owner.as_deref() == Some("a"))
+        {
+            let mv = Move {
+                lease_key: l.lease_key.clone(),
+                from: None,
+                checkpoint_owner: None,
+                to: "a".into(),
+                kind: MoveKind::Assign,
+                reason: MoveReason::Unassigned,
+            };
+            l.lease_counter = 2;
+            h.record(&mv, 2, clock.now());
+        }
+        h.observe(&leases, clock.now());
+        let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
+        assert!(p.moves.is_empty(), "moved before pick-up: {:?}", p.moves);
+        // Once a renewed them, balance moves one again.
+        for l in leases
+            .iter_mut()
+            .filter(|l| l.lease_owner.as_deref() == Some("a"))
+        {
+            l.lease_counter = 3;
+        }
+        clock.advance(Duration::from_secs(1));
+        h.observe(&leases, clock.now());
+        let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
+        assert_eq!(p.moves.len(), 1, "{:?}", p.moves);
+        // That handoff is written and then completed by a (the counter moves under b's
+        // name): b has not renewed the lease yet, so it is not moved again.
+        let mv = p.moves[0].clone();
+        h.record(&mv, 3, clock.now());
+        let moved = leases
+            .iter_mut()
+            .find(|l| l.lease_key == mv.lease_key)
+            .unwrap();
+        moved.lease_owner = Some("b".into());
+        moved.lease_counter = 4;
+        clock.advance(Duration::from_secs(1));
+        h.observe(&leases, clock.now());
+        assert!(!h.is_renewed_by_its_owner(&mv.lease_key));
+        let moved = leases
+            .iter_mut()
+            .find(|l| l.lease_key == mv.lease_key)
+            .unwrap();
+        moved.lease_counter = 5;
+        clock.advance(Duration::from_secs(1));
+        h.observe(&leases, clock.now());
+        assert!(h.is_renewed_by_its_owner(&mv.lease_key));
+    }
+
+    #[test]
     fn a_new_leader_judges_no_owned_lease_expired_at_first() {
         let clock = ManualClock::new();
         let leases = vec![
@@ -1085,8 +1192,7 @@ mod tests {
         let mut l = lease("s0", Some("b"), 2, Some(5.0));
         l.checkpoint_owner = Some("a".into());
         let leases = vec![l];
-        let mut h = LeaseHistory::new();
-        h.observe(&leases, clock.now());
+        let mut h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[10.0]), cpu("b", &[10.0]), cpu("c", &[0.0])];
         clock.advance(Duration::from_secs(40));
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
@@ -1122,8 +1228,7 @@ mod tests {
         for i in 0..2 {
             leases.push(lease(&format!("b{i}"), Some("b"), 1, Some(100.0)));
         }
-        let mut h = LeaseHistory::new();
-        h.observe(&leases, clock.now());
+        let mut h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[90.0]), cpu("b", &[10.0])];
         assert!(
             plan(&leases, &rows, &h, &config(), false, clock.now(), NOW_SECS)
@@ -1168,8 +1273,7 @@ mod tests {
                 )
             })
             .collect();
-        let mut h = LeaseHistory::new();
-        h.observe(&leases, clock.now());
+        let mut h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[52.0]), cpu("b", &[48.0])];
         assert!(
             plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS)
@@ -1188,8 +1292,7 @@ mod tests {
             lease("h2", Some("a"), 1, Some(300.0)),
             lease("l0", Some("b"), 1, Some(100.0)),
         ];
-        let mut h = LeaseHistory::new();
-        h.observe(&leases, clock.now());
+        let mut h = renewing(&leases, clock.now());
         let rows = [default_row("a"), default_row("b")];
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
         // target 500 per worker: a at 180 %, b at 20 %; a gives 900 × (180-100)/180 × 60 % = 240:
@@ -1214,8 +1317,7 @@ mod tests {
         let leases: Vec<Lease> = (0..6)
             .map(|i| lease(&format!("s{i}"), Some("a"), 1, None))
             .collect();
-        let mut h = LeaseHistory::new();
-        h.observe(&leases, clock.now());
+        let mut h = renewing(&leases, clock.now());
         let rows = [default_row("a"), default_row("b")];
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
         // No throughput anywhere: a worker reporting none gives up one lease per run.
@@ -1343,6 +1445,12 @@ mod tests {
                 let actual = l.checkpoint_owner.as_ref().or(l.lease_owner.as_ref());
                 if m.reason != MoveReason::HandoffTimedOut {
                     assert_ne!(actual, Some(&m.to), "seed {seed}: to its own owner {m:?}");
+                }
+                if m.reason == MoveReason::Balance {
+                    assert!(
+                        h.is_renewed_by_its_owner(&m.lease_key),
+                        "seed {seed}: balanced a lease its owner was not seen renewing {m:?}"
+                    );
                 }
                 if m.kind == MoveKind::Handoff {
                     assert!(

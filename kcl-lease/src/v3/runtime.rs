@@ -585,7 +585,7 @@ async fn assignment_task(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 break;
             }
             let started = shared.clock.now();
-            if let Err(err) = assignment_run(&shared, &mut history, runs % 3 == 2).await {
+            if let Err(err) = assignment_run(&shared, &mut history, runs % 3 == 2, &stop).await {
                 tracing::warn!(
                     worker_id = %shared.worker_id(),
                     error = %crate::ErrorChain(&err),
@@ -604,6 +604,7 @@ async fn assignment_run(
     shared: &Shared,
     history: &mut LeaseHistory,
     balance: bool,
+    stop: &watch::Receiver<bool>,
 ) -> Result<(), LeaseError> {
     let limit = shared.config.call_timeout;
     let clock = &*shared.clock;
@@ -637,6 +638,11 @@ async fn assignment_run(
     );
     shared.stats.assignment_runs.fetch_add(1, Ordering::Relaxed);
     for mv in &plan.moves {
+        // Stopping: no move from now on (the worker releases its leases once this task
+        // ended; a move planned on an older listing is fenced on the counter anyway).
+        if *stop.borrow() {
+            return Ok(());
+        }
         let Some(lease) = leases.iter().find(|l| l.lease_key == mv.lease_key) else {
             continue;
         };
