@@ -88,7 +88,10 @@ pub async fn within<T>(
     limit: Duration,
     fut: impl Future<Output = T>,
 ) -> Option<T> {
+    // A result that is ready wins over a limit that has run out (a zero limit still takes
+    // what is already there).
     tokio::select! {
+        biased;
         out = fut => Some(out),
         () = clock.sleep(limit) => None,
     }

@@ -924,15 +924,17 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         // discovery still in flight could otherwise give this worker a lease just released.
         // They stop within two call timeouts (a call in flight, then the lock's release and
         // the row's deletion side by side), mostly within the grace just spent.
-        if let Some(mut stopping) = protocol_stopping {
-            if within(&*clock, call_timeout * 2, &mut stopping)
+        // Two call timeouts counted from the shutdown's start, when the tasks were told.
+        let protocol_left =
+            (call_timeout * 2).saturating_sub(clock.now().saturating_duration_since(start));
+        if let Some(mut stopping) = protocol_stopping
+            && within(&*clock, protocol_left, &mut stopping)
                 .await
                 .is_none()
-            {
-                metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
-                warn!("the KCL 3.x tasks did not stop within two call timeouts; aborted");
-                stopping.abort();
-            }
+        {
+            metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
+            warn!("the KCL 3.x tasks did not stop within two call timeouts; aborted");
+            stopping.abort();
         }
         // Each release bounded on its own, so that the report says exactly which landed
         // (a release that failed early leaves the held set as one that succeeded does).

@@ -1192,7 +1192,7 @@ mod tests {
         let mut l = lease("s0", Some("b"), 2, Some(5.0));
         l.checkpoint_owner = Some("a".into());
         let leases = vec![l];
-        let mut h = renewing(&leases, clock.now());
+        let h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[10.0]), cpu("b", &[10.0]), cpu("c", &[0.0])];
         clock.advance(Duration::from_secs(40));
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
@@ -1228,7 +1228,7 @@ mod tests {
         for i in 0..2 {
             leases.push(lease(&format!("b{i}"), Some("b"), 1, Some(100.0)));
         }
-        let mut h = renewing(&leases, clock.now());
+        let h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[90.0]), cpu("b", &[10.0])];
         assert!(
             plan(&leases, &rows, &h, &config(), false, clock.now(), NOW_SECS)
@@ -1273,7 +1273,7 @@ mod tests {
                 )
             })
             .collect();
-        let mut h = renewing(&leases, clock.now());
+        let h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[52.0]), cpu("b", &[48.0])];
         assert!(
             plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS)
@@ -1292,7 +1292,7 @@ mod tests {
             lease("h2", Some("a"), 1, Some(300.0)),
             lease("l0", Some("b"), 1, Some(100.0)),
         ];
-        let mut h = renewing(&leases, clock.now());
+        let h = renewing(&leases, clock.now());
         let rows = [default_row("a"), default_row("b")];
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
         // target 500 per worker: a at 180 %, b at 20 %; a gives 900 × (180-100)/180 × 60 % = 240:
@@ -1317,7 +1317,7 @@ mod tests {
         let leases: Vec<Lease> = (0..6)
             .map(|i| lease(&format!("s{i}"), Some("a"), 1, None))
             .collect();
-        let mut h = renewing(&leases, clock.now());
+        let h = renewing(&leases, clock.now());
         let rows = [default_row("a"), default_row("b")];
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
         // No throughput anywhere: a worker reporting none gives up one lease per run.
