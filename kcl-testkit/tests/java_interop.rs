@@ -663,25 +663,9 @@ async fn create_java_lease_table(client: &aws_sdk_dynamodb::Client, table: &str)
         .unwrap();
     // dynalite answers ResourceNotFound to item calls until the table is ACTIVE (a moment
     // after the create, longer on a loaded machine).
-    let started = Instant::now();
-    loop {
-        let status = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .unwrap()
-            .table
-            .and_then(|t| t.table_status);
-        if status == Some(aws_sdk_dynamodb::types::TableStatus::Active) {
-            break;
-        }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "table {table} not ACTIVE after {PATIENCE:?}: {status:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    kcl_testkit::emulators::wait_table_active(client, table, PATIENCE)
+        .await
+        .unwrap();
 }
 
 const LEASE_OWNER_INDEX: &str = "LeaseOwnerToLeaseKeyIndex";
