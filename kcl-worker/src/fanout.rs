@@ -138,6 +138,24 @@ impl FanOutReader {
                     _ = tx.closed() => return,
                     e = subscription.next_event() => e,
                 };
+                // The last event of a closed shard names its children and has no
+                // continuation; every other event has a continuation. One with neither is
+                // not the end of the shard: it is unreadable, and the reader subscribes
+                // again from the last continuation (its records are read again, nothing is
+                // skipped), as the Java KCL rejects such an event.
+                let event = match event {
+                    Ok(Some(event))
+                        if event.continuation_sequence_number.is_none()
+                            && event.child_shards.is_empty() =>
+                    {
+                        Err(StreamError::MalformedResponse {
+                            message: "a SubscribeToShard event with neither a \
+                                      ContinuationSequenceNumber nor ChildShards"
+                                .to_owned(),
+                        })
+                    }
+                    other => other,
+                };
                 let event = match event {
                     Ok(Some(event)) => event,
                     Ok(None) => {

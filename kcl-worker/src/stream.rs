@@ -205,10 +205,11 @@ pub struct SubscribeEvent {
 }
 
 impl SubscribeEvent {
-    /// True for the last event of a closed shard: it names the children or has no
-    /// continuation.
+    /// True for the last event of a closed shard: it names the children. An event with
+    /// neither children nor a continuation is malformed, not an end (the fan-out reader
+    /// subscribes again from the last continuation).
     pub fn is_shard_end(&self) -> bool {
-        !self.child_shards.is_empty() || self.continuation_sequence_number.is_none()
+        !self.child_shards.is_empty()
     }
 }
 

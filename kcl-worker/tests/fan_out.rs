@@ -427,6 +427,8 @@ async fn a_slow_processor_holds_the_reading_back_within_the_prefetch_budget() {
         .start_with(
             "w1",
             Behaviour::new().slow(Duration::from_secs(3600), clock),
+            // max_records bounds polling only; it is lowered so that the prefetch budget
+            // (at least max_records) may be 200.
             |b| {
                 fan_out(b)
                     .max_records(100u32)
@@ -614,6 +616,7 @@ async fn a_given_consumer_arn_registers_nothing_and_a_consumer_never_active_fail
     assert!(started.elapsed() < Duration::from_secs(30));
     // Registration throttled (LimitExceeded) is retried.
     env.kinesis().set_consumer_activation_delay(Duration::ZERO);
+    let injected_before = env.kinesis().stats().faults_injected;
     env.kinesis().inject(
         Fault::new(FaultKind::Throttle, 2).for_operation(Operation::RegisterStreamConsumer),
     );
@@ -625,6 +628,13 @@ async fn a_given_consumer_arn_registers_nothing_and_a_consumer_never_active_fail
         })
         .await
         .unwrap();
+    // Both throttles were met (and retried through).
+    assert_eq!(
+        env.kinesis().stats().faults_injected - injected_before,
+        2,
+        "{:?}",
+        env.kinesis().stats()
+    );
     w3.shutdown().await.unwrap();
 }
 
@@ -931,5 +941,250 @@ async fn a_given_consumer_deregistered_while_running_is_not_registered_again() {
     assert!((2..=2 * 20).contains(&subscribes), "{subscribes}");
     assert!((1..=13).contains(&describes), "{describes}");
     assert!(describes < subscribes, "{describes} < {subscribes}");
+    w1.shutdown().await.unwrap();
+}
+
+// ---- malformed events, MillisBehindLatest as the processor sees it -------------------------
+
+/// The in-memory Kinesis, except that the first event with records after `armed` is set
+/// comes with neither a continuation number nor child shards (a malformed event).
+#[derive(Debug, Clone)]
+struct MalformsOneEvent {
+    inner: InMemoryKinesis,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug)]
+struct MalformingSubscription {
+    inner: Box<dyn Subscription>,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Subscription for MalformingSubscription {
+    async fn next_event(&mut self) -> Result<Option<SubscribeEvent>, StreamError> {
+        let mut event = self.inner.next_event().await?;
+        if let Some(e) = event.as_mut()
+            && !e.records.is_empty()
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            e.continuation_sequence_number = None;
+            e.child_shards.clear();
+        }
+        Ok(event)
+    }
+}
+
+#[async_trait::async_trait]
+impl StreamClient for MalformsOneEvent {
+    async fn list_shards_page(
+        &self,
+        stream: &str,
+        next_token: Option<&str>,
+        filter: Option<&kcl_worker::stream::ShardFilter>,
+    ) -> Result<kcl_worker::stream::ShardPage, StreamError> {
+        self.inner
+            .list_shards_page(stream, next_token, filter)
+            .await
+    }
+    async fn describe_stream_summary(
+        &self,
+        stream: &str,
+    ) -> Result<kcl_worker::stream::StreamSummary, StreamError> {
+        self.inner.describe_stream_summary(stream).await
+    }
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<String, StreamError> {
+        self.inner
+            .get_shard_iterator(stream, shard_id, position)
+            .await
+    }
+    async fn get_records(
+        &self,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<kcl_worker::stream::GetRecordsOutput, StreamError> {
+        self.inner.get_records(shard_iterator, limit).await
+    }
+    async fn register_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<kcl_worker::stream::StreamConsumer, StreamError> {
+        self.inner
+            .register_stream_consumer(stream_arn, consumer_name)
+            .await
+    }
+    async fn describe_stream_consumer(
+        &self,
+        stream_arn: &str,
+        consumer_name: &str,
+    ) -> Result<kcl_worker::stream::StreamConsumer, StreamError> {
+        self.inner
+            .describe_stream_consumer(stream_arn, consumer_name)
+            .await
+    }
+    async fn describe_stream_consumer_by_arn(
+        &self,
+        consumer_arn: &str,
+    ) -> Result<kcl_worker::stream::StreamConsumer, StreamError> {
+        self.inner
+            .describe_stream_consumer_by_arn(consumer_arn)
+            .await
+    }
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &IteratorPosition,
+    ) -> Result<Box<dyn Subscription>, StreamError> {
+        let inner = self
+            .inner
+            .subscribe_to_shard(consumer_arn, shard_id, position)
+            .await?;
+        Ok(Box::new(MalformingSubscription {
+            inner,
+            armed: self.armed.clone(),
+        }))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_without_continuation_or_children_is_read_again_not_taken_for_the_shard_end() {
+    let env = Fleet::new(STREAM, 1).unwrap();
+    let stream = MalformsOneEvent {
+        inner: env.kinesis().clone(),
+        armed: Default::default(),
+    };
+    let config = fan_out(env.config("w1")).build().unwrap();
+    let factory = kcl_worker::test_util::recording::RecordingFactory::new(
+        "w1",
+        env.log().clone(),
+        Behaviour::new(),
+    );
+    let w1 = kcl_worker::Worker::builder(config, factory)
+        .stream_client(std::sync::Arc::new(stream.clone()))
+        .lease_store(env.store().clone())
+        .clock(env.clock().clone())
+        .build()
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let mut produced: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut put = |round: usize| {
+        for k in 0..3 {
+            let key = format!("k{k}");
+            let p = format!("{key}/{round:03}");
+            env.put_plain(&key, &p).unwrap();
+            produced.entry(key).or_default().push(p);
+        }
+    };
+    put(0);
+    env.wait_until("the first records", Duration::from_secs(30), |e| {
+        e.log().delivered_count() == 3
+    })
+    .await
+    .unwrap();
+    // The next event with records is malformed; later ones are not.
+    stream
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for round in 1..6 {
+        put(round);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    env.wait_until("every record", Duration::from_secs(60), |e| {
+        e.log().delivered_count() >= 18
+    })
+    .await
+    .unwrap();
+    assert!(
+        !stream.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "the malformed event was sent"
+    );
+    // Nothing was skipped and nothing delivered twice: the malformed event's records came
+    // again in the next subscription.
+    assert_once_in_order(&env, &produced);
+    // The shard did not end: no Terminate, no SHARD_END checkpoint, and its lease is held.
+    let terminated = env
+        .log()
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Shutdown {
+                    reason: kcl_interfaces::ShutdownReason::Terminate,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(terminated, 0);
+    let lease = env.store().get_lease(SHARD0).await.unwrap().unwrap();
+    assert!(!lease.checkpoint.is_shard_end(), "{lease:?}");
+    assert_eq!(lease.lease_owner.as_deref(), Some("w1"));
+    // The reader subscribed again after the malformed event.
+    assert!(env.kinesis().stats().subscriptions_opened >= 2);
+    w1.shutdown().await.unwrap();
+}
+
+/// Records the `millis_behind_latest` of every batch it is given.
+#[derive(Debug)]
+struct LagProcessor {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, u64)>>>,
+}
+
+impl kcl_interfaces::RecordProcessor for LagProcessor {
+    async fn initialize(&mut self, _: kcl_interfaces::InitializationInput) {}
+    async fn process_records(&mut self, input: kcl_interfaces::ProcessRecordsInput) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((input.records.len(), input.millis_behind_latest));
+    }
+    async fn shutdown(&mut self, _: kcl_interfaces::ShutdownInput) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_processor_gets_millis_behind_latest_from_the_events() {
+    let env = Fleet::new(STREAM, 1).unwrap();
+    // 10,500 records two seconds old: the first event carries 10,000 of them (its size
+    // bound) and is behind the tip; the second reaches the tip.
+    for chunk in 0..21 {
+        let entries = (0..500).map(|i| {
+            kcl_worker::test_util::kinesis::PutRecordsEntry::new("k", format!("{chunk}-{i}"))
+        });
+        env.kinesis().put_records(STREAM, entries).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shared = seen.clone();
+    let w1 = env
+        .start_factory(
+            "w1",
+            move || LagProcessor {
+                seen: shared.clone(),
+            },
+            1,
+            fan_out,
+        )
+        .await
+        .unwrap();
+    env.wait_until("every record", Duration::from_secs(60), |_| {
+        seen.lock().unwrap().iter().map(|(n, _)| n).sum::<usize>() >= 10_500
+    })
+    .await
+    .unwrap();
+    let batches = seen.lock().unwrap().clone();
+    assert_eq!(batches.first().map(|b| b.0), Some(10_000), "{batches:?}");
+    assert!(batches[0].1 >= 1900, "{batches:?}");
+    assert_eq!(batches.last().map(|b| b.1), Some(0), "{batches:?}");
     w1.shutdown().await.unwrap();
 }
