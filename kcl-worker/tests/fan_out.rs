@@ -1188,3 +1188,81 @@ async fn the_processor_gets_millis_behind_latest_from_the_events() {
     assert_eq!(batches.last().map(|b| b.1), Some(0), "{batches:?}");
     w1.shutdown().await.unwrap();
 }
+
+/// Partition keys whose hash falls in the lower half (shard 0 of two) and the upper half.
+fn keys_by_half() -> (String, String) {
+    let half = 1u128 << 127;
+    let mut low = None;
+    let mut high = None;
+    for i in 0.. {
+        let key = format!("key-{i}");
+        let hash = kcl_kpl::partition_key_hash(&key);
+        if hash < half && low.is_none() {
+            low = Some(key);
+        } else if hash >= half && high.is_none() {
+            high = Some(key);
+        }
+        if let (Some(l), Some(h)) = (&low, &high) {
+            return (l.clone(), h.clone());
+        }
+    }
+    unreachable!()
+}
+
+/// What one worker of `retrieval` delivers from an aggregate routed to shard 0 that holds a
+/// user record of shard 1's range, between two plain records.
+async fn deliveries_of_a_cross_shard_aggregate(
+    fan_out_retrieval: bool,
+    deliver_out_of_range: bool,
+) -> Vec<String> {
+    let env = Fleet::new(STREAM, 2).unwrap();
+    let (low, high) = keys_by_half();
+    let (w1, _) = env
+        .start_with("w1", Behaviour::new(), |b| {
+            let b = b.deliver_out_of_range_aggregates(deliver_out_of_range);
+            if fan_out_retrieval { fan_out(b) } else { b }
+        })
+        .await
+        .unwrap();
+    env.put_plain(&low, "before").unwrap();
+    env.put_aggregate(&[
+        (&low, "in-range".to_owned()),
+        (&high, "out-of-range".to_owned()),
+    ])
+    .unwrap();
+    env.put_plain(&low, "after").unwrap();
+    env.wait_until(
+        "the record after the aggregate",
+        Duration::from_secs(60),
+        |e| e.delivered_payloads().contains("after"),
+    )
+    .await
+    .unwrap();
+    let got = env
+        .log()
+        .deliveries()
+        .into_iter()
+        .filter(|(_, shard, _)| shard == SHARD0)
+        .map(|(_, _, r)| String::from_utf8(r.data.to_vec()).unwrap())
+        .collect();
+    w1.shutdown().await.unwrap();
+    got
+}
+
+#[tokio::test(start_paused = true)]
+async fn fan_out_filters_aggregates_by_the_shard_range_as_polling_does() {
+    for deliver in [false, true] {
+        let polled = deliveries_of_a_cross_shard_aggregate(false, deliver).await;
+        let pushed = deliveries_of_a_cross_shard_aggregate(true, deliver).await;
+        assert_eq!(
+            pushed, polled,
+            "deliver_out_of_range_aggregates = {deliver}"
+        );
+        if deliver {
+            assert_eq!(polled, ["before", "in-range", "out-of-range", "after"]);
+        } else {
+            // The aggregate holding a record of another shard is dropped whole.
+            assert_eq!(polled, ["before", "after"]);
+        }
+    }
+}
