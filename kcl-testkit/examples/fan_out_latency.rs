@@ -153,11 +153,23 @@ async fn start_all(
     out
 }
 
+/// Waits until every worker processed `want` records; a worker still short after two
+/// minutes ends the run with an error naming it (no percentile of a partial run is printed).
 async fn wait_processing(workers: &[(kcl_worker::WorkerHandle, Latencies)], want: usize) {
     let start = Instant::now();
-    while workers.iter().any(|(_, l)| l.lock().unwrap().len() < want)
-        && start.elapsed() < Duration::from_secs(120)
-    {
+    while workers.iter().any(|(_, l)| l.lock().unwrap().len() < want) {
+        if start.elapsed() >= Duration::from_secs(120) {
+            for ((_, l), setup) in workers.iter().zip(&SETUPS) {
+                let got = l.lock().unwrap().len();
+                if got < want {
+                    eprintln!(
+                        "{}: {got} of {want} records processed after 120 s",
+                        setup.name
+                    );
+                }
+            }
+            panic!("not every record was processed within 120 s: no figures");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
