@@ -169,6 +169,13 @@ async fn data_points_reach_cloudwatch_and_read_back() {
         statistic(&cw, "RecordsProcessed", shard, "Sum").await,
         [12.0]
     );
+    // A retired gauge (the worker stopped reading the shard: NaN) is no longer sent.
+    metrics::with_local_recorder(&filtered, || {
+        metrics::gauge!(level: m::SUMMARY, m::MILLIS_BEHIND_LATEST, m::shard_labels(shard))
+            .set(f64::NAN);
+    });
+    assert!(publisher.flush(Duration::from_secs(20)).await);
+    assert_eq!(publisher.stats().sent, 5, "{:?}", publisher.stats());
     let final_stats = publisher.shutdown().await;
     assert_eq!(final_stats.failed, 0);
 }

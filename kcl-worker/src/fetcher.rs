@@ -75,6 +75,17 @@ pub(crate) struct Fetcher {
     pub(crate) health: Arc<HealthRegistry>,
 }
 
+impl Drop for Fetcher {
+    /// The reading of the shard ends here (the shard ended, the lease was lost or handed
+    /// over, the worker stopped): its gauges are retired (NaN; see [`crate::metrics`]).
+    fn drop(&mut self) {
+        metrics::gauge!(m::SHARD_CONSECUTIVE_FAILURES, "shard_id" => self.shard_id.clone())
+            .set(f64::NAN);
+        metrics::gauge!(level: m::SUMMARY, m::MILLIS_BEHIND_LATEST, m::shard_labels(&self.shard_id))
+            .set(f64::NAN);
+    }
+}
+
 /// When the current failure streak of a shard was last reported at `warn`.
 #[derive(Debug, Default)]
 pub(crate) struct Streak {

@@ -6,6 +6,12 @@
 //! level: see [`kcl_lease::metrics`] for the levels, the dimension names and the lease
 //! coordinator's (`RenewAllLeases`, `TakeLeases`). The `kcl_*` metrics below have no Java
 //! counterpart; they are recorded at the SUMMARY level.
+//!
+//! A shard's gauges ([`MILLIS_BEHIND_LATEST`], [`SHARD_CONSECUTIVE_FAILURES`]) are retired
+//! when this worker stops reading the shard (lease lost, handed over, shard ended, worker
+//! stopped): they are set to NaN, which the exporters of [`crate::export`] leave out, so a
+//! shard's last lag is not reported on by a worker that no longer reads it (as the Java KCL
+//! stops publishing a shard's metrics). A recorder of your own sees the NaN.
 
 pub use kcl_lease::metrics::{
     DETAILED, MetricsLevel, SUMMARY, dimension, operation, worker_labels,

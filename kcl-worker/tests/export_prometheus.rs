@@ -86,6 +86,26 @@ async fn the_endpoint_serves_the_java_kcl_metrics() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     handle.shutdown().await.unwrap();
+    // The stopped worker reads no shard: their lag gauges are retired and left out of the
+    // scrape; the counters stay.
+    let (_, after) = get(addr, "/metrics").await.unwrap();
+    for s in &shards {
+        let labels = format!("{{Operation=\"ProcessTask\",ShardId=\"{s}\"}}");
+        assert!(
+            sample(&after, &format!("MillisBehindLatest{labels}")).is_none(),
+            "{after}"
+        );
+        assert!(
+            !after.contains(&format!(
+                "kcl_shard_consecutive_failures{{shard_id=\"{s}\"}}"
+            )),
+            "{after}"
+        );
+        assert!(
+            sample(&after, &format!("RecordsProcessed{labels}")).is_some(),
+            "{after}"
+        );
+    }
 
     for s in &shards {
         let labels = format!("{{Operation=\"ProcessTask\",ShardId=\"{s}\"}}");

@@ -268,6 +268,7 @@ impl Flusher {
         });
         self.registry.visit_gauges(|key, gauge| {
             let value = f64::from_bits(gauge.load(Ordering::Relaxed));
+            // A retired gauge (NaN: its shard is no longer read) is not sent.
             if value.is_finite() {
                 data.push(datum(key, timestamp).value(value).build());
             }
