@@ -10,7 +10,7 @@
 //!     [--client-version 2x|3x] [--disable-worker-metrics] \
 //!     [--retrieval polling|fan-out] [--consumer-name NAME] \
 //!     [--format json|raw|text] [--health ADDR] \
-//!     [--metrics prometheus:ADDR] [--metrics cloudwatch [--cloudwatch-endpoint URL]] \
+//!     [--metrics prometheus:ADDR] [--metrics cloudwatch [--cloudwatch-endpoint URL] [--metrics-buffer-time-ms MS]] \
 //!     [--metrics-level NONE|SUMMARY|DETAILED] [--metrics-enabled-dimensions D,...]
 //! ```
 //!
@@ -22,9 +22,14 @@
 //! When stderr is a terminal a progress line there shows records per second, shards held
 //! and the largest milliseconds behind; otherwise stderr has only the log. `--health ADDR`
 //! serves `GET /health`: the worker's shard health as JSON, 200 while no shard has failed
-//! 3 reads in a row, else 503. `--metrics` (repeatable) publishes the metrics, named as the
-//! Java KCL's, at `http://ADDR/metrics` for Prometheus and/or to CloudWatch (namespace: the
-//! application name).
+//! 3 reads in a row, else 503. `--metrics` publishes the metrics, named as the Java KCL's,
+//! at `http://ADDR/metrics` for Prometheus and/or to CloudWatch (namespace: the application
+//! name); give it once per sink.
+//!
+//! An option that would have no effect is a usage error (exit 2) naming it: the metrics
+//! options without `--metrics`, `--cloudwatch-endpoint` and `--metrics-buffer-time-ms`
+//! without `--metrics cloudwatch`, a `--metrics` sink given twice, `--consumer-name` without
+//! `--retrieval fan-out`.
 //!
 //! `--retrieval fan-out` reads by enhanced fan-out (SubscribeToShard) with the stream consumer
 //! `--consumer-name` (default: the application name), registered at start when missing and
@@ -52,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use kcl_interfaces::{
     CheckpointErrorKind, InitializationInput, ProcessRecordsInput, RecordProcessor, ShutdownInput,
     ShutdownReason,
@@ -129,19 +134,22 @@ struct Args {
     #[arg(long)]
     health: Option<std::net::SocketAddr>,
     /// Publish metrics: `prometheus:ADDR` (scrape at http://ADDR/metrics) or `cloudwatch`.
-    /// Repeatable.
+    /// Give it twice to publish to both (each sink once).
     #[arg(long = "metrics", value_parser = parse_metrics)]
     metrics: Vec<MetricsSink>,
-    /// metricsLevel: NONE, SUMMARY or DETAILED.
-    #[arg(long, default_value = "DETAILED")]
-    metrics_level: kcl_worker::metrics::MetricsLevel,
-    /// metricsEnabledDimensions, comma-separated (default: all; Operation is always kept).
+    /// metricsLevel: NONE, SUMMARY or DETAILED (default DETAILED); only with --metrics.
+    #[arg(long)]
+    metrics_level: Option<kcl_worker::metrics::MetricsLevel>,
+    /// metricsEnabledDimensions, comma-separated (default: all; Operation is always kept);
+    /// only with --metrics.
     #[arg(long, value_delimiter = ',')]
     metrics_enabled_dimensions: Option<Vec<String>>,
-    /// CloudWatch endpoint URL (e.g. moto on http://127.0.0.1:5000).
+    /// CloudWatch endpoint URL (e.g. moto on http://127.0.0.1:5000); only with
+    /// --metrics cloudwatch.
     #[arg(long)]
     cloudwatch_endpoint: Option<String>,
-    /// metricsBufferTimeMillis: how long CloudWatch data points are buffered (default 10000).
+    /// metricsBufferTimeMillis: how long CloudWatch data points are buffered (default
+    /// 10000); only with --metrics cloudwatch.
     #[arg(long)]
     metrics_buffer_time_ms: Option<u64>,
 }
@@ -176,6 +184,69 @@ fn parse_metrics(s: &str) -> Result<MetricsSink, String> {
             .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9464: {e}")),
         None => Err(format!("{s:?}: expected prometheus:ADDR or cloudwatch")),
     }
+}
+
+impl MetricsSink {
+    /// The `--metrics` value naming this kind of sink.
+    fn kind(&self) -> &'static str {
+        match self {
+            MetricsSink::Prometheus(_) => "prometheus:ADDR",
+            MetricsSink::CloudWatch => "cloudwatch",
+        }
+    }
+}
+
+/// Refuses options that would be accepted and have no effect: `--consumer-name` without
+/// fan-out, the metrics options without the sink they configure, a sink given twice. The
+/// message names the option.
+fn check_args(args: &Args) -> Result<(), String> {
+    if args.consumer_name.is_some() && args.retrieval != "fan-out" {
+        return Err("--consumer-name needs --retrieval fan-out".to_owned());
+    }
+    let given = |name: &'static str, present: bool| present.then_some(name);
+    let metrics_options = [
+        given("--metrics-level", args.metrics_level.is_some()),
+        given(
+            "--metrics-enabled-dimensions",
+            args.metrics_enabled_dimensions.is_some(),
+        ),
+        given(
+            "--metrics-buffer-time-ms",
+            args.metrics_buffer_time_ms.is_some(),
+        ),
+        given("--cloudwatch-endpoint", args.cloudwatch_endpoint.is_some()),
+    ];
+    if args.metrics.is_empty()
+        && let Some(option) = metrics_options.iter().flatten().next()
+    {
+        return Err(format!(
+            "{option} needs --metrics (prometheus:ADDR or cloudwatch): without it no metrics are published"
+        ));
+    }
+    let mut kinds = std::collections::BTreeSet::new();
+    for sink in &args.metrics {
+        if !kinds.insert(sink.kind()) {
+            return Err(format!(
+                "--metrics {} given twice: each sink can be given once",
+                sink.kind()
+            ));
+        }
+    }
+    if !args.metrics.contains(&MetricsSink::CloudWatch) {
+        let cloudwatch_only = [
+            given("--cloudwatch-endpoint", args.cloudwatch_endpoint.is_some()),
+            given(
+                "--metrics-buffer-time-ms",
+                args.metrics_buffer_time_ms.is_some(),
+            ),
+        ];
+        if let Some(option) = cloudwatch_only.iter().flatten().next() {
+            return Err(format!(
+                "{option} needs --metrics cloudwatch (it configures the CloudWatch publisher only)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_client_version(s: &str) -> Result<ClientVersionConfig, String> {
@@ -343,8 +414,10 @@ async fn start_metrics(
     if args.metrics.is_empty() {
         return Ok(exporters);
     }
-    let mut config =
-        MetricsConfig::new(args.application.clone()).with_metrics_level(args.metrics_level);
+    let mut config = MetricsConfig::new(args.application.clone());
+    if let Some(level) = args.metrics_level {
+        config = config.with_metrics_level(level);
+    }
     if let Some(dims) = &args.metrics_enabled_dimensions {
         config = config.with_metrics_enabled_dimensions(dims.iter().cloned());
     }
@@ -474,14 +547,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     b.set_call_attempt_timeout(args.call_attempt_timeout.map(Duration::from_millis));
     b.set_client_version_config(Some(args.client_version));
     b.set_disable_worker_metrics(Some(args.disable_worker_metrics));
-    match (args.retrieval.as_str(), args.consumer_name.clone()) {
-        ("fan-out", name) => {
-            let mut fan_out = FanOutConfig::new();
-            fan_out.consumer_name = name;
-            b.set_retrieval_specific_config(Some(RetrievalConfig::FanOut(fan_out)));
-        }
-        (_, Some(_)) => return Err("--consumer-name needs --retrieval fan-out".into()),
-        _ => {}
+    if args.retrieval == "fan-out" {
+        let mut fan_out = FanOutConfig::new();
+        fan_out.consumer_name = args.consumer_name.clone();
+        b.set_retrieval_specific_config(Some(RetrievalConfig::FanOut(fan_out)));
     }
     let config = b.build()?;
     let mut aws = AwsOptions::new()
@@ -564,7 +633,13 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    if let Err(msg) = check_args(&args) {
+        Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit();
+    }
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let mut msg = e.to_string();
@@ -576,5 +651,151 @@ async fn main() -> ExitCode {
             eprintln!("consumer: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: [&str; 7] = [
+        "consumer",
+        "--stream",
+        "s",
+        "--application",
+        "a",
+        "--region",
+        "us-east-1",
+    ];
+
+    /// What `check_args` says of the base arguments and `extra`.
+    fn checked(extra: &[&str]) -> Result<(), String> {
+        let args = Args::try_parse_from(BASE.iter().chain(extra)).unwrap();
+        check_args(&args)
+    }
+
+    #[test]
+    fn metrics_options_without_metrics_are_refused() {
+        for (extra, option) in [
+            (&["--metrics-level", "SUMMARY"][..], "--metrics-level"),
+            (
+                &["--metrics-enabled-dimensions", "Operation,ShardId"][..],
+                "--metrics-enabled-dimensions",
+            ),
+            (
+                &["--metrics-buffer-time-ms", "500"][..],
+                "--metrics-buffer-time-ms",
+            ),
+            (
+                &["--cloudwatch-endpoint", "http://127.0.0.1:1"][..],
+                "--cloudwatch-endpoint",
+            ),
+        ] {
+            let err = checked(extra).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "{option} needs --metrics (prometheus:ADDR or cloudwatch): without it no metrics are published"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn cloudwatch_options_without_the_cloudwatch_sink_are_refused() {
+        for (extra, option) in [
+            (
+                &[
+                    "--metrics",
+                    "prometheus:127.0.0.1:0",
+                    "--cloudwatch-endpoint",
+                    "http://127.0.0.1:1",
+                ][..],
+                "--cloudwatch-endpoint",
+            ),
+            (
+                &[
+                    "--metrics",
+                    "prometheus:127.0.0.1:0",
+                    "--metrics-buffer-time-ms",
+                    "500",
+                ][..],
+                "--metrics-buffer-time-ms",
+            ),
+        ] {
+            assert_eq!(
+                checked(extra).unwrap_err(),
+                format!(
+                    "{option} needs --metrics cloudwatch (it configures the CloudWatch publisher only)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_metrics_sink_given_twice_is_refused() {
+        assert_eq!(
+            checked(&[
+                "--metrics",
+                "prometheus:127.0.0.1:0",
+                "--metrics",
+                "prometheus:127.0.0.1:1",
+            ])
+            .unwrap_err(),
+            "--metrics prometheus:ADDR given twice: each sink can be given once"
+        );
+        assert_eq!(
+            checked(&[
+                "--metrics",
+                "cloudwatch",
+                "--metrics",
+                "prometheus:127.0.0.1:0",
+                "--metrics",
+                "cloudwatch",
+            ])
+            .unwrap_err(),
+            "--metrics cloudwatch given twice: each sink can be given once"
+        );
+    }
+
+    #[test]
+    fn metrics_options_with_their_sinks_are_accepted() {
+        assert_eq!(checked(&[]), Ok(()));
+        assert_eq!(
+            checked(&[
+                "--metrics",
+                "prometheus:127.0.0.1:0",
+                "--metrics-level",
+                "SUMMARY",
+                "--metrics-enabled-dimensions",
+                "Operation",
+            ]),
+            Ok(())
+        );
+        assert_eq!(
+            checked(&[
+                "--metrics",
+                "cloudwatch",
+                "--metrics",
+                "prometheus:127.0.0.1:0",
+                "--cloudwatch-endpoint",
+                "http://127.0.0.1:1",
+                "--metrics-buffer-time-ms",
+                "500",
+            ]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_consumer_name_needs_fan_out() {
+        assert_eq!(
+            checked(&["--consumer-name", "c"]).unwrap_err(),
+            "--consumer-name needs --retrieval fan-out"
+        );
+        assert_eq!(
+            checked(&["--consumer-name", "c", "--retrieval", "fan-out"]),
+            Ok(())
+        );
     }
 }
