@@ -62,17 +62,39 @@ impl Endpoints {
             self.dynamodb.clone(),
         ]
     }
+
+    /// The region and the DynamoDB endpoint alone.
+    fn dynamodb_args(&self) -> Vec<String> {
+        vec![
+            "--region".into(),
+            REGION.into(),
+            "--dynamodb-endpoint".into(),
+            self.dynamodb.clone(),
+        ]
+    }
+
+    /// The connection options `kcl ARGS` uses (kcl refuses those it would not use): none
+    /// for decode; no Kinesis endpoint for leases, workers, and reset without --stream.
+    fn kcl_args(&self, args: &[&str]) -> Vec<String> {
+        match args.first().copied() {
+            Some("decode") => vec![],
+            Some("leases" | "workers") => self.dynamodb_args(),
+            Some("reset") if !args.contains(&"--stream") => self.dynamodb_args(),
+            _ => self.args(),
+        }
+    }
 }
 
-/// Runs `kcl ARGS` with the endpoints, stdin `input`.
+/// Runs `kcl ARGS` with the endpoints it uses, stdin `input`.
 fn kcl(e: &Endpoints, args: &[&str], input: Option<&[u8]>) -> Output {
+    kcl_raw(args, e.kcl_args(args), input)
+}
+
+/// Runs `kcl ARGS EXTRA`, stdin `input`.
+fn kcl_raw(args: &[&str], extra: Vec<String>, input: Option<&[u8]>) -> Output {
     let mut child = aws_env(&mut Command::new(env!("CARGO_BIN_EXE_kcl")))
         .args(args)
-        .args(if args.first() == Some(&"decode") {
-            vec![]
-        } else {
-            e.args()
-        })
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -99,6 +121,41 @@ fn ok(out: &Output) -> String {
 fn failed(out: &Output) -> String {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// A usage error (exit 2): its stderr.
+fn usage_error(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// The leases' (key, counter, checkpoint), from `kcl leases --json`.
+fn lease_rows(e: &Endpoints, app: &str) -> Vec<(String, u64, Value)> {
+    let leases = json(&kcl(
+        e,
+        &[
+            "leases",
+            "--application",
+            app,
+            "--interval-ms",
+            "10",
+            "--json",
+        ],
+        None,
+    ));
+    leases["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["shard_id"].as_str().unwrap().to_owned(),
+                l["counter"].as_u64().unwrap(),
+                l["checkpoint"].clone(),
+            )
+        })
+        .collect()
 }
 
 fn json(out: &Output) -> Value {
@@ -594,6 +651,61 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         "{table}"
     );
 
+    // An --all-shards reset finds every position before it writes anything: a lease whose
+    // shard is not in the stream (made up here; in life another stream's, or one gone past
+    // retention) fails the reset, and the leases sorted before it are not written either.
+    // With --stream, a sentinel position checks the shards against the stream too.
+    let orphan = "shardId-000000000009";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = kcl_lease::dynamo::DynamoLeaseStore::new(dynamodb_client(&e.dynamodb), app);
+    {
+        use kcl_lease::LeaseStore as _;
+        let lease = kcl_lease::Lease::new(orphan, kcl_kpl::ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(
+            rt.block_on(store.create_lease_if_not_exists(&lease))
+                .unwrap()
+        );
+    }
+    let before = lease_rows(&e, app);
+    assert_eq!(before.len(), 3, "{before:?}");
+    let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .unwrap();
+    for to in [format!("at-timestamp:{now}"), "trim-horizon".to_owned()] {
+        let err = failed(&kcl(
+            &e,
+            &[
+                "reset",
+                "--application",
+                app,
+                "--all-shards",
+                "--to",
+                &to,
+                "--stream",
+                stream,
+                "--interval-ms",
+                "200",
+            ],
+            None,
+        ));
+        assert!(
+            err.contains("cannot find the position of 1 of 3 shard(s); nothing was written: ")
+                && err.contains(orphan)
+                && err.contains("resource not found"),
+            "{to}: {err}"
+        );
+        assert_eq!(lease_rows(&e, app), before, "{to}: {err}");
+    }
+    {
+        use kcl_lease::LeaseStore as _;
+        let lease = rt.block_on(store.get_lease(orphan)).unwrap().unwrap();
+        rt.block_on(store.delete_lease(&lease)).unwrap();
+    }
+    assert_eq!(lease_rows(&e, app).len(), 2);
+
     // Reset one shard to a delivered record: only what follows it is behind on that shard.
     let on_shard0: Vec<&Value> = delivered
         .iter()
@@ -650,6 +762,8 @@ fn operating_an_application_with_kcl_and_the_consumer() {
             "--all-shards",
             "--to",
             "trim-horizon",
+            "--stream",
+            stream,
             "--interval-ms",
             "200",
         ],
@@ -900,7 +1014,7 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         None,
     ));
     assert!(err.contains("no lease for shard"), "{err}");
-    let err = failed(&kcl(
+    let err = usage_error(&kcl(
         &e,
         &[
             "reset",
@@ -912,7 +1026,60 @@ fn operating_an_application_with_kcl_and_the_consumer() {
         ],
         None,
     ));
-    assert!(err.contains("needs --stream"), "{err}");
+    assert!(err.contains("--to at-timestamp needs --stream"), "{err}");
+    // One shard's sequence number is not written into every lease.
+    let before = lease_rows(&e, app);
+    let seq = before[0].2["sequence_number"].as_str().unwrap().to_owned();
+    let err = usage_error(&kcl(
+        &e,
+        &[
+            "reset",
+            "--application",
+            app,
+            "--all-shards",
+            "--to",
+            &format!("sequence:{seq}"),
+            "--stream",
+            stream,
+        ],
+        None,
+    ));
+    assert!(
+        err.contains("--to sequence:N cannot go with --all-shards"),
+        "{err}"
+    );
+    assert_eq!(lease_rows(&e, app), before);
+    // Options a command would not use are refused, naming them.
+    let err = usage_error(&kcl_raw(&["leases", "--application", app], e.args(), None));
+    assert!(
+        err.contains("--kinesis-endpoint has no effect on `kcl leases` (it makes no Kinesis call)"),
+        "{err}"
+    );
+    let err = usage_error(&kcl_raw(
+        &["decode", "-", "--region", REGION],
+        vec![],
+        Some(b"hello"),
+    ));
+    assert!(
+        err.contains("--region has no effect on `kcl decode` (it makes no AWS call)"),
+        "{err}"
+    );
+    let err = usage_error(&kcl(&e, &["decode", "-", "--deliver-out-of-range"], None));
+    assert!(err.contains("--hash-range"), "{err}");
+    let err = usage_error(&kcl(
+        &e,
+        &[
+            "lag",
+            "--application",
+            app,
+            "--stream",
+            stream,
+            "--max-calls-per-shard",
+            "0",
+        ],
+        None,
+    ));
+    assert!(err.contains("--max-calls-per-shard"), "{err}");
 
     // decode: an aggregate file, the same bytes in base64 on stdin, a plain record.
     let vector = format!(
@@ -1019,6 +1186,37 @@ fn a_consumer_in_3x_leads_its_application_and_kcl_shows_the_3x_state() {
         stderr.contains("--client-version") && stderr.contains("expected 2x or 3x"),
         "{stderr}"
     );
+    // Options that would have no effect: exit 2 before any call, the option named.
+    for (extra, want) in [
+        (
+            &["--metrics-level", "SUMMARY"][..],
+            "--metrics-level needs --metrics",
+        ),
+        (
+            &[
+                "--metrics",
+                "prometheus:127.0.0.1:0",
+                "--cloudwatch-endpoint",
+                "http://127.0.0.1:1",
+            ][..],
+            "--cloudwatch-endpoint needs --metrics cloudwatch",
+        ),
+        (
+            &["--metrics", "cloudwatch", "--metrics", "cloudwatch"][..],
+            "--metrics cloudwatch given twice",
+        ),
+    ] {
+        let bad = aws_env(&mut Command::new(env!("CARGO_BIN_EXE_consumer")))
+            .args(e.args())
+            .args(["--stream", stream, "--application", app])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+    }
 
     produce(
         &e,

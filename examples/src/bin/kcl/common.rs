@@ -43,13 +43,15 @@ pub(crate) fn fail<T>(msg: impl Into<String>) -> CliResult<T> {
     Err(CliError(msg.into()))
 }
 
-/// Region, endpoints and call bounds; credentials come from the AWS default chain.
+/// Region, endpoints and call bounds; credentials come from the AWS default chain. Given to
+/// a command that makes no use of them, they are refused (see `parse` in `main.rs`).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Connection {
-    /// The AWS region (default: the AWS configuration's).
+    /// The AWS region (default: the AWS configuration's); not for decode.
     #[arg(long, global = true)]
     pub(crate) region: Option<String>,
-    /// Kinesis endpoint URL (e.g. an emulator on http://127.0.0.1:4567).
+    /// Kinesis endpoint URL (e.g. an emulator on http://127.0.0.1:4567); for lag, and reset
+    /// with --stream.
     #[arg(long, global = true)]
     pub(crate) kinesis_endpoint: Option<String>,
     /// DynamoDB endpoint URL (e.g. an emulator on http://127.0.0.1:4568).

@@ -33,8 +33,8 @@ pub(crate) struct DecodeArgs {
     /// record outside it is dropped, as the worker drops it.
     #[arg(long)]
     hash_range: Option<HashKeyRange>,
-    /// With --hash-range, deliver such an aggregate anyway.
-    #[arg(long)]
+    /// Deliver such an aggregate anyway (only with --hash-range).
+    #[arg(long, requires = "hash_range")]
     deliver_out_of_range: bool,
 }
 

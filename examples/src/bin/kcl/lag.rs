@@ -21,8 +21,12 @@ pub(crate) struct LagArgs {
     #[arg(long)]
     stream: String,
     /// GetRecords calls per shard at most (at 10,000 records each); a shard further behind
-    /// shows its count as a lower bound (`>=`).
-    #[arg(long, default_value_t = ScanBounds::default().max_calls)]
+    /// shows its count as a lower bound (`>=`). At least 1.
+    #[arg(
+        long,
+        default_value_t = ScanBounds::default().max_calls,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     max_calls_per_shard: u32,
     /// One JSON document on stdout instead of a table.
     #[arg(long)]
@@ -62,7 +66,7 @@ pub(crate) async fn lag(conn: &Connection, args: &LagArgs) -> CliResult<()> {
             ))
         })?;
     let bounds = ScanBounds {
-        max_calls: args.max_calls_per_shard.max(1),
+        max_calls: args.max_calls_per_shard,
         ..ScanBounds::default()
     };
     let mut lags = Vec::new();
