@@ -340,6 +340,8 @@ impl<F: RecordProcessorFactory> Worker<F> {
                 running: HashMap::new(),
                 by_task: HashMap::new(),
                 regained: HashMap::new(),
+                handovers: JoinSet::new(),
+                handover_of: HashMap::new(),
             };
             let task = tokio::spawn(
                 run.run(events, stop_rx)
@@ -456,10 +458,18 @@ pub struct ShutdownReport {
     /// Processors still running when `shutdown_grace` ran out: they were aborted (their
     /// leases were still released).
     pub aborted_processors: usize,
-    /// Leases released in the table.
+    /// Leases released in the table, or handed over to the next owner of a graceful
+    /// handoff in progress (those are in [`ShutdownReport::leases_handed_over`] too).
     pub leases_released: Vec<String>,
+    /// The leases of [`ShutdownReport::leases_released`] that were being handed over and went
+    /// to their next owner: by the hand-over write of a processor that had stopped before
+    /// the shutdown (waited for within the release step's bound) or by the shutdown's own
+    /// write. A handoff begun so late that the worker had not seen it yet is completed too,
+    /// and listed as released only.
+    pub leases_handed_over: Vec<String>,
     /// Leases held when the shutdown began that were not released, with the error: the
-    /// release failed, or did not finish within `call_timeout` (a
+    /// release (or the hand-over write of a graceful handoff) failed, or did not finish
+    /// within `call_timeout` (a
     /// [`LeaseError::Timeout`]), or the lease was lost during the
     /// shutdown ([`LeaseError::NotHeld`], [`LeaseError::ConditionFailed`]): other workers
     /// take them after `failover_time`, if they have not already.
@@ -523,8 +533,10 @@ impl WorkerHandle {
     }
 
     /// Graceful shutdown: every processor gets `ShutdownReason::Requested` (and may
-    /// checkpoint), the worker waits at most `shutdown_grace`, releases its leases, and
-    /// returns once no processor callback can run any more.
+    /// checkpoint), the worker waits at most `shutdown_grace`, releases its leases (a lease
+    /// in a graceful handoff goes to its next owner instead, and a hand-over write already
+    /// in flight is waited for rather than raced), and returns once no processor callback
+    /// can run any more.
     ///
     /// It returns within `shutdown_grace` plus one `call_timeout` even while Kinesis or the
     /// lease store hangs (with the 3.x tables, within the longer of `shutdown_grace` and two
@@ -557,7 +569,9 @@ impl WorkerHandle {
     }
 
     /// Stops everything at once without shutting processors down or releasing leases, as a
-    /// crash would (other workers take the leases after `failover_time`). For tests and
+    /// crash would (other workers take the leases after `failover_time`): the hand-over
+    /// writes in flight are aborted with the rest, so no graceful handoff completes
+    /// afterwards (its next owner completes it after `handoff_timeout`). For tests and
     /// simulations.
     pub async fn abort(mut self) {
         if let Some(protocol) = &self.protocol {
@@ -592,6 +606,9 @@ impl Drop for WorkerHandle {
     }
 }
 
+/// What a hand-over task of the worker loop returns: the lease key and the write's outcome.
+type HandOver = (String, Result<(), LeaseError>);
+
 struct WorkerLoop<F> {
     ctx: ConsumerContext,
     /// The 3.x runtime's client version and leadership (`None` without state tables).
@@ -607,6 +624,12 @@ struct WorkerLoop<F> {
     by_task: HashMap<Id, (String, Holding)>,
     /// Leases gained again while their previous consumer was still stopping.
     regained: HashMap<String, Lease>,
+    /// The hand-over writes in flight (graceful handoffs being completed, see `hand_over`):
+    /// owned by this loop, so a graceful shutdown waits for them and an abort (which drops
+    /// the loop) aborts them.
+    handovers: JoinSet<HandOver>,
+    /// hand-over task -> the holding it hands over
+    handover_of: HashMap<Id, Holding>,
 }
 
 impl<F: RecordProcessorFactory> WorkerLoop<F> {
@@ -681,6 +704,9 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
                 Some(done) = self.consumers.join_next_with_id(), if !self.consumers.is_empty() => {
                     self.finished(done).await;
                 }
+                Some(done) = self.handovers.join_next_with_id(), if !self.handovers.is_empty() => {
+                    self.handed_over(done);
+                }
             }
         }
         self.graceful_shutdown(protocol_stopping).await
@@ -748,24 +774,44 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
     }
 
     /// Completes the graceful handoff of `key` (if it is still held and being handed over)
-    /// in its own task; the coordinator bounds the write by `call_timeout`.
-    fn hand_over(&self, key: &str) {
+    /// in a task of `handovers`; the coordinator bounds the write by `call_timeout`.
+    fn hand_over(&mut self, key: &str) {
         let Some(holding) = self.ctx.coordinator.holding(key) else {
             return;
         };
-        if !holding.is_handing_over() {
+        if !holding.is_handing_over() || self.handover_of.values().any(|h| *h == holding) {
             return;
         }
         let key = key.to_owned();
-        tokio::spawn(
+        let task = holding.clone();
+        let handle = self.handovers.spawn(
             async move {
-                if let Err(e) = holding.release().await {
-                    warn!(lease_key = %key, error = %kcl_lease::ErrorChain(&e),
-                        "completing the graceful handoff failed; the next owner completes it after handoff_timeout");
-                }
+                let result = task.release().await;
+                (key, result)
             }
             .instrument(tracing::Span::current()),
         );
+        self.handover_of.insert(handle.id(), holding);
+    }
+
+    /// A hand-over write of `hand_over` ended while the worker runs.
+    fn handed_over(&mut self, done: Result<(Id, HandOver), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        let holding = self.handover_of.remove(&id);
+        match done {
+            Ok((_, (_, Ok(())))) => {}
+            Ok((_, (key, Err(e)))) => {
+                warn!(lease_key = %key, error = %kcl_lease::ErrorChain(&e),
+                    "completing the graceful handoff failed; the next owner completes it after handoff_timeout");
+            }
+            Err(e) => {
+                error!(lease_key = holding.as_ref().map_or("", Holding::lease_key),
+                    error = %kcl_lease::ErrorChain(&e), "a hand-over task failed");
+            }
+        }
     }
 
     async fn finished(&mut self, done: Result<(Id, Outcome), tokio::task::JoinError>) {
@@ -833,9 +879,11 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
 
     /// Shuts every processor down within `shutdown_grace`, waits for the 3.x tasks to end
     /// (`protocol_stopping`, at most two `call_timeout`s from the request), then releases
-    /// the leases within one `call_timeout`: the whole takes at most `shutdown_grace +
-    /// call_timeout` (or two `call_timeout`s + one if longer), whatever Kinesis or the lease
-    /// store do. Every step is bounded on the injected clock.
+    /// the leases and waits for the hand-over writes in flight (`handovers`), side by side,
+    /// within one `call_timeout` (a hand-over still in flight then is aborted and its lease
+    /// named as not released): the whole takes at most `shutdown_grace + call_timeout` (or
+    /// two `call_timeout`s + one if longer), whatever Kinesis or the lease store do. Every
+    /// step is bounded on the injected clock.
     async fn graceful_shutdown(
         &mut self,
         protocol_stopping: Option<JoinHandle<()>>,
@@ -938,31 +986,92 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         }
         // Each release bounded on its own, so that the report says exactly which landed
         // (a release that failed early leaves the held set as one that succeeded does).
+        // A lease whose hand-over write is in flight is not released beside it (the two
+        // writes would race): that write is waited for instead, within the same bound.
         let mut releases = JoinSet::new();
         for key in self.ctx.coordinator.held_keys() {
             if let Some(holding) = self.ctx.coordinator.holding(&key) {
+                if self.handover_of.values().any(|h| *h == holding) {
+                    continue;
+                }
+                let handing_over = holding.is_handing_over();
                 let clock = clock.clone();
                 releases.spawn(async move {
                     let result = within(&*clock, call_timeout, holding.release()).await;
-                    (key, result)
+                    (key, handing_over, result)
                 });
             }
         }
         let mut leases_released = Vec::new();
+        let mut leases_handed_over = Vec::new();
         let mut leases_not_released = Vec::new();
+        let timed_out = |operation: &'static str| {
+            metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
+            LeaseError::Timeout {
+                operation,
+                after: call_timeout,
+            }
+        };
+        // The hand-over writes in flight, side by side with the releases.
+        let deadline = clock.sleep(call_timeout);
+        tokio::pin!(deadline);
+        while !self.handovers.is_empty() {
+            tokio::select! {
+                Some(done) = self.handovers.join_next_with_id() => {
+                    let (id, key, result) = match done {
+                        Ok((id, (key, result))) => (id, key, result),
+                        // A hand-over task cannot panic short of a bug; its lease is named
+                        // below.
+                        Err(e) => {
+                            self.handover_of.remove(&e.id());
+                            continue;
+                        }
+                    };
+                    self.handover_of.remove(&id);
+                    if !held_at_start.contains(&key) {
+                        // Handed over before the shutdown began.
+                        continue;
+                    }
+                    match result {
+                        Ok(()) => {
+                            leases_handed_over.push(key.clone());
+                            leases_released.push(key);
+                        }
+                        Err(LeaseError::Timeout { .. }) => {
+                            leases_not_released.push((key, timed_out("complete_handoff")));
+                        }
+                        // That holding had ended otherwise (lost); named below unless a
+                        // later holding was released.
+                        Err(LeaseError::NotHeld { .. }) => {}
+                        Err(e) => leases_not_released.push((key, e)),
+                    }
+                }
+                () = &mut deadline => break,
+            }
+        }
+        if !self.handovers.is_empty() {
+            self.handovers.abort_all();
+            while self.handovers.join_next().await.is_some() {}
+            for (_, holding) in self.handover_of.drain() {
+                let key = holding.lease_key().to_owned();
+                if held_at_start.contains(&key) {
+                    leases_not_released.push((key, timed_out("complete_handoff")));
+                }
+            }
+        }
         while let Some(done) = releases.join_next().await {
             match done {
-                Ok((key, Some(Ok(())))) => leases_released.push(key),
-                // The coordinator's own bound on the call, or this one: the same timeout.
-                Ok((key, None | Some(Err(LeaseError::Timeout { .. })))) => {
-                    metrics::counter!(m::SHUTDOWN_STEPS_TIMED_OUT_TOTAL).increment(1);
-                    let error = LeaseError::Timeout {
-                        operation: "release",
-                        after: call_timeout,
-                    };
-                    leases_not_released.push((key, error));
+                Ok((key, handing_over, Some(Ok(())))) => {
+                    if handing_over {
+                        leases_handed_over.push(key.clone());
+                    }
+                    leases_released.push(key);
                 }
-                Ok((key, Some(Err(e)))) => leases_not_released.push((key, e)),
+                // The coordinator's own bound on the call, or this one: the same timeout.
+                Ok((key, _, None | Some(Err(LeaseError::Timeout { .. })))) => {
+                    leases_not_released.push((key, timed_out("release")));
+                }
+                Ok((key, _, Some(Err(e)))) => leases_not_released.push((key, e)),
                 // A release task cannot panic short of a bug; its lease is named below.
                 Err(_) => {}
             }
@@ -980,6 +1089,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
             }
         }
         leases_released.sort();
+        leases_handed_over.sort();
         leases_not_released.sort_by(|a, b| a.0.cmp(&b.0));
         metrics::gauge!(m::SHARD_CONSUMERS).set(0.0);
         for (key, e) in &leases_not_released {
@@ -989,6 +1099,7 @@ impl<F: RecordProcessorFactory> WorkerLoop<F> {
         let report = ShutdownReport {
             aborted_processors,
             leases_released,
+            leases_handed_over,
             leases_not_released,
         };
         info!(?report, "worker stopped");
