@@ -13,9 +13,15 @@
 //! (`--scale-in N` then stops N workers gracefully and says where their leases went)
 //! (the cold start's last): `T` is how long after the phase began the fleet last became
 //! balanced (every lease held, no handoff in flight, held counts differing by at most one)
-//! and stayed so until the phase ended; `Z` the processors shut down as `Zombie` in the
-//! phase; `R` the records delivered again in the phase (by shard and sequence number).
-//! `FLEET_BENCH_TRACE=1` prints the fleet's state every 200 ms on stderr.
+//! and stayed so until the phase ended; `I` the configured take interval (`failover_time /
+//! 2`, the longest time between two taker passes; not measured); `Z` the processors shut
+//! down as `Zombie` in the phase; `R` the records delivered again in the phase (by shard and
+//! sequence number). `FLEET_BENCH_TRACE=1` prints the fleet's state every 200 ms on stderr.
+//!
+//! Arguments the bench cannot run with (`--workers 0`, `--shards 0`, a `--failover-ms` a
+//! worker refuses, `--rate 0`, a `--scale-in` that would stop every worker, an unknown
+//! argument, a value that is not a whole number) are an error naming the argument, with
+//! exit status 2.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -39,8 +45,72 @@ struct Args {
     limit: Duration,
 }
 
+/// The largest `--rate`: one record per microsecond (the producer's tick).
+const MAX_RATE: u64 = 1_000_000;
+
+/// What is wrong with the arguments; each names the argument.
+#[derive(Debug)]
+enum ArgError {
+    /// An argument without its value.
+    MissingValue { name: String },
+    /// A value that is not a whole number.
+    NotANumber { name: String, value: String },
+    /// A whole number the bench cannot run with.
+    OutOfRange {
+        name: &'static str,
+        value: u64,
+        reason: String,
+    },
+    /// An argument the bench does not know.
+    Unknown { name: String },
+}
+
+impl std::fmt::Display for ArgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArgError::MissingValue { name } => write!(f, "{name} needs a value"),
+            ArgError::NotANumber { name, value } => {
+                write!(f, "{name} needs a whole number, got {value:?}")
+            }
+            ArgError::OutOfRange {
+                name,
+                value,
+                reason,
+            } => write!(f, "{name} {value}: {reason}"),
+            ArgError::Unknown { name } => write!(
+                f,
+                "unknown argument {name} (--workers, --shards, --failover-ms, --scale-out, --scale-in, --rate, --settle-ms, --limit-s)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+/// `value` of `name` when `ok`, else [`ArgError::OutOfRange`] with `reason`.
+fn in_range(name: &'static str, value: u64, ok: bool, reason: &str) -> Result<u64, ArgError> {
+    if ok {
+        Ok(value)
+    } else {
+        Err(ArgError::OutOfRange {
+            name,
+            value,
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+/// `value` of `name` as a `usize`.
+fn count(name: &'static str, value: u64) -> Result<usize, ArgError> {
+    usize::try_from(value).map_err(|_| ArgError::OutOfRange {
+        name,
+        value,
+        reason: "too large".to_owned(),
+    })
+}
+
 /// The arguments, or what is wrong with them.
-fn args() -> Result<Args, String> {
+fn args() -> Result<Args, ArgError> {
     let mut args = Args {
         workers: 10,
         shards: 1000,
@@ -51,34 +121,74 @@ fn args() -> Result<Args, String> {
         settle: Duration::ZERO,
         limit: Duration::from_secs(180),
     };
+    let min_failover = kcl_lease::coordinator::MIN_FAILOVER_TIME.as_millis();
+    let max_failover = kcl_lease::coordinator::MAX_FAILOVER_TIME.as_millis();
     let raw: Vec<String> = std::env::args().skip(1).collect();
     for pair in raw.chunks(2) {
         let (name, value) = match pair {
             [name, value] => (name.as_str(), value.as_str()),
-            [name] => return Err(format!("{name} needs a value")),
+            [name] => {
+                return Err(ArgError::MissingValue { name: name.clone() });
+            }
             _ => continue,
         };
-        let number: u64 = value
-            .parse()
-            .map_err(|_| format!("{name} needs a whole number, got {value:?}"))?;
-        let count = usize::try_from(number).map_err(|e| format!("{name}: {e}"))?;
+        let number: u64 = value.parse().map_err(|_| ArgError::NotANumber {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })?;
         match name {
-            "--workers" => args.workers = count.max(1),
-            "--shards" => {
-                args.shards = u32::try_from(number.max(1)).map_err(|e| format!("{name}: {e}"))?
+            "--workers" => {
+                let n = in_range("--workers", number, number >= 1, "at least one worker")?;
+                args.workers = count("--workers", n)?;
             }
-            "--failover-ms" => args.failover = Duration::from_millis(number.max(100)),
-            "--scale-out" => args.scale_out = count,
-            "--scale-in" => args.scale_in = count,
-            "--rate" => args.rate = number,
+            "--shards" => {
+                let n = in_range("--shards", number, number >= 1, "at least one shard")?;
+                args.shards = u32::try_from(n).map_err(|_| ArgError::OutOfRange {
+                    name: "--shards",
+                    value: n,
+                    reason: "too large".to_owned(),
+                })?;
+            }
+            "--failover-ms" => {
+                let ms = in_range(
+                    "--failover-ms",
+                    number,
+                    u128::from(number) >= min_failover && u128::from(number) <= max_failover,
+                    &format!(
+                        "the failover time must be {min_failover} to {max_failover} ms (what a worker accepts)"
+                    ),
+                )?;
+                args.failover = Duration::from_millis(ms);
+            }
+            "--scale-out" => args.scale_out = count("--scale-out", number)?,
+            "--scale-in" => args.scale_in = count("--scale-in", number)?,
+            "--rate" => {
+                args.rate = in_range(
+                    "--rate",
+                    number,
+                    (1..=MAX_RATE).contains(&number),
+                    &format!("records per second, 1 to {MAX_RATE}"),
+                )?;
+            }
             "--settle-ms" => args.settle = Duration::from_millis(number),
             "--limit-s" => args.limit = Duration::from_secs(number),
             other => {
-                return Err(format!(
-                    "unknown argument {other} (--workers, --shards, --failover-ms, --scale-out, --scale-in, --rate, --settle-ms, --limit-s)"
-                ));
+                return Err(ArgError::Unknown {
+                    name: other.to_owned(),
+                });
             }
         }
+    }
+    // Scale-in stops workers of the fleet after the scale-out: at least one must remain.
+    let fleet = args.workers.saturating_add(args.scale_out);
+    if args.scale_in >= fleet {
+        return Err(ArgError::OutOfRange {
+            name: "--scale-in",
+            value: args.scale_in as u64,
+            reason: format!(
+                "must leave at least one of the {fleet} workers (--workers plus --scale-out) running"
+            ),
+        });
     }
     if args.settle.is_zero() {
         // Long enough to see a balance that does not hold: several taker intervals.
@@ -218,7 +328,7 @@ async fn run(args: Args) {
     let producer = {
         let fleet = fleet.clone();
         let producing = producing.clone();
-        let rate = args.rate.max(1);
+        let rate = args.rate;
         tokio::spawn(async move {
             let mut n: u64 = 0;
             let every = Duration::from_micros(1_000_000 / rate);
@@ -270,7 +380,7 @@ async fn run(args: Args) {
 
     // Scale-in: the last workers stop gracefully; where do their leases go?
     let mut scale_in = None;
-    if args.scale_in > 0 && args.scale_in < workers.len() {
+    if args.scale_in > 0 {
         let before = fleet.log().events();
         let before_costs = costs(&before);
         let leaving = workers.split_off(workers.len() - args.scale_in);
