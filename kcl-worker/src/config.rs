@@ -169,9 +169,14 @@ pub struct WorkerConfig {
     /// The lease coordinator's settings, with the coordinator's own defaults and bounds:
     /// `worker_id` (the same as [`WorkerConfig::worker_id`]), `failover_time` (default 10 s),
     /// `max_leases_for_worker` (default unlimited), `max_leases_to_steal_at_one_time`
-    /// (default 1), `handoff_timeout` (default 30 s), and `call_timeouts`: the bounds on every Kinesis and lease store call,
-    /// `call_attempt_timeout` (one attempt, default 4 s) and `call_timeout` (the whole call,
-    /// retries included, default 10 s). See [`WorkerConfig::call_timeouts`].
+    /// (default 1: the ungraceful steals of one taker pass, only on a lease store without
+    /// the handoff writes; graceful handoffs, and the completion of those that timed out,
+    /// are not capped by it), `handoff_timeout` (default 30 s: how long a graceful handoff
+    /// may take before the next owner completes it itself, as a steal, and the extra wait
+    /// before a lease in a handoff counts as expired), and `call_timeouts`: the bounds on
+    /// every Kinesis and lease store call, `call_attempt_timeout` (one attempt, default 4 s)
+    /// and `call_timeout` (the whole call, retries included, default 10 s). See
+    /// [`WorkerConfig::call_timeouts`] and [`WorkerConfigBuilder::handoff_timeout`].
     pub lease: LeaseCoordinatorConfig,
     /// The most records one GetRecords call returns (default and most 10000).
     pub max_records: u32,
@@ -326,10 +331,25 @@ impl WorkerConfigBuilder {
         failover_time, set_failover_time: Duration;
         /// Most leases for this worker (default unlimited, at least 1).
         max_leases_for_worker, set_max_leases_for_worker: usize;
-        /// Most leases stolen at one time (default 1, at least 1).
+        /// Most leases stolen at one time (default 1, at least 1): it bounds the
+        /// ungraceful steals of one taker pass (a live lease taken from its owner without a
+        /// handoff), which happen only on a lease store without the handoff writes
+        /// (`initiate_handoff` / `complete_handoff` answering `Unsupported`). Graceful
+        /// handoffs are bounded by the leases the worker is owed instead, and a handoff to
+        /// this worker that timed out (`handoff_timeout`) is completed by it without this
+        /// cap (see `kcl_lease::coordinator`, "Taking, handing over, balancing").
         max_leases_to_steal_at_one_time, set_max_leases_to_steal_at_one_time: usize;
-        /// Extra wait before a lease in a Java KCL 3.x graceful handoff counts as expired
-        /// (default 30 s, at most a day; see `LeaseCoordinatorConfig::handoff_timeout`).
+        /// How long a graceful handoff may take (default 30 s, zero to a day; the Java
+        /// KCL's `gracefulLeaseHandoffTimeoutMillis`; see
+        /// `LeaseCoordinatorConfig::handoff_timeout`). It bounds the graceful handoffs of
+        /// this worker, both ways: a lease it asked for and its current owner has not
+        /// handed over within it (a processor slow to return from `shutdown(Requested)`, or
+        /// a Java KCL 2.x owner that ignores the handoff), it completes itself, in effect an
+        /// ordinary steal, and the other side's processor is then a `Zombie`; a lease of its
+        /// own asked for by another worker is taken that way once it did not hand it over
+        /// within it. It is also the extra wait before a lease in another worker's handoff
+        /// counts as expired: its owners must stand still for `failover_time +
+        /// handoff_timeout`.
         handoff_timeout, set_handoff_timeout: Duration;
         /// Most records per GetRecords (default 10000, 1..=10000).
         max_records, set_max_records: u32;
