@@ -9,7 +9,7 @@
 //!
 //! A shard's gauges ([`MILLIS_BEHIND_LATEST`], [`SHARD_CONSECUTIVE_FAILURES`]) are retired
 //! when this worker stops reading the shard (lease lost, handed over, shard ended, worker
-//! stopped): they are set to NaN, which the exporters of [`crate::export`] leave out, so a
+//! stopped): they are set to NaN, which the exporters of `kcl_worker::export` leave out, so a
 //! shard's last lag is not reported on by a worker that no longer reads it (as the Java KCL
 //! stops publishing a shard's metrics). A recorder of your own sees the NaN.
 
