@@ -1244,6 +1244,26 @@ async fn two_applications_on_one_stream_one_polling_one_fan_out_each_receive_eve
         "[two-apps] {} records each: polling app after {took_polling:?}, fan-out app after {took_fan_out:?}",
         expected.len()
     );
+    // The fan-out application registered its stream consumer (and the polling one none).
+    let arn = polling
+        .stream_client
+        .describe_stream_summary(&polling.stream)
+        .await
+        .unwrap()
+        .stream_arn;
+    let consumers = polling
+        .kinesis
+        .list_stream_consumers()
+        .stream_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consumers.consumers().len(), 1, "{consumers:?}");
+    assert_eq!(
+        consumers.consumers()[0].consumer_status(),
+        &aws_sdk_kinesis::types::ConsumerStatus::Active,
+        "{consumers:?}"
+    );
     // Each application keeps its own leases and checkpoints.
     assert!(
         polling
