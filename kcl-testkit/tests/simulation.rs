@@ -63,6 +63,16 @@ struct Totals {
     forced_handoffs: usize,
     overlaps: usize,
     handoff_redeliveries: usize,
+    handoff_faults: usize,
+    /// Runs whose `handoff_timeout` was below 30 s.
+    short_handoff_timeouts: usize,
+    /// The longest time a processor that lost its lease ran on beside the new owner's, with
+    /// its seed and bound.
+    max_loss_overlap: (Duration, u64, Duration),
+    /// The latest delivery by such a processor, with its seed and bound.
+    max_loss_delivery: (Duration, u64, Duration),
+    /// The largest share of its bound a loss overlap took.
+    max_loss_overlap_share: f64,
     virtual_time: Duration,
     v3_fleets: usize,
     migrations: usize,
@@ -95,6 +105,20 @@ impl Totals {
         self.forced_handoffs += r.forced_handoffs;
         self.overlaps += r.overlaps;
         self.handoff_redeliveries += r.handoff_redeliveries;
+        self.handoff_faults += r.handoff_faults;
+        if r.handoff_timeout < Duration::from_secs(30) {
+            self.short_handoff_timeouts += 1;
+        }
+        if r.max_loss_overlap > self.max_loss_overlap.0 {
+            self.max_loss_overlap = (r.max_loss_overlap, r.seed, r.loss_overlap_limit);
+        }
+        if r.max_loss_delivery > self.max_loss_delivery.0 {
+            self.max_loss_delivery = (r.max_loss_delivery, r.seed, r.loss_delivery_limit);
+        }
+        if !r.loss_overlap_limit.is_zero() {
+            let share = r.max_loss_overlap.as_secs_f64() / r.loss_overlap_limit.as_secs_f64();
+            self.max_loss_overlap_share = self.max_loss_overlap_share.max(share);
+        }
         self.virtual_time += r.virtual_time;
         match r.protocol {
             LeaseProtocol::V3x => self.v3_fleets += 1,
@@ -168,6 +192,21 @@ fn run_seeds(first: u64, count: u64) {
         totals.forced_handoffs,
         totals.overlaps,
     );
+    let worst = |(lasted, seed, bound): (Duration, u64, Duration)| {
+        if lasted.is_zero() {
+            "never".to_owned()
+        } else {
+            format!("at most {lasted:.1?} (seed {seed}, bound {bound:.1?})")
+        }
+    };
+    println!(
+        "  handoffs: {} runs with a handoff_timeout below 30 s, {} faults right after a handoff began; after a loss or a forced handoff the old processor delivered after the new owner's started {}, and ran on beside it {} (at most {:.0}% of a run's bound)",
+        totals.short_handoff_timeouts,
+        totals.handoff_faults,
+        worst(totals.max_loss_delivery),
+        worst(totals.max_loss_overlap),
+        totals.max_loss_overlap_share * 100.0,
+    );
     println!(
         "  3.x: {} fleets on 3.x and {} migrations from 2.x (of the seeds passed), {} workers started on 3.x, {} client version switches, {} leader elections ({} leader changes), {} leader overlaps (longest {:?}), {} leader assignments ({} by a deposed leader), {} handoffs initiated by leaders, {} assignment conflicts; {} slow recoveries",
         totals.v3_fleets,
@@ -194,10 +233,16 @@ fn run_seeds(first: u64, count: u64) {
     }
     // The schedules move leases between live workers (a worker started after a crash or a
     // stop asks the others): handoffs must really be exercised.
+    // And handoffs time out (a short `handoff_timeout`, slow shutdowns, faults right after
+    // a handoff began): forced completions happen beside the graceful ones.
     if count >= 50 {
         assert!(
             totals.graceful_handoffs > 0,
             "no graceful handoff in {count} seeds"
+        );
+        assert!(
+            totals.forced_handoffs > 0,
+            "no forced handoff completion in {count} seeds"
         );
     }
     // The 3.x fleets really ran the leader protocol (a store wrapper that did not forward

@@ -1,4 +1,37 @@
 //! The invariant checks of a simulation run: a replay of the journal.
+//!
+//! # The bounded overlap after a loss
+//!
+//! A processor whose lease another worker took without a graceful handoff (after a loss:
+//! its worker's renewals failed or hung for `failover_time`, it was cut off, or a handoff
+//! from it was forced: completed by the next owner after `handoff_timeout`, or taken after
+//! the lease expired) runs on until its worker notices and shuts it down as `Zombie`. Two
+//! processors of one shard at once are allowed in that window only, and the window is
+//! bounded ([`OverlapLimit`], from the run's failover time `F`, call timeout `C` and
+//! shutdown grace `G`; counted from the new owner's `initialize`):
+//!
+//! * **deliveries** stop within `5F/3 + 2C + 1 s`. The old worker learns of the loss by a
+//!   renewal: its renewals run every `F/3`, each bounded by the shorter of `F/3` and `C`
+//!   (and never past `F` since the lease's last successful write). A lease whose renewals
+//!   fail is dropped at the first round at least `5F/6` after its last write, so at the
+//!   latest `4F/3` after it, while no other worker takes it before `F` after it; a lease
+//!   taken or handed over while its renewals succeed fails the condition of the next
+//!   renewal not skipped (at most `2F/3` later, plus a round's bound). So at most `4F/3`
+//!   after the take, or after a forced completion (whose owner's last write came before
+//!   it). Its worker loop may then be awaiting a lease release (the write lock, at most a
+//!   renewal's `F/3`, the write and its re-read, `2C`) before it reads the loss event and
+//!   tells the consumer, which starts no batch after that (a batch in progress was
+//!   journaled when it started); one second of slack for the scheduling of tasks.
+//! * **the processor stops** (returns from `shutdown`, is dropped, or its worker crashes)
+//!   within that plus the batch in progress and the shutdown: `1.5 s` (the slowest
+//!   processor of the fault schedule), one checkpoint (`F/3` for the lease's write lock,
+//!   `C` for the sequence number's validation with Kinesis, `4C` for the write and its
+//!   re-read, twice when a handoff began meanwhile), the shutdown grace `G` (the worker
+//!   abandons a longer `shutdown`) and a second of slack: `2F + 7C + G + 3.5 s` in all.
+//!
+//! After a graceful handoff (completed by the handing-over owner) there is no overlap at
+//! all: the owner completes it only after its processor returned from `shutdown`, so the
+//! next owner's processor never finds it running.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -20,6 +53,38 @@ pub(super) struct Instance {
     /// The largest checkpoint this processor's worker wrote for the shard while this
     /// processor ran.
     pub(super) checkpointed: Option<ExtendedSequenceNumber>,
+    /// It runs no more: it returned from `shutdown`, was dropped, or its worker crashed.
+    pub(super) stopped: bool,
+    /// Since when another worker's processor of the shard runs beside it, and whose (set
+    /// once it lost the lease and another worker's processor started; the first such).
+    pub(super) overlap_since: Option<(tokio::time::Instant, String)>,
+    /// Its overlap already broke the bound (one report per processor).
+    pub(super) overlap_reported: bool,
+}
+
+/// The bounds of the overlap after a loss (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct OverlapLimit {
+    /// A processor that lost its lease delivers no batch later than this after another
+    /// worker's processor of the shard started.
+    pub(super) deliver: Duration,
+    /// It stops (returns from `shutdown`, is dropped, or its worker crashes) within this
+    /// after that.
+    pub(super) stop: Duration,
+}
+
+impl OverlapLimit {
+    /// The bounds for failover time `failover`, call timeout `call` and shutdown grace
+    /// `grace` (see the [module docs](self)).
+    pub(super) fn new(failover: Duration, call: Duration, grace: Duration) -> Self {
+        let slack = Duration::from_secs(1);
+        let deliver = failover * 5 / 3 + call * 2 + slack;
+        let batch = Duration::from_millis(SLOWEST_BATCH_MS) + failover / 3 + call * 5;
+        Self {
+            deliver,
+            stop: deliver + batch + grace + slack,
+        }
+    }
 }
 
 /// Replays the journal and collects violations.
@@ -75,6 +140,16 @@ pub(super) struct Checker {
     /// Of those, written while the writer did not count itself leader (a deposed leader's
     /// assignment run finishing: fenced by the lease's conditions, so churn, not harm).
     pub(super) stale_assignments: usize,
+    /// The virtual time of the entry being applied (`None` for entries applied without one,
+    /// as in unit tests: the bounds of the overlap are then not checked).
+    pub(super) now: Option<tokio::time::Instant>,
+    /// The bounds of the overlap after a loss (`None`: not checked, only measured).
+    pub(super) overlap_limit: Option<OverlapLimit>,
+    /// The longest time a processor that lost its lease ran on after another worker's
+    /// processor of the shard started (until it stopped).
+    pub(super) max_loss_overlap: Duration,
+    /// The latest delivery by such a processor, after the other one started.
+    pub(super) max_loss_delivery: Duration,
 }
 
 /// At most one worker counts itself the 3.x leader at a time, beyond a bounded overlap:
@@ -158,11 +233,22 @@ impl Checker {
         }
     }
 
+    /// Applies `entry`, written at virtual time `at`.
+    pub(super) fn apply_at(
+        &mut self,
+        at: tokio::time::Instant,
+        entry: Entry,
+        parents: &HashMap<String, Vec<String>>,
+    ) {
+        self.now = Some(at);
+        self.apply(entry, parents);
+    }
+
     pub(super) fn apply(&mut self, entry: Entry, parents: &HashMap<String, Vec<String>>) {
         if std::env::var_os("KCL_SIM_TRACE").is_some() {
             match &entry {
                 Entry::Delivered { .. } => {}
-                other => eprintln!("journal: {other:?}"),
+                other => eprintln!("journal {:?}: {other:?}", self.now),
             }
         }
         match entry {
@@ -215,10 +301,23 @@ impl Checker {
                 self.durable.insert(key.clone(), checkpoint);
                 self.owner.insert(key, None);
             }
+            Entry::ShutdownReturned { instance } => {
+                self.stop(instance, "returned from shutdown");
+            }
             Entry::Crashed { worker } => {
+                let running: Vec<u64> = self
+                    .instances
+                    .iter()
+                    .filter(|(_, i)| i.worker == worker && !i.stopped)
+                    .map(|(instance, _)| *instance)
+                    .collect();
+                for instance in running {
+                    self.stop(instance, "stopped by its worker's crash");
+                }
                 self.crashed.insert(worker);
             }
             Entry::Dropped { instance } => {
+                self.stop(instance, "was dropped");
                 self.dropped.insert(instance);
             }
             Entry::Leader {
@@ -237,8 +336,11 @@ impl Checker {
                         "{owner} took the lease of {key} after it was finished (SHARD_END)"
                     ));
                 }
-                self.handoff_to.remove(&key);
-                self.moved(&key, &owner, None);
+                // A take of a lease in a handoff ends the handoff: it expired (2.x, after
+                // `failover_time + handoff_timeout`) or the 3.x leader assigned it directly
+                // after `handoff_timeout`.
+                let in_flight = self.handoff_to.remove(&key).is_some();
+                self.moved(&key, &owner, None, in_flight);
                 self.owner.insert(key, Some(owner));
             }
             Entry::HandoffCompleted { key, owner, by } => {
@@ -250,13 +352,14 @@ impl Checker {
                         "a handoff of {key} to {owner} completed that was never initiated"
                     ));
                 }
-                self.moved(&key, &owner, Some(by.unwrap_or_default()));
+                self.moved(&key, &owner, Some(by.unwrap_or_default()), true);
                 self.owner.insert(key, Some(owner));
             }
             Entry::HandoffInitiated {
                 key,
                 next_owner,
                 by,
+                ..
             } => {
                 self.assignment(by.as_deref(), &next_owner);
                 // The lease stays its current owner's until the handoff completes.
@@ -299,8 +402,9 @@ impl Checker {
     }
 
     /// The lease `key` is written to `owner`: by a take (`completed_by` none), or by the
-    /// completion of a handoff by `completed_by`.
-    fn moved(&mut self, key: &str, owner: &str, completed_by: Option<String>) {
+    /// completion of a handoff by `completed_by`; `ends_handoff` when a handoff was in
+    /// flight.
+    fn moved(&mut self, key: &str, owner: &str, completed_by: Option<String>, ends_handoff: bool) {
         let previous = self.owner.get(key).cloned().flatten();
         if previous.as_deref() == Some(owner) {
             // The next owner taking a lease handed to it: no move.
@@ -308,12 +412,12 @@ impl Checker {
         }
         self.handed_over_from.remove(key);
         let graceful = completed_by.is_some() && completed_by == previous;
-        if completed_by.is_some() {
-            if graceful {
-                self.graceful_handoffs += 1;
-            } else {
-                self.forced_handoffs += 1;
-            }
+        if graceful {
+            self.graceful_handoffs += 1;
+        } else if ends_handoff {
+            // Completed by the next owner (after `handoff_timeout`, or its owner's death),
+            // or taken: the handing-over processor, if it still runs, lost the lease.
+            self.forced_handoffs += 1;
         }
         // Every processor of the shard still running on another worker than the new owner
         // has lost the lease now: it may run on (the bounded overlap) until told Zombie.
@@ -340,15 +444,82 @@ impl Checker {
         }
     }
 
-    /// The processors of `shard` on workers other than `worker` that have not been shut down.
+    /// The processors of `shard` on workers other than `worker` that still run (they have
+    /// not returned from `shutdown`, nor were dropped, nor did their worker crash).
     fn running_elsewhere(&self, worker: &str, shard: &str) -> Vec<u64> {
         self.current
             .iter()
             .filter(|((w, s), _)| w != worker && s == shard && !self.crashed.contains(w))
             .map(|(_, instance)| *instance)
             .filter(|i| !self.dropped.contains(i))
-            .filter(|i| self.instances.get(i).is_some_and(|i| i.shutdown.is_none()))
+            .filter(|i| self.instances.get(i).is_some_and(|i| !i.stopped))
             .collect()
+    }
+
+    /// `instance` stops running (`how`); an overlap after a loss ends, within its bound.
+    fn stop(&mut self, instance: u64, how: &str) {
+        let now = self.now;
+        let limit = self.overlap_limit;
+        let Some(i) = self.instances.get_mut(&instance) else {
+            return;
+        };
+        if i.stopped {
+            return;
+        }
+        i.stopped = true;
+        let (Some(now), Some((since, other))) = (now, i.overlap_since.clone()) else {
+            return;
+        };
+        let lasted = now.saturating_duration_since(since);
+        self.max_loss_overlap = self.max_loss_overlap.max(lasted);
+        if let Some(limit) = limit
+            && lasted > limit.stop
+            && !i.overlap_reported
+        {
+            i.overlap_reported = true;
+            let msg = format!(
+                "{}'s processor of {}, whose lease {other} had taken (a loss or a forced handoff), {how} only {lasted:?} after {other}'s processor started (bound {:?})",
+                i.worker, i.shard, limit.stop
+            );
+            self.violation(msg);
+        }
+    }
+
+    /// At the end of the run (virtual time `end`): every processor stopped, and none that
+    /// lost its lease ran on beside another beyond the bound.
+    pub(super) fn finish(&mut self, end: tokio::time::Instant) {
+        let mut problems = Vec::new();
+        let mut keys: Vec<u64> = self.instances.keys().copied().collect();
+        keys.sort_unstable();
+        for instance in keys {
+            let Some(i) = self.instances.get_mut(&instance) else {
+                continue;
+            };
+            if i.stopped || self.crashed.contains(&i.worker) || self.dropped.contains(&instance) {
+                continue;
+            }
+            problems.push(format!(
+                "{}'s processor of {} never stopped: it neither returned from shutdown ({:?}) nor was dropped by the end of the run",
+                i.worker, i.shard, i.shutdown
+            ));
+            if let Some((since, other)) = &i.overlap_since {
+                let lasted = end.saturating_duration_since(*since);
+                self.max_loss_overlap = self.max_loss_overlap.max(lasted);
+                if let Some(limit) = self.overlap_limit
+                    && lasted > limit.stop
+                    && !i.overlap_reported
+                {
+                    i.overlap_reported = true;
+                    problems.push(format!(
+                        "{}'s processor of {}, whose lease {other} had taken, still ran {lasted:?} after {other}'s processor started (bound {:?})",
+                        i.worker, i.shard, limit.stop
+                    ));
+                }
+            }
+        }
+        for p in problems {
+            self.violation(p);
+        }
     }
 
     pub(super) fn init(
@@ -387,16 +558,45 @@ impl Checker {
         // Two processors of one shard at once: only in the bounded overlap after a loss (a
         // crash, an expiry, a partition) or a forced handoff, while the processor that lost
         // the lease runs on until it is told; never after a graceful handoff.
+        let mut overlap_since = None;
         let elsewhere = if owns {
+            // After a graceful handoff, the handing-over processor returned from `shutdown`
+            // before its owner completed the handoff, so before this one starts.
+            if let Some(from) = self.handed_over_from.get(&shard)
+                && let Some(i) = self.instances.get(from)
+                && !i.stopped
+                && !self.crashed.contains(&i.worker)
+            {
+                let msg = format!(
+                    "{worker} started processing {shard} after a graceful handoff from {}, whose processor had not returned from shutdown ({:?})",
+                    i.worker, i.shutdown
+                );
+                self.violation(msg);
+            }
             self.running_elsewhere(&worker, &shard)
         } else {
-            // A processor of a lease already lost runs in that bounded overlap itself.
+            // A processor of a lease already lost runs in that bounded overlap itself,
+            // beside the owner's processor if that one runs.
             self.lost.insert(instance);
+            if let Some(owner) = &owner
+                && let Some(theirs) = self.current.get(&(owner.clone(), shard.clone()))
+                && !self.crashed.contains(owner)
+                && self.instances.get(theirs).is_some_and(|i| !i.stopped)
+            {
+                self.overlaps += 1;
+                overlap_since = self.now.map(|at| (at, owner.clone()));
+            }
             Vec::new()
         };
         for other in &elsewhere {
             if self.lost.contains(other) {
                 self.overlaps += 1;
+                let now = self.now;
+                if let Some(i) = self.instances.get_mut(other)
+                    && i.overlap_since.is_none()
+                {
+                    i.overlap_since = now.map(|at| (at, worker.clone()));
+                }
             } else {
                 let other_worker = self
                     .instances
@@ -419,6 +619,9 @@ impl Checker {
                 last_delivered: None,
                 shutdown: None,
                 checkpointed: None,
+                stopped: false,
+                overlap_since,
+                overlap_reported: false,
             },
         );
     }
@@ -434,6 +637,28 @@ impl Checker {
         };
         let (worker, shard) = (me.worker.clone(), me.shard.clone());
         let mut problems = Vec::new();
+        if let Some(reason) = me.shutdown {
+            problems.push(format!(
+                "{worker} delivered {} of {shard} after its processor's shutdown({reason:?}) began",
+                String::from_utf8_lossy(&r.data)
+            ));
+        }
+        let mut late_reported = false;
+        if let (Some(now), Some((since, other))) = (self.now, me.overlap_since.clone()) {
+            let late = now.saturating_duration_since(since);
+            self.max_loss_delivery = self.max_loss_delivery.max(late);
+            if let Some(limit) = self.overlap_limit
+                && late > limit.deliver
+                && !me.overlap_reported
+            {
+                late_reported = true;
+                problems.push(format!(
+                    "{worker}'s processor of {shard}, whose lease {other} had taken (a loss or a forced handoff), still delivered {} {late:?} after {other}'s processor started (bound {:?})",
+                    String::from_utf8_lossy(&r.data),
+                    limit.deliver
+                ));
+            }
+        }
         if me.start.sequence_number().is_some() && r.esn <= me.start {
             problems.push(format!(
                 "{worker} delivered {} of {shard} at {}, at or below the checkpoint {} it started from",
@@ -509,6 +734,7 @@ impl Checker {
         self.last_deliverer.insert(r.data, instance);
         if let Some(me) = self.instances.get_mut(&instance) {
             me.last_delivered = Some(r.esn);
+            me.overlap_reported |= late_reported;
         }
     }
 

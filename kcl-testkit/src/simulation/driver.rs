@@ -36,6 +36,17 @@ pub(super) const DRAIN_POLL: Duration = Duration::from_millis(250);
 pub(super) const DRIVER_CALL_LIMIT: Duration = Duration::from_secs(60);
 /// How often the driver asks again for a shard listing that hung.
 pub(super) const LISTING_ATTEMPTS: usize = 10;
+/// The workers' shutdown grace.
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// The workers' call timeout (the default, set explicitly: the overlap bound counts it).
+pub(super) const CALL_TIMEOUT: Duration = kcl_lease::timeouts::DEFAULT_CALL_TIMEOUT;
+/// The slowest batch of a slow processor spell, in milliseconds (the overlap bound counts
+/// it).
+pub(super) const SLOWEST_BATCH_MS: u64 = 1_500;
+/// How often the driver looks for new handoffs (and runs what is due) during production.
+pub(super) const PRODUCTION_POLL: Duration = Duration::from_millis(100);
+/// The most faults one run schedules right after a handoff began.
+pub(super) const MAX_HANDOFF_FAULTS: usize = 3;
 
 // ---------------------------------------------------------------------------------------
 // The fault schedule.
@@ -73,7 +84,41 @@ pub(super) enum FaultKind {
     /// One worker is cut off from DynamoDB (its lease and state table calls fail, or hang
     /// for good) for a while; it still reaches Kinesis.
     Partition,
+    /// One worker's processors are slow in `shutdown` for a while, or hang in it (the
+    /// worker abandons it after its shutdown grace). Drawn from the handoff random source.
+    SlowShutdown,
 }
+
+/// A fault the driver schedules right after it saw a graceful handoff begin, so that
+/// handoffs race crashes, stops, store faults, partitions and slow shutdowns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum HandoffFault {
+    /// The handing-over worker crashes.
+    CrashOwner,
+    /// The next owner crashes.
+    CrashNextOwner,
+    /// The handing-over worker stops gracefully (it releases or hands over what it holds).
+    StopOwner,
+    /// The next few lease store calls fail.
+    StoreFailure,
+    /// The next few lease store calls never complete.
+    StoreHang,
+    /// The handing-over worker is cut off from DynamoDB for a while.
+    PartitionOwner,
+    /// The handing-over worker's processors are slow in `shutdown`, or hang in it.
+    SlowShutdown,
+}
+
+/// The faults drawn right after a handoff began.
+pub(super) const HANDOFF_FAULTS: [HandoffFault; 7] = [
+    HandoffFault::CrashOwner,
+    HandoffFault::CrashNextOwner,
+    HandoffFault::StopOwner,
+    HandoffFault::StoreFailure,
+    HandoffFault::StoreHang,
+    HandoffFault::PartitionOwner,
+    HandoffFault::SlowShutdown,
+];
 
 /// The faults of the 3.x state tables and the partitions, drawn from the protocol's own
 /// random source (so a seed's other faults stay as they were) when the store has state
@@ -117,6 +162,10 @@ pub(super) enum Action {
     StartWorker,
     /// Back to the default behaviour for this worker's processors.
     Restore(String),
+    /// Back to a prompt `shutdown` for this worker's processors.
+    RestoreShutdown(String),
+    /// A fault right after `handoff` began.
+    AfterHandoff(HandoffFault, HandoffSeen),
     /// Write `CLIENT_VERSION_3X_WITH_ROLLBACK` to `Migration3.0` (a migration run).
     Migrate,
 }
@@ -139,6 +188,8 @@ pub(super) struct RunningWorker {
     pub(super) behaviour: Behaviour,
     /// Its path to DynamoDB (partitions).
     pub(super) path: DynamoPath,
+    /// How slow its processors' `shutdown` is.
+    pub(super) shutdown_delay: ShutdownDelay,
     /// The task journaling its 3.x leadership.
     pub(super) leader_watch: Option<tokio::task::JoinHandle<()>>,
 }
@@ -175,6 +226,13 @@ pub(super) struct Simulation {
     pub(super) partitions_until: Option<tokio::time::Instant>,
     /// The faults of the state tables, as the workers reach them.
     pub(super) state_faults: StateFaults,
+    /// The random source of the handoff faults (slow shutdowns, faults right after a
+    /// handoff began), apart from `rng` so the other faults of a seed stay as they were.
+    pub(super) handoff_rng: SeededRandom,
+    /// The journal entries already looked at for handoffs.
+    pub(super) handoffs_seen: usize,
+    /// Faults scheduled right after a handoff began.
+    pub(super) handoff_faults: usize,
 }
 
 /// The 3.x runtimes' counters, summed over workers.
@@ -265,12 +323,13 @@ impl Simulation {
             path: DynamoPath::default(),
             state_faults: StateFaults::default(),
         });
-        let (failover, idle, shard_sync, parent_poll, max_records) = (
+        let (failover, idle, shard_sync, parent_poll, max_records, handoff_timeout) = (
             timings.failover,
             timings.idle,
             timings.shard_sync,
             timings.parent_poll,
             timings.max_records,
+            config.handoff_timeout,
         );
         let fleet = fleet
             .with_workers_lease_store(journaled_store)
@@ -280,7 +339,9 @@ impl Simulation {
                     .idle_time_between_reads(idle)
                     .shard_sync_interval(shard_sync)
                     .parent_shard_poll_interval(parent_poll)
-                    .shutdown_grace(Duration::from_secs(3))
+                    .shutdown_grace(SHUTDOWN_GRACE)
+                    .call_timeout(CALL_TIMEOUT)
+                    .handoff_timeout(handoff_timeout)
                     .task_backoff(Duration::from_millis(100))
                     .max_backoff(Duration::from_secs(2))
                     .max_records(max_records)
@@ -289,7 +350,11 @@ impl Simulation {
                     // balances by lease throughput.
                     .disable_worker_metrics(true)
             });
+        let handoff_rng = SeededRandom::new(config.seed ^ 0x7A5D_0FF5_0000_0007);
         Self {
+            handoff_rng,
+            handoffs_seen: 0,
+            handoff_faults: 0,
             config,
             rng,
             timings,
@@ -329,12 +394,14 @@ impl Simulation {
         let behaviour = Behaviour::new().checkpoint_every_batch(partial_checkpoints.is_none());
         let factory =
             RecordingFactory::new(id.clone(), self.fleet.log().clone(), behaviour.clone());
+        let shutdown_delay = ShutdownDelay::default();
         let journaling = JournalingFactory {
             worker: id.clone(),
             inner: factory.clone(),
             journal: self.journal.clone(),
             partial_checkpoints,
             log: self.fleet.log().clone(),
+            shutdown_delay: shutdown_delay.clone(),
         };
         let random_seed = self.config.seed ^ (self.workers_started as u64).wrapping_mul(0x9E37);
         // Fan-out or polling: alternating from a seed-derived start (no draw from the
@@ -439,6 +506,7 @@ impl Simulation {
             factory,
             behaviour,
             path,
+            shutdown_delay,
             leader_watch,
         });
         Ok(())
@@ -653,6 +721,15 @@ impl Simulation {
                     w.factory.set_behaviour(w.behaviour.clone());
                 }
             }
+            Action::RestoreShutdown(id) => {
+                if let Some(w) = self.workers.iter().find(|w| w.id == id) {
+                    w.shutdown_delay.set(None);
+                }
+            }
+            Action::AfterHandoff(fault, handoff) => {
+                report.faults_injected += 1;
+                follow.extend(self.after_handoff(fault, &handoff, report, started).await?);
+            }
             Action::Migrate => match self.migrate().await {
                 Ok(Some(other)) if other != ClientVersion::UpgradeFrom2x => {
                     self.note(
@@ -699,40 +776,8 @@ impl Simulation {
                                 format!("{kind:?} skipped: one worker left; starting one"),
                             );
                         } else if let Some(i) = self.pick_worker() {
-                            let w = self.workers.remove(i);
-                            self.protocol_totals.add(&w.handle);
-                            let was_leader = if w.handle.is_leader() {
-                                " (the leader)"
-                            } else {
-                                ""
-                            };
-                            if kind == FaultKind::Crash {
-                                w.handle.abort().await;
-                                self.gone(&w.id, w.leader_watch);
-                                // Its processors are gone without a shutdown.
-                                self.journal.push(Entry::Crashed {
-                                    worker: w.id.clone(),
-                                });
-                                self.note(report, started, format!("crashed {}{was_leader}", w.id));
-                            } else {
-                                let stopped =
-                                    within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown())
-                                        .await;
-                                self.gone(&w.id, w.leader_watch);
-                                stopped
-                                    .ok_or_else(|| {
-                                        format!(
-                                            "graceful stop of {} did not return within {DRIVER_CALL_LIMIT:?}",
-                                            w.id
-                                        )
-                                    })?
-                                    .map_err(|e| format!("graceful stop of {}: {e}", w.id))?;
-                                self.note(
-                                    report,
-                                    started,
-                                    format!("stopped {}{was_leader} gracefully", w.id),
-                                );
-                            }
+                            self.take_down(i, kind == FaultKind::Crash, "", report, started)
+                                .await?;
                             follow.push((millis(&self.rng, 0, 4_000), Action::StartWorker));
                         }
                     }
@@ -994,53 +1039,26 @@ impl Simulation {
                                 self.protocol_rng.below(self.workers.len() as u64) as usize
                             }),
                         };
-                        if let Some(w) = pick.and_then(|i| self.workers.get(i)) {
+                        if let Some(i) = pick.filter(|i| *i < self.workers.len()) {
                             let spell = self
                                 .timings
                                 .failover
                                 .mul_f64(0.2 + self.protocol_rng.below(1_000) as f64 / 400.0);
                             let dead = self.protocol_rng.below(2) == 0;
-                            let id = w.id.clone();
-                            let was_leader = if w.handle.is_leader() {
-                                " (the leader)"
-                            } else {
-                                ""
-                            };
-                            if dead {
-                                w.path.set_dead(true);
-                            } else {
-                                w.path.set_cut(true);
-                            }
-                            // Ended by a timer of its own, also after the producer finished
-                            // (the settling check waits for it).
-                            let path = w.path.clone();
-                            let reconnected = id.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(spell).await;
-                                path.set_cut(false);
-                                tracing::info!(worker_id = %reconnected, "the partition ends: DynamoDB reachable again");
-                            });
-                            let until = tokio::time::Instant::now() + spell;
-                            self.partitions_until = self.partitions_until.max(Some(until));
-                            self.note(
-                                report,
-                                started,
-                                format!(
-                                    "{id}{was_leader} cut off from DynamoDB for {spell:?} ({})",
-                                    if dead {
-                                        "calls hang for good"
-                                    } else {
-                                        "calls fail"
-                                    }
-                                ),
-                            );
+                            self.cut_off(i, spell, dead, "", report, started);
+                        }
+                    }
+                    FaultKind::SlowShutdown => {
+                        if !self.workers.is_empty() {
+                            let i = self.handoff_rng.below(self.workers.len() as u64) as usize;
+                            follow.extend(self.slow_shutdown(i, "", report, started));
                         }
                     }
                     FaultKind::SlowProcessor => {
                         if let Some(i) = self.pick_worker()
                             && let Some(w) = self.workers.get(i)
                         {
-                            let delay = millis(&self.rng, 100, 1_500);
+                            let delay = millis(&self.rng, 100, SLOWEST_BATCH_MS);
                             w.factory.set_behaviour(
                                 w.behaviour.clone().slow(delay, Arc::new(SystemClock)),
                             );
@@ -1057,6 +1075,271 @@ impl Simulation {
             }
         }
         Ok(follow)
+    }
+
+    /// Takes worker `i` down: crashes it (no shutdown, no release) or stops it gracefully;
+    /// `why` is added to the note.
+    pub(super) async fn take_down(
+        &mut self,
+        i: usize,
+        crash: bool,
+        why: &str,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<(), String> {
+        if i >= self.workers.len() {
+            return Ok(());
+        }
+        let w = self.workers.remove(i);
+        self.protocol_totals.add(&w.handle);
+        let was_leader = if w.handle.is_leader() {
+            " (the leader)"
+        } else {
+            ""
+        };
+        if crash {
+            w.handle.abort().await;
+            self.gone(&w.id, w.leader_watch);
+            // Its processors are gone without a shutdown.
+            self.journal.push(Entry::Crashed {
+                worker: w.id.clone(),
+            });
+            self.note(
+                report,
+                started,
+                format!("crashed {}{was_leader}{why}", w.id),
+            );
+        } else {
+            let stopped = within(&SystemClock, DRIVER_CALL_LIMIT, w.handle.shutdown()).await;
+            self.gone(&w.id, w.leader_watch);
+            stopped
+                .ok_or_else(|| {
+                    format!(
+                        "graceful stop of {} did not return within {DRIVER_CALL_LIMIT:?}",
+                        w.id
+                    )
+                })?
+                .map_err(|e| format!("graceful stop of {}: {e}", w.id))?;
+            self.note(
+                report,
+                started,
+                format!("stopped {}{was_leader} gracefully{why}", w.id),
+            );
+        }
+        Ok(())
+    }
+
+    /// Cuts worker `i` off from DynamoDB for `spell`: its calls fail, or hang for good
+    /// (`dead`); `why` is added to the note.
+    pub(super) fn cut_off(
+        &mut self,
+        i: usize,
+        spell: Duration,
+        dead: bool,
+        why: &str,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) {
+        let Some(w) = self.workers.get(i) else {
+            return;
+        };
+        let id = w.id.clone();
+        let was_leader = if w.handle.is_leader() {
+            " (the leader)"
+        } else {
+            ""
+        };
+        if dead {
+            w.path.set_dead(true);
+        } else {
+            w.path.set_cut(true);
+        }
+        // Ended by a timer of its own, also after the producer finished (the settling check
+        // waits for it).
+        let path = w.path.clone();
+        let reconnected = id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(spell).await;
+            path.set_cut(false);
+            tracing::info!(worker_id = %reconnected, "the partition ends: DynamoDB reachable again");
+        });
+        let until = tokio::time::Instant::now() + spell;
+        self.partitions_until = self.partitions_until.max(Some(until));
+        self.note(
+            report,
+            started,
+            format!(
+                "{id}{was_leader} cut off from DynamoDB for {spell:?} ({}){why}",
+                if dead {
+                    "calls hang for good"
+                } else {
+                    "calls fail"
+                }
+            ),
+        );
+    }
+
+    /// Makes worker `i`'s processors slow in `shutdown` (0.5 to 6 s; beyond the shutdown
+    /// grace the worker abandons it), or hang in it, for 1 to 8 s (from the handoff random
+    /// source); the follow-up that ends the spell.
+    pub(super) fn slow_shutdown(
+        &mut self,
+        i: usize,
+        why: &str,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Vec<(Duration, Action)> {
+        let Some(w) = self.workers.get(i) else {
+            return Vec::new();
+        };
+        let delay = if self.handoff_rng.below(3) == 0 {
+            SlowShutdown::Hang
+        } else {
+            SlowShutdown::Slow(millis(&self.handoff_rng, 500, 6_000))
+        };
+        w.shutdown_delay.set(Some(delay));
+        let id = w.id.clone();
+        let spell = millis(&self.handoff_rng, 1_000, 8_000);
+        self.note(
+            report,
+            started,
+            format!("{id}'s processors' shutdown: {delay:?} for {spell:?}{why}"),
+        );
+        vec![(spell, Action::RestoreShutdown(id))]
+    }
+
+    /// Looks for handoffs begun since the last look; schedules a fault right after some of
+    /// them (half, at most [`MAX_HANDOFF_FAULTS`] a run), 0 to 1 s later.
+    pub(super) fn watch_handoffs(
+        &mut self,
+        schedule: &mut Vec<(Duration, Action)>,
+        started: tokio::time::Instant,
+    ) {
+        let (next, handoffs) = self.journal.handoffs_since(self.handoffs_seen);
+        self.handoffs_seen = next;
+        if !self.config.faults {
+            return;
+        }
+        for handoff in handoffs {
+            if self.handoff_faults >= MAX_HANDOFF_FAULTS {
+                return;
+            }
+            if self.handoff_rng.below(2) != 0 {
+                continue;
+            }
+            let fault = HANDOFF_FAULTS
+                .get(self.handoff_rng.below(HANDOFF_FAULTS.len() as u64) as usize)
+                .copied()
+                .unwrap_or(HandoffFault::CrashOwner);
+            let at = started.elapsed() + millis(&self.handoff_rng, 0, 1_000);
+            schedule.push((at, Action::AfterHandoff(fault, handoff)));
+            self.handoff_faults += 1;
+        }
+        schedule.sort_by_key(|(at, _)| *at);
+    }
+
+    /// Executes `fault`, scheduled right after `handoff` began; returns follow-up actions.
+    pub(super) async fn after_handoff(
+        &mut self,
+        fault: HandoffFault,
+        handoff: &HandoffSeen,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<Vec<(Duration, Action)>, String> {
+        let why = format!(
+            " (the handoff of {} from {} to {})",
+            handoff.key,
+            handoff.from.as_deref().unwrap_or("?"),
+            handoff.next_owner
+        );
+        let index =
+            |id: Option<&str>| id.and_then(|id| self.workers.iter().position(|w| w.id == id));
+        let owner = index(handoff.from.as_deref());
+        let next = index(Some(handoff.next_owner.as_str()));
+        let mut follow = Vec::new();
+        match fault {
+            HandoffFault::CrashOwner | HandoffFault::CrashNextOwner | HandoffFault::StopOwner => {
+                let target = if fault == HandoffFault::CrashNextOwner {
+                    next
+                } else {
+                    owner
+                };
+                match target {
+                    Some(i) if self.workers.len() > 1 => {
+                        self.take_down(i, fault != HandoffFault::StopOwner, &why, report, started)
+                            .await?;
+                        follow.push((millis(&self.handoff_rng, 0, 4_000), Action::StartWorker));
+                    }
+                    _ => self.note(
+                        report,
+                        started,
+                        format!("{fault:?} skipped: the worker is gone or the last one{why}"),
+                    ),
+                }
+            }
+            HandoffFault::StoreFailure => {
+                let n = between(&self.handoff_rng, 1, 8) as u32;
+                self.fleet.store().fail_next(n);
+                self.note(
+                    report,
+                    started,
+                    format!("failing the next {n} lease store calls{why}"),
+                );
+            }
+            HandoffFault::StoreHang => {
+                let n = between(&self.handoff_rng, 1, 3) as u32;
+                self.fleet.store().hang_next(n);
+                self.note(
+                    report,
+                    started,
+                    format!("the next {n} lease store calls never complete{why}"),
+                );
+            }
+            HandoffFault::PartitionOwner => match owner {
+                Some(i) => {
+                    let spell = self
+                        .timings
+                        .failover
+                        .mul_f64(0.2 + self.handoff_rng.below(1_000) as f64 / 400.0);
+                    let dead = self.handoff_rng.below(2) == 0;
+                    self.cut_off(i, spell, dead, &why, report, started);
+                }
+                None => self.note(
+                    report,
+                    started,
+                    format!("partition skipped: the worker is gone{why}"),
+                ),
+            },
+            HandoffFault::SlowShutdown => match owner {
+                Some(i) => follow.extend(self.slow_shutdown(i, &why, report, started)),
+                None => self.note(
+                    report,
+                    started,
+                    format!("slow shutdown skipped: the worker is gone{why}"),
+                ),
+            },
+        }
+        Ok(follow)
+    }
+
+    /// Sleeps one production round, looking for new handoffs and running what is due every
+    /// [`PRODUCTION_POLL`].
+    pub(super) async fn wait_round(
+        &mut self,
+        schedule: &mut Vec<(Duration, Action)>,
+        report: &mut SimulationReport,
+        started: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let until = tokio::time::Instant::now() + self.timings.round_every;
+        loop {
+            self.watch_handoffs(schedule, started);
+            self.run_due(schedule, report, started).await?;
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            tokio::time::sleep((until - now).min(PRODUCTION_POLL)).await;
+        }
     }
 
     pub(super) async fn run(&mut self, report: &mut SimulationReport) -> Result<(), String> {
@@ -1088,6 +1371,14 @@ impl Simulation {
                     .copied()
                     .unwrap_or(FaultKind::Crash);
                 schedule.push((at, Action::Fault(kind)));
+            }
+        }
+        if self.config.faults {
+            // Slow and hanging shutdowns, from the handoff random source.
+            let production_ms = production.as_millis() as u64;
+            for _ in 0..self.handoff_rng.below(3) {
+                let at = Duration::from_millis(self.handoff_rng.below(production_ms + 1));
+                schedule.push((at, Action::Fault(FaultKind::SlowShutdown)));
             }
         }
         if self.config.protocol.has_state_tables() {
@@ -1122,13 +1413,13 @@ impl Simulation {
                 self.produce_round(count, report)?;
             }
             self.run_due(&mut schedule, report, started).await?;
-            tokio::time::sleep(self.timings.round_every).await;
+            self.wait_round(&mut schedule, report, started).await?;
         }
         report.records_produced = self.produced_total;
         // Whatever is still scheduled: restarts and restores run now, faults are dropped
         // (restarts and restores schedule nothing further).
         for (_, action) in std::mem::take(&mut schedule) {
-            if !matches!(action, Action::Fault(_)) {
+            if !matches!(action, Action::Fault(_) | Action::AfterHandoff(..)) {
                 self.execute(action, report, started).await?;
             }
         }
@@ -1148,6 +1439,7 @@ impl Simulation {
         self.state_faults.clear();
         for w in &self.workers {
             w.factory.set_behaviour(w.behaviour.clone());
+            w.shutdown_delay.set(None);
         }
         if self.workers.is_empty() {
             self.start_worker().await?;
@@ -1206,7 +1498,7 @@ impl Simulation {
     }
 
     /// After the faults stopped (partitions ended too) and every record came: within a
-    /// bound, every unfinished lease is held by a running worker that owns it, no handoff
+    /// bound (six failover times, ten seconds and the handoff timeout), every unfinished lease is held by a running worker that owns it, no handoff
     /// is in flight, and (in 3.x) exactly one running worker counts itself leader.
     pub(super) async fn settle(
         &mut self,
@@ -1216,7 +1508,11 @@ impl Simulation {
         if let Some(until) = self.partitions_until {
             tokio::time::sleep_until(until).await;
         }
-        let limit = self.timings.failover * 6 + Duration::from_secs(10);
+        // Plus the handoff timeout: a handoff whose handing-over worker lost the lease (or
+        // died) as it began stands until it times out, in 3.x until the leader assigns the
+        // lease directly, `handoff_timeout + failover_time` after it first saw the handoff.
+        let limit =
+            self.timings.failover * 6 + Duration::from_secs(10) + self.config.handoff_timeout;
         let waited = tokio::time::Instant::now();
         loop {
             let problems = self.unsettled();
@@ -1423,16 +1719,25 @@ impl Simulation {
                 )
             })
             .collect();
+        let limit = OverlapLimit::new(self.timings.failover, CALL_TIMEOUT, SHUTDOWN_GRACE);
         let mut checker = Checker {
             leaders: LeaderCheck {
                 limit: self.timings.failover,
                 ..LeaderCheck::default()
             },
+            overlap_limit: Some(limit),
             ..Checker::default()
         };
-        for entry in self.journal.entries() {
-            checker.apply(entry, &parents);
+        for (at, entry) in self.journal.entries() {
+            checker.apply_at(at, entry, &parents);
         }
+        checker.finish(tokio::time::Instant::now());
+        report.handoff_timeout = self.config.handoff_timeout;
+        report.handoff_faults = self.handoff_faults;
+        report.loss_delivery_limit = limit.deliver;
+        report.loss_overlap_limit = limit.stop;
+        report.max_loss_delivery = checker.max_loss_delivery;
+        report.max_loss_overlap = checker.max_loss_overlap;
         report.deliveries = checker.deliveries;
         report.redeliveries = checker.redeliveries;
         report.zombie_redeliveries = checker.zombie_redeliveries;

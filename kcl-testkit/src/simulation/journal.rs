@@ -40,9 +40,15 @@ pub(super) enum Entry {
         instance: u64,
         records: Vec<Delivery>,
     },
+    /// `shutdown` was called (it may run on: see [`Entry::ShutdownReturned`]).
     Shutdown {
         instance: u64,
         reason: ShutdownReason,
+    },
+    /// `shutdown` returned: the processor stopped (unless `shutdown(Terminate)` is called
+    /// again, which only happens while it still holds its shard's lease at `SHARD_END`).
+    ShutdownReturned {
+        instance: u64,
     },
     Created {
         key: String,
@@ -72,6 +78,8 @@ pub(super) enum Entry {
     /// completes (journaled as `Taken` by the next owner).
     HandoffInitiated {
         key: String,
+        /// The current owner, handing the lease over (`checkpointOwner` from now on).
+        from: Option<String>,
         next_owner: String,
         /// Who wrote it: the next owner (2.x fast balance) or the 3.x leader.
         by: Option<String>,
@@ -84,7 +92,9 @@ pub(super) enum Entry {
         owner: String,
         by: Option<String>,
     },
-    /// A processor was dropped without `shutdown` (aborted).
+    /// A processor was dropped without returning from `shutdown`: never shut down (its
+    /// consumer was aborted: a crash, or a shutdown grace ran out), or its `shutdown` was
+    /// abandoned after the shutdown grace.
     Dropped {
         instance: u64,
     },
@@ -103,7 +113,8 @@ pub(super) enum Entry {
 
 #[derive(Debug, Default)]
 pub(super) struct JournalState {
-    pub(super) entries: Vec<Entry>,
+    /// Every entry with the virtual time (tokio's paused clock) it was written at.
+    pub(super) entries: Vec<(tokio::time::Instant, Entry)>,
     pub(super) delivered: HashSet<Bytes>,
     pub(super) next_instance: u64,
 }
@@ -126,7 +137,7 @@ impl Journal {
                 state.delivered.insert(r.data.clone());
             }
         }
-        state.entries.push(entry);
+        state.entries.push((tokio::time::Instant::now(), entry));
     }
 
     pub(super) fn next_instance(&self) -> u64 {
@@ -139,8 +150,68 @@ impl Journal {
         self.lock().delivered.len()
     }
 
-    pub(super) fn entries(&self) -> Vec<Entry> {
+    pub(super) fn entries(&self) -> Vec<(tokio::time::Instant, Entry)> {
         self.lock().entries.clone()
+    }
+
+    /// The graceful handoffs initiated from entry `from` on, and the index to look from
+    /// next time.
+    pub(super) fn handoffs_since(&self, from: usize) -> (usize, Vec<HandoffSeen>) {
+        let state = self.lock();
+        let handoffs = state
+            .entries
+            .iter()
+            .skip(from)
+            .filter_map(|(_, e)| match e {
+                Entry::HandoffInitiated {
+                    key,
+                    from,
+                    next_owner,
+                    ..
+                } => Some(HandoffSeen {
+                    key: key.clone(),
+                    from: from.clone(),
+                    next_owner: next_owner.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        (state.entries.len(), handoffs)
+    }
+}
+
+/// A graceful handoff the driver saw initiated (to schedule a fault right after it).
+#[derive(Clone, Debug)]
+pub(super) struct HandoffSeen {
+    pub(super) key: String,
+    pub(super) from: Option<String>,
+    pub(super) next_owner: String,
+}
+
+/// How long the processors of one worker take in `shutdown` (a slow or hanging spell of the
+/// fault schedule); clones share the setting.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ShutdownDelay {
+    state: Arc<Mutex<Option<SlowShutdown>>>,
+}
+
+/// A slow `shutdown`: it takes `Slow` (half before the wrapped processor's shutdown, half
+/// after), or never returns (`Hang`, before or after the wrapped processor's shutdown, which
+/// may checkpoint); the worker abandons it after its shutdown grace either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SlowShutdown {
+    Slow(std::time::Duration),
+    Hang,
+}
+
+impl ShutdownDelay {
+    /// Sets the delay of `shutdown` calls from now on (`None`: none).
+    pub(super) fn set(&self, delay: Option<SlowShutdown>) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = delay;
+    }
+
+    fn get(&self) -> Option<SlowShutdown> {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -154,6 +225,8 @@ pub(super) struct JournalingFactory {
     /// "largest delivered" checkpoint is then turned off), else `None`.
     pub(super) partial_checkpoints: Option<u64>,
     pub(super) log: EventLog,
+    /// How slow its processors' `shutdown` is now.
+    pub(super) shutdown_delay: ShutdownDelay,
 }
 
 impl RecordProcessorFactory for JournalingFactory {
@@ -171,8 +244,10 @@ impl RecordProcessorFactory for JournalingFactory {
                 .map(|seed| SeededRandom::new(seed ^ instance.wrapping_mul(0x9E37_79B9))),
             shard: String::new(),
             log: self.log.clone(),
+            shutdown_delay: self.shutdown_delay.clone(),
             initialized: false,
             shut_down: false,
+            in_shutdown: false,
         }
     }
 }
@@ -186,15 +261,20 @@ pub(super) struct JournalingProcessor {
     pub(super) partial: Option<SeededRandom>,
     pub(super) shard: String,
     pub(super) log: EventLog,
+    pub(super) shutdown_delay: ShutdownDelay,
     pub(super) initialized: bool,
+    /// `shutdown` was called.
     pub(super) shut_down: bool,
+    /// A `shutdown` call has not returned (yet).
+    pub(super) in_shutdown: bool,
 }
 
 impl Drop for JournalingProcessor {
-    /// A processor dropped without `shutdown` (its consumer was aborted: a shutdown grace
-    /// ran out) runs no more.
+    /// A processor dropped without returning from `shutdown` (its consumer was aborted: a
+    /// crash, or a shutdown grace ran out; or its `shutdown` was abandoned after the grace)
+    /// runs no more.
     fn drop(&mut self) {
-        if self.initialized && !self.shut_down {
+        if self.initialized && (!self.shut_down || self.in_shutdown) {
             self.journal.push(Entry::Dropped {
                 instance: self.instance,
             });
@@ -252,11 +332,30 @@ impl RecordProcessor for JournalingProcessor {
 
     async fn shutdown(&mut self, input: ShutdownInput) {
         self.shut_down = true;
+        self.in_shutdown = true;
         self.journal.push(Entry::Shutdown {
             instance: self.instance,
             reason: input.shutdown_reason,
         });
+        // A slow or hanging spell: the worker abandons the call after its shutdown grace
+        // (the processor is then dropped, journaled as `Dropped`).
+        let delay = self.shutdown_delay.get();
+        let hang_after = self.instance.is_multiple_of(2);
+        match delay {
+            Some(SlowShutdown::Slow(d)) => tokio::time::sleep(d / 2).await,
+            Some(SlowShutdown::Hang) if !hang_after => std::future::pending::<()>().await,
+            _ => {}
+        }
         self.inner.shutdown(input).await;
+        match delay {
+            Some(SlowShutdown::Slow(d)) => tokio::time::sleep(d - d / 2).await,
+            Some(SlowShutdown::Hang) => std::future::pending::<()>().await,
+            None => {}
+        }
+        self.in_shutdown = false;
+        self.journal.push(Entry::ShutdownReturned {
+            instance: self.instance,
+        });
     }
 }
 
@@ -551,6 +650,7 @@ impl LeaseStore for JournalingLeaseStore {
         let written = self.inner.initiate_handoff(lease, next_owner).await?;
         self.journal.push(Entry::HandoffInitiated {
             key: lease.lease_key.clone(),
+            from: lease.lease_owner.clone(),
             next_owner: next_owner.to_owned(),
             by: self.worker.clone(),
         });

@@ -10,7 +10,8 @@
 //! merges shards, throttles `GetRecords`, expires iterators, fails or throttles lease store
 //! calls, slows processors down, and (with [`SimulationConfig::hangs`], on by default) makes
 //! calls hang: a few calls that never complete, and a path on which every call started for
-//! a while hangs for good. One worker in three checkpoints at a random record of
+//! a while hangs for good; it also slows processors' `shutdown` down (beyond the shutdown
+//! grace at times) and schedules faults right after graceful handoffs begin. One worker in three checkpoints at a random record of
 //! each batch (often inside a KPL aggregate) or skips the checkpoint, instead of
 //! checkpointing the largest delivered record.
 //!
@@ -41,28 +42,40 @@
 //! 4. a processor only delivers records after the checkpoint it started from, in increasing
 //!    order, and starts from the lease's latest checkpoint; a record delivered again by the
 //!    lease's owner was never checkpointed by the processor that delivered it before (so
-//!    repeats only follow a crash, a lost lease or a failed checkpoint). Deliveries by a
-//!    processor whose lease another worker already took (the zombie window before it
-//!    notices) are counted, not flagged;
+//!    repeats only follow a crash, a lost lease or a failed checkpoint); nothing is
+//!    delivered after the processor's `shutdown` began. Deliveries by a processor whose
+//!    lease another worker already took (the zombie window before it notices) are
+//!    counted, and bounded as in 6;
 //! 5. every closed shard ends at `SHARD_END` (or its lease was deleted after `SHARD_END`),
 //!    no lease is taken after it finished, a deleted lease is never recreated, and a child
 //!    is initialized only after every parent checkpointed `SHARD_END`;
-//! 6. graceful handoffs (a joining worker asks loaded ones for leases; they race crashes,
-//!    expiries, hangs and store faults): a lease is never processed by two processors at
-//!    once beyond the bounded overlap after a loss or a forced handoff (one the next owner
-//!    completed after `handoff_timeout` or its owner's death): a processor started after a
-//!    graceful handoff never finds the handing-over one still running; and a completed
-//!    handoff delivers nothing twice (the next owner delivers again no record the
-//!    handing-over processor had checkpointed when it stopped). Checkpoints during a handoff
-//!    are by its current owner (`checkpointOwner`).
+//! 6. graceful handoffs (a joining worker asks loaded ones for leases, the 3.x leader
+//!    balances; the seed draws a short `handoff_timeout` for most runs, and the schedule
+//!    crashes, stops or cuts off the workers of a handoff, faults the lease store or slows
+//!    processors' `shutdown` down right after a handoff began): a lease is never processed
+//!    by two processors at once beyond the bounded overlap after a loss or a forced
+//!    handoff (one ended by another worker than the handing-over one: completed by the
+//!    next owner after `handoff_timeout` or its owner's death, or the lease taken). The
+//!    bound is the time the worker needs to notice the loss and stop the processor (see
+//!    the checker's docs: deliveries stop within `5F/3 + 2C + 1 s` of the new owner's
+//!    `initialize`, the processor returns from `shutdown` within `2F + 7C + G + 3.5 s`, for
+//!    failover time `F`, call timeout `C`, shutdown grace `G`); every processor stops by
+//!    the end of the run. A graceful handoff is completed only after the handing-over
+//!    processor returned from `shutdown`, and the next owner's processor starts after
+//!    that (no overlap at all); a completed handoff delivers nothing twice (the next owner
+//!    delivers again no record the handing-over processor had checkpointed when it
+//!    stopped). Checkpoints during a handoff are by its current owner (`checkpointOwner`).
 //! 7. at most one worker counts itself the 3.x leader at a time, beyond an overlap bounded
 //!    by the lock's lease duration (none is expected: a holder counts itself leader until
 //!    its last lock write is that old, a contender takes over only after the same record
 //!    version stood that long); overlaps, leader changes and assignments written by a
 //!    deposed leader are counted;
-//! 8. after the faults stopped and every record came, within six failover times: every
-//!    unfinished lease is held by a running worker that owns it, no handoff is in flight,
-//!    and (3.x) exactly one running worker counts itself leader.
+//! 8. after the faults stopped and every record came, within six failover times (and ten
+//!    seconds) plus the handoff timeout (a handoff whose handing-over worker lost the lease
+//!    as it began stands until it times out: in 3.x the leader assigns the lease directly
+//!    `handoff_timeout + failover_time` after it first saw the handoff): every unfinished
+//!    lease is held by a running worker that owns it, no handoff is in flight, and (3.x)
+//!    exactly one running worker counts itself leader.
 //!
 //! The checks read a journal written by a processor wrapper (around
 //! [`crate::recording::RecordingProcessor`], whose [`EventLog`](crate::recording::EventLog) is kept too) and by a
@@ -117,12 +130,28 @@ pub struct SimulationReport {
     pub zombie_inits: usize,
     /// Graceful handoffs completed after the handing-over processor stopped.
     pub graceful_handoffs: usize,
-    /// Handoffs the next owner completed while the handing-over processor still ran (it
-    /// took longer than `handoff_timeout`, or its worker had died).
+    /// Handoffs ended by another worker than the handing-over one: completed by the next
+    /// owner (it took longer than `handoff_timeout`, or the handing-over worker had died),
+    /// or the lease taken (expired, or assigned directly by the 3.x leader after
+    /// `handoff_timeout`).
     pub forced_handoffs: usize,
     /// Processors started while another worker's processor of the shard still ran (after
     /// a loss or a forced handoff; never after a graceful handoff).
     pub overlaps: usize,
+    /// The workers' `handoff_timeout` ([`SimulationConfig::handoff_timeout`]).
+    pub handoff_timeout: Duration,
+    /// Faults scheduled right after a graceful handoff began.
+    pub handoff_faults: usize,
+    /// The bound on deliveries by a processor that lost its lease (a loss or a forced
+    /// handoff), counted from the start of the new owner's processor.
+    pub loss_delivery_limit: Duration,
+    /// The bound on the time such a processor runs on (until it returns from `shutdown`,
+    /// is dropped or its worker crashes), counted the same way.
+    pub loss_overlap_limit: Duration,
+    /// The latest delivery by such a processor, after the new owner's processor started.
+    pub max_loss_delivery: Duration,
+    /// The longest time such a processor ran on after the new owner's processor started.
+    pub max_loss_overlap: Duration,
     /// Records delivered again by the next owner after a graceful handoff (only records
     /// the handing-over processor had not checkpointed).
     pub handoff_redeliveries: usize,
@@ -448,6 +477,7 @@ mod tests {
             delivered(1, vec![delivery("10", "k", 0), delivery("11", "k", 1)]),
             Entry::HandoffInitiated {
                 key: "p".to_owned(),
+                from: Some("w1".to_owned()),
                 next_owner: "w2".to_owned(),
                 by: Some("w2".to_owned()),
             },
@@ -457,6 +487,7 @@ mod tests {
                 instance: 1,
                 reason: ShutdownReason::Requested,
             },
+            Entry::ShutdownReturned { instance: 1 },
             completed("p", "w2", "w1"),
             // The next owner's take of the lease handed to it.
             taken("p", "w2"),
@@ -505,7 +536,22 @@ mod tests {
 
     #[test]
     fn a_handoff_completed_while_its_processor_still_ran_is_caught() {
+        // Its shutdown began but had not returned.
         let mut e = graceful_handoff();
+        e.remove(7);
+        let violations = check(e);
+        for needle in [
+            "w1 completed the handoff of p to w2 while its processor still ran",
+            "w2 started processing p after a graceful handoff from w1, whose processor had not returned from shutdown",
+        ] {
+            assert!(
+                violations.iter().any(|v| v.contains(needle)),
+                "{needle}: {violations:?}"
+            );
+        }
+        // Not even begun.
+        let mut e = graceful_handoff();
+        e.remove(7);
         e.remove(6);
         expect_violation(
             e,
@@ -518,6 +564,7 @@ mod tests {
         // w1's processor did not stop in time: w2 completed the handoff itself, and w1's
         // processor runs on until it is told Zombie.
         let mut e = graceful_handoff();
+        e.remove(7);
         e.remove(6);
         e[6] = completed("p", "w2", "w2");
         e.push(delivered(1, vec![delivery("13", "k", 3)]));
@@ -525,6 +572,7 @@ mod tests {
             instance: 1,
             reason: ShutdownReason::Zombie,
         });
+        e.push(Entry::ShutdownReturned { instance: 1 });
         let checker = checker_after(e);
         assert_eq!(checker.violations, Vec::<String>::new());
         assert_eq!(
@@ -541,6 +589,7 @@ mod tests {
     fn a_crashed_workers_processors_do_not_count_as_running() {
         let mut e = graceful_handoff();
         // w1 crashes instead of shutting down; w2 takes the expired lease.
+        e.remove(7);
         e[4] = created("q");
         e[6] = Entry::Crashed {
             worker: "w1".to_owned(),
@@ -552,9 +601,149 @@ mod tests {
     }
 
     #[test]
+    fn a_take_of_a_lease_in_a_handoff_is_a_forced_handoff() {
+        // The handoff timed out: the lease expired (2.x) or the 3.x leader assigned it to
+        // its next owner directly, while w1's processor still ran.
+        let mut e = graceful_handoff();
+        e.truncate(6);
+        e.push(Entry::Taken {
+            key: "p".to_owned(),
+            owner: "w2".to_owned(),
+            by: Some("w3".to_owned()),
+        });
+        e.push(init(2, "w2", "p", esn("11", 0)));
+        let checker = checker_after(e);
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!(
+            (
+                checker.graceful_handoffs,
+                checker.forced_handoffs,
+                checker.overlaps
+            ),
+            (0, 1, 1)
+        );
+    }
+
+    /// w1 holds p; its renewals fail, w2 takes the expired lease at `t0 + 10 s` and starts;
+    /// w1's processor delivers once more at `t0 + 10 s + deliver_after`, and returns from
+    /// shutdown(Zombie) at `t0 + 10 s + stopped_after`.
+    fn loss(deliver_after: Duration, stopped_after: Duration) -> Checker {
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let taken_at = t0 + 10 * s;
+        let entries = vec![
+            (t0, created("p")),
+            (t0, taken("p", "w1")),
+            (t0, init(1, "w1", "p", ExtendedSequenceNumber::TRIM_HORIZON)),
+            (t0, delivered(1, vec![delivery("10", "k", 0)])),
+            (taken_at, taken("p", "w2")),
+            (
+                taken_at,
+                init(2, "w2", "p", ExtendedSequenceNumber::TRIM_HORIZON),
+            ),
+            (taken_at, delivered(2, vec![delivery("10", "k", 0)])),
+            (
+                taken_at + deliver_after,
+                delivered(1, vec![delivery("11", "k", 1)]),
+            ),
+            (
+                taken_at + deliver_after,
+                Entry::Shutdown {
+                    instance: 1,
+                    reason: ShutdownReason::Zombie,
+                },
+            ),
+            (
+                taken_at + stopped_after,
+                Entry::ShutdownReturned { instance: 1 },
+            ),
+            (taken_at + stopped_after, Entry::Dropped { instance: 2 }),
+        ];
+        let mut checker = Checker {
+            overlap_limit: Some(OverlapLimit {
+                deliver: 5 * s,
+                stop: 20 * s,
+            }),
+            ..Checker::default()
+        };
+        for (at, e) in entries {
+            checker.apply_at(at, e, &HashMap::new());
+        }
+        checker.finish(taken_at + stopped_after);
+        checker
+    }
+
+    #[test]
+    fn an_overlap_after_a_loss_within_its_bound_passes_and_is_measured() {
+        let s = Duration::from_secs(1);
+        let checker = loss(4 * s, 19 * s);
+        assert_eq!(checker.violations, Vec::<String>::new());
+        assert_eq!(checker.overlaps, 1);
+        assert_eq!(checker.max_loss_delivery, 4 * s);
+        assert_eq!(checker.max_loss_overlap, 19 * s);
+    }
+
+    #[test]
+    fn an_overlap_after_a_loss_beyond_its_bound_is_caught() {
+        let s = Duration::from_secs(1);
+        let checker = loss(6 * s, 19 * s);
+        assert!(
+            checker.violations.iter().any(|v| v.contains(
+                "w1's processor of p, whose lease w2 had taken (a loss or a forced handoff), still delivered k#000001 6s after w2's processor started (bound 5s)"
+            )),
+            "{:?}",
+            checker.violations
+        );
+        let checker = loss(4 * s, 21 * s);
+        assert!(
+            checker.violations.iter().any(|v| v.contains(
+                "w1's processor of p, whose lease w2 had taken (a loss or a forced handoff), returned from shutdown only 21s after w2's processor started (bound 20s)"
+            )),
+            "{:?}",
+            checker.violations
+        );
+    }
+
+    #[test]
+    fn a_processor_that_never_stops_is_caught() {
+        let mut e = clean();
+        // w1 crashed, w2's processor of p returned from shutdown(Terminate); its processor
+        // of c is neither shut down nor dropped.
+        e.push(Entry::Crashed {
+            worker: "w1".to_owned(),
+        });
+        e.push(Entry::ShutdownReturned { instance: 2 });
+        let mut checker = checker_after(e);
+        checker.finish(tokio::time::Instant::now());
+        assert!(
+            checker
+                .violations
+                .iter()
+                .any(|v| v.contains("w2's processor of c never stopped")),
+            "{:?}",
+            checker.violations
+        );
+        assert!(
+            !checker
+                .violations
+                .iter()
+                .any(|v| v.contains("of p never stopped")),
+            "{:?}",
+            checker.violations
+        );
+    }
+
+    #[test]
+    fn a_delivery_after_shutdown_began_is_caught() {
+        let mut e = graceful_handoff();
+        e.insert(7, delivered(1, vec![delivery("12", "k", 2)]));
+        expect_violation(e, "after its processor's shutdown(Requested) began");
+    }
+
+    #[test]
     fn a_record_delivered_twice_across_a_graceful_handoff_is_caught() {
         let mut e = graceful_handoff();
-        e[10] = delivered(2, vec![delivery("11", "k", 1)]);
+        e[11] = delivered(2, vec![delivery("11", "k", 1)]);
         expect_violation(e, "again after a graceful handoff from w1");
     }
 
