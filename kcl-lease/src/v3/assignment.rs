@@ -30,8 +30,11 @@
 //!    by the lease's share (`throughput × average / target throughput`, or `average /
 //!    target leases per worker`) and lowers the old owner's.
 //! 4. **Graceful handoffs in flight** (`checkpointOwner` set) are left alone until
-//!    `handoff_timeout + lease_duration` after the leader first saw them; then the lease
-//!    is assigned directly, to its intended new owner when that worker is active.
+//!    `handoff_timeout + lease_duration` after the leader first saw them, or until their
+//!    counter stood still for `lease_duration` (the current owner renews while it hands
+//!    over; one that stopped renewing crashed, and the Java leader too then judges the
+//!    lease expired); then the lease is assigned directly, to its intended new owner when
+//!    that worker is active.
 //! 5. **Balance**, when asked for (the Java KCL does it every third run): for each metric,
 //!    if some worker is more than `rebalance_threshold_percentage` % off the average (or
 //!    above its operating range), each worker at or above the upper bound (or the most
@@ -304,7 +307,7 @@ pub enum MoveReason {
     Unassigned,
     /// Its counter stood still too long.
     Expired,
-    /// A graceful handoff did not complete in time.
+    /// A graceful handoff did not complete in time, or its current owner stopped renewing.
     HandoffTimedOut,
     /// Balancing load between workers.
     Balance,
@@ -684,7 +687,10 @@ pub fn plan(
     for lease in &eligible {
         let key = lease.lease_key.as_str();
         if lease.checkpoint_owner.is_some() {
-            if history.handoff_timed_out(key, config, now) {
+            // A handoff is waited for while its current owner renews (it does until it hands
+            // over); one whose counter stood still for `lease_duration` lost its current
+            // owner (crashed), and is expired as any lease, as the Java leader judges it.
+            if history.handoff_timed_out(key, config, now) || history.is_expired(key, config, now) {
                 expired.push((history.since(key), *lease, MoveReason::HandoffTimedOut));
             }
         } else if lease.lease_owner.is_none() {
@@ -1198,10 +1204,16 @@ mod tests {
         let clock = ManualClock::new();
         let mut l = lease("s0", Some("b"), 2, Some(5.0));
         l.checkpoint_owner = Some("a".into());
-        let leases = vec![l];
-        let h = renewing(&leases, clock.now());
+        let mut leases = vec![l];
+        let mut h = renewing(&leases, clock.now());
         let rows = [cpu("a", &[10.0]), cpu("b", &[10.0]), cpu("c", &[0.0])];
-        clock.advance(Duration::from_secs(40));
+        // The current owner keeps renewing while it hands over (every 3 s).
+        for _ in 0..13 {
+            clock.advance(Duration::from_secs(3));
+            leases[0].lease_counter += 1;
+            h.observe(&leases, clock.now());
+        }
+        clock.advance(Duration::from_secs(1));
         let p = plan(&leases, &rows, &h, &config(), true, clock.now(), NOW_SECS);
         assert!(p.moves.is_empty(), "30 s + 10 s not passed yet");
         clock.advance(Duration::from_millis(1));
@@ -1221,6 +1233,32 @@ mod tests {
                 new_owner: "b".into(),
                 owner_switch: false,
             }
+        );
+    }
+
+    #[test]
+    fn a_handoff_whose_current_owner_stopped_renewing_expires_after_the_lease_duration() {
+        let clock = ManualClock::new();
+        let mut l = lease("s0", Some("b"), 2, Some(5.0));
+        l.checkpoint_owner = Some("a".into());
+        let leases = vec![l];
+        let h = renewing(&leases, clock.now());
+        let rows = [cpu("b", &[10.0]), cpu("c", &[0.0])];
+        clock.advance(F);
+        let p = plan(&leases, &rows, &h, &config(), false, clock.now(), NOW_SECS);
+        assert!(
+            p.moves.is_empty(),
+            "not expired before lease_duration: {:?}",
+            p.moves
+        );
+        clock.advance(Duration::from_millis(1));
+        let p = plan(&leases, &rows, &h, &config(), false, clock.now(), NOW_SECS);
+        assert_eq!(p.moves.len(), 1, "{:?}", p.moves);
+        let mv = &p.moves[0];
+        assert_eq!(
+            (mv.to.as_str(), mv.kind, mv.reason),
+            ("b", MoveKind::Assign, MoveReason::HandoffTimedOut),
+            "to its intended next owner, directly"
         );
     }
 
