@@ -125,6 +125,24 @@ struct Env {
 }
 
 impl Env {
+    /// The stream consumers registered on the stream (`ListStreamConsumers`).
+    async fn stream_consumers(&self) -> Vec<aws_sdk_kinesis::types::Consumer> {
+        let arn = self
+            .stream_client
+            .describe_stream_summary(&self.stream)
+            .await
+            .unwrap()
+            .stream_arn;
+        self.kinesis
+            .list_stream_consumers()
+            .stream_arn(&arn)
+            .send()
+            .await
+            .unwrap()
+            .consumers
+            .unwrap_or_default()
+    }
+
     async fn new(name: &str, shards: i32) -> Self {
         init_logging();
         let emulators = tokio::task::block_in_place(emulators);
@@ -1193,21 +1211,9 @@ async fn fan_out_two_workers_a_crash_a_split_and_a_merge_deliver_everything_in_o
         }
     }
     // Fan-out only: one consumer, registered once, on the stream.
-    let arn = env
-        .stream_client
-        .describe_stream_summary(&env.stream)
-        .await
-        .unwrap()
-        .stream_arn;
-    let consumers = env
-        .kinesis
-        .list_stream_consumers()
-        .stream_arn(&arn)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(consumers.consumers().len(), 1, "{consumers:?}");
-    assert_eq!(consumers.consumers()[0].consumer_name(), env.stream);
+    let consumers = env.stream_consumers().await;
+    assert_eq!(consumers.len(), 1, "{consumers:?}");
+    assert_eq!(consumers[0].consumer_name(), env.stream);
     w2.shutdown().await.unwrap();
 }
 
@@ -1245,22 +1251,10 @@ async fn two_applications_on_one_stream_one_polling_one_fan_out_each_receive_eve
         expected.len()
     );
     // The fan-out application registered its stream consumer (and the polling one none).
-    let arn = polling
-        .stream_client
-        .describe_stream_summary(&polling.stream)
-        .await
-        .unwrap()
-        .stream_arn;
-    let consumers = polling
-        .kinesis
-        .list_stream_consumers()
-        .stream_arn(&arn)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(consumers.consumers().len(), 1, "{consumers:?}");
+    let consumers = polling.stream_consumers().await;
+    assert_eq!(consumers.len(), 1, "{consumers:?}");
     assert_eq!(
-        consumers.consumers()[0].consumer_status(),
+        consumers[0].consumer_status(),
         &aws_sdk_kinesis::types::ConsumerStatus::Active,
         "{consumers:?}"
     );
